@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP_BASE): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml $(STAMP_BASE)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(STAMP_BASE)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) examples/demo.py
+
+test: $(STAMP_TEST)
+	$(PY) -m ruff check src tests benchmarks examples
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+
+lint: $(STAMP_TEST)
+	$(PY) -m ruff check src tests benchmarks examples
+
+bench: $(STAMP_BASE)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,27 @@
+"""gradprobe: how does this output depend on that layer?
+
+Gradients of a chosen scalar target (a class score, a loss) with respect to any
+layer's activations, any layer's weights, or the input, for every kind of
+Keras 3 model.
+
+>>> import gradprobe as gp
+>>> g = gp.gradients(model, x, target=3, wrt=["conv2d", "dense.kernel", "inputs"])
+>>> g.summary()
+"""
+
+from gradprobe.errors import GradprobeError
+from gradprobe.gradients import clear_cache, gradients
+from gradprobe.result import Gradients
+from gradprobe.stats import Finding
+from gradprobe.targets import loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Finding",
+    "GradprobeError",
+    "Gradients",
+    "clear_cache",
+    "gradients",
+    "loss",
+]

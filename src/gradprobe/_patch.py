@@ -1,0 +1,62 @@
+"""The only place gradprobe modifies user objects, always undone in `finally`.
+
+A layer instance's `call` is wrapped for the duration of one forward pass so
+that each of its outputs can be observed (and probed) as the model itself
+produces it. The wrapper is stored in the instance `__dict__`, bypassing Keras
+attribute tracking, and removed afterwards (or the user's own instance-level
+`call`, if there was one, is put back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+Hook = Callable[[Any, Any], Any]
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def wrapped_calls(layers: Iterable[Any], hook: Hook) -> Iterator[None]:
+    """Within the block, `layer.call(...)` returns `hook(layer, original_output)`.
+
+    Args:
+        layers: Layer instances to wrap (duplicates are wrapped once).
+        hook: Called with the layer and what its own `call` returned; its return
+            value is what the rest of the forward pass receives.
+    """
+    saved: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    try:
+        for layer in layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            previous = layer.__dict__.get("call", _MISSING)
+            saved.append((layer, previous))
+            layer.__dict__["call"] = _wrap(layer, layer.call, hook)
+    except BaseException:
+        _restore(saved)
+        raise
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+def _wrap(layer: Any, original: Callable, hook: Hook) -> Callable:
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return hook(layer, original(*args, **kwargs))
+
+    return call
+
+
+def _restore(saved: list[tuple[Any, Any]]) -> None:
+    for layer, previous in reversed(saved):
+        if previous is _MISSING:
+            layer.__dict__.pop("call", None)
+        else:
+            layer.__dict__["call"] = previous

@@ -1,0 +1,146 @@
+"""Everything that depends on the TensorFlow backend, in one place.
+
+The capture mechanism needs only a handful of primitives: a tape that records
+operations, a way to add a watched zero "probe" to a tensor, the gradient call,
+compilation, and a test for "are we in the same trace as the capture started
+in". JAX (`jax.grad` over the probes) and PyTorch (`requires_grad` probes) can
+provide the same primitives later without changes elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+NAME = "tensorflow"
+
+if keras.backend.backend() != "tensorflow":  # pragma: no cover - environment guard
+    raise ImportError(
+        "gradprobe currently supports the TensorFlow backend of Keras 3 only; "
+        f"KERAS_BACKEND is {keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow."
+    )
+
+
+def new_tape(persistent: bool = False) -> tf.GradientTape:
+    """A tape that records only what is explicitly watched."""
+    return tf.GradientTape(persistent=persistent, watch_accessed_variables=False)
+
+
+def watchable(source: Any) -> Any:
+    """The object a tape watches for `source` (a Keras variable wraps a tf.Variable)."""
+    if isinstance(source, keras.Variable):
+        return source.value
+    return source
+
+
+def watch(tape: tf.GradientTape, source: Any) -> None:
+    tape.watch(watchable(source))
+
+
+def is_floating(x: Any) -> bool:
+    """True for a floating-point tensor, the only kind a gradient can flow through."""
+    return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
+
+
+def dtype_name(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    return getattr(dtype, "name", str(dtype))
+
+
+def probe(tape: tf.GradientTape, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns `(x + p, p)` with `p` a watched zero tensor shaped like `x`.
+
+    The rest of the forward pass consumes `x + p`, so the gradient with respect
+    to `p` is the gradient with respect to this very use of `x`, separate from
+    every other call of the same layer.
+    """
+    p = tf.zeros_like(x)
+    tape.watch(p)
+    y = x + p
+    mask = getattr(x, "_keras_mask", None)
+    if mask is not None:
+        try:
+            y._keras_mask = mask
+        except AttributeError:  # pragma: no cover - eager tensors accept attributes
+            pass
+    return y, p
+
+
+def gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> list[Any]:
+    """Gradients of `target` for each source; `None` where it does not depend on one."""
+    if not sources:
+        return []
+    grads = tape.gradient(target, [watchable(s) for s in sources])
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+
+
+def zeros_like(x: Any) -> tf.Tensor:
+    return tf.zeros_like(watchable(x))
+
+
+def stop_gradient(x: Any) -> Any:
+    return tf.nest.map_structure(tf.stop_gradient, x)
+
+
+def capture_context() -> Any:
+    """A token for the trace the capture runs in (`None` when eager)."""
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+
+def in_capture_context(token: Any) -> bool:
+    """True when a layer call happens in the capture's own trace.
+
+    Calls on symbolic tensors (Keras building a model), inside a scratch graph,
+    or in the body of a control-flow loop run elsewhere and are not captured.
+    """
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+    if in_symbolic_scope():
+        return False
+    if token is None:
+        return tf.executing_eagerly()
+    return not tf.executing_eagerly() and tf.compat.v1.get_default_graph() is token
+
+
+def executing_eagerly() -> bool:
+    return tf.executing_eagerly()
+
+
+def compile_function(fn: Any) -> Any:
+    """A compiled (traced, cached) version of `fn`."""
+    return tf.function(fn)
+
+
+def is_tensor(x: Any) -> bool:
+    return tf.is_tensor(x) or isinstance(x, tf.Variable)
+
+
+def to_tensor(x: Any, dtype: Any = None) -> Any:
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if dtype is not None:
+        return tf.cast(x, dtype) if tf.is_tensor(x) else tf.convert_to_tensor(x, dtype=dtype)
+    return tf.convert_to_tensor(x)
+
+
+def constant_string(s: str) -> tf.Tensor:
+    return tf.constant(s)
+
+
+def decode_string(t: Any) -> str:
+    return t.numpy().decode("utf-8")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+
+
+def static_shape(x: Any) -> tuple:
+    return tuple(x.shape.as_list()) if hasattr(x.shape, "as_list") else tuple(x.shape)

@@ -1,0 +1,360 @@
+"""The capture mechanism: one forward pass of the model itself, with a zero
+probe added to every output of the requested layers, then one backward pass.
+
+`run` works the same eagerly and while a `tf.function` traces it; everything
+it learns about the model (keys, order, which sources are connected) it returns
+as a plain dict, so that a compiled caller can ship it out of the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from gradprobe import _patch, backend
+from gradprobe.errors import GradprobeError, quoted
+from gradprobe.targets import Target, select_output
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    layer: Any
+    path: str
+    kind: str
+    call: int | None
+    requested: str
+    explicit: bool
+
+
+@dataclass(frozen=True)
+class VarSpec:
+    var: Any
+    key: str
+    owner: Any  # the layer that owns the variable, or None
+    requested: str
+    explicit: bool
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    index: int | str | None
+    requested: str
+
+
+@dataclass
+class Plan:
+    """Everything a forward/backward pass needs, with no reference to the root
+    model (so a cache of compiled plans does not keep models alive)."""
+
+    acts: list[ActSpec]
+    vars: list[VarSpec]
+    inputs: list[InputSpec]
+    target: Target
+    output: Any = None
+    output_layer: Any = None
+    output_names: list[str] = field(default_factory=list)
+    training: bool = False
+    unconnected: str = "raise"
+
+    @property
+    def probe_layers(self) -> list[Any]:
+        layers = [a.layer for a in self.acts]
+        if self.output_layer is not None:
+            layers.append(self.output_layer)
+        return layers
+
+    @property
+    def order_layers(self) -> list[Any]:
+        return [v.owner for v in self.vars if v.owner is not None]
+
+
+@dataclass
+class _Call:
+    layer_id: int
+    index: int
+    leaves: list[tuple[Any, Any]]  # (value the model consumed, probe or None)
+    clock: int
+
+
+class Recorder:
+    """Collects probed layer outputs while one forward pass runs."""
+
+    def __init__(self, tape: Any, probe_ids: set[int]):
+        self.tape = tape
+        self.probe_ids = probe_ids
+        self.context = backend.capture_context()
+        self.calls: list[_Call] = []
+        self.counts: dict[int, int] = {}
+        self.first_clock: dict[int, int] = {}
+        self.clock = 0
+
+    def hook(self, layer: Any, outputs: Any) -> Any:
+        if not backend.in_capture_context(self.context):
+            return outputs
+        lid = id(layer)
+        index = self.counts.get(lid, 0)
+        self.counts[lid] = index + 1
+        self.first_clock.setdefault(lid, self.clock)
+        clock, self.clock = self.clock, self.clock + 1
+        if lid not in self.probe_ids:
+            return outputs
+        leaves = keras.tree.flatten(outputs)
+        recorded, new = [], []
+        for leaf in leaves:
+            if backend.is_floating(leaf):
+                value, probe = backend.probe(self.tape, leaf)
+            else:
+                value, probe = leaf, None
+            recorded.append((value, probe))
+            new.append(value)
+        self.calls.append(_Call(lid, index, recorded, clock))
+        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
+            return new[0]
+        return keras.tree.pack_sequence_as(outputs, new)
+
+    def calls_of(self, layer: Any) -> list[_Call]:
+        return [c for c in self.calls if c.layer_id == id(layer)]
+
+
+@dataclass
+class _Entry:
+    key: str
+    kind: str  # "activation" | "weight" | "input"
+    source: Any  # the probe, or the variable
+    value: Any  # forward value (activations and inputs), else None
+    clock: float
+    requested: str
+    explain: str  # why it might be unconnected
+
+
+def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
+        wrap_errors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One forward and one backward pass; returns `(tensors, meta)`.
+
+    `tensors` holds `grads` and `values` (dicts keyed by source key), `outputs`
+    and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
+    `skipped` and `target` (facts for `Target.check`).
+    """
+    tape = backend.new_tape()
+    recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
+    with tape:
+        for v in plan.vars:
+            backend.watch(tape, v.var)
+        inputs, input_entries = _probe_inputs(tape, inputs, plan.inputs)
+        with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
+            outputs = _call_model(model, inputs, plan.training, wrap_errors)
+        layer_value = _output_layer_value(recorder, plan)
+        selected = select_output(outputs, plan.output, plan.output_names, layer_value,
+                                 plan.target)
+        value, objective, target_meta = plan.target.compute(selected, args)
+
+    entries, skipped = _collect(recorder, plan)
+    entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
+    grads = backend.gradient(tape, objective, [e.source for e in entries])
+
+    unconnected = [e for e, g in zip(entries, grads) if g is None]
+    if unconnected and plan.unconnected == "raise":
+        _raise_unconnected(unconnected, plan)
+    grads = [backend.zeros_like(e.source) if g is None else g for e, g in zip(entries, grads)]
+
+    aliases: dict[str, list[str]] = {}
+    for e in entries:
+        aliases.setdefault(e.requested, []).append(e.key)
+    tensors = {
+        "grads": {e.key: g for e, g in zip(entries, grads)},
+        "values": {e.key: e.value for e in entries if e.value is not None},
+        "outputs": outputs,
+        "target": value,
+    }
+    meta = {
+        "order": [e.key for e in entries],
+        "kinds": {e.key: e.kind for e in entries},
+        "aliases": aliases,
+        "unconnected": [e.key for e in unconnected],
+        "skipped": skipped,
+        "target": target_meta,
+        "output_keys": [e.key for e in entries if e.value is not None and any(
+            e.value is t for t in keras.tree.flatten(selected))],
+    }
+    return tensors, meta
+
+
+def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, list[_Entry]]:
+    if not specs:
+        return inputs, []
+    keys = input_keys(inputs)
+    wanted: dict[str, str] = {}
+    for spec in specs:
+        if spec.index is None:
+            for k in keys:
+                wanted.setdefault(k, spec.requested)
+        else:
+            k = _input_key(keys, spec.index, inputs)
+            wanted.setdefault(k, spec.requested)
+    flat = keras.tree.flatten(inputs)
+    new, entries = [], []
+    for k, leaf in zip(keys, flat):
+        if k in wanted:
+            value, probe = backend.probe(tape, leaf)
+            entries.append(_Entry(k, "input", probe, value, -1, wanted[k],
+                                  "the target does not depend on this input"))
+            new.append(value)
+        else:
+            new.append(leaf)
+    if len(flat) == 1 and not isinstance(inputs, (list, tuple, dict)):
+        return new[0], entries
+    return keras.tree.pack_sequence_as(inputs, new), entries
+
+
+def input_keys(inputs: Any) -> list[str]:
+    """Result keys of the input leaves: `"inputs"`, or `"inputs:0"`, `"inputs:name"`."""
+    if isinstance(inputs, dict):
+        return [f"inputs:{k}" for k in sorted(inputs)]
+    flat = keras.tree.flatten(inputs)
+    if len(flat) == 1 and not isinstance(inputs, (list, tuple)):
+        return ["inputs"]
+    return [f"inputs:{i}" for i in range(len(flat))]
+
+
+def _input_key(keys: list[str], index: int | str, inputs: Any) -> str:
+    key = f"inputs:{index}"
+    if key in keys:
+        return key
+    if keys == ["inputs"] and index == 0:
+        return "inputs"
+    raise GradprobeError(
+        f"'inputs:{index}' does not name a model input; the inputs are {quoted(keys)}."
+    )
+
+
+def _call_model(model: Any, inputs: Any, training: bool, wrap_errors: bool) -> Any:
+    try:
+        with keras.StatelessScope():
+            return model(inputs, training=training)
+    except GradprobeError:
+        raise
+    except Exception as e:
+        if not wrap_errors:
+            raise
+        raise GradprobeError(
+            f"Model {model.name!r} could not be called on the given inputs "
+            f"({describe_inputs(inputs)}): {type(e).__name__}: {_first_line(e)} "
+            f"The model expects {expected_inputs(model)}."
+        ) from e
+
+
+def _output_layer_value(recorder: Recorder, plan: Plan) -> Any:
+    if plan.output_layer is None:
+        return None
+    calls = recorder.calls_of(plan.output_layer)
+    if not calls:
+        return None
+    if len(calls) > 1:
+        raise GradprobeError(
+            f"output={plan.output!r} names a layer the forward pass calls {len(calls)} times; "
+            "the target would be ambiguous. Use a callable target on the model output."
+        )
+    leaves = [v for v, _ in calls[0].leaves]
+    return leaves[0] if len(leaves) == 1 else leaves
+
+
+def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
+    entries: list[_Entry] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for spec in plan.acts:
+        calls = recorder.calls_of(spec.layer)
+        if not calls:
+            if spec.explicit:
+                raise GradprobeError(
+                    f"Layer {spec.path!r} ({spec.kind}) was never called during the forward "
+                    "pass of the model on these inputs, so it has no activation to "
+                    "differentiate. Check that the model's call() uses it (a layer stored as "
+                    "an attribute but not called has no output)."
+                )
+            skipped.append(f"{spec.path}: never called in the forward pass")
+            continue
+        multi = len(calls) > 1
+        if spec.call is not None:
+            if spec.call >= len(calls):
+                choices = [f"{spec.path}@{i}" for i in range(len(calls))]
+                raise GradprobeError(
+                    f"{spec.requested!r}: layer {spec.path!r} was called {len(calls)} time(s) "
+                    f"in the forward pass; choose one of {quoted(choices)}."
+                )
+            calls = [calls[spec.call]]
+        for call in calls:
+            base = f"{spec.path}@{call.index}" if multi else spec.path
+            floats = [(j, v, p) for j, (v, p) in enumerate(call.leaves) if p is not None]
+            if not floats:
+                dtypes = ", ".join(backend.dtype_name(v) for v, _ in call.leaves)
+                if spec.explicit:
+                    raise GradprobeError(
+                        f"Layer {spec.path!r} ({spec.kind}) outputs {dtypes}, not floating "
+                        "point: no gradient can flow through it. Select a layer with a "
+                        "floating-point output (e.g. the Embedding after integer ids)."
+                    )
+                skipped.append(f"{base}: output dtype {dtypes}")
+                continue
+            for j, value, probe in floats:
+                key = f"{base}:{j}" if len(call.leaves) > 1 else base
+                if key in seen:
+                    continue
+                seen.add(key)
+                explain = (
+                    f"layer is not on the path to output {plan.output!r}"
+                    if plan.output is not None
+                    else "the target does not depend on this layer's output"
+                )
+                entries.append(_Entry(key, "activation", probe, value, call.clock,
+                                      spec.requested, explain))
+    for spec in plan.vars:
+        if spec.key in seen:
+            continue
+        seen.add(spec.key)
+        clock = recorder.first_clock.get(id(spec.owner), math.inf)
+        if spec.owner is not None and id(spec.owner) not in recorder.first_clock:
+            explain = f"its layer {spec.owner.name!r} was never called in the forward pass"
+        else:
+            explain = "the target does not depend on this variable"
+        entries.append(_Entry(spec.key, "weight", spec.var, None, clock, spec.requested,
+                              explain))
+    return entries, skipped
+
+
+def _raise_unconnected(entries: list[_Entry], plan: Plan) -> None:
+    listed = "; ".join(f"{e.key!r} ({e.explain})" for e in entries[:12])
+    more = f"; ... ({len(entries) - 12} more)" if len(entries) > 12 else ""
+    fix = "Remove them from `wrt`"
+    if plan.output is not None:
+        fix += ", select another output="
+    raise GradprobeError(
+        f"The target does not depend on {len(entries)} requested source(s): {listed}{more}. "
+        f"{fix}, or pass unconnected='zero' to get zero gradients for them."
+    )
+
+
+# ------------------------------------------------------------------ describing
+def describe_inputs(inputs: Any) -> str:
+    leaves = keras.tree.flatten(inputs)
+    parts = [f"shape {backend.static_shape(x)} {backend.dtype_name(x)}" for x in leaves]
+    return parts[0] if len(parts) == 1 else "; ".join(parts)
+
+
+def expected_inputs(model: Any) -> str:
+    specs = getattr(model, "inputs", None)
+    if specs:
+        shapes = [tuple(s.shape) for s in specs]
+        return f"input shape {shapes[0] if len(shapes) == 1 else shapes}"
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if shapes:
+        return "input shape " + ", ".join(f"{v}" for v in shapes.values())
+    return "inputs of the shape it was built with"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""

@@ -1,0 +1,283 @@
+"""`gp.gradients`: gradients of a target with respect to layers, weights or inputs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradprobe import backend, capture
+from gradprobe.errors import GradprobeError, quoted
+from gradprobe.result import Gradients
+from gradprobe.selectors import (
+    ActivationSource,
+    InputSource,
+    LayerTree,
+    WeightSource,
+    resolve,
+)
+from gradprobe.targets import make_target, output_names
+
+_CACHE_SIZE = 16
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_eager_only: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def gradients(
+    model: keras.Model,
+    inputs: Any,
+    target: Any,
+    wrt: Any,
+    *,
+    output: str | int | None = None,
+    training: bool = False,
+    unconnected: str = "raise",
+    compile: bool | str = "auto",
+    differentiable: bool = True,
+) -> Gradients:
+    """Gradients of a scalar target with respect to layers, weights or inputs.
+
+    The model runs its own forward pass once (no probe model, no rewritten
+    `call`): each requested layer's output gets a zero probe added as the layer
+    produces it, and one backward pass gives every requested gradient. Works on
+    Sequential, Functional and subclassed models, nested models, layers nested
+    in custom layers, shared layers (one result per call), multi-input and
+    multi-output models. The model is left exactly as it was.
+
+    Args:
+        model: A Keras 3 model.
+        inputs: Whatever `model(...)` accepts: an array, a tensor, or a
+            list/tuple/dict for multi-input models.
+        target: The objective, summed over the batch when it is per example:
+            an `int` class index (`outputs[:, k]`); a sequence of ints, one class
+            per example; `"predicted"` (each example's arg-max class);
+            `gp.loss(loss_fn, y_true, sample_weight=None)`; or a callable
+            `f(outputs)` returning a scalar or one value per example.
+        wrt: One selector or a list: a layer name or path (its activation),
+            `"name@i"` (one call of a shared layer), `"name.kernel"` or any
+            variable name, `"name.weights"`, `"inputs"`, glob patterns (`"conv*"`,
+            `"*"`, `"*.kernel"`), a layer object or a variable object.
+        output: For a multi-output model, the output the target is computed
+            from, by name or index. A layer name that is not a model output
+            computes the target on that layer's activation instead.
+        training: Passed to the model (`False`: inference behaviour). Moving
+            statistics and random-seed state are not updated either way.
+        unconnected: `"raise"` (default) when the target does not depend on a
+            source, or `"zero"` to return zeros for it.
+        compile: `"auto"` (default) runs a cached `tf.function`, falling back to
+            eager execution (with a warning) when the model cannot be traced;
+            `True` always compiles; `False` runs eagerly.
+        differentiable: When called under an outer `tf.GradientTape`, keep the
+            returned gradients differentiable (`True`) or treat them as constants.
+
+    Returns:
+        A `Gradients` mapping from key to gradient (same shape as the source),
+        with `.activations`, `.target`, `.outputs`, `.stats()`, `.summary()` and
+        `.diagnose()`.
+
+    Example:
+
+    >>> g = gp.gradients(model, x, target=3, wrt=["conv2d", "dense.kernel"])
+    >>> g["conv2d"].shape      # same as the conv2d activation
+    >>> g.summary()
+    """
+    if unconnected not in ("raise", "zero"):
+        raise GradprobeError(f"unconnected must be 'raise' or 'zero'; got {unconnected!r}.")
+    if compile not in ("auto", True, False):
+        raise GradprobeError(f"compile must be 'auto', True or False; got {compile!r}.")
+    if not isinstance(model, keras.layers.Layer):
+        raise GradprobeError(
+            f"gp.gradients needs a Keras 3 model (keras.Model); got {type(model).__name__}. "
+            "tf_keras (Keras 2) models are not supported."
+        )
+    x = prepare_inputs(model, inputs)
+    tree = LayerTree(model)
+    sources = resolve(tree, wrt)
+    _check_input_dtypes(tree, x, sources)
+    ensure_built(model, x)
+    batch = batch_size(x)
+    tgt = make_target(target, batch)
+    plan = make_plan(model, tree, sources, tgt, output, training, unconnected)
+
+    tensors, meta = _execute(model, x, tgt.args, plan, compile)
+    tgt.check(meta["target"])
+    grads = tensors["grads"]
+    if not differentiable:
+        grads = backend.stop_gradient(grads)
+    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"])
+
+
+# ------------------------------------------------------------------- planning
+def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
+              training: bool, unconnected: str) -> capture.Plan:
+    acts, vars_, inputs = [], [], []
+    for s in sources:
+        if isinstance(s, ActivationSource):
+            acts.append(capture.ActSpec(s.node.layer, s.node.path, s.node.kind, s.call,
+                                        s.requested, s.explicit))
+        elif isinstance(s, WeightSource):
+            owner = s.node.layer if s.node is not None and s.node is not tree.root else None
+            vars_.append(capture.VarSpec(s.var, s.key, owner, s.requested, s.explicit))
+        elif isinstance(s, InputSource):
+            inputs.append(capture.InputSpec(s.index, s.requested))
+    names = output_names(model)
+    output_layer = None
+    if isinstance(output, str) and output not in names:
+        try:
+            node = tree.find(output)
+        except GradprobeError:
+            node = None
+        if node is not None and node is not tree.root and not node.is_input:
+            output_layer = node.layer
+    return capture.Plan(acts, vars_, inputs, tgt, output, output_layer, names,
+                        bool(training), unconnected)
+
+
+def _plan_key(plan: capture.Plan) -> tuple:
+    return (
+        tuple((id(a.layer), a.call, a.requested, a.explicit) for a in plan.acts),
+        tuple((id(v.var), v.requested, v.explicit) for v in plan.vars),
+        tuple((i.index, i.requested) for i in plan.inputs),
+        plan.target.cache_key,
+        plan.output,
+        id(plan.output_layer),
+        plan.training,
+        plan.unconnected,
+    )
+
+
+# ------------------------------------------------------------------ execution
+def _execute(model: Any, x: Any, args: dict, plan: capture.Plan,
+             compile: bool | str) -> tuple[dict, dict]:
+    if not backend.executing_eagerly() or compile is False:
+        # Inside the user's own tf.function (or eager by request): run inline.
+        return capture.run(model, x, args, plan, wrap_errors=True)
+    key = _plan_key(plan)
+    if compile == "auto" and key in _eager_only.get(model, ()):
+        return capture.run(model, x, args, plan, wrap_errors=True)
+    fn = _compiled(model, key, plan)
+    try:
+        tensors, meta = fn(x, args)
+    except GradprobeError:
+        raise
+    except Exception as e:
+        if compile is True:
+            raise
+        tensors, meta = capture.run(model, x, args, plan, wrap_errors=True)
+        with _lock:
+            _eager_only.setdefault(model, set()).add(key)
+        warnings.warn(
+            f"gradprobe: model {model.name!r} could not be compiled with tf.function "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            "running eagerly from now on. Pass compile=False to silence this.",
+            RuntimeWarning, stacklevel=3)
+        return tensors, meta
+    return tensors, json.loads(backend.decode_string(meta))
+
+
+def _compiled(model: Any, key: tuple, plan: capture.Plan) -> Any:
+    with _lock:
+        per_model = _cache.get(model)
+        if per_model is None:
+            per_model = _cache[model] = OrderedDict()
+        fn = per_model.get(key)
+        if fn is not None:
+            per_model.move_to_end(key)
+            return fn
+    model_ref = weakref.ref(model)
+
+    def traced(x: Any, args: dict) -> tuple[dict, Any]:
+        tensors, meta = capture.run(model_ref(), x, args, plan, wrap_errors=False)
+        return tensors, backend.constant_string(json.dumps(meta))
+
+    fn = backend.compile_function(traced)
+    with _lock:
+        per_model[key] = fn
+        while len(per_model) > _CACHE_SIZE:
+            per_model.popitem(last=False)
+    return fn
+
+
+def clear_cache() -> None:
+    """Forgets every compiled gradient function (they are rebuilt on demand)."""
+    with _lock:
+        _cache.clear()
+        _eager_only.clear()
+
+
+# --------------------------------------------------------------------- inputs
+def prepare_inputs(model: Any, inputs: Any) -> Any:
+    """Converts arrays to tensors; floating arrays take the model's input dtype."""
+    if inputs is None:
+        raise GradprobeError("inputs is None: pass the batch the model should run on.")
+    specs = getattr(model, "inputs", None) or []
+    spec_dtypes = [getattr(s, "dtype", None) for s in specs]
+
+    leaves = keras.tree.flatten(inputs)
+    converted = []
+    for i, leaf in enumerate(leaves):
+        if backend.is_tensor(leaf):
+            converted.append(leaf)
+            continue
+        arr = np.asarray(leaf)
+        if arr.dtype == object:
+            raise GradprobeError(
+                f"Input {i} is an object array; pass numeric arrays or tensors.")
+        dtype = None
+        if np.issubdtype(arr.dtype, np.floating):
+            dtype = spec_dtypes[i] if len(spec_dtypes) == len(leaves) and spec_dtypes[i] else \
+                getattr(model, "compute_dtype", None)
+        converted.append(backend.to_tensor(arr, dtype))
+    if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
+        return converted[0]
+    return keras.tree.pack_sequence_as(inputs, converted)
+
+
+def batch_size(x: Any) -> int:
+    leaves = keras.tree.flatten(x)
+    shape = backend.static_shape(leaves[0]) if leaves else ()
+    if not shape or shape[0] is None:
+        raise GradprobeError(
+            f"Cannot tell the batch size of inputs of shape {shape}: inputs need a leading "
+            "batch axis.")
+    return int(shape[0])
+
+
+def ensure_built(model: Any, x: Any) -> None:
+    """Builds an unbuilt model by calling it once, outside any capture."""
+    if getattr(model, "built", False):
+        return
+    try:
+        model(x, training=False)
+    except Exception as e:
+        raise GradprobeError(
+            f"Model {model.name!r} could not be called on the given inputs "
+            f"({capture.describe_inputs(x)}): {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+            f"The model expects {capture.expected_inputs(model)}."
+        ) from e
+
+
+def _check_input_dtypes(tree: LayerTree, x: Any, sources: list) -> None:
+    if not any(isinstance(s, InputSource) for s in sources):
+        return
+    keys = capture.input_keys(x)
+    for key, leaf in zip(keys, keras.tree.flatten(x)):
+        if backend.is_floating(leaf):
+            continue
+        embeddings = [n.path for n in tree.nodes if isinstance(n.layer, keras.layers.Embedding)]
+        hint = (f" Differentiate with respect to the embedding layer's output instead: "
+                f"wrt={embeddings[0]!r}." if embeddings else
+                " Differentiate with respect to the first layer that turns them into floats.")
+        raise GradprobeError(
+            f"{key!r} has dtype {backend.dtype_name(leaf)}: gradients with respect to "
+            f"integer inputs (such as token ids) do not exist.{hint}"
+            + (f" Embedding layers: {quoted(embeddings)}." if len(embeddings) > 1 else "")
+        )

@@ -1,0 +1,146 @@
+"""The `Gradients` result: a read-only mapping from source key to gradient."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from gradprobe import backend
+from gradprobe.errors import GradprobeError, closest, quoted
+from gradprobe.stats import Finding, diagnose, tensor_stats
+
+
+class GradprobeKeyError(GradprobeError, KeyError):
+    """A key that is not in a result (also a `KeyError`, as a mapping should raise)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Gradients(Mapping):
+    """Gradients of one target, keyed by source, in forward order.
+
+    Keys are layer paths (`"dense"`, `"encoder/conv"`), with `"@i"` for the
+    i-th call of a layer called more than once, weight keys (`"dense.kernel"`),
+    and `"inputs"` (or `"inputs:0"`, `"inputs:name"` for several inputs). The
+    selector you passed in `wrt` also works as a key when it named exactly one
+    source (e.g. `result["lstm.kernel"]` for `"lstm/lstm_cell.kernel"`).
+
+    Attributes:
+        activations: key -> forward value of each captured activation or input.
+        target: The target's value (one per example where the target is per example).
+        outputs: The model's outputs from the same forward pass.
+        kinds: key -> `"activation"`, `"weight"` or `"input"`.
+        unconnected: Keys the target does not depend on (zero gradients; only
+            with `unconnected="zero"`).
+        skipped: Layers a pattern matched that had nothing to differentiate
+            (never called, or integer outputs), with the reason.
+    """
+
+    def __init__(self, grads: dict[str, Any], meta: dict[str, Any], values: dict[str, Any],
+                 outputs: Any, target: Any):
+        order = meta["order"]
+        self._grads = {k: grads[k] for k in order}
+        self.kinds: Mapping[str, str] = MappingProxyType(dict(meta["kinds"]))
+        self.activations: Mapping[str, Any] = MappingProxyType(
+            {k: values[k] for k in order if k in values})
+        self.outputs = outputs
+        self.target = target
+        self.unconnected: tuple[str, ...] = tuple(meta.get("unconnected", ()))
+        self.skipped: tuple[str, ...] = tuple(meta.get("skipped", ()))
+        self._aliases = {a: ks for a, ks in meta.get("aliases", {}).items() if a not in self._grads}
+        self._output_keys = tuple(meta.get("output_keys", ()))
+        self._stats: dict[str, dict] | None = None
+
+    # ------------------------------------------------------------- mapping
+    def __getitem__(self, key: str) -> Any:
+        if key in self._grads:
+            return self._grads[key]
+        keys = self._aliases.get(key)
+        if keys and len(keys) == 1:
+            return self._grads[keys[0]]
+        if keys:
+            raise GradprobeKeyError(
+                f"{key!r} selected {len(keys)} sources; index one of them: {quoted(keys)}.")
+        hint = closest(str(key), list(self._grads) + list(self._aliases))
+        raise GradprobeKeyError(
+            f"No gradient for {key!r}." + (f" Did you mean {quoted(hint)}?" if hint else "")
+            + f" The keys are: {quoted(self._grads)}.")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._grads)
+
+    def __len__(self) -> int:
+        return len(self._grads)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k!r}: {self.kinds[k]} {backend.static_shape(v)}"
+                          for k, v in list(self._grads.items())[:8])
+        more = f", ... ({len(self) - 8} more)" if len(self) > 8 else ""
+        return f"Gradients({{{items}{more}}})"
+
+    # -------------------------------------------------------------- views
+    def numpy(self) -> dict[str, np.ndarray]:
+        """The gradients as a dict of NumPy arrays."""
+        return {k: backend.to_numpy(v) for k, v in self._grads.items()}
+
+    def stats(self) -> dict[str, dict]:
+        """key -> `shape`, `norm` (L2), `mean_abs`, `max_abs`, `std`,
+        `zero_fraction` (exact zeros) and `nonfinite` (NaN/Inf count)."""
+        if self._stats is None:
+            self._stats = {k: tensor_stats(a) for k, a in self.numpy().items()}
+        return {k: dict(v) for k, v in self._stats.items()}
+
+    def diagnose(self, **thresholds: Any) -> list[Finding]:
+        """Plain-language findings: vanishing, exploding, non-finite, all-zero
+        gradients and dead units. Keyword arguments go to `gradprobe.stats.diagnose`
+        (`vanishing=1e-3`, `exploding=1e3`, `window=3`).
+
+        Returns:
+            A list of `Finding` (each prints as its message); empty when all is well.
+        """
+        acts = {k: backend.to_numpy(v) for k, v in self.activations.items()
+                if self.kinds.get(k) == "activation"}
+        return diagnose(self.stats(), self.kinds, self.numpy(), acts,
+                        skip_dead=self._output_keys, **thresholds)
+
+    def summary(self, print_fn: Callable[[str], Any] | None = None,
+                findings: bool = True) -> None:
+        """Prints the statistics as a table, in forward order, then the findings.
+
+        Args:
+            print_fn: Like Keras' `model.summary(print_fn=...)`: called with the
+                rendered text. Default: print to the terminal with rich.
+            findings: Also print `diagnose()` below the table.
+        """
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="gradprobe: gradients by source (forward order)")
+        for col, justify in [("source", "left"), ("kind", "left"), ("shape", "left"),
+                             ("norm", "right"), ("mean |g|", "right"), ("max |g|", "right"),
+                             ("std", "right"), ("zeros", "right"), ("non-finite", "right")]:
+            table.add_column(col, justify=justify)
+        for key, s in self.stats().items():
+            table.add_row(key, self.kinds[key], str(s["shape"]), f"{s['norm']:.4g}",
+                          f"{s['mean_abs']:.4g}", f"{s['max_abs']:.4g}", f"{s['std']:.4g}",
+                          f"{s['zero_fraction']:.1%}", str(s["nonfinite"]))
+        found = self.diagnose() if findings else []
+        if print_fn is None:
+            console = Console()
+            if not console.is_terminal:
+                console = Console(width=max(console.width, 130))
+            console.print(table)
+            for f in found:
+                console.print(f"[yellow]finding[/yellow] {f.message}", highlight=False)
+            return
+        buf = io.StringIO()
+        console = Console(file=buf, width=140, force_terminal=False, color_system=None)
+        console.print(table)
+        for f in found:
+            console.print(f"finding {f.message}", highlight=False)
+        print_fn(buf.getvalue().rstrip("\n"))

@@ -1,0 +1,298 @@
+"""The scalar objective: which output, and which function of it.
+
+`target` takes one of these forms (per-example values are summed over the
+batch, so activation and input gradients come out per example):
+
+* `int k`: the score `outputs[:, k]` of every example (for outputs of rank > 2,
+  the last axis is the class axis and the other non-batch axes are summed);
+* a sequence or array of ints, one per example: each example's own class;
+* `"predicted"`: each example's arg-max class;
+* `gp.loss(loss_fn, y_true, sample_weight=None)`: a Keras loss against labels;
+* a callable `f(outputs) -> tensor` returning a scalar or one value per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradprobe.errors import GradprobeError, quoted
+
+
+@dataclass(frozen=True, eq=False)
+class LossTarget:
+    """A Keras loss against labels, used as the target. Build it with `gp.loss`."""
+
+    fn: Any
+    y_true: Any
+    sample_weight: Any = None
+
+
+def loss(loss_fn: Any, y_true: Any, sample_weight: Any = None) -> LossTarget:
+    """A loss as the target: `loss_fn(y_true, outputs)`.
+
+    Args:
+        loss_fn: A `keras.losses.Loss` object (its own reduction applies, e.g. the
+            batch mean), a loss function returning one value per example (summed
+            over the batch), or a loss name such as `"sparse_categorical_crossentropy"`.
+        y_true: The labels, one entry per example.
+        sample_weight: Optional per-example weights.
+
+    Returns:
+        A target for `gp.gradients(..., target=...)`.
+
+    Example:
+
+    >>> loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> g = gp.gradients(model, x, gp.loss(loss_fn, y), wrt="dense.kernel")
+    """
+    if isinstance(loss_fn, str):
+        try:
+            loss_fn = keras.losses.get(loss_fn)
+        except ValueError as e:
+            raise GradprobeError(f"Unknown loss {loss_fn!r}: {e}") from None
+    if not callable(loss_fn):
+        raise GradprobeError(
+            f"gp.loss needs a Keras loss object, a loss function or a loss name; got "
+            f"{type(loss_fn).__name__}."
+        )
+    return LossTarget(loss_fn, y_true, sample_weight)
+
+
+class Target:
+    """A resolved target: how to compute the objective from the selected output."""
+
+    kind: str = ""
+    needs_single_output = True
+
+    def __init__(self, cache_key: Any, args: dict[str, Any]):
+        self.cache_key = cache_key
+        self.args = args
+
+    def compute(self, out: Any, args: dict[str, Any]) -> tuple[Any, Any, dict]:
+        """Returns `(value, objective, meta)`: the target value (scalar or per
+        example), the scalar that is differentiated, and facts to check later."""
+        raise NotImplementedError
+
+    def check(self, meta: dict) -> None:
+        """Raises for problems that are only visible once the model has run."""
+
+
+def _class_scores(out: Any, what: str) -> tf.Tensor:
+    if not out.dtype.is_floating:
+        raise GradprobeError(f"{what}: the selected output has dtype {out.dtype.name}; "
+                             "class scores must be floating point.")
+    rank = out.shape.rank
+    if rank is None or rank < 2:
+        raise GradprobeError(
+            f"{what}: the selected output has shape {tuple(out.shape)}, with no class axis. "
+            "Use a callable target instead, e.g. target=lambda y: y."
+        )
+    if rank > 2:
+        out = tf.reduce_sum(out, axis=list(range(1, rank - 1)))
+    return out
+
+
+class ClassTarget(Target):
+    """The score of one class per example (the same class, or each its own)."""
+
+    kind = "class"
+
+    def __init__(self, classes: np.ndarray, same: bool):
+        self.classes = classes
+        super().__init__(("class",), {"classes": tf.constant(classes, tf.int32)})
+        self.label = f"class {int(classes[0])}" if same else "per-example classes"
+
+    def compute(self, out, args):
+        scores = _class_scores(out, f"target={self.label}")
+        n = scores.shape[-1]
+        idx = args["classes"]
+        if n is not None:
+            idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
+        value = tf.gather(scores, idx, axis=1, batch_dims=1)
+        return value, tf.reduce_sum(value), {"num_classes": n}
+
+    def check(self, meta):
+        n = meta.get("num_classes")
+        if n is not None and int(self.classes.max(initial=0)) >= n:
+            bad = sorted({int(c) for c in self.classes if c >= n})
+            raise GradprobeError(
+                f"Target class {quoted(bad)} is out of range: the selected output has {n} "
+                f"classes (0 to {n - 1})."
+            )
+
+
+class PredictedTarget(Target):
+    """The score of each example's arg-max class."""
+
+    kind = "predicted"
+
+    def __init__(self):
+        super().__init__(("predicted",), {})
+
+    def compute(self, out, args):
+        scores = _class_scores(out, "target='predicted'")
+        idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
+        value = tf.gather(scores, idx, axis=1, batch_dims=1)
+        return value, tf.reduce_sum(value), {"num_classes": scores.shape[-1]}
+
+
+class LossValueTarget(Target):
+    kind = "loss"
+
+    def __init__(self, spec: LossTarget, batch_size: int):
+        args = {"y_true": tf.convert_to_tensor(spec.y_true)}
+        if spec.sample_weight is not None:
+            args["sample_weight"] = tf.convert_to_tensor(spec.sample_weight)
+        for name, value in args.items():
+            if value.shape.rank and value.shape[0] != batch_size:
+                raise GradprobeError(
+                    f"gp.loss: {name} has {value.shape[0]} entries but the inputs have "
+                    f"{batch_size} examples."
+                )
+        self.fn = spec.fn
+        super().__init__(("loss", spec.fn, "sample_weight" in args), args)
+
+    def compute(self, out, args):
+        y_true = args["y_true"]
+        sw = args.get("sample_weight")
+        if out.dtype.is_floating and y_true.dtype.is_floating and y_true.dtype != out.dtype:
+            y_true = tf.cast(y_true, out.dtype)
+        if isinstance(self.fn, keras.losses.Loss):
+            value = self.fn(y_true, out, sample_weight=sw)
+        else:
+            value = self.fn(y_true, out)
+            if value.shape.rank and value.shape.rank > 1:
+                value = tf.reduce_mean(value, axis=list(range(1, value.shape.rank)))
+            if sw is not None:
+                value = value * tf.cast(tf.reshape(sw, [-1]), value.dtype)
+        return value, tf.reduce_sum(value), {}
+
+
+class CallableTarget(Target):
+    kind = "callable"
+    needs_single_output = False
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        super().__init__(("callable", fn), {})
+
+    def compute(self, out, args):
+        batch_size = tf.nest.flatten(out)[0].shape[0]
+        value = self.fn(out)
+        if value is None or not (tf.is_tensor(value) or np.isscalar(value)
+                                 or isinstance(value, np.ndarray)):
+            raise GradprobeError(
+                f"The target callable returned {type(value).__name__}; it must return a "
+                "tensor: a scalar, or one value per example."
+            )
+        value = tf.convert_to_tensor(value)
+        shape = tuple(value.shape)
+        if shape not in ((), (batch_size,)):
+            raise GradprobeError(
+                f"The target callable returned a tensor of shape {shape}; it must be a "
+                f"scalar or one value per example, shape ({batch_size},). Reduce it, "
+                "e.g. lambda y: tf.reduce_sum(y[:, 3]) or lambda y: y[:, 3]."
+            )
+        if not value.dtype.is_floating:
+            raise GradprobeError(
+                f"The target callable returned dtype {value.dtype.name}; a gradient needs a "
+                "floating-point target."
+            )
+        return value, tf.reduce_sum(value), {}
+
+
+def make_target(target: Any, batch_size: int) -> Target:
+    """Resolves the `target` argument of `gp.gradients` for a batch of `batch_size`."""
+    if isinstance(target, LossTarget):
+        return LossValueTarget(target, batch_size)
+    if isinstance(target, str):
+        if target == "predicted":
+            return PredictedTarget()
+        raise GradprobeError(
+            f"Unknown target string {target!r}. The only string target is 'predicted'; use "
+            "an int class index, gp.loss(...), or a callable for anything else."
+        )
+    if isinstance(target, (bool, np.bool_)):
+        raise GradprobeError("target=True/False is not a class index; pass an int.")
+    if isinstance(target, (int, np.integer)):
+        classes = np.full((batch_size,), int(target), dtype=np.int64)
+        return ClassTarget(_checked_classes(classes, target), same=True)
+    if isinstance(target, keras.losses.Loss):
+        raise GradprobeError(
+            f"A loss object needs labels: pass target=gp.loss({type(target).__name__}(...), "
+            "y_true) instead of the bare loss."
+        )
+    if callable(target) and not isinstance(target, (np.ndarray, tf.Tensor)):
+        return CallableTarget(target)
+    if isinstance(target, (Sequence, np.ndarray, tf.Tensor)):
+        arr = np.asarray(target)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise GradprobeError(
+                f"A per-example target must be a 1-D sequence of ints (one class per "
+                f"example); got shape {arr.shape} and dtype {arr.dtype}."
+            )
+        if arr.shape[0] != batch_size:
+            raise GradprobeError(
+                f"The target has {arr.shape[0]} classes but the inputs have {batch_size} "
+                "examples: pass one class per example."
+            )
+        return ClassTarget(_checked_classes(arr, target), same=False)
+    raise GradprobeError(
+        f"Cannot use {type(target).__name__} as a target. Pass an int class index, a "
+        "sequence of ints (one per example), 'predicted', gp.loss(loss_fn, y_true), or a "
+        "callable f(outputs) returning a scalar or one value per example."
+    )
+
+
+def _checked_classes(classes: np.ndarray, raw: Any) -> np.ndarray:
+    if classes.size and classes.min() < 0:
+        raise GradprobeError(f"Target class indices must be >= 0; got {raw!r}.")
+    return classes
+
+
+# ---------------------------------------------------------------- output choice
+def output_names(model: Any) -> list[str]:
+    names = getattr(model, "output_names", None)
+    return list(names) if names else []
+
+
+def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
+                  target: Target) -> Any:
+    """The tensor (or structure) the target is computed from."""
+    leaves = tf.nest.flatten(outputs)
+    if output is None:
+        if len(leaves) == 1:
+            return leaves[0]
+        if not target.needs_single_output:
+            return outputs
+        shown = list(outputs) if isinstance(outputs, dict) else (names or list(range(len(leaves))))
+        raise GradprobeError(
+            f"The model has {len(leaves)} outputs ({quoted(shown)}) and target {target.kind!r} "
+            "needs one: pass output=<name or index>."
+        )
+    if isinstance(output, (bool, np.bool_)):
+        raise GradprobeError("output must be an output name or index, not a bool.")
+    if isinstance(output, (int, np.integer)):
+        if not -len(leaves) <= output < len(leaves):
+            raise GradprobeError(
+                f"output={output} is out of range: the model has {len(leaves)} output(s)."
+            )
+        return leaves[output]
+    if isinstance(outputs, dict) and output in outputs:
+        return outputs[output]
+    if output in names and len(names) == len(leaves):
+        return leaves[names.index(output)]
+    if layer_value is not None:
+        return layer_value
+    shown = list(outputs) if isinstance(outputs, dict) else names
+    raise GradprobeError(
+        f"The model has no output named {output!r}. Its outputs are "
+        f"{quoted(shown) if shown else f'{len(leaves)} unnamed (use an index)'}; a layer "
+        "name also works, to compute the target on that layer's activation."
+    )
