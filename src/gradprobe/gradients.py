@@ -111,7 +111,8 @@ def gradients(
     grads = tensors["grads"]
     if not differentiable:
         grads = backend.stop_gradient(grads)
-    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"])
+    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
+                     {v.key: v.var for v in plan.vars})
 
 
 # ------------------------------------------------------------------- planning
@@ -175,11 +176,16 @@ def _execute(model: Any, x: Any, args: dict, plan: capture.Plan,
             _eager_only.setdefault(model, set()).add(key)
         warnings.warn(
             f"gradprobe: model {model.name!r} could not be compiled with tf.function "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-            "running eagerly from now on. Pass compile=False to silence this.",
+            f"({type(e).__name__}: {_last_line(e)}); running eagerly from now on. "
+            "Pass compile=False to silence this.",
             RuntimeWarning, stacklevel=3)
         return tensors, meta
     return tensors, json.loads(backend.decode_string(meta))
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _compiled(model: Any, key: tuple, plan: capture.Plan) -> Any:

@@ -35,6 +35,7 @@ class Gradients(Mapping):
         target: The target's value (one per example where the target is per example).
         outputs: The model's outputs from the same forward pass.
         kinds: key -> `"activation"`, `"weight"` or `"input"`.
+        variables: key -> the variable object, for weight keys.
         unconnected: Keys the target does not depend on (zero gradients; only
             with `unconnected="zero"`).
         skipped: Layers a pattern matched that had nothing to differentiate
@@ -42,8 +43,11 @@ class Gradients(Mapping):
     """
 
     def __init__(self, grads: dict[str, Any], meta: dict[str, Any], values: dict[str, Any],
-                 outputs: Any, target: Any):
+                 outputs: Any, target: Any, variables: Mapping[str, Any] | None = None):
         order = meta["order"]
+        variables = variables or {}
+        self.variables: Mapping[str, Any] = MappingProxyType(
+            {k: variables[k] for k in order if k in variables})
         self._grads = {k: grads[k] for k in order}
         self.kinds: Mapping[str, str] = MappingProxyType(dict(meta["kinds"]))
         self.activations: Mapping[str, Any] = MappingProxyType(
