@@ -9,6 +9,7 @@ provide the same primitives later without changes elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -62,10 +63,8 @@ def probe(tape: tf.GradientTape, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     y = x + p
     mask = getattr(x, "_keras_mask", None)
     if mask is not None:
-        try:
+        with contextlib.suppress(AttributeError):
             y._keras_mask = mask
-        except AttributeError:  # pragma: no cover - eager tensors accept attributes
-            pass
     return y, p
 
 

@@ -265,7 +265,7 @@ def _as_list(wrt: Any) -> list[Any]:
         return []
     if isinstance(wrt, (str, keras.layers.Layer, keras.Variable)):
         return [wrt]
-    if isinstance(wrt, Sequence) or isinstance(wrt, (set, frozenset)):
+    if isinstance(wrt, (Sequence, set, frozenset)):
         return list(wrt)
     return [wrt]
 
