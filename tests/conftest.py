@@ -10,12 +10,14 @@ import pytest  # noqa: E402
 @pytest.fixture
 def float64():
     """Builds models in float64 for the finite-difference oracle."""
-    old = keras.config.floatx()
+    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
         yield
     finally:
         keras.config.set_floatx(old)
+        keras.config.set_dtype_policy(old_policy)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ Keras 3 model.
 >>> g.summary()
 """
 
+from gradprobe.engine import clear_cache, gradients
 from gradprobe.errors import GradprobeError
-from gradprobe.gradients import clear_cache, gradients
 from gradprobe.result import Gradients
 from gradprobe.stats import Finding
 from gradprobe.targets import loss

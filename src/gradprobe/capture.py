@@ -89,6 +89,7 @@ class Recorder:
         self.calls: list[_Call] = []
         self.counts: dict[int, int] = {}
         self.first_clock: dict[int, int] = {}
+        self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
 
     def hook(self, layer: Any, outputs: Any) -> Any:
@@ -100,6 +101,7 @@ class Recorder:
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
+            self.returned.append((lid, keras.tree.flatten(outputs)))
             return outputs
         leaves = keras.tree.flatten(outputs)
         recorded, new = [], []
@@ -111,12 +113,18 @@ class Recorder:
             recorded.append((value, probe))
             new.append(value)
         self.calls.append(_Call(lid, index, recorded, clock))
+        self.returned.append((lid, new))
         if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
             return new[0]
         return keras.tree.pack_sequence_as(outputs, new)
 
     def calls_of(self, layer: Any) -> list[_Call]:
         return [c for c in self.calls if c.layer_id == id(layer)]
+
+    def producers(self, tensors: Any) -> set[int]:
+        """Ids of the layers whose call returned one of `tensors`."""
+        wanted = {id(t) for t in keras.tree.flatten(tensors)}
+        return {lid for lid, leaves in self.returned if any(id(t) in wanted for t in leaves)}
 
 
 @dataclass
@@ -128,6 +136,7 @@ class _Entry:
     clock: float
     requested: str
     explain: str  # why it might be unconnected
+    layer_id: int | None = None
 
 
 def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
@@ -152,6 +161,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         value, objective, target_meta = plan.target.compute(selected, args)
 
     entries, skipped = _collect(recorder, plan)
+    producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
     grads = backend.gradient(tape, objective, [e.source for e in entries])
 
@@ -176,8 +186,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         "unconnected": [e.key for e in unconnected],
         "skipped": skipped,
         "target": target_meta,
-        "output_keys": [e.key for e in entries if e.value is not None and any(
-            e.value is t for t in keras.tree.flatten(selected))],
+        "output_keys": [e.key for e in entries if e.layer_id in producers],
     }
     return tensors, meta
 
@@ -310,7 +319,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
                     else "the target does not depend on this layer's output"
                 )
                 entries.append(_Entry(key, "activation", probe, value, call.clock,
-                                      spec.requested, explain))
+                                      spec.requested, explain, id(spec.layer)))
     for spec in plan.vars:
         if spec.key in seen:
             continue
@@ -321,7 +330,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
         else:
             explain = "the target does not depend on this variable"
         entries.append(_Entry(spec.key, "weight", spec.var, None, clock, spec.requested,
-                              explain))
+                              explain, None if spec.owner is None else id(spec.owner)))
     return entries, skipped
 
 

@@ -102,7 +102,7 @@ class Gradients(Mapping):
     def diagnose(self, **thresholds: Any) -> list[Finding]:
         """Plain-language findings: vanishing, exploding, non-finite, all-zero
         gradients and dead units. Keyword arguments go to `gradprobe.stats.diagnose`
-        (`vanishing=1e-3`, `exploding=1e3`, `window=3`).
+        (`vanishing=1e-3`, `exploding=1e3`).
 
         Returns:
             A list of `Finding` (each prints as its message); empty when all is well.

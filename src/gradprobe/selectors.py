@@ -356,6 +356,12 @@ def _variables(tree: LayerTree, node: LayerNode, var_part: str, text: str) -> li
             f"{text!r} is ambiguous: {len(inner)} sublayers of {node.path!r} have a variable "
             f"{var_part!r}: {quoted(f'{d.path}.{var_part}' for d, _ in inner)}."
         )
+    if not layer.weights and not getattr(layer, "built", True):
+        raise GradprobeError(
+            f"Layer {node.path!r} ({node.kind}) is not built: it was never called, so it has "
+            f"no variables yet (asked for {text!r}). Call the model once, or check that its "
+            "call() uses this layer."
+        )
     names = sorted({_short_name(v) for v in layer.weights})
     hint = closest(var_part, names + ["weights"])
     raise GradprobeError(

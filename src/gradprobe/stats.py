@@ -55,7 +55,6 @@ def diagnose(
     *,
     vanishing: float = 1e-3,
     exploding: float = 1e3,
-    window: int = 3,
     skip_dead: Sequence[str] = (),
 ) -> list[Finding]:
     """Findings over sources given in forward order.
@@ -66,12 +65,12 @@ def diagnose(
         arrays: key -> gradient array, for the dead-unit check (optional).
         activations: key -> forward value, to tell never-active units apart.
         vanishing: A source whose gradient RMS is below this fraction of the
-            median RMS of its neighbours (same kind, `window` on each side) is
-            reported as vanishing.
+            median RMS of the sources of the same kind after it in forward order
+            (closer to the target, where the gradient starts) is reported as
+            vanishing. The last source of each kind is the reference, never flagged.
         exploding: Likewise above this multiple: exploding.
-        window: How many neighbours on each side are compared.
-        skip_dead: Keys not checked for dead units (the model's output layer,
-            whose zero-gradient channels are simply other classes).
+        skip_dead: Keys not checked for dead units (the layer producing the
+            selected output, whose zero-gradient units are simply other classes).
 
     Returns:
         A list of `Finding`, in forward order.
@@ -93,24 +92,25 @@ def diagnose(
                 "reaches it from the target.", 0.0))
             continue
         group = [j for j in keys if kinds.get(j) == kinds.get(k)]
-        i = group.index(k)
-        neighbours = [rms[j] for j in group[max(0, i - window): i] + group[i + 1: i + 1 + window]
-                      if stats[j]["nonfinite"] == 0 and rms[j] > 0]
-        if len(neighbours) >= 2:
-            median = float(np.median(neighbours))
-            ratio = rms[k] / median if median > 0 else 1.0
+        later = [rms[j] for j in group[group.index(k) + 1:]
+                 if stats[j]["nonfinite"] == 0 and rms[j] > 0]
+        if later:
+            median = float(np.median(later))
+            ratio = rms[k] / median
+            where = f"the median of the {len(later)} {kinds.get(k)}(s) after it ({median:.3g})"
             if ratio < vanishing:
                 findings.append(Finding(
                     "vanishing", k,
-                    f"{k}: vanishing gradient: its RMS {rms[k]:.3g} is {ratio:.2g} times the "
-                    f"median of its neighbouring {kinds.get(k)}s ({median:.3g}).", ratio))
+                    f"{k}: vanishing gradient: its RMS {rms[k]:.3g} is {ratio:.2g} times "
+                    f"{where}.", ratio))
             elif ratio > exploding:
                 findings.append(Finding(
                     "exploding", k,
-                    f"{k}: exploding gradient: its RMS {rms[k]:.3g} is {ratio:.3g} times the "
-                    f"median of its neighbouring {kinds.get(k)}s ({median:.3g}).", ratio))
-        if arrays is not None and kinds.get(k) == "activation" and k not in skip_dead:
-            f = _dead_units(k, arrays[k], None if activations is None else activations.get(k))
+                    f"{k}: exploding gradient: its RMS {rms[k]:.3g} is {ratio:.3g} times "
+                    f"{where}.", ratio))
+        if arrays is not None and kinds.get(k) in ("activation", "weight") and k not in skip_dead:
+            act = None if activations is None else activations.get(k)
+            f = _dead_units(k, arrays[k], act, per_example=kinds.get(k) == "activation")
             if f is not None:
                 findings.append(f)
     return findings
@@ -125,9 +125,13 @@ def _rms(s: dict) -> float:
     return s["norm"] / np.sqrt(n) if n else 0.0
 
 
-def _dead_units(key: str, g: np.ndarray, act: np.ndarray | None) -> Finding | None:
+def _dead_units(key: str, g: np.ndarray, act: np.ndarray | None,
+                per_example: bool) -> Finding | None:
+    """Units (last axis) whose gradient is exactly zero everywhere: for an
+    activation, at every example and position; for a weight (a kernel's output
+    columns, a bias), summed over the batch it was computed on."""
     g = np.asarray(g)
-    if g.ndim < 2 or g.shape[-1] < 2:
+    if g.ndim < (2 if per_example else 1) or g.shape[-1] < 2:
         return None
     axes = tuple(range(g.ndim - 1))
     zero = np.all(g == 0, axis=axes)
@@ -140,7 +144,8 @@ def _dead_units(key: str, g: np.ndarray, act: np.ndarray | None) -> Finding | No
         inactive = np.all(np.asarray(act) == 0, axis=axes) & zero
         if np.count_nonzero(inactive):
             quiet = f" ({int(np.count_nonzero(inactive))} of them output 0 for every example)"
+    where = "for every example" if per_example else "on this batch"
     return Finding(
         "dead", key,
         f"{key}: {dead} of {n} units/channels ({dead / n:.0%}) receive exactly zero gradient "
-        f"for every example{quiet}: dead units.", dead / n)
+        f"{where}{quiet}: dead units.", dead / n)

@@ -1,0 +1,289 @@
+"""Targets, output selection, compilation, the result object and diagnosis."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from keras import layers
+
+import gradprobe as gp
+from gradprobe import engine
+from oracle import assert_close
+
+
+def _mlp(seed=0, width=6, classes=4, name=None):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), layers.Dense(width, activation="tanh", name="h"),
+                             layers.Dense(classes, name="logits")], name=name)
+
+
+def _tape(model, x, target_fn, sources):
+    xt = tf.constant(x)
+    with tf.GradientTape(persistent=True) as t:
+        t.watch(xt)
+        y = model(xt)
+        obj = tf.reduce_sum(target_fn(y))
+    return [t.gradient(obj, xt if isinstance(s, str) else s.value) for s in sources]
+
+
+@pytest.fixture
+def mlp_x():
+    return _mlp(), np.random.default_rng(3).normal(size=(6, 5)).astype("float32")
+
+
+# ----------------------------------------------------------------------- targets
+def test_target_forms_match_tape(mlp_x):
+    model, x = mlp_x
+    y = model(x).numpy()
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    cases = {
+        2: lambda o: o[:, 2],
+        tuple(labels): lambda o: tf.gather(o, labels, axis=1, batch_dims=1),
+        "predicted": lambda o: tf.gather(o, y.argmax(-1), axis=1, batch_dims=1),
+    }
+    for target, fn in cases.items():
+        t = list(target) if isinstance(target, tuple) else target
+        g = gp.gradients(model, x, t, ["inputs", "h.kernel"])
+        exp = _tape(model, x, fn, ["inputs", model.get_layer("h").kernel])
+        assert_close(g["inputs"], exp[0], 1e-6, str(target))
+        assert_close(g["h.kernel"], exp[1], 1e-6, str(target))
+        assert g.target.shape == (6,)
+        assert_close(g.target, fn(tf.constant(y)), 1e-6)
+
+    g = gp.gradients(model, x, gp.loss(ce, labels), "h.kernel")
+    exp = _tape(model, x, lambda o: ce(labels, o), [model.get_layer("h").kernel])
+    assert g.target.shape == () and np.isclose(g.target, ce(labels, y))
+    assert_close(g["h.kernel"], exp[0], 1e-6, "loss object")
+
+    w = np.linspace(0.5, 1.5, 6).astype("float32")
+    g = gp.gradients(model, x, gp.loss(keras.losses.sparse_categorical_crossentropy, labels, w),
+                     "h.kernel")
+    per = keras.losses.sparse_categorical_crossentropy(labels, y) * w
+    assert_close(g.target, per, 1e-6, "per-example loss")
+    exp = _tape(model, x, lambda o: keras.losses.sparse_categorical_crossentropy(labels, o) * w,
+                [model.get_layer("h").kernel])
+    assert_close(g["h.kernel"], exp[0], 1e-6, "loss function")
+
+    g = gp.gradients(model, x, gp.loss("mse", np.zeros((6, 4), "float32")), "h")
+    assert g.target.shape == (6,)
+    g = gp.gradients(model, x, lambda o: tf.reduce_max(o), "h")
+    assert g.target.shape == ()
+
+
+def test_per_example_gradients_are_independent(mlp_x):
+    model, x = mlp_x
+    g_all = gp.gradients(model, x, 1, ["inputs", "h"])
+    g_one = gp.gradients(model, x[2:3], 1, ["inputs", "h"])
+    assert_close(g_all["inputs"][2:3], g_one["inputs"], 1e-6)
+    assert_close(g_all["h"][2:3], g_one["h"], 1e-6)
+
+
+def test_output_can_name_an_intermediate_layer(mlp_x):
+    model, x = mlp_x
+    g = gp.gradients(model, x, lambda a: tf.reduce_sum(a), ["h", "inputs"], output="h")
+    assert np.allclose(g["h"], 1.0)
+    with tf.GradientTape() as t:
+        xt = tf.constant(x)
+        t.watch(xt)
+        s = tf.reduce_sum(model.get_layer("h")(xt))
+    assert_close(g["inputs"], t.gradient(s, xt), 1e-6)
+
+
+def test_multi_input_dict_and_outputs_by_index():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = layers.Concatenate(name="cat")([layers.Dense(4, name="da")(a), layers.Dense(4, name="db")(b)])
+    model = keras.Model({"a": a, "b": b}, [layers.Dense(2, name="o1")(h), layers.Dense(3, name="o2")(h)])
+    rng = np.random.default_rng(0)
+    x = {"a": rng.normal(size=(4, 3)).astype("float32"), "b": rng.normal(size=(4, 2)).astype("float32")}
+    g = gp.gradients(model, x, 2, ["inputs", "cat"], output=1)
+    assert set(g) == {"inputs:a", "inputs:b", "cat"}
+    xt = {k: tf.constant(v) for k, v in x.items()}
+    with tf.GradientTape() as t:
+        t.watch(xt)
+        s = tf.reduce_sum(model(xt)[1][:, 2])
+    exp = t.gradient(s, xt)
+    assert_close(g["inputs:a"], exp["a"], 1e-6)
+    assert_close(g["inputs:b"], exp["b"], 1e-6)
+    g2 = gp.gradients(model, x, 2, "inputs:b", output="o2")
+    assert list(g2) == ["inputs:b"] and np.allclose(g2["inputs:b"], g["inputs:b"])
+
+
+# ------------------------------------------------------------------- compilation
+def test_compiled_eager_and_inline_agree(mlp_x):
+    model, x = mlp_x
+    wrt = ["inputs", "h", "logits", "h.weights"]
+    results = [gp.gradients(model, x, "predicted", wrt, compile=c).numpy()
+               for c in ("auto", True, False)]
+
+    @tf.function
+    def inside(xx):
+        return dict(gp.gradients(model, xx, "predicted", wrt))
+
+    results.append({k: v.numpy() for k, v in inside(tf.constant(x)).items()})
+    for r in results[1:]:
+        assert r.keys() == results[0].keys()
+        for k in r:
+            assert_close(r[k], results[0][k], 1e-6, k)
+
+
+def test_same_shapes_do_not_retrace():
+    model = _mlp(name="retrace_probe")
+    x = np.ones((4, 5), "float32")
+    for i in range(4):
+        gp.gradients(model, x + i, i % 4, ["h", "h.kernel"])
+    fns = list(engine._cache[model].values())
+    assert len(fns) == 1
+    assert fns[0].experimental_get_tracing_count() == 1
+    gp.gradients(model, np.ones((7, 5), "float32"), 0, ["h", "h.kernel"])
+    assert fns[0].experimental_get_tracing_count() == 2
+
+
+def test_untraceable_model_falls_back_to_eager():
+    class NumpyInside(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = layers.Dense(2, name="dense")
+
+        def call(self, x):
+            scale = float(np.asarray(x).mean()) * 0 + 1.0  # needs an eager tensor
+            return self.d(x) * scale
+
+    model = NumpyInside()
+    x = np.ones((2, 3), "float32")
+    model(x)
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        g = gp.gradients(model, x, 0, "dense")
+    assert g["dense"].shape == (2, 2)
+    g = gp.gradients(model, x, 0, "dense")  # remembered: no second warning needed
+    assert np.allclose(g["dense"][:, 0], 1.0)
+
+
+def test_differentiable_under_outer_tape(mlp_x):
+    model, x = mlp_x
+    kernel = model.get_layer("logits").kernel
+    xt = tf.constant(x)
+    with tf.GradientTape() as outer:
+        g = gp.gradients(model, xt, 0, "h")
+        penalty = tf.reduce_sum(g["h"] ** 2)
+    d = outer.gradient(penalty, kernel.value)
+    # d/dW of sum_i (W[:, 0])^2 summed over the batch: 2 * N * W[:, 0] in column 0.
+    exp = np.zeros(kernel.shape)
+    exp[:, 0] = 2 * x.shape[0] * kernel.numpy()[:, 0]
+    assert_close(d, exp, 1e-6)
+    with tf.GradientTape() as outer:
+        g = gp.gradients(model, xt, 0, "h", differentiable=False)
+        penalty = tf.reduce_sum(g["h"] ** 2)
+    assert outer.gradient(penalty, kernel.value) is None
+
+
+# ----------------------------------------------------------------------- result
+def test_result_views(mlp_x):
+    model, x = mlp_x
+    g = gp.gradients(model, x, 1, ["h.kernel", "h", "inputs"])
+    assert list(g) == ["inputs", "h", "h.kernel"]  # forward order
+    assert dict(g.kinds) == {"inputs": "input", "h": "activation", "h.kernel": "weight"}
+    assert set(g.activations) == {"inputs", "h"}
+    assert_close(g.activations["h"], model.get_layer("h")(tf.constant(x)), 1e-6)
+    assert_close(g.outputs, model(x), 1e-6)
+    arrays = g.numpy()
+    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    stats = g.stats()
+    for k, a in arrays.items():
+        s = stats[k]
+        assert s["shape"] == a.shape
+        assert np.isclose(s["norm"], np.linalg.norm(a.ravel()))
+        assert np.isclose(s["mean_abs"], np.abs(a).mean())
+        assert np.isclose(s["max_abs"], np.abs(a).max())
+        assert np.isclose(s["std"], a.std(), rtol=1e-5)
+        assert s["zero_fraction"] == np.mean(a == 0) and s["nonfinite"] == 0
+    with pytest.raises(TypeError):
+        g["x"] = 1
+    lines = []
+    g.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    for key in g:
+        assert key in text
+    assert "weight" in text and "norm" in text
+    assert "Gradients(" in repr(g)
+
+
+def _chain(scale_layer=None, scale=1.0, depth=6, seed=0, activation="tanh"):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((8,))] + [layers.Dense(8, activation=activation,
+                                                                 name=f"d{i}")
+                                                    for i in range(depth)]
+                             + [layers.Dense(3, name="out")])
+    if scale_layer is not None:
+        k = model.get_layer(scale_layer).kernel
+        k.assign(k * scale)
+    return model
+
+
+def test_diagnose_vanishing_and_exploding():
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    healthy = gp.gradients(_chain(), x, 0, "d*")
+    assert healthy.diagnose() == []
+    g = gp.gradients(_chain("d3", 1e-5), x, 0, "d*")
+    kinds = {(f.kind, f.key) for f in g.diagnose()}
+    assert {("vanishing", "d0"), ("vanishing", "d1"), ("vanishing", "d2")} <= kinds
+    assert all(k not in ("d3", "d4", "d5") for _, k in kinds)
+    g = gp.gradients(_chain("d3", 1e4, activation=None), x, 0, "d*")
+    found = {(f.kind, f.key) for f in g.diagnose()}
+    assert found == {("exploding", "d0"), ("exploding", "d1"), ("exploding", "d2")}, found
+
+
+def test_diagnose_nonfinite_zero_and_dead():
+    class SqrtRelu(layers.Layer):
+        def call(self, x):
+            return keras.ops.sqrt(keras.ops.relu(x))
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    inp = keras.Input((4,))
+    h = layers.Dense(8, activation="relu", name="relu_dense")(inp)
+    model = keras.Model(inp, layers.Dense(3, name="out")(layers.Dense(4, name="mid")(h)))
+    bias = model.get_layer("relu_dense").bias
+    b = bias.numpy()
+    b[:3] = -100.0  # three units never activate
+    bias.assign(b)
+    g = gp.gradients(model, x, 0, ["relu_dense", "relu_dense.weights", "mid", "out",
+                                   "out.kernel"])
+    found = g.diagnose()
+    assert {(f.kind, f.key) for f in found} == {("dead", "relu_dense.kernel"),
+                                               ("dead", "relu_dense.bias")}, found
+    assert all("3 of 8" in f.message for f in found)
+
+    inp = keras.Input((4,))
+    s = SqrtRelu(name="sqrt")(layers.Dense(4, name="pre")(inp))
+    model = keras.Model(inp, layers.Dense(3, name="out")(s))
+    g = gp.gradients(model, x, 0, ["pre", "out"])
+    found = {f.kind: f for f in g.diagnose()}
+    assert "nonfinite" in found and found["nonfinite"].key == "pre"
+    assert "out" not in {f.key for f in g.diagnose()}  # other classes' logits are not "dead"
+    frozen = keras.Sequential([keras.Input((3,)), layers.Dense(2, name="a"),
+                               layers.Dense(2, kernel_initializer="zeros", name="b")])
+    g = gp.gradients(frozen, np.ones((2, 3), "float32"), 0, "a")
+    assert [f.kind for f in g.diagnose()] == ["zero"]
+
+
+# --------------------------------------------------------------------- property
+@settings(max_examples=15, deadline=None)
+@given(width=st.integers(1, 9), batch=st.integers(1, 5), classes=st.integers(1, 4),
+       seed=st.integers(0, 10_000))
+def test_weight_and_input_gradients_match_tape(width, batch, classes, seed):
+    model = _mlp(seed, width, classes)
+    x = np.random.default_rng(seed).normal(size=(batch, 5)).astype("float32")
+    k = seed % classes
+    g = gp.gradients(model, x, k, ["inputs", "h.kernel", "logits.bias"])
+    exp = _tape(model, x, lambda o: o[:, k],
+                ["inputs", model.get_layer("h").kernel, model.get_layer("logits").bias])
+    for key, e in zip(["inputs", "h.kernel", "logits.bias"], exp):
+        assert_close(g[key], e, 1e-5, key)
+    # Linearity in the target: the gradient of 3 * f is 3 times the gradient of f.
+    g3 = gp.gradients(model, x, lambda o: 3.0 * o[:, k], ["h.kernel"])
+    assert_close(g3["h.kernel"], 3.0 * g["h.kernel"].numpy(), 1e-5)
