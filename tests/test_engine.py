@@ -136,7 +136,7 @@ def test_same_shapes_do_not_retrace():
     x = np.ones((4, 5), "float32")
     for i in range(4):
         gp.gradients(model, x + i, i % 4, ["h", "h.kernel"])
-    fns = list(engine._cache[model].values())
+    fns = [e.fn for e in engine._cache[model].values()]
     assert len(fns) == 1
     assert fns[0].experimental_get_tracing_count() == 1
     gp.gradients(model, np.ones((7, 5), "float32"), 0, ["h", "h.kernel"])
@@ -287,3 +287,23 @@ def test_weight_and_input_gradients_match_tape(width, batch, classes, seed):
     # Linearity in the target: the gradient of 3 * f is 3 times the gradient of f.
     g3 = gp.gradients(model, x, lambda o: 3.0 * o[:, k], ["h.kernel"])
     assert_close(g3["h.kernel"], 3.0 * g["h.kernel"].numpy(), 1e-5)
+
+
+def test_cached_plan_follows_model_changes():
+    model = keras.Sequential([keras.Input((5,)), layers.Dense(4, name="a")])
+    x = np.ones((2, 5), "float32")
+    assert list(gp.gradients(model, x, 0, "*")) == ["a"]
+    model.add(layers.Dense(3, name="b"))
+    assert list(gp.gradients(model, x, 0, "*")) == ["a", "b"]
+
+
+def test_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = _mlp(name="short_lived")
+    gp.gradients(model, np.ones((2, 5), "float32"), 0, ["h", "h.kernel", "inputs"])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

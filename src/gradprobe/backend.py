@@ -52,15 +52,18 @@ def dtype_name(x: Any) -> str:
 
 
 def probe(tape: tf.GradientTape, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns `(x + p, p)` with `p` a watched zero tensor shaped like `x`.
+    """Returns `(y, p)`: `y` is what the rest of the forward pass consumes and the
+    gradient with respect to `p` is the gradient with respect to this very use
+    of `x`, separate from every other call of the same layer.
 
-    The rest of the forward pass consumes `x + p`, so the gradient with respect
-    to `p` is the gradient with respect to this very use of `x`, separate from
-    every other call of the same layer.
+    Conceptually `y = x + p` with `p` a watched zero tensor (how the JAX and
+    PyTorch backends will do it). A TensorFlow tape can watch an intermediate
+    tensor directly, so here `y = p = tf.identity(x)`: a fresh tensor, watched,
+    with the same gradient and without materialising zeros.
     """
-    p = tf.zeros_like(x)
-    tape.watch(p)
-    y = x + p
+    y = tf.identity(x)
+    tape.watch(y)
+    p = y
     mask = getattr(x, "_keras_mask", None)
     if mask is not None:
         with contextlib.suppress(AttributeError):

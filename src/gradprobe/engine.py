@@ -7,6 +7,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -22,11 +23,12 @@ from gradprobe.selectors import (
     WeightSource,
     resolve,
 )
+
+__all__ = ["gradients", "clear_cache"]
 from gradprobe.targets import make_target, output_names
 
 _CACHE_SIZE = 16
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_eager_only: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -98,21 +100,18 @@ def gradients(
             "tf_keras (Keras 2) models are not supported."
         )
     x = prepare_inputs(model, inputs)
-    tree = LayerTree(model)
-    sources = resolve(tree, wrt)
-    _check_input_dtypes(tree, x, sources)
     ensure_built(model, x)
-    batch = batch_size(x)
-    tgt = make_target(target, batch)
-    plan = make_plan(model, tree, sources, tgt, output, training, unconnected)
+    tgt = make_target(target, batch_size(x))
+    entry = _entry(model, wrt, tgt, output, bool(training), unconnected)
+    _check_input_dtypes(model, x, entry.plan)
 
-    tensors, meta = _execute(model, x, tgt.args, plan, compile)
+    tensors, meta = _execute(model, x, tgt.args, entry, compile)
     tgt.check(meta["target"])
     grads = tensors["grads"]
     if not differentiable:
         grads = backend.stop_gradient(grads)
     return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
-                     {v.key: v.var for v in plan.vars})
+                     {v.key: v.var for v in entry.plan.vars})
 
 
 # ------------------------------------------------------------------- planning
@@ -141,29 +140,74 @@ def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
                         bool(training), unconnected)
 
 
-def _plan_key(plan: capture.Plan) -> tuple:
-    return (
-        tuple((id(a.layer), a.call, a.requested, a.explicit) for a in plan.acts),
-        tuple((id(v.var), v.requested, v.explicit) for v in plan.vars),
-        tuple((i.index, i.requested) for i in plan.inputs),
-        plan.target.cache_key,
-        plan.output,
-        id(plan.output_layer),
-        plan.training,
-        plan.unconnected,
-    )
+@dataclass
+class _Entry:
+    """A resolved request for one model, and its compiled function once built."""
+
+    fingerprint: tuple
+    plan: capture.Plan
+    fn: Any = None
+    eager_only: bool = False
+
+
+def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
+           unconnected: str) -> _Entry:
+    """The cached plan for this request, or a new one (layer lookup is skipped on
+    repeated calls, so that small models do not pay for it on every call)."""
+    key = _hashable(wrt)
+    fingerprint = _fingerprint(model)
+    if key is not None:
+        key = (key, tgt.cache_key, output, training, unconnected)
+        with _lock:
+            per_model = _cache.get(model)
+            entry = per_model.get(key) if per_model is not None else None
+            if entry is not None and entry.fingerprint == fingerprint:
+                per_model.move_to_end(key)
+                return entry
+    tree = LayerTree(model)
+    plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
+    entry = _Entry(fingerprint, plan)
+    if key is not None:
+        with _lock:
+            per_model = _cache.get(model)
+            if per_model is None:
+                per_model = _cache[model] = OrderedDict()
+            per_model[key] = entry
+            while len(per_model) > _CACHE_SIZE:
+                per_model.popitem(last=False)
+    return entry
+
+
+def _hashable(wrt: Any) -> tuple | None:
+    items = wrt if isinstance(wrt, (list, tuple)) else [wrt]
+    key = []
+    for item in items:
+        if isinstance(item, str):
+            key.append(item)
+        elif isinstance(item, (keras.layers.Layer, keras.Variable)):
+            key.append(("object", id(item)))
+        else:
+            return None
+    return (type(wrt).__name__, tuple(key))
+
+
+def _fingerprint(model: Any) -> tuple:
+    """Changes when layers or weights are added to the model."""
+    return (tuple(id(layer) for layer in model.layers), len(model.weights))
 
 
 # ------------------------------------------------------------------ execution
-def _execute(model: Any, x: Any, args: dict, plan: capture.Plan,
+def _execute(model: Any, x: Any, args: dict, entry: _Entry,
              compile: bool | str) -> tuple[dict, dict]:
+    plan = entry.plan
     if not backend.executing_eagerly() or compile is False:
         # Inside the user's own tf.function (or eager by request): run inline.
         return capture.run(model, x, args, plan, wrap_errors=True)
-    key = _plan_key(plan)
-    if compile == "auto" and key in _eager_only.get(model, ()):
+    if compile == "auto" and entry.eager_only:
         return capture.run(model, x, args, plan, wrap_errors=True)
-    fn = _compiled(model, key, plan)
+    if entry.fn is None:
+        entry.fn = _compiled(model, plan)
+    fn = entry.fn
     try:
         tensors, meta = fn(x, args)
     except GradprobeError:
@@ -172,8 +216,7 @@ def _execute(model: Any, x: Any, args: dict, plan: capture.Plan,
         if compile is True:
             raise
         tensors, meta = capture.run(model, x, args, plan, wrap_errors=True)
-        with _lock:
-            _eager_only.setdefault(model, set()).add(key)
+        entry.eager_only = True
         warnings.warn(
             f"gradprobe: model {model.name!r} could not be compiled with tf.function "
             f"({type(e).__name__}: {_last_line(e)}); running eagerly from now on. "
@@ -188,34 +231,22 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else ""
 
 
-def _compiled(model: Any, key: tuple, plan: capture.Plan) -> Any:
-    with _lock:
-        per_model = _cache.get(model)
-        if per_model is None:
-            per_model = _cache[model] = OrderedDict()
-        fn = per_model.get(key)
-        if fn is not None:
-            per_model.move_to_end(key)
-            return fn
+def _compiled(model: Any, plan: capture.Plan) -> Any:
+    """A `tf.function` running `plan` on `model` (held weakly: the cache must not
+    keep models alive)."""
     model_ref = weakref.ref(model)
 
     def traced(x: Any, args: dict) -> tuple[dict, Any]:
         tensors, meta = capture.run(model_ref(), x, args, plan, wrap_errors=False)
         return tensors, backend.constant_string(json.dumps(meta))
 
-    fn = backend.compile_function(traced)
-    with _lock:
-        per_model[key] = fn
-        while len(per_model) > _CACHE_SIZE:
-            per_model.popitem(last=False)
-    return fn
+    return backend.compile_function(traced)
 
 
 def clear_cache() -> None:
     """Forgets every compiled gradient function (they are rebuilt on demand)."""
     with _lock:
         _cache.clear()
-        _eager_only.clear()
 
 
 # --------------------------------------------------------------------- inputs
@@ -271,13 +302,14 @@ def ensure_built(model: Any, x: Any) -> None:
         ) from e
 
 
-def _check_input_dtypes(tree: LayerTree, x: Any, sources: list) -> None:
-    if not any(isinstance(s, InputSource) for s in sources):
+def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
+    if not plan.inputs:
         return
     keys = capture.input_keys(x)
     for key, leaf in zip(keys, keras.tree.flatten(x)):
         if backend.is_floating(leaf):
             continue
+        tree = LayerTree(model)
         embeddings = [n.path for n in tree.nodes if isinstance(n.layer, keras.layers.Embedding)]
         hint = (f" Differentiate with respect to the embedding layer's output instead: "
                 f"wrt={embeddings[0]!r}." if embeddings else
