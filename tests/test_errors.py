@@ -190,3 +190,12 @@ def test_argument_validation(cnn, x):
         gp.gradients(cnn, np.zeros((3, 8, 8, 1), "float32"),
                      gp.loss("sparse_categorical_crossentropy", [0, 1]), "conv_a")
     _ = tf  # keep the import for readers
+
+
+def test_errors_raised_while_tracing_are_not_compilation_failures(cnn, x):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "running eagerly" fallback
+        with pytest.raises(gp.GradprobeError, match="scalar or one value per example"):
+            gp.gradients(cnn, x, lambda y: y[:, :2], "conv_a", compile=True)

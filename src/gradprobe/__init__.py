@@ -11,8 +11,13 @@ Keras 3 model.
 
 from gradprobe.engine import clear_cache, gradients
 from gradprobe.errors import GradprobeError
+from gradprobe.hvp import hvp
+from gradprobe.jacobian import jacobian
+from gradprobe.penalty import gradient_penalty
+from gradprobe.per_example import PerExampleNorms, per_example_norms
 from gradprobe.result import Gradients
 from gradprobe.stats import Finding
+from gradprobe.tape import Tape
 from gradprobe.targets import loss
 
 __version__ = "0.1.0"
@@ -21,7 +26,13 @@ __all__ = [
     "Finding",
     "GradprobeError",
     "Gradients",
+    "PerExampleNorms",
+    "Tape",
     "clear_cache",
+    "gradient_penalty",
     "gradients",
+    "hvp",
+    "jacobian",
     "loss",
+    "per_example_norms",
 ]

@@ -14,18 +14,20 @@ import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-Hook = Callable[[Any, Any], Any]
+Hook = Callable[[Any, Any, tuple, dict], Any]
+InputHook = Callable[[Any], Any]
 _MISSING = object()
 
 
 @contextlib.contextmanager
 def wrapped_calls(layers: Iterable[Any], hook: Hook) -> Iterator[None]:
-    """Within the block, `layer.call(...)` returns `hook(layer, original_output)`.
+    """Within the block, `layer.call(*args, **kwargs)` returns
+    `hook(layer, original_output, args, kwargs)`.
 
     Args:
         layers: Layer instances to wrap (duplicates are wrapped once).
-        hook: Called with the layer and what its own `call` returned; its return
-            value is what the rest of the forward pass receives.
+        hook: Called with the layer, what its own `call` returned and the call's
+            arguments; its return value is what the rest of the forward pass receives.
     """
     saved: list[tuple[Any, Any]] = []
     seen: set[int] = set()
@@ -46,10 +48,27 @@ def wrapped_calls(layers: Iterable[Any], hook: Hook) -> Iterator[None]:
         _restore(saved)
 
 
+@contextlib.contextmanager
+def wrapped_inputs(model: Any, hook: InputHook) -> Iterator[None]:
+    """Within the block, `model.call(inputs, ...)` receives `hook(inputs)` instead."""
+    original = model.call
+    previous = model.__dict__.get("call", _MISSING)
+
+    @functools.wraps(original)
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(hook(inputs), *args, **kwargs)
+
+    model.__dict__["call"] = call
+    try:
+        yield
+    finally:
+        _restore([(model, previous)])
+
+
 def _wrap(layer: Any, original: Callable, hook: Hook) -> Callable:
     @functools.wraps(original)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return hook(layer, original(*args, **kwargs))
+        return hook(layer, original(*args, **kwargs), args, kwargs)
 
     return call
 

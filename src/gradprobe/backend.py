@@ -25,9 +25,10 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover - environment gu
     )
 
 
-def new_tape(persistent: bool = False) -> tf.GradientTape:
-    """A tape that records only what is explicitly watched."""
-    return tf.GradientTape(persistent=persistent, watch_accessed_variables=False)
+def new_tape(persistent: bool = False, watch_accessed_variables: bool = False) -> Any:
+    """A tape; by default it records only what is explicitly watched."""
+    return tf.GradientTape(persistent=persistent,
+                           watch_accessed_variables=watch_accessed_variables)
 
 
 def watchable(source: Any) -> Any:
@@ -76,7 +77,24 @@ def gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> li
     if not sources:
         return []
     grads = tape.gradient(target, [watchable(s) for s in sources])
-    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    return [densify(g) for g in grads]
+
+
+def densify(g: Any) -> Any:
+    """A dense tensor for a sparse gradient (Embedding), `None` stays `None`."""
+    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+
+
+def batch_jacobian(tape: Any, target: Any, source: Any) -> tf.Tensor:
+    """`(batch, *target_shape, *source_shape)` Jacobian, vectorised over the batch."""
+    j = tape.batch_jacobian(target, source)
+    return tf.zeros([*target.shape, *source.shape[1:]], target.dtype) if j is None else j
+
+
+def jacobian(tape: Any, target: Any, source: Any) -> Any:
+    """Jacobian of a vector target with respect to one source (vectorised)."""
+    return tape.jacobian(target, watchable(source),
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def zeros_like(x: Any) -> tf.Tensor:

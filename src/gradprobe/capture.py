@@ -58,6 +58,7 @@ class Plan:
     output_names: list[str] = field(default_factory=list)
     training: bool = False
     unconnected: str = "raise"
+    per_example: bool = False
 
     @property
     def probe_layers(self) -> list[Any]:
@@ -80,11 +81,18 @@ class _Call:
 
 
 class Recorder:
-    """Collects probed layer outputs while one forward pass runs."""
+    """Collects probed layer outputs while one forward pass runs.
 
-    def __init__(self, tape: Any, probe_ids: set[int]):
+    Layers in `probe_ids` get their outputs probed; layers in `input_ids` also
+    have the first argument of each call kept (`inputs_of`), for methods that
+    need a layer's input as well as its output gradient.
+    """
+
+    def __init__(self, tape: Any, probe_ids: set[int], input_ids: frozenset[int] = frozenset()):
         self.tape = tape
         self.probe_ids = probe_ids
+        self.input_ids = input_ids
+        self.inputs_of: dict[tuple[int, int], Any] = {}
         self.context = backend.capture_context()
         self.calls: list[_Call] = []
         self.counts: dict[int, int] = {}
@@ -92,12 +100,14 @@ class Recorder:
         self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
 
-    def hook(self, layer: Any, outputs: Any) -> Any:
+    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if not backend.in_capture_context(self.context):
             return outputs
         lid = id(layer)
         index = self.counts.get(lid, 0)
         self.counts[lid] = index + 1
+        if lid in self.input_ids:
+            self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
@@ -147,7 +157,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
     `skipped` and `target` (facts for `Target.check`).
     """
-    tape = backend.new_tape()
+    tape = backend.new_tape(persistent=plan.per_example)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     with tape:
         for v in plan.vars:
@@ -164,6 +174,8 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
     grads = backend.gradient(tape, objective, [e.source for e in entries])
+    if plan.per_example:
+        grads = _per_example_weights(tape, value, entries, grads)
 
     unconnected = [e for e, g in zip(entries, grads) if g is None]
     if unconnected and plan.unconnected == "raise":
@@ -189,6 +201,29 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         "output_keys": [e.key for e in entries if e.layer_id in producers],
     }
     return tensors, meta
+
+
+def per_example_values(value: Any, what: str) -> Any:
+    """Checks that a target value has one entry per example."""
+    shape = backend.static_shape(value)
+    if len(shape) != 1:
+        raise GradprobeError(
+            f"{what} needs a per-example target (one value per example); this target is "
+            f"{'a scalar' if not shape else f'shaped {shape}'}. Use a class index, "
+            "'predicted', a loss function or a Loss with reduction=None, or a callable "
+            "returning one value per example.")
+    return value
+
+
+def _per_example_weights(tape: Any, value: Any, entries: list[_Entry],
+                         grads: list[Any]) -> list[Any]:
+    value = per_example_values(value, "per_example=True")
+    out = []
+    for e, g in zip(entries, grads):
+        if e.kind == "weight" and g is not None:
+            g = backend.jacobian(tape, value, e.source)
+        out.append(g)
+    return out
 
 
 def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, list[_Entry]]:

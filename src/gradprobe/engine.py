@@ -43,6 +43,7 @@ def gradients(
     unconnected: str = "raise",
     compile: bool | str = "auto",
     differentiable: bool = True,
+    per_example: bool = False,
 ) -> Gradients:
     """Gradients of a scalar target with respect to layers, weights or inputs.
 
@@ -78,6 +79,10 @@ def gradients(
             `True` always compiles; `False` runs eagerly.
         differentiable: When called under an outer `tf.GradientTape`, keep the
             returned gradients differentiable (`True`) or treat them as constants.
+        per_example: Return, for weight sources, one gradient per example (a
+            leading batch axis), computed as the vectorised Jacobian of the
+            per-example target values. Needs a per-example target. For norms
+            only, `gp.per_example_norms` is much cheaper.
 
     Returns:
         A `Gradients` mapping from key to gradient (same shape as the source),
@@ -102,7 +107,7 @@ def gradients(
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
-    entry = _entry(model, wrt, tgt, output, bool(training), unconnected)
+    entry = _entry(model, wrt, tgt, output, bool(training), unconnected, bool(per_example))
     _check_input_dtypes(model, x, entry.plan)
 
     tensors, meta = _execute(model, x, tgt.args, entry, compile)
@@ -115,8 +120,8 @@ def gradients(
 
 
 # ------------------------------------------------------------------- planning
-def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
-              training: bool, unconnected: str) -> capture.Plan:
+def to_specs(tree: LayerTree, sources: list) -> tuple[list, list, list]:
+    """Splits resolved sources into activation, variable and input specs."""
     acts, vars_, inputs = [], [], []
     for s in sources:
         if isinstance(s, ActivationSource):
@@ -127,6 +132,12 @@ def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
             vars_.append(capture.VarSpec(s.var, s.key, owner, s.requested, s.explicit))
         elif isinstance(s, InputSource):
             inputs.append(capture.InputSpec(s.index, s.requested))
+    return acts, vars_, inputs
+
+
+def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
+              training: bool, unconnected: str) -> capture.Plan:
+    acts, vars_, inputs = to_specs(tree, sources)
     names = output_names(model)
     output_layer = None
     if isinstance(output, str) and output not in names:
@@ -151,13 +162,13 @@ class _Entry:
 
 
 def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
-           unconnected: str) -> _Entry:
+           unconnected: str, per_example: bool = False) -> _Entry:
     """The cached plan for this request, or a new one (layer lookup is skipped on
     repeated calls, so that small models do not pay for it on every call)."""
     key = _hashable(wrt)
     fingerprint = _fingerprint(model)
     if key is not None:
-        key = (key, tgt.cache_key, output, training, unconnected)
+        key = (key, tgt.cache_key, output, training, unconnected, per_example)
         with _lock:
             per_model = _cache.get(model)
             entry = per_model.get(key) if per_model is not None else None
@@ -166,6 +177,7 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
                 return entry
     tree = LayerTree(model)
     plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
+    plan.per_example = per_example
     entry = _Entry(fingerprint, plan)
     if key is not None:
         with _lock:

@@ -12,6 +12,10 @@ class GradprobeError(ValueError):
     It is a `ValueError`, so code that already catches `ValueError` keeps working.
     """
 
+    # Raised while TensorFlow traces a function, it reaches the caller as itself
+    # (autograph would otherwise re-wrap it in a StagingError).
+    ag_pass_through = True
+
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Returns up to `n` candidates that look most like `name`, best first."""

@@ -1,0 +1,92 @@
+"""`gp.hvp`: Hessian-vector products of a target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradprobe import backend
+from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe.errors import GradprobeError, quoted
+from gradprobe.tape import Tape
+from gradprobe.targets import make_target, output_names, select_output
+
+
+def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
+        output: Any = None, training: bool = False) -> dict[str, Any]:
+    """Hessian-vector products `H v` of a scalar target.
+
+    With respect to weights, forward-over-backward (`tf.autodiff.ForwardAccumulator`
+    around one backward pass); with respect to activations or inputs, double
+    backward through two nested `gp.Tape`s.
+
+    Args:
+        model, inputs, target, output, training: As in `gp.gradients`.
+        wrt: Selectors as in `gp.gradients`; all weights, or all activations/inputs.
+        vector: The `v` of `H v`: one tensor when `wrt` names one source, else a
+            dict from key (as `gp.gradients` would key it) or a list in that order.
+
+    Returns:
+        A dict from key to `H v`, each shaped like its source.
+
+    Example:
+
+    >>> v = tf.random.normal(model.get_layer("dense").kernel.shape)
+    >>> gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
+    """
+    g = gradients(model, inputs, target, wrt, output=output, training=training,
+                  unconnected="zero", compile=False, differentiable=False)
+    keys = list(g)
+    vectors = _vectors(keys, vector)
+    kinds = {g.kinds[k] for k in keys}
+    if kinds == {"weight"}:
+        variables = [g.variables[k] for k in keys]
+        with tf.autodiff.ForwardAccumulator(
+                [backend.watchable(v) for v in variables], vectors) as acc:
+            inner = gradients(model, inputs, target, variables, output=output,
+                              training=training, unconnected="zero", compile=False)
+            grads = [inner[k] for k in keys]
+        return {k: acc.jvp(gr, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                for k, gr in zip(keys, grads)}
+    if "weight" in kinds:
+        raise GradprobeError(
+            f"gp.hvp takes weights or activations/inputs, not a mix; got {quoted(keys)}. "
+            "Call it once for each.")
+    return _double_backward(model, inputs, target, wrt, keys, vectors, output, training)
+
+
+def _vectors(keys: list[str], vector: Any) -> list[Any]:
+    if isinstance(vector, dict):
+        missing = [k for k in keys if k not in vector]
+        if missing:
+            raise GradprobeError(f"`vector` has no entry for {quoted(missing)}; keys: {quoted(keys)}.")
+        return [backend.to_tensor(vector[k]) for k in keys]
+    if isinstance(vector, (list, tuple)):
+        if len(vector) != len(keys):
+            raise GradprobeError(
+                f"`vector` has {len(vector)} entries for {len(keys)} sources ({quoted(keys)}).")
+        return [backend.to_tensor(v) for v in vector]
+    if len(keys) != 1:
+        raise GradprobeError(
+            f"`wrt` names {len(keys)} sources ({quoted(keys)}): pass `vector` as a dict "
+            "or a list in that order.")
+    return [backend.to_tensor(vector)]
+
+
+def _double_backward(model, inputs, target, wrt, keys, vectors, output, training):
+    x = prepare_inputs(model, inputs)
+    ensure_built(model, x)
+    tgt = make_target(target, batch_size(x))
+    names = output_names(model)
+    with Tape(model, watch=wrt, persistent=True) as outer:
+        with Tape(model, watch=wrt) as inner:
+            with keras.StatelessScope():
+                outputs = model(x, training=training)
+            selected = select_output(outputs, output, names, None, tgt)
+            _, objective, _ = tgt.compute(selected, tgt.args)
+        grads = inner.gradient(objective, keys, unconnected="zero")
+        dot = tf.add_n([tf.reduce_sum(gr * tf.cast(v, gr.dtype)) for gr, v in zip(grads, vectors)])
+    result = outer.gradient(dot, keys, unconnected="zero")
+    return dict(zip(keys, result))

@@ -1,0 +1,360 @@
+"""`gp.per_example_norms`: L2 norms of per-example weight gradients.
+
+For Dense, Conv1D, Conv2D, Embedding, LayerNormalization and EinsumDense the
+norms come from each layer's captured input and output gradient, in one forward
+and one backward pass (the "ghost norm" identities): for a layer whose
+per-example weight gradient is `sum_t a_t g_t^T` (positions `t`),
+
+    ||sum_t a_t g_t^T||^2 = sum_{t,s} (a_t . a_s) (g_t . g_s),
+
+computed from the two Gram matrices (`"ghost"`), or, where that is cheaper
+(many positions, small weights: early convolutions), as the norm of the
+per-layer outer-product sum from the same captured tensors (`"outer"`). Other
+layers, and layers called more than once in the forward pass, fall back to a
+vectorised Jacobian of the per-example targets (`"vectorized"`), and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradprobe import _patch, backend, capture
+from gradprobe.engine import (
+    _cache,
+    _Entry,
+    _fingerprint,
+    _hashable,
+    _lock,
+    batch_size,
+    ensure_built,
+    prepare_inputs,
+    to_specs,
+)
+from gradprobe.errors import GradprobeError
+from gradprobe.selectors import LayerTree, resolve
+from gradprobe.targets import make_target, output_names, select_output
+
+GHOST_TYPES = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
+               keras.layers.Embedding, keras.layers.LayerNormalization,
+               keras.layers.EinsumDense)
+
+
+class PerExampleNorms(Mapping):
+    """key -> per-example L2 norms `(batch,)` of each weight's gradient.
+
+    Attributes:
+        total: `(batch,)` norm of each example's whole gradient (all keys together).
+        method: key -> `"ghost"`, `"outer"` or `"vectorized"` (see the module doc).
+        fallbacks: key -> why the vectorised fallback was used.
+        target: The per-example target values.
+    """
+
+    def __init__(self, norms: dict[str, Any], method: dict[str, str],
+                 fallbacks: dict[str, str], target: Any):
+        self._norms = norms
+        self.method = MappingProxyType(method)
+        self.fallbacks = MappingProxyType(fallbacks)
+        self.target = target
+        self.total = tf.sqrt(tf.add_n([tf.square(n) for n in norms.values()]))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._norms[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._norms)
+
+    def __len__(self) -> int:
+        return len(self._norms)
+
+    def __repr__(self) -> str:
+        return "PerExampleNorms({" + ", ".join(
+            f"{k!r}: {self.method[k]}" for k in self._norms) + "})"
+
+
+def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "*.weights", *,
+                      output: Any = None, training: bool = False,
+                      method: str = "auto") -> PerExampleNorms:
+    """L2 norm of each example's gradient, for each weight, without per-example
+    gradients of the whole model (one forward and one backward pass for the
+    supported layer types).
+
+    Args:
+        model, inputs, output, training: As in `gp.gradients`.
+        target: A per-example target (class index, per-example classes,
+            `"predicted"`, a loss function or a `Loss` with `reduction=None`, or a
+            callable returning one value per example).
+        wrt: Weight selectors (default `"*.weights"`: every trainable weight).
+        method: `"auto"` (ghost or outer, whichever is cheaper, per layer),
+            `"ghost"` (never materialise a per-example gradient), or
+            `"vectorized"` (the Jacobian fallback for every weight; a reference).
+
+    Returns:
+        A `PerExampleNorms` mapping, with `.total`, `.method` and `.fallbacks`.
+
+    Example:
+
+    >>> n = gp.per_example_norms(model, x, gp.loss("sparse_categorical_crossentropy", y))
+    >>> n.total            # (batch,): clip or weight examples by it (DP-SGD)
+    """
+    if method not in ("auto", "ghost", "vectorized"):
+        raise GradprobeError(f"method must be 'auto', 'ghost' or 'vectorized'; got {method!r}.")
+    x = prepare_inputs(model, inputs)
+    ensure_built(model, x)
+    tgt = make_target(target, batch_size(x))
+    entry = _plan(model, wrt, tgt, output, bool(training), method)
+    if backend.executing_eagerly():
+        if entry.fn is None:
+            ref = weakref.ref(model)
+
+            def traced(xx, args):
+                norms, meta = _run(ref(), xx, args, entry.plan)
+                return norms, backend.constant_string(json.dumps(meta))
+
+            entry.fn = backend.compile_function(traced)
+        norms, meta = entry.fn(x, tgt.args)
+        meta = json.loads(backend.decode_string(meta))
+    else:
+        norms, meta = _run(model, x, tgt.args, entry.plan)
+    tgt.check(meta["target"])
+    value = norms.pop("__target__")
+    order = meta["order"]
+    return PerExampleNorms({k: norms[k] for k in order}, meta["method"], meta["fallbacks"],
+                           value)
+
+
+def _plan(model, wrt, tgt, output, training, method) -> _Entry:
+    key = _hashable(wrt)
+    fingerprint = _fingerprint(model)
+    if key is not None:
+        key = ("per_example_norms", key, tgt.cache_key, output, training, method)
+        with _lock:
+            entry = _cache.get(model, {}).get(key)
+        if entry is not None and entry.fingerprint == fingerprint:
+            return entry
+    tree = LayerTree(model)
+    acts, vars_, inputs = to_specs(tree, resolve(tree, wrt))
+    if acts or inputs or not vars_:
+        raise GradprobeError(
+            "gp.per_example_norms takes weight selectors ('dense.kernel', 'conv*.weights', "
+            "'*.weights'); for activations and inputs the gradients are already per example "
+            "(use gp.gradient_penalty for their norms).")
+    output_layer = None
+    if isinstance(output, str) and output not in output_names(model):
+        output_layer = tree.find(output).layer
+    plan = capture.Plan([], vars_, [], tgt, output, output_layer, output_names(model),
+                        training, "zero", per_example=True)
+    plan.method = method
+    entry = _Entry(fingerprint, plan)
+    if key is not None:
+        with _lock:
+            _cache.setdefault(model, OrderedDict())[key] = entry
+    return entry
+
+
+def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict]:
+    method = getattr(plan, "method", "auto")
+    owners = {}
+    for v in plan.vars:
+        if method != "vectorized" and isinstance(v.owner, GHOST_TYPES):
+            owners[id(v.owner)] = v.owner
+    tape = backend.new_tape(persistent=True)
+    ids = set(owners)
+    recorder = capture.Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
+                                             else set()), frozenset(ids))
+    with tape:
+        for v in plan.vars:
+            backend.watch(tape, v.var)
+        layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
+        with _patch.wrapped_calls(layers, recorder.hook), keras.StatelessScope():
+            outputs = model(x, training=plan.training)
+        layer_value = None
+        if plan.output_layer is not None:
+            calls = recorder.calls_of(plan.output_layer)
+            layer_value = calls[0].leaves[0][0] if calls else None
+        selected = select_output(outputs, plan.output, plan.output_names, layer_value,
+                                 plan.target)
+        value, objective, target_meta = plan.target.compute(selected, args)
+    value = capture.per_example_values(value, "gp.per_example_norms")
+
+    ghost: dict[int, Any] = {}
+    for lid, layer in owners.items():
+        calls = recorder.calls_of(layer)
+        if len(calls) == 1 and calls[0].leaves[0][1] is not None:
+            ghost[lid] = calls[0]
+    probes = [ghost[lid].leaves[0][1] for lid in ghost]
+    out_grads = dict(zip(ghost, backend.gradient(tape, objective, probes)))
+
+    norms: dict[str, Any] = {"__target__": value}
+    methods: dict[str, str] = {}
+    fallbacks: dict[str, str] = {}
+    for lid, call in ghost.items():
+        layer = owners[lid]
+        dy = out_grads[lid]
+        a = recorder.inputs_of[(lid, 0)]
+        if dy is None:
+            dy = tf.zeros_like(call.leaves[0][0])
+        by_var, why = _ghost_squares(layer, a, dy, method)
+        for v in plan.vars:
+            if v.owner is layer and id(v.var) in by_var:
+                norms[v.key] = tf.sqrt(tf.maximum(by_var[id(v.var)][0], 0.0))
+                methods[v.key] = by_var[id(v.var)][1]
+        if why:
+            for v in plan.vars:
+                if v.owner is layer and v.key not in norms:
+                    fallbacks[v.key] = why
+    for v in plan.vars:
+        if v.key in norms:
+            continue
+        if v.key not in fallbacks:
+            fallbacks[v.key] = _why_not(v.owner, owners, recorder, method)
+        j = backend.jacobian(tape, value, v.var)
+        j = tf.reshape(j, [tf.shape(j)[0], -1])
+        norms[v.key] = tf.sqrt(tf.reduce_sum(tf.square(j), axis=1))
+        methods[v.key] = "vectorized"
+    order = [v.key for v in plan.vars]
+    return norms, {"order": order, "method": methods, "fallbacks": fallbacks,
+                   "target": target_meta}
+
+
+def _why_not(owner: Any, owners: dict, recorder: Any, method: str) -> str:
+    if method == "vectorized":
+        return "method='vectorized' was requested"
+    if owner is None:
+        return "the variable belongs to no layer of the model"
+    if id(owner) not in owners:
+        return (f"{type(owner).__name__} has no ghost-norm identity here (supported: "
+                + ", ".join(t.__name__ for t in GHOST_TYPES) + ")")
+    n = len(recorder.calls_of(owner))
+    if n != 1:
+        return f"layer {owner.name!r} is called {n} times in the forward pass"
+    return "its layer configuration is not covered by the ghost identity"
+
+
+# --------------------------------------------------------------- identities
+def _ghost_squares(layer: Any, a: Any, dy: Any, method: str) -> tuple[dict, str]:
+    """{id(variable): (squared per-example norm, method)} and, if some variables
+    of the layer are not covered, the reason."""
+    if isinstance(layer, keras.layers.Embedding):
+        return _embedding(layer, a, dy), ""
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return _layer_norm(layer, a, dy)
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return {}, "LoRA or quantized layers are not covered by the ghost identity"
+    if isinstance(layer, keras.layers.Dense):
+        z = tf.matmul(a, layer.kernel.value)
+    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+        if layer.data_format != "channels_last" or layer.groups != 1 or layer.padding == "causal":
+            return {}, ("convolutions with channels_first, groups > 1 or causal padding are "
+                        "not covered by the ghost identity")
+        z = layer.convolution_op(a, layer.kernel.value)
+    elif isinstance(layer, keras.layers.EinsumDense):
+        if not _einsum_dense_supported(layer):
+            return {}, f"EinsumDense equation {layer.equation!r} is not of the form '...k,ko->...o'"
+        z = tf.einsum(layer.equation, a, layer.kernel.value)
+    else:  # pragma: no cover - guarded by GHOST_TYPES
+        return {}, "unsupported layer"
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        z = z + bias.value
+    dz = _through_activation(getattr(layer, "activation", None), z, dy)
+
+    b = tf.shape(dz)[0]
+    out_dim = dz.shape[-1]
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+        A = _patches(layer, a)
+    else:
+        A = tf.reshape(a, [b, -1, a.shape[-1]])
+    G = tf.reshape(dz, [b, -1, out_dim])
+    sq_kernel, how = _outer_squares(A, G, method)
+    result = {id(layer.kernel): (sq_kernel, how)}
+    why = ""
+    if bias is not None:
+        if bias.shape.rank == 1 and bias.shape[0] == out_dim:
+            result[id(bias)] = (tf.reduce_sum(tf.square(tf.reduce_sum(G, axis=1)), axis=1), "ghost")
+        else:
+            why = "this bias layout is not covered by the ghost identity"
+    return result, why
+
+
+def _through_activation(activation: Any, z: Any, dy: Any) -> Any:
+    if activation is None or activation is keras.activations.linear:
+        return dy
+    with tf.GradientTape() as t:
+        t.watch(z)
+        y = activation(z)
+    return t.gradient(y, z, output_gradients=dy)
+
+
+def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
+    """Squared Frobenius norm of sum_t A[:, t]^T G[:, t], per example."""
+    t, d, e = A.shape[1], A.shape[2], G.shape[2]
+    if t == 1:
+        return tf.reduce_sum(tf.square(A[:, 0]), 1) * tf.reduce_sum(tf.square(G[:, 0]), 1), "ghost"
+    if method == "ghost" or t is None or t * t * (d + e) <= t * d * e:
+        gram_a = tf.matmul(A, A, transpose_b=True)
+        gram_g = tf.matmul(G, G, transpose_b=True)
+        return tf.reduce_sum(gram_a * gram_g, axis=[1, 2]), "ghost"
+    per_example = tf.einsum("btd,bte->bde", A, G)
+    return tf.reduce_sum(tf.square(per_example), axis=[1, 2]), "outer"
+
+
+def _patches(layer: Any, a: Any) -> Any:
+    if isinstance(layer, keras.layers.Conv1D):
+        a = a[:, None]
+        k, s, r = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
+    else:
+        k, s, r = layer.kernel_size, layer.strides, layer.dilation_rate
+    p = tf.image.extract_patches(a, sizes=[1, *k, 1], strides=[1, *s, 1], rates=[1, *r, 1],
+                                 padding=layer.padding.upper())
+    return tf.reshape(p, [tf.shape(a)[0], -1, p.shape[-1]])
+
+
+def _einsum_dense_supported(layer: Any) -> bool:
+    """True for equations like 'ab,bc->ac' or 'abc,cd->abd': a dense map of the last axis."""
+    m = re.fullmatch(r"\.{0,3}(\w*),(\w)(\w)->\.{0,3}(\w*)", layer.equation.replace(" ", ""))
+    if not m:
+        return False
+    lhs, k, o, out = m.groups()
+    return lhs.endswith(k) and out.endswith(o) and lhs[:-1] == out[:-1]
+
+
+def _embedding(layer: Any, ids: Any, dy: Any) -> dict:
+    b = tf.shape(dy)[0]
+    G = tf.reshape(dy, [b, -1, dy.shape[-1]])
+    ids = tf.reshape(ids, [b, -1])
+    same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), G.dtype)
+    gram = tf.matmul(G, G, transpose_b=True)
+    return {id(layer.embeddings): (tf.reduce_sum(same * gram, axis=[1, 2]), "ghost")}
+
+
+def _layer_norm(layer: Any, x: Any, dy: Any) -> tuple[dict, str]:
+    rank = x.shape.rank
+    axes = sorted(a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple))
+                                     else [layer.axis]))
+    if axes != [rank - 1] or getattr(layer, "rms_scaling", False):
+        return {}, "LayerNormalization over axes other than the last, or with rms_scaling"
+    x = tf.cast(x, dy.dtype)
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+    xhat = (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+    b = tf.shape(dy)[0]
+    reduce = list(range(1, rank - 1))
+    out = {}
+    if layer.gamma is not None:
+        gg = tf.reshape(tf.reduce_sum(xhat * dy, axis=reduce) if reduce else xhat * dy, [b, -1])
+        out[id(layer.gamma)] = (tf.reduce_sum(tf.square(gg), axis=1), "ghost")
+    if layer.beta is not None:
+        gb = tf.reshape(tf.reduce_sum(dy, axis=reduce) if reduce else dy, [b, -1])
+        out[id(layer.beta)] = (tf.reduce_sum(tf.square(gb), axis=1), "ghost")
+    return out, ""
+
+
+__all__ = ["PerExampleNorms", "per_example_norms"]

@@ -1,0 +1,303 @@
+"""`gp.Tape`: a `tf.GradientTape` that knows the model's layers."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import keras
+
+from gradprobe import _patch, backend, capture
+from gradprobe.engine import to_specs
+from gradprobe.errors import GradprobeError, quoted
+from gradprobe.selectors import LayerTree, resolve
+
+
+class Tape:
+    """Records a forward pass you write yourself, with every watched layer's
+    output captured (per call) so you can use activations in losses and take
+    gradients by layer name.
+
+    Inside the `with` block, call the model (and any other code) as usual.
+    Afterwards, `tape.activation("name")` is the very tensor the rest of the
+    forward pass consumed, and `tape.gradient(target, sources)` accepts layer
+    names, weight names (`"dense.kernel"`), `"inputs"`, patterns, layer objects,
+    variables and plain tensors, in any mix, returning them in the structure
+    given. A layer called more than once (a shared layer, or a model called
+    several times in the block) has one entry per call: `"name@0"`, `"name@1"`.
+
+    Nested tapes give exact higher-order gradients: a gradient taken by an inner
+    tape inside an outer tape's block is differentiable by the outer tape.
+
+    Args:
+        model: The Keras model whose layers are watched.
+        watch: Selectors as in `gp.gradients(wrt=...)`; default `"*"` (every leaf
+            layer). Add `"inputs"` to differentiate with respect to the model
+            input, or container layers by name; `[]` watches no layer. Trainable
+            variables are always watched, as by `tf.GradientTape`.
+        persistent: Allow several `gradient` calls.
+
+    Example:
+
+    >>> with gp.Tape(model, watch=["l1", "inputs"]) as tape:
+    ...     y = model(x)
+    ...     loss = tf.reduce_sum(y) + tf.reduce_sum(tape.activation("l1") ** 2)
+    >>> g = tape.gradient(loss, ["l1", "l2.kernel", "inputs"])
+    """
+
+    def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
+        if not isinstance(model, keras.layers.Layer):
+            raise GradprobeError(
+                f"gp.Tape needs a Keras 3 model; got {type(model).__name__}.")
+        self.model = model
+        self.persistent = persistent
+        self._watch = watch
+        self._tree: LayerTree | None = None
+        self._tape: Any = None
+        self._recorder: capture.Recorder | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._inputs: list[list[tuple[str, Any]]] = []  # per model call: (key, probe)
+        self._state = "new"
+        self._used = False
+
+    # ------------------------------------------------------------------ block
+    def __enter__(self) -> Tape:
+        if self._state != "new":
+            raise GradprobeError("A gp.Tape can be entered once; create a new one.")
+        self._tree = LayerTree(self.model)
+        empty = self._watch is None or (isinstance(self._watch, (list, tuple))
+                                        and not self._watch)
+        acts, vars_, inputs = ([], [], []) if empty else to_specs(
+            self._tree, resolve(self._tree, self._watch))
+        self._acts = acts
+        self._tape = backend.new_tape(persistent=True, watch_accessed_variables=True)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self._tape)
+        try:
+            for v in vars_:
+                backend.watch(self._tape, v.var)
+            self._recorder = capture.Recorder(self._tape, {id(a.layer) for a in acts})
+            self._stack.enter_context(
+                _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
+            if inputs:
+                self._stack.enter_context(_patch.wrapped_inputs(self.model, self._probe_inputs))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._state = "recording"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._state = "closed"
+        assert self._stack is not None
+        self._stack.close()
+
+    def _probe_inputs(self, inputs: Any) -> Any:
+        if not backend.in_capture_context(self._recorder.context):
+            return inputs
+        keys = capture.input_keys(inputs)
+        leaves = keras.tree.flatten(inputs)
+        call, new = [], []
+        for key, leaf in zip(keys, leaves):
+            if backend.is_floating(leaf):
+                value, probe = backend.probe(self._tape, leaf)
+                call.append((key, probe))
+                new.append(value)
+            else:
+                new.append(leaf)
+        self._inputs.append(call)
+        if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
+            return new[0]
+        return keras.tree.pack_sequence_as(inputs, new)
+
+    def watch(self, tensor: Any) -> None:
+        """Watches a plain tensor, like `tf.GradientTape.watch`."""
+        if self._state != "recording":
+            raise GradprobeError("tape.watch must be called inside the `with` block.")
+        backend.watch(self._tape, tensor)
+
+    # ------------------------------------------------------------- captured
+    def keys(self) -> list[str]:
+        """The keys of every captured activation and input, in call order."""
+        return list(self._captured())
+
+    def _captured(self) -> dict[str, tuple[Any, str]]:
+        """key -> (probe, requested layer path) for every captured call."""
+        self._check_recorded("look up captured activations")
+        out: dict[str, tuple[Any, str]] = {}
+        for spec in self._acts:
+            calls = self._recorder.calls_of(spec.layer)
+            for call in calls:
+                base = f"{spec.path}@{call.index}" if len(calls) > 1 else spec.path
+                leaves = call.leaves
+                for j, (_, probe) in enumerate(leaves):
+                    if probe is not None:
+                        out[f"{base}:{j}" if len(leaves) > 1 else base] = (probe, spec.path)
+        for i, call in enumerate(self._inputs):
+            for key, probe in call:
+                k = key if len(self._inputs) == 1 else key.replace("inputs", f"inputs@{i}", 1)
+                out[k] = (probe, "inputs")
+        return out
+
+    def activation(self, name: str | Any) -> Any:
+        """The captured output of a watched layer (or `"inputs"`), as consumed by
+        the rest of the forward pass, so a loss written on it is differentiable.
+
+        Args:
+            name: A layer name or path, `"name@i"` for one call of a layer called
+                more than once, `"inputs"`, or a layer object.
+        """
+        keys = self._keys_for(name)
+        if len(keys) > 1:
+            raise GradprobeError(
+                f"{self._label(name)} has {len(keys)} captured values: {quoted(keys)}. "
+                "Pick one.")
+        return self._captured()[keys[0]][0]
+
+    def _label(self, name: Any) -> str:
+        return repr(name) if isinstance(name, str) else repr(getattr(name, "name", name))
+
+    def _keys_for(self, name: Any) -> list[str]:
+        captured = self._captured()
+        if isinstance(name, str) and name in captured:
+            return [name]
+        if isinstance(name, str) and (name == "inputs" or name.startswith("inputs")):
+            keys = [k for k in captured if captured[k][1] == "inputs"
+                    and (name == "inputs" or k == name or k.startswith(name + "@"))]
+            if keys:
+                return keys
+            raise GradprobeError(
+                "The model inputs were not captured: add 'inputs' to watch= and call the "
+                "model inside the `with gp.Tape(...)` block.")
+        node = (self._tree.node_of(name) if isinstance(name, keras.layers.Layer)
+                else self._tree.find(str(name).split("@")[0]))
+        call = None
+        if isinstance(name, str) and "@" in name and name.rsplit("@", 1)[1].isdigit():
+            call = int(name.rsplit("@", 1)[1])
+        if not any(a.layer is node.layer for a in self._acts):
+            raise GradprobeError(
+                f"Layer {node.path!r} was not watched by this tape: pass it in watch= "
+                f"(watch={[*self._as_list(self._watch), node.path]!r}).")
+        keys = [k for k, (_, path) in captured.items() if path == node.path]
+        if not keys:
+            raise GradprobeError(
+                f"Layer {node.path!r} was watched but never called inside the `with` block: "
+                "call the model inside the block.")
+        if call is not None:
+            keys = [k for k in keys if k.split(":")[0] == f"{node.path}@{call}"] or (
+                keys if call == 0 and len(keys) == 1 else [])
+            if not keys:
+                raise GradprobeError(
+                    f"{name!r}: layer {node.path!r} has calls {quoted(self._calls(node.path))}.")
+        return keys
+
+    def _calls(self, path: str) -> list[str]:
+        return [k for k, (_, p) in self._captured().items() if p == path]
+
+    @staticmethod
+    def _as_list(watch: Any) -> list:
+        return list(watch) if isinstance(watch, (list, tuple)) else [watch]
+
+    def _check_recorded(self, what: str) -> None:
+        if self._state == "new":
+            raise GradprobeError(
+                f"Cannot {what} before the tape has recorded: use `with gp.Tape(model) as "
+                "tape:` and call the model inside the block.")
+
+    # -------------------------------------------------------------- gradient
+    def gradient(self, target: Any, sources: Any, *, differentiable: bool = True,
+                 unconnected: str = "raise") -> Any:
+        """Gradients of `target` with respect to `sources`, in the structure given.
+
+        Args:
+            target: A tensor computed inside the `with` block (summed if it is not
+                a scalar, like `tf.GradientTape.gradient`).
+            sources: One source or a list/tuple/dict of them: layer names or paths
+                (`"name@i"` for one call), weight selectors (`"dense.kernel"`,
+                `"dense.weights"`), `"inputs"`, glob patterns, layer objects,
+                variables or plain tensors. An entry that stands for several
+                tensors (a pattern, a layer called more than once) becomes a dict
+                from key to gradient.
+            differentiable: Keep the result differentiable by an outer tape
+                (`True`), or treat it as a constant.
+            unconnected: `"raise"` or `"zero"`, as in `gp.gradients`.
+
+        Returns:
+            The gradients, in the structure of `sources`.
+        """
+        self._check_recorded("take a gradient")
+        if self._used and not self.persistent:
+            raise GradprobeError(
+                "This gp.Tape is not persistent and has already computed a gradient; use "
+                "gp.Tape(model, persistent=True) to take several.")
+        if unconnected not in ("raise", "zero"):
+            raise GradprobeError(f"unconnected must be 'raise' or 'zero'; got {unconnected!r}.")
+        self._used = True
+        if isinstance(sources, dict):
+            items = list(sources.values())
+        elif isinstance(sources, (list, tuple)):
+            items = list(sources)
+        else:
+            items = [sources]
+        groups = [self._expand(item) for item in items]
+        flat = [t for group in groups for _, t in group]
+        grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
+        grads = [backend.densify(g) for g in grads]
+        missing = [(key, t) for (key, t), g in zip([kt for grp in groups for kt in grp], grads)
+                   if g is None]
+        if missing and unconnected == "raise":
+            self._raise_unconnected(target, [k for k, _ in missing])
+        grads = [backend.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+        if not differentiable:
+            grads = [backend.stop_gradient(g) for g in grads]
+        it = iter(grads)
+        results = []
+        for group in groups:
+            values = {key: next(it) for key, _ in group}
+            results.append(next(iter(values.values())) if len(values) == 1 else values)
+        if isinstance(sources, dict):
+            return dict(zip(sources.keys(), results))
+        if isinstance(sources, (list, tuple)):
+            return type(sources)(results)
+        return results[0]
+
+    def _expand(self, item: Any) -> list[tuple[str, Any]]:
+        """(key, tensor or variable) pairs that one source item stands for."""
+        if backend.is_tensor(item) and not isinstance(item, keras.Variable):
+            return [(getattr(item, "name", "tensor"), item)]
+        if isinstance(item, keras.Variable):
+            return [(self._tree.variable_key(item), item)]
+        if isinstance(item, str) and ("." in item or any(c in item for c in "*?[")):
+            text = item
+            if not (text in self._tree.by_path or text == "inputs"):
+                watched = {id(a.layer) for a in self._acts}
+                out = []
+                for src in resolve(self._tree, text):
+                    if hasattr(src, "var"):
+                        out.append((src.key, src.var))
+                    elif id(src.node.layer) in watched or src.explicit:
+                        out.extend((k, self._captured()[k][0])
+                                   for k in self._keys_for(src.node.layer))
+                if not out:
+                    raise GradprobeError(
+                        f"Pattern {text!r} matches no layer watched by this tape; watched: "
+                        f"{quoted(a.path for a in self._acts)}.")
+                return out
+        captured = self._captured()
+        return [(k, captured[k][0]) for k in self._keys_for(item)]
+
+    def _raise_unconnected(self, target: Any, keys: list[str]) -> None:
+        recorded = [p for p, _ in self._captured().values()]
+        watched = [v for v in getattr(self._tape, "watched_variables", lambda: [])()]
+        probe = self._tape.gradient(target, recorded + list(watched)) if recorded or watched \
+            else []
+        if all(g is None for g in probe):
+            raise GradprobeError(
+                f"The target does not depend on anything this gp.Tape recorded (asked for "
+                f"{quoted(keys)}). Most likely it, or an activation it uses, was computed "
+                "outside the `with gp.Tape(model) as tape:` block, where nothing is "
+                "recorded: compute it inside the block.")
+        raise GradprobeError(
+            f"The target does not depend on {quoted(keys)}: those sources are not on the "
+            "path from the recorded computation to the target. Remove them, or pass "
+            "unconnected='zero'.")
