@@ -233,9 +233,9 @@ def _ghost_model():
     h = layers.LayerNormalization(name="ln", gamma_initializer="random_normal")(h)
     h = layers.EinsumDense("abc,cd->abd", output_shape=(2, 5), bias_axes="d",
                            activation="tanh", name="einsum")(h)
-    h = layers.Dense(4, activation="tanh", name="seq_dense")(h)
+    h = layers.Dense(4, activation="gelu", name="seq_dense")(h)
     h = layers.Flatten(name="flat")(h)
-    h = layers.Dense(4, activation="tanh", name="dense")(h)
+    h = layers.Dense(4, activation="sigmoid", name="dense")(h)
     h = ScaleShift(name="custom")(h)
     return keras.Model(inp, layers.Dense(3, name="logits")(h))
 

@@ -9,13 +9,19 @@ Keras 3 model.
 >>> g.summary()
 """
 
+from gradprobe import plot
+from gradprobe.attribution import Attribution
 from gradprobe.engine import clear_cache, gradients
 from gradprobe.errors import GradprobeError
+from gradprobe.grad_cam import grad_cam, grad_cam_plus_plus
 from gradprobe.hvp import hvp
+from gradprobe.integrated_gradients import integrated_gradients
 from gradprobe.jacobian import jacobian
 from gradprobe.penalty import gradient_penalty
 from gradprobe.per_example import PerExampleNorms, per_example_norms
 from gradprobe.result import Gradients
+from gradprobe.saliency import gradient_x_input, saliency
+from gradprobe.smoothgrad import smoothgrad
 from gradprobe.stats import Finding
 from gradprobe.tape import Tape
 from gradprobe.targets import loss
@@ -23,16 +29,24 @@ from gradprobe.targets import loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
     "Finding",
     "GradprobeError",
     "Gradients",
     "PerExampleNorms",
     "Tape",
     "clear_cache",
+    "grad_cam",
+    "grad_cam_plus_plus",
     "gradient_penalty",
+    "gradient_x_input",
     "gradients",
     "hvp",
+    "integrated_gradients",
     "jacobian",
     "loss",
     "per_example_norms",
+    "plot",
+    "saliency",
+    "smoothgrad",
 ]

@@ -97,6 +97,15 @@ def jacobian(tape: Any, target: Any, source: Any) -> Any:
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
+def cast_like(value: Any, like: Any) -> Any:
+    """`value` as a tensor of `like`'s dtype (shapes must already agree)."""
+    value = tf.convert_to_tensor(value)
+    if tuple(value.shape) != tuple(like.shape) and like.shape.is_fully_defined():
+        raise ValueError(f"replacement shape {tuple(value.shape)} != activation shape "
+                         f"{tuple(like.shape)}")
+    return tf.cast(value, like.dtype)
+
+
 def zeros_like(x: Any) -> tf.Tensor:
     return tf.zeros_like(watchable(x))
 

@@ -59,12 +59,15 @@ class Plan:
     training: bool = False
     unconnected: str = "raise"
     per_example: bool = False
+    replace: Any = None  # a layer whose output is replaced by args["replacement"]
 
     @property
     def probe_layers(self) -> list[Any]:
         layers = [a.layer for a in self.acts]
         if self.output_layer is not None:
             layers.append(self.output_layer)
+        if self.replace is not None:
+            layers.append(self.replace)
         return layers
 
     @property
@@ -99,6 +102,8 @@ class Recorder:
         self.first_clock: dict[int, int] = {}
         self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
+        self.replace_id: int | None = None  # this layer's output is replaced ...
+        self.replacement: Any = None  # ... by this tensor
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if not backend.in_capture_context(self.context):
@@ -108,6 +113,12 @@ class Recorder:
         self.counts[lid] = index + 1
         if lid in self.input_ids:
             self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
+        if lid == self.replace_id:
+            if index:
+                raise GradprobeError(
+                    f"Layer {layer.name!r} is called more than once; its activation cannot be "
+                    "replaced unambiguously.")
+            outputs = backend.cast_like(self.replacement, outputs)
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
@@ -159,6 +170,8 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     """
     tape = backend.new_tape(persistent=plan.per_example)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
+    if plan.replace is not None:
+        recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)

@@ -161,14 +161,31 @@ class _Entry:
     eager_only: bool = False
 
 
+def gradients_at(model: keras.Model, inputs: Any, target: Any, layer: Any, values: Any, *,
+                 output: Any = None, training: bool = False) -> Gradients:
+    """Gradients with respect to `layer`'s activation when that activation is
+    replaced by `values` in the forward pass (the layers before it still run on
+    `inputs`, whose batch must match `values`). Used by layer Integrated Gradients.
+    """
+    x = prepare_inputs(model, inputs)
+    ensure_built(model, x)
+    tgt = make_target(target, batch_size(x))
+    entry = _entry(model, layer, tgt, output, bool(training), "raise", replace=True)
+    args = dict(tgt.args, replacement=backend.to_tensor(values))
+    tensors, meta = _execute(model, x, args, entry, "auto")
+    tgt.check(meta["target"])
+    return Gradients(tensors["grads"], meta, tensors["values"], tensors["outputs"],
+                     tensors["target"])
+
+
 def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
-           unconnected: str, per_example: bool = False) -> _Entry:
+           unconnected: str, per_example: bool = False, replace: bool = False) -> _Entry:
     """The cached plan for this request, or a new one (layer lookup is skipped on
     repeated calls, so that small models do not pay for it on every call)."""
     key = _hashable(wrt)
     fingerprint = _fingerprint(model)
     if key is not None:
-        key = (key, tgt.cache_key, output, training, unconnected, per_example)
+        key = (key, tgt.cache_key, output, training, unconnected, per_example, replace)
         with _lock:
             per_model = _cache.get(model)
             entry = per_model.get(key) if per_model is not None else None
@@ -178,6 +195,11 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
     tree = LayerTree(model)
     plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
     plan.per_example = per_example
+    if replace:
+        if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
+            raise GradprobeError(
+                f"Only one layer's activation (every call) can be replaced; got wrt={wrt!r}.")
+        plan.replace = plan.acts[0].layer
     entry = _Entry(fingerprint, plan)
     if key is not None:
         with _lock:

@@ -202,7 +202,7 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         a = recorder.inputs_of[(lid, 0)]
         if dy is None:
             dy = tf.zeros_like(call.leaves[0][0])
-        by_var, why = _ghost_squares(layer, a, dy, method)
+        by_var, why = _ghost_squares(layer, a, call.leaves[0][0], dy, method)
         for v in plan.vars:
             if v.owner is layer and id(v.var) in by_var:
                 norms[v.key] = tf.sqrt(tf.maximum(by_var[id(v.var)][0], 0.0))
@@ -240,7 +240,7 @@ def _why_not(owner: Any, owners: dict, recorder: Any, method: str) -> str:
 
 
 # --------------------------------------------------------------- identities
-def _ghost_squares(layer: Any, a: Any, dy: Any, method: str) -> tuple[dict, str]:
+def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[dict, str]:
     """{id(variable): (squared per-example norm, method)} and, if some variables
     of the layer are not covered, the reason."""
     if isinstance(layer, keras.layers.Embedding):
@@ -249,24 +249,15 @@ def _ghost_squares(layer: Any, a: Any, dy: Any, method: str) -> tuple[dict, str]
         return _layer_norm(layer, a, dy)
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return {}, "LoRA or quantized layers are not covered by the ghost identity"
-    if isinstance(layer, keras.layers.Dense):
-        z = tf.matmul(a, layer.kernel.value)
-    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
-        if layer.data_format != "channels_last" or layer.groups != 1 or layer.padding == "causal":
-            return {}, ("convolutions with channels_first, groups > 1 or causal padding are "
-                        "not covered by the ghost identity")
-        z = layer.convolution_op(a, layer.kernel.value)
-    elif isinstance(layer, keras.layers.EinsumDense):
-        if not _einsum_dense_supported(layer):
-            return {}, f"EinsumDense equation {layer.equation!r} is not of the form '...k,ko->...o'"
-        z = tf.einsum(layer.equation, a, layer.kernel.value)
-    else:  # pragma: no cover - guarded by GHOST_TYPES
-        return {}, "unsupported layer"
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) and (
+            layer.data_format != "channels_last" or layer.groups != 1
+            or layer.padding == "causal"):
+        return {}, ("convolutions with channels_first, groups > 1 or causal padding are "
+                    "not covered by the ghost identity")
+    if isinstance(layer, keras.layers.EinsumDense) and not _einsum_dense_supported(layer):
+        return {}, f"EinsumDense equation {layer.equation!r} is not of the form '...k,ko->...o'"
     bias = getattr(layer, "bias", None)
-    if bias is not None:
-        z = z + bias.value
-    dz = _through_activation(getattr(layer, "activation", None), z, dy)
-
+    dz = _through_activation(layer, a, y, dy)
     b = tf.shape(dz)[0]
     out_dim = dz.shape[-1]
     if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
@@ -285,13 +276,34 @@ def _ghost_squares(layer: Any, a: Any, dy: Any, method: str) -> tuple[dict, str]
     return result, why
 
 
-def _through_activation(activation: Any, z: Any, dy: Any) -> Any:
+def _through_activation(layer: Any, a: Any, y: Any, dy: Any) -> Any:
+    """The gradient at the layer's pre-activation `z`, from its output gradient.
+
+    For the common element-wise activations the derivative follows exactly from
+    the output `y`; otherwise `z` is recomputed from the input and the layer's
+    activation differentiated at it.
+    """
+    activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
         return dy
+    if activation is keras.activations.relu:
+        return dy * tf.cast(y > 0, dy.dtype)
+    if activation is keras.activations.tanh:
+        return dy * (1.0 - tf.square(y))
+    if activation is keras.activations.sigmoid:
+        return dy * y * (1.0 - y)
+    if isinstance(layer, keras.layers.Dense):
+        z = tf.matmul(a, layer.kernel.value)
+    elif isinstance(layer, keras.layers.EinsumDense):
+        z = tf.einsum(layer.equation, a, layer.kernel.value)
+    else:
+        z = layer.convolution_op(a, layer.kernel.value)
+    if getattr(layer, "bias", None) is not None:
+        z = z + layer.bias.value
     with tf.GradientTape() as t:
         t.watch(z)
-        y = activation(z)
-    return t.gradient(y, z, output_gradients=dy)
+        out = activation(z)
+    return t.gradient(out, z, output_gradients=dy)
 
 
 def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:

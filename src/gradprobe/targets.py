@@ -83,7 +83,7 @@ class Target:
         """Raises for problems that are only visible once the model has run."""
 
 
-def _class_scores(out: Any, what: str) -> tf.Tensor:
+def class_scores(out: Any, what: str) -> tf.Tensor:
     if not out.dtype.is_floating:
         raise GradprobeError(f"{what}: the selected output has dtype {out.dtype.name}; "
                              "class scores must be floating point.")
@@ -109,7 +109,7 @@ class ClassTarget(Target):
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
 
     def compute(self, out, args):
-        scores = _class_scores(out, f"target={self.label}")
+        scores = class_scores(out, f"target={self.label}")
         n = scores.shape[-1]
         idx = args["classes"]
         if n is not None:
@@ -136,7 +136,7 @@ class PredictedTarget(Target):
         super().__init__(("predicted",), {})
 
     def compute(self, out, args):
-        scores = _class_scores(out, "target='predicted'")
+        scores = class_scores(out, "target='predicted'")
         idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
         value = tf.gather(scores, idx, axis=1, batch_dims=1)
         return value, tf.reduce_sum(value), {"num_classes": scores.shape[-1]}

@@ -1,0 +1,77 @@
+"""`gp.saliency` and `gp.gradient_x_input`: maps from one input gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradprobe.attribution import (
+    Attribution,
+    fixed_target,
+    input_gradients,
+    single_input,
+    target_values,
+)
+from gradprobe.errors import GradprobeError
+
+
+def reduce_map(g: Any, absolute: bool, reduce_channels: str | None) -> Any:
+    """Post-processing shared by saliency and SmoothGrad: absolute value, then
+    the channel (last) axis reduced by `"max"`, `"mean"`, `"sum"` or kept (`None`)."""
+    if absolute:
+        g = tf.abs(g)
+    if reduce_channels is None or g.shape.rank <= 2:
+        return g
+    if reduce_channels == "max":
+        return tf.reduce_max(g, axis=-1)
+    if reduce_channels == "mean":
+        return tf.reduce_mean(g, axis=-1)
+    if reduce_channels == "sum":
+        return tf.reduce_sum(g, axis=-1)
+    raise GradprobeError(
+        f"reduce_channels must be 'max', 'mean', 'sum' or None; got {reduce_channels!r}.")
+
+
+def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = True,
+             reduce_channels: str | None = "max", output: Any = None, training: bool = False,
+             batch_size: int | None = None) -> Attribution:
+    """Saliency map: the gradient of the target with respect to the input.
+
+    Args:
+        model, inputs, target, output, training: As in `gp.gradients`.
+        absolute: Take the absolute value of the gradient.
+        reduce_channels: Reduce the last (channel) axis of inputs of rank > 2 with
+            `"max"` (default), `"mean"` or `"sum"`; `None` keeps it.
+        batch_size: Compute in chunks of this many examples.
+
+    Returns:
+        An `Attribution`: one map per example.
+
+    Example:
+
+    >>> maps = gp.saliency(model, images, target="predicted")
+    >>> np.asarray(maps).shape    # (batch, height, width)
+    """
+    x = single_input(model, inputs, "gp.saliency")
+    target = fixed_target(model, x, target, output, training)
+    g = input_gradients(model, x, target, output=output, training=training,
+                        batch_size_=batch_size, label="saliency")
+    return Attribution(reduce_map(g, absolute, reduce_channels),
+                       target_values(model, x, target, output, training), "saliency")
+
+
+def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: Any = None,
+                     training: bool = False, batch_size: int | None = None) -> Attribution:
+    """Gradient x Input: the input gradient times the input, element-wise.
+
+    Returns:
+        An `Attribution` shaped like the input.
+    """
+    x = single_input(model, inputs, "gp.gradient_x_input")
+    target = fixed_target(model, x, target, output, training)
+    g = input_gradients(model, x, target, output=output, training=training,
+                        batch_size_=batch_size, label="gradient x input")
+    return Attribution(g * tf.cast(x, g.dtype), target_values(model, x, target, output, training),
+                       "gradient_x_input")
