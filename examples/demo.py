@@ -2,10 +2,13 @@
 
 Run with `make demo`. Builds a small convolutional network (no downloads), takes
 a batch of synthetic 16x16 images and prints, for the predicted class of each
-image, the gradient statistics of every layer's activation and weights.
+image, the gradient statistics of every layer's activation and weights, then
+writes Grad-CAM overlays to ./gradprobe-demo/gradcam.png.
 """
 
 from __future__ import annotations
+
+import os
 
 import keras
 import numpy as np
@@ -29,7 +32,7 @@ def build_model() -> keras.Model:
     )
 
 
-def main() -> None:
+def main(out_dir: str = "gradprobe-demo") -> None:
     model = build_model()
     rng = np.random.default_rng(0)
     x = rng.random((8, 16, 16, 1), dtype=np.float32)
@@ -38,6 +41,10 @@ def main() -> None:
     g.summary()
     if not g.diagnose():
         print("No findings: no vanishing, exploding, non-finite or dead gradients.")
+    os.makedirs(out_dir, exist_ok=True)
+    cams = gp.grad_cam(model, x[:4], "predicted", layer="conv2")
+    path = gp.plot.save_maps(os.path.join(out_dir, "gradcam.png"), x[:4], cams)
+    print(f"Grad-CAM overlays of layer 'conv2': {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":

@@ -151,18 +151,24 @@ def batched(fn: Callable[[int, int], Any], total: int, batch_size_: int | None,
 
 def input_gradients(model: Any, x: Any, target: Any, *, output: Any, training: bool,
                     batch_size_: int | None = None, label: str = "gradients",
-                    progress: bool | None = None) -> Any:
-    """d target / d input for a (possibly large) batch, in chunks."""
+                    progress: bool | None = None) -> tuple[Any, Any]:
+    """`(d target / d input, target values)` for a (possibly large) batch, in chunks.
+    The target values are per example, or `None` for a scalar target."""
     n = batch_size(x)
 
     def run(a: int, b: int) -> Any:
         xs = keras.tree.map_structure(lambda t: t[a:b], x)
         g = gradients(model, xs, slice_target(target, a, b), "inputs", output=output,
                       training=training)
-        return g["inputs"]
+        return g["inputs"], g.target
 
     parts = batched(run, n, batch_size_, label, progress)
-    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+    if len(parts) == 1:
+        return parts[0]
+    values = [t for _, t in parts]
+    per_example = all(getattr(t, "shape", ()) and t.shape.rank == 1 for t in values)
+    return (tf.concat([g for g, _ in parts], axis=0),
+            tf.concat(values, axis=0) if per_example else None)
 
 
 def single_input(model: Any, inputs: Any, what: str) -> Any:

@@ -79,7 +79,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     f_b = target_values(model, base, target, output, training)
     if layer is None:
         path = tf.concat([base + float(a) * (x - base) for a in alphas], axis=0)
-        g = input_gradients(model, path, repeat_target(target, len(alphas), n), output=output,
+        g, _ = input_gradients(model, path, repeat_target(target, len(alphas), n), output=output,
                             training=training, batch_size_=batch_size,
                             label="integrated gradients", progress=progress)
         avg = _weighted(g, weights, n)

@@ -54,12 +54,8 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     >>> maps = gp.saliency(model, images, target="predicted")
     >>> np.asarray(maps).shape    # (batch, height, width)
     """
-    x = single_input(model, inputs, "gp.saliency")
-    target = fixed_target(model, x, target, output, training)
-    g = input_gradients(model, x, target, output=output, training=training,
-                        batch_size_=batch_size, label="saliency")
-    return Attribution(reduce_map(g, absolute, reduce_channels),
-                       target_values(model, x, target, output, training), "saliency")
+    _, g, values = _gradient(model, inputs, target, output, training, batch_size, "saliency")
+    return Attribution(reduce_map(g, absolute, reduce_channels), values, "saliency")
 
 
 def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: Any = None,
@@ -69,9 +65,18 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
     Returns:
         An `Attribution` shaped like the input.
     """
-    x = single_input(model, inputs, "gp.gradient_x_input")
+    x, g, values = _gradient(model, inputs, target, output, training, batch_size,
+                             "gradient_x_input")
+    return Attribution(g * tf.cast(x, g.dtype), values, "gradient_x_input")
+
+
+def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
+              batch_size: int | None, method: str) -> tuple[Any, Any, Any]:
+    """`(inputs, input gradient, target values)` for one batch."""
+    x = single_input(model, inputs, f"gp.{method}")
     target = fixed_target(model, x, target, output, training)
-    g = input_gradients(model, x, target, output=output, training=training,
-                        batch_size_=batch_size, label="gradient x input")
-    return Attribution(g * tf.cast(x, g.dtype), target_values(model, x, target, output, training),
-                       "gradient_x_input")
+    g, values = input_gradients(model, x, target, output=output, training=training,
+                                batch_size_=batch_size, label=method)
+    if values is None:
+        values = target_values(model, x, target, output, training)
+    return x, g, values

@@ -53,7 +53,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     rng = np.random.default_rng(seed)
     eps = rng.standard_normal((int(samples), *x.shape)).astype(x.dtype.as_numpy_dtype)
     noisy = tf.reshape(x[None] + noise * span[None] * eps, [-1, *x.shape[1:]])
-    g = input_gradients(model, noisy, repeat_target(target, int(samples), n), output=output,
+    g, _ = input_gradients(model, noisy, repeat_target(target, int(samples), n), output=output,
                         training=training, batch_size_=batch_size, label="smoothgrad",
                         progress=progress)
     g = tf.reduce_mean(tf.reshape(g, [int(samples), n, *x.shape[1:]]), axis=0)
