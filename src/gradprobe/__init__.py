@@ -17,6 +17,7 @@ from gradprobe.grad_cam import grad_cam, grad_cam_plus_plus
 from gradprobe.hvp import hvp
 from gradprobe.integrated_gradients import integrated_gradients
 from gradprobe.jacobian import jacobian
+from gradprobe.monitor import GradientMonitor
 from gradprobe.penalty import gradient_penalty
 from gradprobe.per_example import PerExampleNorms, per_example_norms
 from gradprobe.result import Gradients
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution",
     "Finding",
+    "GradientMonitor",
     "GradprobeError",
     "Gradients",
     "PerExampleNorms",

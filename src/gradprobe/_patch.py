@@ -79,3 +79,22 @@ def _restore(saved: list[tuple[Any, Any]]) -> None:
             layer.__dict__.pop("call", None)
         else:
             layer.__dict__["call"] = previous
+
+
+@contextlib.contextmanager
+def wrapped_methods(obj: Any, wrappers: dict[str, Callable[[Callable], Callable]]) -> Iterator[None]:
+    """Within the block, `obj.name` is `wrappers[name](original bound method)`."""
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for name, make in wrappers.items():
+            previous = obj.__dict__.get(name, _MISSING)
+            original = getattr(obj, name)
+            saved.append((obj, name, previous))
+            obj.__dict__[name] = functools.wraps(original)(make(original))
+        yield
+    finally:
+        for target, name, previous in reversed(saved):
+            if previous is _MISSING:
+                target.__dict__.pop(name, None)
+            else:
+                target.__dict__[name] = previous
