@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv as csv_module
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -87,21 +88,63 @@ class GradientMonitor(keras.callbacks.Callback):
         self.csv = csv
         self.on_nonfinite = on_nonfinite
         self.print_every = print_every
-        self.steps = np.zeros((0,), dtype=np.int64)
-        self.history: dict[str, dict[str, np.ndarray]] = {}
-        self.activation_history: dict[str, dict[str, np.ndarray]] = {}
         self.first_nonfinite: tuple[int, str] | None = None
         self._rows: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        self._paths: list[str] = []
+        self._act_layers: list[tuple[str, Any]] = []
+        self._cached: dict | None = None
+        self._state: tuple | None = None  # (model, optimizer, variables, function): reused
         self._active = False
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.array([r[0] for r in self._rows], dtype=np.int64)
+
+    @property
+    def history(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._histories()[0]
+
+    @property
+    def activation_history(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._histories()[1]
+
+    def _histories(self) -> tuple[dict, dict]:
+        if self._cached is None or self._cached["n"] != len(self._rows):
+            names = (*STATS, "dead_units")
+            grads = np.stack([r[1] for r in self._rows]) if self._rows else np.zeros(
+                (0, len(self._paths), len(names)))
+            hist = {p: {n: grads[:, i, j].astype(np.float64) for j, n in enumerate(names)}
+                    for i, p in enumerate(self._paths)}
+            acts = {}
+            if self._act_layers and self._rows:
+                a = np.stack([r[2] for r in self._rows])
+                acts = {p: {n: a[:, i, j].astype(np.float64) for j, n in enumerate(STATS[:4])}
+                        for i, (p, _) in enumerate(self._act_layers)}
+            self._cached = {"n": len(self._rows), "h": hist, "a": acts}
+        return self._cached["h"], self._cached["a"]
 
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: Any = None) -> None:
         model = self.model
         if getattr(model, "optimizer", None) is None:
             raise GradprobeError("GradientMonitor needs a compiled model (model.compile(...)).")
-        self._paths, self._variables = self._select(model)
-        self._tracked = {id(v) for v in self._variables}
+        paths, variables = self._select(model)
+        self._saved_train_function = model.train_function
+        state = self._state
+        if (state is not None and state[0] is model and state[1] is model.optimizer
+                and len(state[2]) == len(variables)
+                and all(a is b for a, b in zip(state[2], variables))):
+            # Same model, optimizer and variables as the last fit: reuse the traced
+            # function and its variables (no retracing).
+            model.train_function = state[3]
+            self._start_outputs()
+            return
+        if self._rows and paths != self._paths:
+            self._rows.clear()
+        self._paths, self._variables = paths, variables
         strategy = model.distribute_strategy
+        self._distributed = strategy.num_replicas_in_sync > 1 or not isinstance(
+            strategy, type(tf.distribute.get_strategy()))
         n = len(self._variables)
         with strategy.scope():
             kw = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_WRITE,
@@ -115,27 +158,38 @@ class GradientMonitor(keras.callbacks.Callback):
             self._act_layers = self._activation_layers(model) if self.activations else []
             self._act_stats = [tf.Variable(tf.zeros((4,), tf.float32), **kw)
                                for _ in self._act_layers]
-        self._saved_train_function = model.train_function
         self._traced = False
         self._expect_call = False
         model.train_function = self._train_function(model)
+        self._state = (model, model.optimizer, variables, model.train_function)
+        self._start_outputs()
+
+    def _start_outputs(self) -> None:
+        self._global_step = int(self.model.optimizer.iterations.numpy())
         self._writer = tf.summary.create_file_writer(self.log_dir) if self.log_dir else None
         self._csv_file = None
         if self.csv:
-            self._csv_file = open(self.csv, "w", newline="")  # noqa: SIM115 - closed at end
+            fresh = not os.path.exists(self.csv) or not self._rows
+            self._csv_file = open(self.csv, "w" if fresh else "a", newline="")  # noqa: SIM115
             self._csv_writer = csv_module.writer(self._csv_file)
-            self._csv_writer.writerow(["step"] + [f"{p}/{s}" for p in self._paths for s in STATS])
+            if fresh:
+                self._csv_writer.writerow(
+                    ["step"] + [f"{p}/{s}" for p in self._paths for s in STATS])
         self._active = True
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         self._expect_call = True
+        self._batch_begin = batch
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self._expect_call = False
+        first = self._global_step + 1
+        self._global_step += batch - getattr(self, "_batch_begin", batch) + 1
         nonfinite = self._nonfinite.numpy()
-        step = int(self._recorded_step.numpy())
-        if step >= 0 and (not len(self.steps) or step != int(self.steps[-1])):
-            self._record(step)
+        if (self._global_step // self.every) >= -(-first // self.every):  # a multiple ran
+            step = int(self._recorded_step.numpy())
+            if step >= 0 and (not self._rows or step != self._rows[-1][0]):
+                self._record(step)
         if nonfinite.any() and self.first_nonfinite is None:
             where = self._paths[int(np.argmax(nonfinite > 0))]
             current = int(self.model.optimizer.iterations.numpy())
@@ -159,7 +213,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _restore(self) -> None:
         if self._active:
-            self.model.train_function = self._saved_train_function
+            self._state[0].train_function = self._saved_train_function
             self._active = False
 
     # ------------------------------------------------------ train function
@@ -174,8 +228,8 @@ class GradientMonitor(keras.callbacks.Callback):
         def train_function(iterator: Any) -> Any:
             if not self._expect_call and self._traced:
                 # A later fit without this monitor: hand back the model's own function.
+                self._active = True
                 self._restore()
-                model.make_train_function()
                 return model.train_function(iterator)
             try:
                 if self._traced:
@@ -214,21 +268,32 @@ class GradientMonitor(keras.callbacks.Callback):
             grads = [by_id.get(id(_value(v))) for v in self._variables]
             grads = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(
                 tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self._variables)]
+            # Every step: a NaN or Inf anywhere makes the sum non-finite.
             self._nonfinite.assign(tf.stack([
-                tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads]))
+                tf.cast(~tf.math.is_finite(tf.reduce_sum(g)), tf.float32) for g in grads]))
             recording, step = self._recording()
-            # Computed only on recorded steps; assigned outside the cond (a write
-            # to a mirrored variable is a synchronisation point, not allowed in
-            # control flow under tf.distribute).
-            stats = tf.cond(
-                recording,
-                lambda: tf.stack([tf.concat([_grad_stats(g), [_dead(g)]], 0) for g in grads]),
-                lambda: tf.convert_to_tensor(self._stats))
-            self._stats.assign(stats)
-            for copy, g in zip(self._grad_copies, grads):
-                copy.assign(tf.cond(recording, lambda g=g: g,
-                                    lambda copy=copy: tf.convert_to_tensor(copy)))
-            self._recorded_step.assign(tf.where(recording, step, self._recorded_step))
+
+            def compute() -> Any:
+                return tf.stack([tf.concat([_grad_stats(g), [_dead(g)]], 0) for g in grads])
+
+            if self._distributed:
+                # A write to a mirrored variable is a synchronisation point, not
+                # allowed inside control flow: compute in the cond, write outside.
+                self._stats.assign(tf.cond(recording, compute,
+                                           lambda: tf.convert_to_tensor(self._stats)))
+                for copy, g in zip(self._grad_copies, grads):
+                    copy.assign(tf.cond(recording, lambda g=g: g,
+                                        lambda copy=copy: tf.convert_to_tensor(copy)))
+                self._recorded_step.assign(tf.where(recording, step, self._recorded_step))
+                return reduced
+
+            def record() -> Any:
+                ops = [self._stats.assign(compute()), self._recorded_step.assign(step)]
+                ops += [copy.assign(g) for copy, g in zip(self._grad_copies, grads)]
+                with tf.control_dependencies(ops):
+                    return tf.constant(True)
+
+            tf.cond(recording, record, lambda: tf.constant(False))
             return reduced
 
         return all_reduce
@@ -253,8 +318,16 @@ class GradientMonitor(keras.callbacks.Callback):
                 return tf.stack(out)
 
             with tf.control_dependencies(tf.nest.flatten(result) if result is not None else []):
-                self._ratios.assign(tf.cond(recording, ratios,
-                                            lambda: tf.convert_to_tensor(self._ratios)))
+                if self._distributed:
+                    self._ratios.assign(tf.cond(recording, ratios,
+                                                lambda: tf.convert_to_tensor(self._ratios)))
+                else:
+
+                    def assign() -> Any:
+                        with tf.control_dependencies([self._ratios.assign(ratios())]):
+                            return tf.constant(True)
+
+                    tf.cond(recording, assign, lambda: tf.constant(False))
             return result
 
         return update
@@ -325,15 +398,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # columns: norm, max_abs, zero_fraction, nonfinite, update_ratio, dead_units
         stats = np.concatenate([raw[:, :4], self._ratios.numpy()[:, None], raw[:, 4:5]], 1)
         acts = np.stack([v.numpy() for v in self._act_stats]) if self._act_layers else None
-        self.steps = np.append(self.steps, step)
-        for i, path in enumerate(self._paths):
-            h = self.history.setdefault(path, {s: np.zeros((0,)) for s in (*STATS, "dead_units")})
-            for j, name in enumerate((*STATS, "dead_units")):
-                h[name] = np.append(h[name], stats[i, j])
-        for i, (path, _) in enumerate(self._act_layers):
-            h = self.activation_history.setdefault(path, {s: np.zeros((0,)) for s in STATS[:4]})
-            for j, name in enumerate(STATS[:4]):
-                h[name] = np.append(h[name], acts[i, j])
+        self._rows.append((step, stats, acts))
         if self._writer is not None:
             with self._writer.as_default(step=step):
                 for i, path in enumerate(self._paths):
@@ -345,7 +410,7 @@ class GradientMonitor(keras.callbacks.Callback):
                     tf.summary.scalar(f"activation_gradients/{path}/norm", float(acts[i, 0]))
         if self._csv_file is not None:
             self._csv_writer.writerow([step] + [f"{v:.9g}" for v in stats[:, :5].ravel()])
-        if self.print_every and len(self.steps) % int(self.print_every) == 0:
+        if self.print_every and len(self._rows) % int(self.print_every) == 0:
             self._print(step, stats)
 
     def _print(self, step: int, stats: np.ndarray) -> None:
