@@ -268,9 +268,13 @@ class GradientMonitor(keras.callbacks.Callback):
             grads = [by_id.get(id(_value(v))) for v in self._variables]
             grads = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(
                 tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self._variables)]
-            # Every step: a NaN or Inf anywhere makes the sum non-finite.
-            self._nonfinite.assign(tf.stack([
-                tf.cast(~tf.math.is_finite(tf.reduce_sum(g)), tf.float32) for g in grads]))
+            # Every step: a NaN or Inf anywhere makes the sum non-finite; which
+            # variables are affected is worked out only when that happens.
+            sums = [tf.reduce_sum(g) for g in grads]
+            bad = ~tf.math.is_finite(tf.add_n(sums))
+            self._nonfinite.assign(tf.cond(
+                bad, lambda: tf.stack([tf.cast(~tf.math.is_finite(t), tf.float32) for t in sums]),
+                lambda: tf.zeros((len(grads),), tf.float32)))
             recording, step = self._recording()
 
             def compute() -> Any:
@@ -303,6 +307,7 @@ class GradientMonitor(keras.callbacks.Callback):
             values = [_value(v) for v in trainable_variables]
             tracked = [i for i, v in enumerate(values) if id(v) in self._tracked_values()]
             recording, _ = self._recording()
+            # Snapshots on recorded steps (XLA needs both branches shaped alike).
             before = tf.cond(recording,
                              lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
                              lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())])
