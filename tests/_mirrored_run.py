@@ -12,23 +12,14 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
 import gradprobe as gp  # noqa: E402
+from _dist_common import build_model, data  # noqa: E402
 
 
 def run(strategy):
     with strategy.scope():
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((6, 6, 1)),
-                                  keras.layers.Conv2D(3, 3, activation="tanh", name="conv"),
-                                  keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
-        model.compile(keras.optimizers.SGD(0.05),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    x = rng.random((32, 6, 6, 1)).astype("float32")
-    y = rng.integers(0, 2, size=32)
+        model = build_model()
+    x, y = data()
     monitor = gp.GradientMonitor()
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     return {"steps": monitor.steps.tolist(),
