@@ -95,6 +95,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._cached: dict | None = None
         self._state: tuple | None = None  # (model, optimizer, variables, function): reused
         self._active = False
+        self._batch_begin = 0
 
     @property
     def steps(self) -> np.ndarray:
@@ -184,7 +185,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self._expect_call = False
         first = self._global_step + 1
-        self._global_step += batch - getattr(self, "_batch_begin", batch) + 1
+        self._global_step += batch - self._batch_begin + 1
         nonfinite = self._nonfinite.numpy()
         if (self._global_step // self.every) >= -(-first // self.every):  # a multiple ran
             step = int(self._recorded_step.numpy())
@@ -305,7 +306,8 @@ class GradientMonitor(keras.callbacks.Callback):
     def _wrap_update(self, original: Callable) -> Callable:
         def update(grads: Any, trainable_variables: Any, learning_rate: Any) -> Any:
             values = [_value(v) for v in trainable_variables]
-            tracked = [i for i, v in enumerate(values) if id(v) in self._tracked_values()]
+            mine = {id(_value(v)) for v in self._variables}
+            tracked = [i for i, v in enumerate(values) if id(v) in mine]
             recording, _ = self._recording()
             # Snapshots on recorded steps (XLA needs both branches shaped alike).
             before = tf.cond(recording,
@@ -336,9 +338,6 @@ class GradientMonitor(keras.callbacks.Callback):
             return result
 
         return update
-
-    def _tracked_values(self) -> set[int]:
-        return {id(_value(v)) for v in self._variables}
 
     def _activation_hook(self, layer: Any, outputs: Any, args: tuple = (),
                          kwargs: dict | None = None) -> Any:
