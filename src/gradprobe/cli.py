@@ -1,0 +1,218 @@
+"""The `gradprobe` command.
+
+Exit codes: 0 success; 1 a user error (one line on standard error, no
+traceback); 2 a usage error (from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_USER = 1
+
+
+class UserError(Exception):
+    """A problem with what the user passed: reported as one line, exit code 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"gradprobe: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as e:  # GradprobeError and friends: still one line
+        from gradprobe.errors import GradprobeError
+
+        if isinstance(e, (GradprobeError, FileNotFoundError, ValueError)):
+            print(f"gradprobe: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USER
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradprobe",
+        description="How does this output depend on that layer? Gradients of a Keras model's "
+                    "target with respect to its layers, weights and input.")
+    sub = parser.add_subparsers(title="commands", dest="command")
+    p = sub.add_parser(
+        "inspect", help="per-layer gradient statistics and a diagnosis for a saved model",
+        description="Loads a saved Keras model and a batch of inputs, computes the gradients "
+                    "of the target with respect to every leaf layer's activation and weights "
+                    "(or --wrt), and prints the table and findings, or one JSON object.")
+    p.add_argument("model", help="a .keras or .h5 file")
+    p.add_argument("--input", required=True,
+                   help="inputs: .npy, .npz (first array, or FILE.npz:KEY), or image files "
+                        "(.png/.jpg, comma-separated; resized to the model's input)")
+    p.add_argument("--target", default="predicted",
+                   help="a class index, or 'predicted' (default); ignored with --loss")
+    p.add_argument("--wrt", default="*,*.weights",
+                   help="comma-separated selectors (default '*,*.weights')")
+    p.add_argument("--output", help="the output of a multi-output model (name or index)")
+    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
+    p.add_argument("--labels", help=".npy labels for --loss")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="allow a model that contains code (Lambda layers): runs that code")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this Python module first, to register custom layers or "
+                        "models (keras.saving.register_keras_serializable); runs its code")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+# ------------------------------------------------------------------ loading
+def load_model(path: str, unsafe: bool = False) -> Any:
+    """Loads a `.keras` or `.h5` model with Keras' safe mode (unless `unsafe`)."""
+    if not os.path.exists(path):
+        raise UserError(f"model file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a directory (a SavedModel?): Keras 3 loads .keras and "
+                        ".h5 files; re-save the model with model.save('model.keras')")
+    if ext not in (".keras", ".h5"):
+        raise UserError(f"{path!r} is not a .keras or .h5 model file")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        if "safe_mode" in text or "Lambda" in text or "lambda" in text:
+            raise UserError(
+                f"{path!r} contains code (e.g. a Lambda layer) and was not loaded; pass "
+                "--unsafe-load only if you trust this file") from None
+        if "Could not locate class" in text or "registered_name" in text:
+            raise UserError(
+                f"{path!r} uses a custom class that is not registered in this process; pass "
+                "--import MODULE (the module that defines it with "
+                "keras.saving.register_keras_serializable)") from None
+        raise UserError(f"cannot load {path!r}: {_one_line(e)}") from None
+
+
+def load_inputs(spec: str, model: Any) -> Any:
+    """Arrays from .npy/.npz (never unpickling) or images resized to the model input."""
+    import numpy as np
+
+    path, _, key = spec.partition(":") if spec.count(":") == 1 and not os.path.exists(spec) \
+        else (spec, "", "")
+    files = [f for f in path.split(",") if f]
+    if not files:
+        raise UserError("--input is empty")
+    ext = os.path.splitext(files[0])[1].lower()
+    for f in files:
+        if not os.path.exists(f):
+            raise UserError(f"input file {f!r} does not exist")
+    if ext in (".npy", ".npz"):
+        try:
+            data = np.load(files[0], allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"{files[0]!r} holds Python objects (pickled data), which are "
+                            f"never loaded: save plain numeric arrays ({_one_line(e)})") from None
+        if ext == ".npz":
+            names = list(data.keys())
+            if key and key not in names:
+                raise UserError(f"{files[0]!r} has no array {key!r}; it has {names}")
+            data = data[key or names[0]]
+        return data
+    if ext in (".png", ".jpg", ".jpeg", ".bmp"):
+        return _load_images(files, model)
+    raise UserError(f"unsupported input file type {ext!r}: use .npy, .npz, .png or .jpg")
+
+
+def _load_images(files: list[str], model: Any) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+    if not shape or len(shape) != 3 or None in shape[:2]:
+        raise UserError("image inputs need a model with a fixed (height, width, channels) input")
+    h, w, c = shape
+    out = []
+    for f in files:
+        img = Image.open(f).convert("L" if c == 1 else "RGB").resize((w, h))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        out.append(arr[..., None] if c == 1 else arr)
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------ inspect
+def _inspect(args: argparse.Namespace) -> int:
+    import importlib
+
+    import numpy as np
+
+    import gradprobe as gp
+
+    for name in args.imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"--import {name}: {_one_line(e)}") from None
+    model = load_model(args.model, args.unsafe_load)
+    x = load_inputs(args.input, model)
+    expected = getattr(model, "inputs", None)
+    if expected and len(expected) == 1:
+        want = tuple(expected[0].shape[1:])
+        got = tuple(np.shape(x)[1:])
+        if len(want) != len(got) or any(a is not None and a != b for a, b in zip(want, got)):
+            raise UserError(f"inputs of shape {tuple(np.shape(x))} do not fit the model, "
+                            f"which expects (batch, {', '.join(str(d) for d in want)})")
+    if args.loss:
+        if not args.labels:
+            raise UserError("--loss needs --labels")
+        target = gp.loss(args.loss, load_inputs(args.labels, model))
+    elif args.target == "predicted":
+        target = "predicted"
+    else:
+        try:
+            target = int(args.target)
+        except ValueError:
+            raise UserError(f"--target must be a class index or 'predicted'; got "
+                            f"{args.target!r}") from None
+    output: Any = args.output
+    if output is not None and output.isdigit():
+        output = int(output)
+    wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
+    g = gp.gradients(model, x, target, wrt, output=output, unconnected="zero")
+    if args.json:
+        print(json.dumps(report(g)))
+    else:
+        g.summary()
+    return 0
+
+
+def report(g: Any) -> dict:
+    """The JSON object of `gradprobe inspect --json` for a `Gradients` result."""
+    import numpy as np
+
+    stats = g.stats()
+    target = np.asarray(g.target)
+    return {
+        "target": target.tolist() if target.ndim else [float(target)],
+        "sources": [{"name": k, "kind": g.kinds[k], **{f: (list(v) if f == "shape" else v)
+                                                        for f, v in s.items()}}
+                    for k, s in stats.items()],
+        "findings": [{"kind": f.kind, "source": f.key, "message": f.message}
+                     for f in g.diagnose()],
+    }
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

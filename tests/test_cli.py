@@ -1,0 +1,143 @@
+"""The `gradprobe` console script, run for real in a subprocess: its --json
+numbers equal gp.gradients in this process; unsafe models and pickled arrays are
+refused; user errors are one line and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import gradprobe as gp
+from cli_custom import SmallNet
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "gradprobe")
+
+
+def run(*args, check_code=0):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                           os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == check_code, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
+    return out
+
+
+def own_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's native start-up log lines."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(("WARNING: All log", "I0000", "E0000",
+                                                      "W0000", "To enable the following"))]
+
+
+def _models():
+    keras.utils.set_random_seed(0)
+    seq = keras.Sequential([keras.Input((6, 6, 1)), layers.Conv2D(3, 3, name="conv"),
+                            layers.Flatten(), layers.Dense(4, name="logits")], name="seq")
+    inp = keras.Input((6, 6, 1))
+    fun = keras.Model(inp, layers.Dense(4, name="logits")(layers.Flatten()(
+        layers.Conv2D(3, 3, activation="tanh", name="conv")(inp))), name="fun")
+    sub = SmallNet(name="sub")
+    sub(np.zeros((1, 6, 6, 1), "float32"))
+    return {"sequential": seq, "functional": fun, "subclassed": sub}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    x = np.random.default_rng(0).random((3, 6, 6, 1)).astype("float32")
+    np.save(d / "x.npy", x)
+    np.savez(d / "x.npz", images=x)
+    np.save(d / "y.npy", np.array([0, 1, 2]))
+    paths = {}
+    for name, model in _models().items():
+        paths[name] = str(d / f"{name}.keras")
+        model.save(paths[name])
+    return d, x, paths
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_json_matches_gp_gradients(saved, kind):
+    d, x, paths = saved
+    extra = ["--import", "cli_custom"] if kind == "subclassed" else []
+    out = run("inspect", paths[kind], "--input", str(d / "x.npy"), "--target", "2", "--json",
+              *extra)
+    got = json.loads(out.stdout)
+    model = keras.saving.load_model(paths[kind])
+    g = gp.gradients(model, x, 2, ["*", "*.weights"], unconnected="zero")
+    assert np.allclose(got["target"], np.asarray(g.target), rtol=1e-5)
+    stats = g.stats()
+    assert [s["name"] for s in got["sources"]] == list(stats)
+    for s in got["sources"]:
+        ref = stats[s["name"]]
+        assert s["kind"] == g.kinds[s["name"]] and tuple(s["shape"]) == ref["shape"]
+        for field in ("norm", "mean_abs", "max_abs", "std", "zero_fraction", "nonfinite"):
+            assert np.isclose(s[field], ref[field], rtol=1e-5, atol=1e-8), (s["name"], field)
+    assert isinstance(got["findings"], list)
+
+
+def test_table_npz_loss_and_help(saved):
+    d, x, paths = saved
+    out = run("inspect", paths["functional"], "--input", f"{d / 'x.npz'}:images",
+              "--loss", "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"),
+              "--wrt", "conv,logits.kernel")
+    assert "conv" in out.stdout and "logits.kernel" in out.stdout
+    assert "usage: gradprobe inspect" in run("inspect", "--help").stdout
+
+
+def test_unsafe_model_and_pickled_array_are_refused(tmp_path, saved):
+    d, x, _ = saved
+    inp = keras.Input((6, 6, 1))
+    lam = keras.Model(inp, layers.Dense(2)(layers.Flatten()(layers.Lambda(lambda t: t * 2)(inp))))
+    path = str(tmp_path / "lambda.keras")
+    lam.save(path)
+    out = run("inspect", path, "--input", str(d / "x.npy"), check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and "--unsafe-load" in lines[0] and "Traceback" not in out.stderr
+    out = run("inspect", path, "--input", str(d / "x.npy"), "--unsafe-load", "--json",
+              "--target", "0")
+    assert json.loads(out.stdout)["sources"]
+
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    out = run("inspect", saved[2]["functional"],
+              "--input", str(tmp_path / "pickled.npy"), check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and "pickled" in lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.keras", "--input", "X"], "does not exist"),
+    (["{d}/x.npy", "--input", "{d}/x.npy"], "not a .keras or .h5"),
+    (["{m}", "--input", "{d}/nope.npy"], "does not exist"),
+    (["{m}", "--input", "{d}/x.txt"], "unsupported input file type"),
+    (["{m}", "--input", "{d}/bad_shape.npy"], "do not fit the model"),
+    (["{m}", "--input", "{d}/x.npy", "--wrt", "convv"], "no layer named 'convv'"),
+    (["{m}", "--input", "{d}/x.npy", "--target", "9"], "out of range"),
+])
+def test_user_errors_are_one_line(saved, args, message):
+    d, _, paths = saved
+    np.save(d / "bad_shape.npy", np.zeros((2, 5, 5, 1), "float32"))
+    (d / "x.txt").write_text("1 2 3")
+    args = [a.format(d=d, m=paths["functional"]) for a in args]
+    out = run("inspect", *args, check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in out.stderr
+
+
+def test_unregistered_class_names_the_import_flag(saved):
+    d, _, paths = saved
+    out = run("inspect", paths["subclassed"], "--input", str(d / "x.npy"), check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and "--import MODULE" in lines[0]
+
+
+def test_usage_errors_exit_2():
+    run("inspect", check_code=2)
+    run("frobnicate", check_code=2)
