@@ -141,3 +141,31 @@ def test_unregistered_class_names_the_import_flag(saved):
 def test_usage_errors_exit_2():
     run("inspect", check_code=2)
     run("frobnicate", check_code=2)
+
+
+def test_gradcam_writes_the_overlays_gp_computes(saved, tmp_path):
+    from PIL import Image
+
+    _, _, paths = saved
+    rng = np.random.default_rng(1)
+    images = []
+    for i in range(2):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray((rng.random((6, 6)) * 255).astype("uint8")).save(f)
+        images.append(str(f))
+    out_dir = tmp_path / "cams"
+    out = run("gradcam", paths["functional"], *images, "--target", "1", "--out", str(out_dir))
+    assert "using layer 'conv'" in out.stdout
+    model = keras.saving.load_model(paths["functional"])
+    x = np.stack([np.asarray(Image.open(f).convert("L"), np.float32)[..., None] / 255.0
+                  for f in images])
+    cams = np.asarray(gp.grad_cam(model, x, 1, "conv"))
+    for i in range(2):
+        written = np.asarray(Image.open(out_dir / f"img{i}_gradcam.png").convert("RGB"))
+        assert np.array_equal(written, gp.plot.overlay(x[i], cams[i]))
+    out = run("gradcam", paths["functional"], images[0], "--layer", "logits", "--out",
+              str(out_dir), check_code=1)
+    assert "spatial feature maps" in own_lines(out.stderr)[0]
+    out = run("gradcam", paths["functional"], str(tmp_path / "none.png"), "--out",
+              str(out_dir), check_code=1)
+    assert "does not exist" in own_lines(out.stderr)[0]

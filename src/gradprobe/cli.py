@@ -69,6 +69,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="import this Python module first, to register custom layers or "
                         "models (keras.saving.register_keras_serializable); runs its code")
     p.set_defaults(run=_inspect)
+
+    c = sub.add_parser(
+        "gradcam", help="Grad-CAM overlay images for a saved model",
+        description="Writes one Grad-CAM overlay PNG per image into --out. Without --layer, "
+                    "uses the last layer with a spatial (2-D) output and says which.")
+    c.add_argument("model", help="a .keras or .h5 file")
+    c.add_argument("images", nargs="+", help="image files (.png/.jpg), resized to the model input")
+    c.add_argument("--layer", help="the convolutional layer (name, path or 'name@i')")
+    c.add_argument("--target", default="predicted",
+                   help="a class index, or 'predicted' (default)")
+    c.add_argument("--out", required=True, help="the directory to write PNGs into")
+    c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first, to register custom classes; runs its code")
+    c.add_argument("--unsafe-load", action="store_true",
+                   help="allow a model that contains code (Lambda layers): runs that code")
+    c.set_defaults(run=_gradcam)
     return parser
 
 
@@ -149,17 +165,11 @@ def _load_images(files: list[str], model: Any) -> Any:
 
 # ------------------------------------------------------------------ inspect
 def _inspect(args: argparse.Namespace) -> int:
-    import importlib
-
     import numpy as np
 
     import gradprobe as gp
 
-    for name in args.imports:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise UserError(f"--import {name}: {_one_line(e)}") from None
+    _import_modules(args.imports)
     model = load_model(args.model, args.unsafe_load)
     x = load_inputs(args.input, model)
     expected = getattr(model, "inputs", None)
@@ -173,14 +183,8 @@ def _inspect(args: argparse.Namespace) -> int:
         if not args.labels:
             raise UserError("--loss needs --labels")
         target = gp.loss(args.loss, load_inputs(args.labels, model))
-    elif args.target == "predicted":
-        target = "predicted"
     else:
-        try:
-            target = int(args.target)
-        except ValueError:
-            raise UserError(f"--target must be a class index or 'predicted'; got "
-                            f"{args.target!r}") from None
+        target = _parse_target(args.target)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
@@ -191,6 +195,73 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         g.summary()
     return 0
+
+
+def _gradcam(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    import gradprobe as gp
+
+    _import_modules(args.imports)
+    model = load_model(args.model, args.unsafe_load)
+    for f in args.images:
+        if not os.path.exists(f):
+            raise UserError(f"image file {f!r} does not exist")
+        if os.path.splitext(f)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            raise UserError(f"{f!r} is not an image file (.png, .jpg)")
+    x = _load_images(args.images, model)
+    target = _parse_target(args.target)
+    layer = args.layer
+    if layer is None:
+        layer = last_spatial_layer(model, x)
+        print(f"using layer {layer!r} (the last layer with a spatial output)")
+    cams = np.asarray(gp.grad_cam(model, x, target, layer))
+    os.makedirs(args.out, exist_ok=True)
+    for f, image, cam in zip(args.images, x, cams):
+        stem = os.path.splitext(os.path.basename(f))[0]
+        path = os.path.join(args.out, f"{stem}_gradcam.png")
+        Image.fromarray(gp.plot.overlay(image, cam)).save(path)
+        print(path)
+    return 0
+
+
+def last_spatial_layer(model: Any, x: Any) -> str:
+    """The key of the last leaf layer (forward order) whose output has two
+    spatial axes, from one pass of the model on `x`."""
+    import gradprobe as gp
+
+    g = gp.gradients(model, x, lambda y: 0.0 * sum_all(y), "*", unconnected="zero")
+    spatial = [k for k in g.activations if g.kinds[k] == "activation"
+               and len(g.activations[k].shape) == 4]
+    if not spatial:
+        raise UserError("the model has no layer with a spatial (2-D) output; pass --layer")
+    return spatial[-1]
+
+
+def sum_all(y: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.add_n([tf.reduce_sum(t) for t in tf.nest.flatten(y)])
+
+
+def _parse_target(text: str) -> Any:
+    if text == "predicted":
+        return "predicted"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--target must be a class index or 'predicted'; got {text!r}") from None
+
+
+def _import_modules(names: list[str]) -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"--import {name}: {_one_line(e)}") from None
 
 
 def report(g: Any) -> dict:
