@@ -60,6 +60,7 @@ class Plan:
     unconnected: str = "raise"
     per_example: bool = False
     replace: Any = None  # a layer whose output is replaced by args["replacement"]
+    norm_method: str = "auto"  # gp.per_example_norms: "auto", "ghost" or "vectorized"
 
     @property
     def probe_layers(self) -> list[Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +25,9 @@ from gradprobe.selectors import (
     WeightSource,
     resolve,
 )
+from gradprobe.targets import make_target, output_names
 
 __all__ = ["gradients", "clear_cache"]
-from gradprobe.targets import make_target, output_names
 
 _CACHE_SIZE = 16
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -182,25 +184,38 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
            unconnected: str, per_example: bool = False, replace: bool = False) -> _Entry:
     """The cached plan for this request, or a new one (layer lookup is skipped on
     repeated calls, so that small models do not pay for it on every call)."""
+
+    def build() -> capture.Plan:
+        tree = LayerTree(model)
+        plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
+        plan.per_example = per_example
+        if replace:
+            if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
+                raise GradprobeError(
+                    f"Only one layer's activation (every call) can be replaced; got wrt={wrt!r}.")
+            plan.replace = plan.acts[0].layer
+        return plan
+
+    return cached_entry(model, wrt, (tgt.cache_key, output, training, unconnected, per_example,
+                                     replace), build)
+
+
+def cached_entry(model: Any, wrt: Any, options: tuple,
+                 build: Callable[[], capture.Plan]) -> _Entry:
+    """The cache entry for (`wrt`, `options`) on `model`, built by `build()` when
+    missing or when the model's layers changed. Each model keeps the
+    `_CACHE_SIZE` most recently used entries."""
     key = _hashable(wrt)
     fingerprint = _fingerprint(model)
     if key is not None:
-        key = (key, tgt.cache_key, output, training, unconnected, per_example, replace)
+        key = (key, *options)
         with _lock:
             per_model = _cache.get(model)
             entry = per_model.get(key) if per_model is not None else None
             if entry is not None and entry.fingerprint == fingerprint:
                 per_model.move_to_end(key)
                 return entry
-    tree = LayerTree(model)
-    plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
-    plan.per_example = per_example
-    if replace:
-        if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
-            raise GradprobeError(
-                f"Only one layer's activation (every call) can be replaced; got wrt={wrt!r}.")
-        plan.replace = plan.acts[0].layer
-    entry = _Entry(fingerprint, plan)
+    entry = _Entry(fingerprint, build())
     if key is not None:
         with _lock:
             per_model = _cache.get(model)
@@ -240,7 +255,7 @@ def _execute(model: Any, x: Any, args: dict, entry: _Entry,
     if compile == "auto" and entry.eager_only:
         return capture.run(model, x, args, plan, wrap_errors=True)
     if entry.fn is None:
-        entry.fn = _compiled(model, plan)
+        entry.fn = compiled(model, plan, functools.partial(capture.run, wrap_errors=False))
     fn = entry.fn
     try:
         tensors, meta = fn(x, args)
@@ -265,13 +280,14 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else ""
 
 
-def _compiled(model: Any, plan: capture.Plan) -> Any:
-    """A `tf.function` running `plan` on `model` (held weakly: the cache must not
-    keep models alive)."""
+def compiled(model: Any, plan: capture.Plan, run: Callable) -> Any:
+    """A `tf.function` computing `run(model, x, args, plan) -> (tensors, meta)`,
+    with `meta` shipped out of the trace as a JSON string. The model is held
+    weakly: the cache must not keep models alive."""
     model_ref = weakref.ref(model)
 
     def traced(x: Any, args: dict) -> tuple[dict, Any]:
-        tensors, meta = capture.run(model_ref(), x, args, plan, wrap_errors=False)
+        tensors, meta = run(model_ref(), x, args, plan)
         return tensors, backend.constant_string(json.dumps(meta))
 
     return backend.compile_function(traced)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import weakref
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -29,19 +27,17 @@ import tensorflow as tf
 
 from gradprobe import _patch, backend, capture
 from gradprobe.engine import (
-    _cache,
     _Entry,
-    _fingerprint,
-    _hashable,
-    _lock,
     batch_size,
+    cached_entry,
+    compiled,
     ensure_built,
+    make_plan,
     prepare_inputs,
-    to_specs,
 )
 from gradprobe.errors import GradprobeError
 from gradprobe.selectors import LayerTree, resolve
-from gradprobe.targets import make_target, output_names, select_output
+from gradprobe.targets import make_target, select_output
 
 GHOST_TYPES = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
                keras.layers.Embedding, keras.layers.LayerNormalization,
@@ -113,13 +109,7 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     entry = _plan(model, wrt, tgt, output, bool(training), method)
     if backend.executing_eagerly():
         if entry.fn is None:
-            ref = weakref.ref(model)
-
-            def traced(xx, args):
-                norms, meta = _run(ref(), xx, args, entry.plan)
-                return norms, backend.constant_string(json.dumps(meta))
-
-            entry.fn = backend.compile_function(traced)
+            entry.fn = compiled(model, entry.plan, _run)
         norms, meta = entry.fn(x, tgt.args)
         meta = json.loads(backend.decode_string(meta))
     else:
@@ -132,36 +122,24 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
 
 
 def _plan(model, wrt, tgt, output, training, method) -> _Entry:
-    key = _hashable(wrt)
-    fingerprint = _fingerprint(model)
-    if key is not None:
-        key = ("per_example_norms", key, tgt.cache_key, output, training, method)
-        with _lock:
-            entry = _cache.get(model, {}).get(key)
-        if entry is not None and entry.fingerprint == fingerprint:
-            return entry
-    tree = LayerTree(model)
-    acts, vars_, inputs = to_specs(tree, resolve(tree, wrt))
-    if acts or inputs or not vars_:
-        raise GradprobeError(
-            "gp.per_example_norms takes weight selectors ('dense.kernel', 'conv*.weights', "
-            "'*.weights'); for activations and inputs the gradients are already per example "
-            "(use gp.gradient_penalty for their norms).")
-    output_layer = None
-    if isinstance(output, str) and output not in output_names(model):
-        output_layer = tree.find(output).layer
-    plan = capture.Plan([], vars_, [], tgt, output, output_layer, output_names(model),
-                        training, "zero", per_example=True)
-    plan.method = method
-    entry = _Entry(fingerprint, plan)
-    if key is not None:
-        with _lock:
-            _cache.setdefault(model, OrderedDict())[key] = entry
-    return entry
+    def build() -> capture.Plan:
+        tree = LayerTree(model)
+        plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, "zero")
+        if plan.acts or plan.inputs or not plan.vars:
+            raise GradprobeError(
+                "gp.per_example_norms takes weight selectors ('dense.kernel', "
+                "'conv*.weights', '*.weights'); for activations and inputs the gradients are "
+                "already per example (use gp.gradient_penalty for their norms).")
+        plan.per_example = True
+        plan.norm_method = method
+        return plan
+
+    return cached_entry(model, wrt, ("per_example_norms", tgt.cache_key, output, training,
+                                     method), build)
 
 
 def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict]:
-    method = getattr(plan, "method", "auto")
+    method = plan.norm_method
     owners = {}
     for v in plan.vars:
         if method != "vectorized" and isinstance(v.owner, GHOST_TYPES):
