@@ -271,13 +271,13 @@ class Tape:
             text = item
             if not (text in self._tree.by_path or text == "inputs"):
                 watched = {id(a.layer) for a in self._acts}
+                captured = self._captured()
                 out = []
                 for src in resolve(self._tree, text):
                     if hasattr(src, "var"):
                         out.append((src.key, src.var))
                     elif id(src.node.layer) in watched or src.explicit:
-                        out.extend((k, self._captured()[k][0])
-                                   for k in self._keys_for(src.node.layer))
+                        out.extend((k, captured[k][0]) for k in self._keys_for(src.node.layer))
                 if not out:
                     raise GradprobeError(
                         f"Pattern {text!r} matches no layer watched by this tape; watched: "
