@@ -20,14 +20,15 @@ $(STAMP_TEST): pyproject.toml $(STAMP_BASE)
 	touch $@
 
 demo: $(STAMP_BASE)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) examples/demo.py
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/gradprobe demo --out gradprobe-demo
 
 test: $(STAMP_TEST)
-	$(PY) -m ruff check src tests benchmarks examples
+	sh scripts/install-browser.sh
+	$(PY) -m ruff check src tests benchmarks
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 
 lint: $(STAMP_TEST)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
 
 bench: $(STAMP_BASE)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/bench_core.py

@@ -70,7 +70,7 @@ def test_json_matches_gp_gradients(saved, kind):
               *extra)
     got = json.loads(out.stdout)
     model = keras.saving.load_model(paths[kind])
-    g = gp.gradients(model, x, 2, ["*", "*.weights"], unconnected="zero")
+    g = gp.gradients(model, x, 2, ["inputs", "*", "*.weights"], unconnected="zero")
     assert np.allclose(got["target"], np.asarray(g.target), rtol=1e-5)
     stats = g.stats()
     assert [s["name"] for s in got["sources"]] == list(stats)
@@ -169,3 +169,65 @@ def test_gradcam_writes_the_overlays_gp_computes(saved, tmp_path):
     out = run("gradcam", paths["functional"], str(tmp_path / "none.png"), "--out",
               str(out_dir), check_code=1)
     assert "does not exist" in own_lines(out.stderr)[0]
+
+
+def _report_data(path) -> dict:
+    import re
+
+    with open(path, encoding="utf-8") as f:
+        html = f.read()
+    assert "http://" not in html and "https://" not in html
+    assert all(src.startswith("data:image/png;base64,")
+               for src in re.findall(r'src="([^"]*)"', html))
+    return json.loads(re.search(r'id="gradprobe-data">(.*?)</script>', html, re.S).group(1))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_report_matches_gp_gradients_with_histories(saved, tmp_path, kind):
+    d, x, paths = saved
+    y = np.array([0, 1, 2])
+    trained = keras.saving.load_model(paths["functional"])
+    trained.compile(keras.optimizers.SGD(0.01),
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    grads_csv, log_csv = tmp_path / "grads.csv", tmp_path / "log.csv"
+    trained.fit(x, y, batch_size=1, epochs=2, verbose=0,
+                callbacks=[gp.GradientMonitor(csv=str(grads_csv)),
+                           keras.callbacks.CSVLogger(str(log_csv))])
+    extra = ["--import", "cli_custom"] if kind == "subclassed" else []
+    out_path = tmp_path / "out" / "report.html"
+    out = run("report", paths[kind], "--input", str(d / "x.npy"), "--loss",
+              "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"), "--history",
+              str(grads_csv), "--history", str(log_csv), "--out", str(out_path), *extra)
+    assert out.stdout.strip().endswith(str(out_path))
+    data = _report_data(out_path)
+    model = keras.saving.load_model(paths[kind])
+    g = gp.gradients(model, x, gp.loss("sparse_categorical_crossentropy", y),
+                     ["inputs", "*", "*.weights"], unconnected="zero")
+    stats = g.stats()
+    assert [s["name"] for s in data["sources"]] == list(stats)
+    for s in data["sources"]:
+        for field in ("norm", "mean_abs", "max_abs", "std", "zero_fraction"):
+            assert np.isclose(s[field], stats[s["name"]][field], rtol=1e-5, atol=1e-8)
+    assert data["figures"] == ["gradient-flow", "attribution-maps", "training-curves",
+                               "gradient-history"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "{d}/r.txt"], "must name an .html file"),
+    (["--history", "{d}/x.npy", "--out", "{d}/r.html"], "neither a GradientMonitor CSV"),
+    (["--history", "{d}/none.csv", "--out", "{d}/r.html"], "does not exist"),
+    (["--labels", "{d}/y2.npy", "--loss", "mse", "--out", "{d}/r.html"], "--labels has 2"),
+])
+def test_report_user_errors(saved, args, message):
+    d, _, paths = saved
+    np.save(d / "y2.npy", np.array([0, 1]))
+    args = [a.format(d=d) for a in args]
+    out = run("report", paths["sequential"], "--input", str(d / "x.npy"), *args, check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_every_command_has_help():
+    for command in ("demo", "inspect", "gradcam", "report"):
+        assert f"usage: gradprobe {command}" in run(command, "--help").stdout
+    assert "--epochs" in run("demo", "--help").stdout

@@ -168,6 +168,14 @@ def test_tensorboard_csv_plot(tmp_path):
     for p, h in monitor.history.items():
         for stat in ("norm", "max_abs", "zero_fraction", "nonfinite", "update_ratio"):
             assert np.allclose([float(r[f"{p}/{stat}"]) for r in rows], h[stat], rtol=1e-6)
+    steps, history = gp.monitor.read_csv(csv_path)
+    assert steps.tolist() == [1, 2, 3] and list(history) == list(monitor.history)
+    for p, h in monitor.history.items():
+        for stat, values in history[p].items():
+            assert np.allclose(values, h[stat], rtol=1e-6)
+    (tmp_path / "bad.csv").write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(gp.GradprobeError, match="not a GradientMonitor CSV"):
+        gp.monitor.read_csv(str(tmp_path / "bad.csv"))
     png = tmp_path / "flow.png"
     monitor.plot(str(png))
     assert png.stat().st_size > 1000

@@ -13,13 +13,14 @@ from gradprobe import plot
 from gradprobe.attribution import Attribution
 from gradprobe.engine import clear_cache, gradients
 from gradprobe.errors import GradprobeError
-from gradprobe.grad_cam import grad_cam, grad_cam_plus_plus
+from gradprobe.grad_cam import grad_cam, grad_cam_layer, grad_cam_plus_plus
 from gradprobe.hvp import hvp
 from gradprobe.integrated_gradients import integrated_gradients
 from gradprobe.jacobian import jacobian
 from gradprobe.monitor import GradientMonitor
 from gradprobe.penalty import gradient_penalty
 from gradprobe.per_example import PerExampleNorms, per_example_norms
+from gradprobe.report import write_report
 from gradprobe.result import Gradients
 from gradprobe.saliency import gradient_x_input, saliency
 from gradprobe.smoothgrad import smoothgrad
@@ -39,6 +40,7 @@ __all__ = [
     "Tape",
     "clear_cache",
     "grad_cam",
+    "grad_cam_layer",
     "grad_cam_plus_plus",
     "gradient_penalty",
     "gradient_x_input",
@@ -51,4 +53,5 @@ __all__ = [
     "plot",
     "saliency",
     "smoothgrad",
+    "write_report",
 ]

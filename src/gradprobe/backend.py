@@ -173,3 +173,8 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def static_shape(x: Any) -> tuple:
     return tuple(x.shape.as_list()) if hasattr(x.shape, "as_list") else tuple(x.shape)
+
+
+def version() -> str:
+    """The backend's version, for reports."""
+    return tf.__version__

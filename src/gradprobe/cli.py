@@ -46,29 +46,41 @@ def _parser() -> argparse.ArgumentParser:
         description="How does this output depend on that layer? Gradients of a Keras model's "
                     "target with respect to its layers, weights and input.")
     sub = parser.add_subparsers(title="commands", dest="command")
+    d = sub.add_parser(
+        "demo", help="train a small CNN on the bundled digits and show everything gradprobe does",
+        description="Trains a small CNN on the 8x8 digits data set bundled with gradprobe (no "
+                    "downloads) with a GradientMonitor attached, prints the per-layer gradient "
+                    "table and diagnosis of a held-out batch, and writes report.html, Grad-CAM "
+                    "overlays and gradient-flow plots into --out.")
+    d.add_argument("--out", default="gradprobe-demo",
+                   help="the directory to write into (default ./gradprobe-demo)")
+    d.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(run=_demo)
+
     p = sub.add_parser(
         "inspect", help="per-layer gradient statistics and a diagnosis for a saved model",
         description="Loads a saved Keras model and a batch of inputs, computes the gradients "
                     "of the target with respect to every leaf layer's activation and weights "
                     "(or --wrt), and prints the table and findings, or one JSON object.")
-    p.add_argument("model", help="a .keras or .h5 file")
-    p.add_argument("--input", required=True,
-                   help="inputs: .npy, .npz (first array, or FILE.npz:KEY), or image files "
-                        "(.png/.jpg, comma-separated; resized to the model's input)")
-    p.add_argument("--target", default="predicted",
-                   help="a class index, or 'predicted' (default); ignored with --loss")
-    p.add_argument("--wrt", default="*,*.weights",
-                   help="comma-separated selectors (default '*,*.weights')")
-    p.add_argument("--output", help="the output of a multi-output model (name or index)")
-    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
-    p.add_argument("--labels", help=".npy labels for --loss")
+    _request_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="allow a model that contains code (Lambda layers): runs that code")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import this Python module first, to register custom layers or "
-                        "models (keras.saving.register_keras_serializable); runs its code")
     p.set_defaults(run=_inspect)
+
+    r = sub.add_parser(
+        "report", help="a self-contained HTML report of a saved model's gradients",
+        description="Writes one HTML file (images inlined, no scripts, no network requests): "
+                    "the model's layers, per-layer gradient statistics and diagnosis, a "
+                    "gradient-flow chart, saliency and Grad-CAM maps for image inputs, and "
+                    "training curves from --history files.")
+    _request_arguments(r)
+    r.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
+    r.add_argument("--layer", help="Grad-CAM's layer (default: the last spatial layer)")
+    r.add_argument("--history", action="append", default=[], metavar="CSV",
+                   help="a GradientMonitor CSV (gradient norms over training) or a Keras "
+                        "CSVLogger file (loss and metrics per epoch); may be repeated")
+    r.add_argument("--title", help="the report's title")
+    r.set_defaults(run=_report)
 
     c = sub.add_parser(
         "gradcam", help="Grad-CAM overlay images for a saved model",
@@ -86,6 +98,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a model that contains code (Lambda layers): runs that code")
     c.set_defaults(run=_gradcam)
     return parser
+
+
+def _request_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments `inspect` and `report` share: model, inputs, target, sources."""
+    p.add_argument("model", help="a .keras or .h5 file")
+    p.add_argument("--input", required=True,
+                   help="inputs: .npy, .npz (first array, or FILE.npz:KEY), or image files "
+                        "(.png/.jpg, comma-separated; resized to the model's input)")
+    p.add_argument("--target", default="predicted",
+                   help="a class index, or 'predicted' (default); ignored with --loss")
+    p.add_argument("--wrt", default="inputs,*,*.weights",
+                   help="comma-separated selectors (default 'inputs,*,*.weights')")
+    p.add_argument("--output", help="the output of a multi-output model (name or index)")
+    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
+    p.add_argument("--labels", help=".npy labels for --loss (also shown in report captions)")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="allow a model that contains code (Lambda layers): runs that code")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this Python module first, to register custom layers or "
+                        "models (keras.saving.register_keras_serializable); runs its code")
 
 
 # ------------------------------------------------------------------ loading
@@ -163,8 +195,18 @@ def _load_images(files: list[str], model: Any) -> Any:
     return np.stack(out)
 
 
-# ------------------------------------------------------------------ inspect
-def _inspect(args: argparse.Namespace) -> int:
+# ------------------------------------------------------------------ commands
+def _demo(args: argparse.Namespace) -> int:
+    from gradprobe import demo
+
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1; got {args.epochs}")
+    demo.run(args.out, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads what `inspect` and `report` need: model, inputs, labels, target, output, wrt."""
     import numpy as np
 
     import gradprobe as gp
@@ -179,22 +221,70 @@ def _inspect(args: argparse.Namespace) -> int:
         if len(want) != len(got) or any(a is not None and a != b for a, b in zip(want, got)):
             raise UserError(f"inputs of shape {tuple(np.shape(x))} do not fit the model, "
                             f"which expects (batch, {', '.join(str(d) for d in want)})")
+    labels = load_inputs(args.labels, model) if args.labels else None
+    if labels is not None and len(labels) != len(x):
+        raise UserError(f"--labels has {len(labels)} entries but --input has {len(x)} examples")
     if args.loss:
-        if not args.labels:
+        if labels is None:
             raise UserError("--loss needs --labels")
-        target = gp.loss(args.loss, load_inputs(args.labels, model))
+        target = gp.loss(args.loss, labels)
     else:
         target = _parse_target(args.target)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
-    g = gp.gradients(model, x, target, wrt, output=output, unconnected="zero")
+    return {"model": model, "inputs": x, "labels": labels, "target": target, "output": output,
+            "wrt": wrt}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import gradprobe as gp
+
+    r = _request(args)
+    g = gp.gradients(r["model"], r["inputs"], r["target"], r["wrt"], output=r["output"],
+                     unconnected="zero")
     if args.json:
         print(json.dumps(report(g)))
     else:
         g.summary()
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import gradprobe as gp
+
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise UserError(f"--out must name an .html file; got {args.out!r}")
+    monitor, history = None, None
+    for path in args.history:
+        kind = _history_kind(path)
+        if kind == "monitor":
+            monitor = path
+        else:
+            history = path
+    r = _request(args)
+    g = gp.gradients(r["model"], r["inputs"], r["target"], r["wrt"], output=r["output"],
+                     unconnected="zero")
+    path = gp.write_report(args.out, r["model"], r["inputs"], r["target"], gradients=g,
+                           output=r["output"], labels=r["labels"], attribution_layer=args.layer,
+                           monitor=monitor, history=history, title=args.title)
+    print(os.path.abspath(path))
+    return 0
+
+
+def _history_kind(path: str) -> str:
+    """'monitor' for a GradientMonitor CSV, 'fit' for a CSVLogger file."""
+    if not os.path.exists(path):
+        raise UserError(f"history file {path!r} does not exist")
+    with open(path, newline="", errors="replace") as f:
+        first = f.readline(4096).strip().split(",")[0]
+    if first == "step":
+        return "monitor"
+    if first == "epoch":
+        return "fit"
+    raise UserError(f"{path!r} is neither a GradientMonitor CSV (first column 'step') nor a "
+                    "Keras CSVLogger file (first column 'epoch')")
 
 
 def _gradcam(args: argparse.Namespace) -> int:
@@ -214,7 +304,11 @@ def _gradcam(args: argparse.Namespace) -> int:
     target = _parse_target(args.target)
     layer = args.layer
     if layer is None:
-        layer = last_spatial_layer(model, x)
+        try:
+            layer = gp.grad_cam_layer(model, x)
+        except gp.GradprobeError:
+            raise UserError("the model has no layer with a spatial (2-D) output; "
+                            "pass --layer") from None
         print(f"using layer {layer!r} (the last layer with a spatial output)")
     cams = np.asarray(gp.grad_cam(model, x, target, layer))
     os.makedirs(args.out, exist_ok=True)
@@ -224,25 +318,6 @@ def _gradcam(args: argparse.Namespace) -> int:
         Image.fromarray(gp.plot.overlay(image, cam)).save(path)
         print(path)
     return 0
-
-
-def last_spatial_layer(model: Any, x: Any) -> str:
-    """The key of the last leaf layer (forward order) whose output has two
-    spatial axes, from one pass of the model on `x`."""
-    import gradprobe as gp
-
-    g = gp.gradients(model, x, lambda y: 0.0 * sum_all(y), "*", unconnected="zero")
-    spatial = [k for k in g.activations if g.kinds[k] == "activation"
-               and len(g.activations[k].shape) == 4]
-    if not spatial:
-        raise UserError("the model has no layer with a spatial (2-D) output; pass --layer")
-    return spatial[-1]
-
-
-def sum_all(y: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.add_n([tf.reduce_sum(t) for t in tf.nest.flatten(y)])
 
 
 def _parse_target(text: str) -> Any:

@@ -107,3 +107,34 @@ def _upsample(cam: Any, x: Any, channel_axis: int) -> Any:
     if len(size) == 2:
         return tf.image.resize(cam[..., None], size, "bilinear")[..., 0]
     raise GradprobeError("upsample=True supports 1-D and 2-D maps; pass upsample=False.")
+
+
+def grad_cam_layer(model: keras.Model, inputs: Any) -> str:
+    """The layer Grad-CAM uses by default: the last leaf layer, in forward order,
+    whose output has two spatial axes (a 4-D activation), found in one pass.
+
+    Args:
+        model: The model.
+        inputs: A batch of inputs (one example is enough).
+
+    Returns:
+        That layer's key, usable as `layer=` of `gp.grad_cam`.
+
+    Example:
+
+    >>> layer = gp.grad_cam_layer(model, images[:1])
+    >>> cams = gp.grad_cam(model, images, "predicted", layer)
+    """
+    g = gradients(model, inputs, _zero, "*", unconnected="zero")
+    spatial = [k for k in g.activations
+               if g.kinds[k] == "activation" and len(g.activations[k].shape) == 4]
+    if not spatial:
+        raise GradprobeError(
+            "The model has no layer with a spatial (2-D) output, so Grad-CAM has no default "
+            "layer; pass layer= explicitly (a layer with output (batch, H, W, C)).")
+    return spatial[-1]
+
+
+def _zero(outputs: Any) -> Any:
+    return tf.add_n([0.0 * tf.reduce_sum(tf.cast(t, tf.float32))
+                     for t in tf.nest.flatten(outputs)])

@@ -471,33 +471,48 @@ class GradientMonitor(keras.callbacks.Callback):
         Returns:
             The matplotlib figure.
         """
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from gradprobe.plot import gradient_history
 
         if not len(self.steps):
             raise GradprobeError("Nothing recorded yet: fit the model with this monitor first.")
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-        for name, h in self.history.items():
-            ax1.plot(self.steps, np.maximum(h["norm"], 1e-30), label=name, linewidth=1)
-        ax1.set_yscale("log")
-        ax1.set_xlabel("step")
-        ax1.set_ylabel("gradient L2 norm")
-        ax1.set_title("gradient norms over training")
-        if len(self.history) <= 12:
-            ax1.legend(fontsize=7)
-        names = list(self.history)
-        last = [max(self.history[n]["norm"][-1], 1e-30) for n in names]
-        ax2.bar(range(len(names)), last)
-        ax2.set_yscale("log")
-        ax2.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right")
-        ax2.set_title(f"gradient flow at step {int(self.steps[-1])} (forward order)")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=100)
-        return fig
+        return gradient_history(self.steps, self.history, path)
+
+
+def read_csv(path: str) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """Reads back the CSV a `GradientMonitor(csv=...)` wrote.
+
+    Args:
+        path: The CSV file: a `step` column, then one `<variable path>/<statistic>`
+            column per variable and statistic.
+
+    Returns:
+        `(steps, history)`, shaped like `monitor.steps` and `monitor.history`
+        (without `dead_units`, which the CSV does not hold).
+
+    Example:
+
+    >>> steps, history = gp.monitor.read_csv("grads.csv")
+    >>> history["dense/kernel"]["norm"][-1]
+    """
+    with open(path, newline="") as f:
+        rows = list(csv_module.reader(f))
+    if not rows or not rows[0] or rows[0][0] != "step":
+        raise GradprobeError(
+            f"{path!r} is not a GradientMonitor CSV: its first column must be 'step'.")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    try:
+        table = np.array(body, dtype=np.float64).reshape(len(body), len(header))
+    except ValueError:
+        raise GradprobeError(f"{path!r} has rows that are not all numbers of "
+                             f"{len(header)} columns.") from None
+    history: dict[str, dict[str, np.ndarray]] = {}
+    for j, column in enumerate(header[1:], start=1):
+        var, _, stat = column.rpartition("/")
+        if stat not in STATS or not var:
+            raise GradprobeError(f"{path!r}: unexpected column {column!r}; expected "
+                                 f"'<variable>/<one of {', '.join(STATS)}>'.")
+        history.setdefault(var, {})[stat] = table[:, j]
+    return table[:, 0].astype(np.int64), history
 
 
 def _value(v: Any) -> Any:

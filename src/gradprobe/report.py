@@ -1,0 +1,306 @@
+"""`gp.write_report`: one self-contained HTML file (Jinja2 template, images
+inlined as data URIs, no scripts, no network requests) with a model's layer
+table, its per-layer gradient statistics and diagnosis, a gradient-flow chart,
+attribution maps for image inputs, and training curves."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import json
+import os
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradprobe import backend
+from gradprobe.engine import gradients as compute_gradients
+from gradprobe.errors import GradprobeError
+from gradprobe.result import Gradients
+from gradprobe.selectors import LayerTree
+
+DEFAULT_WRT = ("inputs", "*", "*.weights")
+
+
+def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "predicted", *,
+                 wrt: Any = DEFAULT_WRT, output: Any = None, gradients: Gradients | None = None,
+                 attribution: bool = True, attribution_layer: Any = None,
+                 labels: Any = None, class_names: list[str] | None = None,
+                 monitor: Any = None, history: Any = None, title: str | None = None,
+                 notes: dict[str, Any] | None = None, max_images: int = 8) -> str:
+    """Writes a self-contained HTML report of a model's gradients.
+
+    Args:
+        path: The HTML file to write.
+        model: The Keras model.
+        inputs: The batch the gradients are computed on.
+        target: As in `gp.gradients` (`"predicted"`, a class, `gp.loss(...)`, a callable).
+        wrt: Sources for the statistics table (default: the input, every leaf
+            layer's activation and every weight).
+        output: The output of a multi-output model, as in `gp.gradients`.
+        gradients: A `Gradients` result to report instead of computing one.
+        attribution: For image inputs `(N, H, W, C)`, draw saliency and Grad-CAM
+            maps of the first `max_images` examples (for a loss or callable
+            target, of each example's predicted class).
+        attribution_layer: Grad-CAM's layer (default `gp.grad_cam_layer`).
+        labels: True labels of `inputs`, shown beside the predictions.
+        class_names: Names of the classes, for the captions.
+        monitor: A `gp.GradientMonitor` after `fit`, or the path of the CSV one
+            wrote: its gradient norms over training are drawn.
+        history: Training curves: a Keras `History`, its `.history` dict, or a
+            `keras.callbacks.CSVLogger` CSV path.
+        title: The page title (default: "gradprobe report: <model name>").
+        notes: Extra facts for the header, e.g. `{"test accuracy": "97.5%"}`.
+        max_images: At most this many attribution rows.
+
+    Returns:
+        The path written.
+
+    Example:
+
+    >>> gp.write_report("report.html", model, x_test[:32], gp.loss("sparse_categorical_crossentropy", y_test[:32]),
+    ...                 labels=y_test[:32], monitor=monitor, history=fit_history)
+    """
+    import jinja2
+
+    if gradients is None:
+        gradients = compute_gradients(model, inputs, target, list(wrt), output=output,
+                                      unconnected="zero")
+    stats = gradients.stats()
+    findings = gradients.diagnose()
+    flagged = {f.key for f in findings}
+    rows = [{"name": k, "kind": gradients.kinds[k], "shape": _shape(s["shape"]),
+             "norm": s["norm"], "mean_abs": s["mean_abs"], "max_abs": s["max_abs"],
+             "std": s["std"], "zero_fraction": s["zero_fraction"], "nonfinite": s["nonfinite"],
+             "flagged": k in flagged} for k, s in stats.items()]
+    from gradprobe.plot import gradient_flow, gradient_history, training_curves
+
+    figures = [{"id": "gradient-flow", "title": "Gradient flow",
+                "caption": "Mean and largest |gradient| of each source, in forward order "
+                           "(log scale). A bar orders of magnitude below its neighbours "
+                           "is a vanishing gradient.",
+                "src": _png(gradient_flow(stats, gradients.kinds))}]
+    attributions = None
+    if attribution and _is_image_batch(inputs):
+        attributions = _attribution_figure(model, inputs, target, output, attribution_layer,
+                                           labels, class_names, max_images)
+        figures.append(attributions)
+    curves = _training_history(history)
+    if curves:
+        figures.append({"id": "training-curves", "title": "Training curves",
+                        "caption": "Loss and metrics per epoch, from the fit history.",
+                        "src": _png(training_curves(curves))})
+    steps_history = _monitor_history(monitor)
+    if steps_history is not None:
+        steps, hist = steps_history
+        figures.append({"id": "gradient-history", "title": "Gradients during training",
+                        "caption": f"L2 norm of each variable's applied gradient over "
+                                   f"{len(steps)} recorded steps (GradientMonitor), and the "
+                                   "gradient flow of the last recorded step.",
+                        "src": _png(gradient_history(steps, hist))})
+    context = {
+        "title": title or f"gradprobe report: {model.name}",
+        "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "facts": _facts(model, inputs, target, gradients, notes),
+        "layers": _layer_rows(model, gradients),
+        "rows": rows,
+        "findings": [f.message for f in findings],
+        "figures": figures,
+        "data_json": _script_json({"target": backend.to_numpy(gradients.target).tolist(),
+                                   "sources": [{**r, "shape": list(stats[r["name"]]["shape"])}
+                                               for r in rows],
+                                   "findings": [{"kind": f.kind, "source": f.key,
+                                                 "message": f.message} for f in findings],
+                                   "figures": [f["id"] for f in figures]}),
+    }
+    env = jinja2.Environment(loader=jinja2.PackageLoader("gradprobe", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]),
+                             undefined=jinja2.StrictUndefined)
+    env.filters["num"] = lambda v: f"{v:.4g}"
+    env.filters["pct"] = lambda v: f"{v:.1%}"
+    text = env.get_template("report.html").render(**context)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+# ---------------------------------------------------------------- sections
+def _facts(model: Any, inputs: Any, target: Any, g: Gradients, notes: dict | None) -> list[tuple[str, str]]:
+    facts = [("model", f"{model.name} ({type(model).__name__})"),
+             ("parameters", f"{model.count_params():,}" if model.built else "not built"),
+             ("inputs", ", ".join(_shape(np.shape(t)) for t in _flat(inputs))),
+             ("target", _target_text(target, g)),
+             ("versions", f"gradprobe {_version()}, Keras {keras.__version__}, "
+                          f"TensorFlow {backend.version()}")]
+    return facts + [(str(k), str(v)) for k, v in (notes or {}).items()]
+
+
+def _layer_rows(model: Any, g: Gradients) -> list[dict]:
+    rows = []
+    for node in LayerTree(model).leaves():
+        act = g.activations.get(node.path)
+        shape = _shape(np.shape(act)) if act is not None and g.kinds.get(node.path) == \
+            "activation" else "—"
+        layer = node.layer
+        rows.append({"path": node.path, "kind": node.kind, "output": shape,
+                     "params": layer.count_params() if layer.built else 0,
+                     "trainable": bool(layer.trainable)})
+    return rows
+
+
+def _attribution_figure(model, inputs, target, output, layer, labels, class_names,
+                        max_images) -> dict:
+    from gradprobe.grad_cam import grad_cam, grad_cam_layer
+    from gradprobe.plot import save_maps
+    from gradprobe.saliency import saliency
+
+    x = np.asarray(inputs)[:max_images]
+    cls = target if _is_class_target(target) else "predicted"
+    if isinstance(cls, (list, tuple, np.ndarray)):
+        cls = np.asarray(cls)[:max_images]
+    layer = layer if layer is not None else grad_cam_layer(model, x[:1])
+    sal = np.asarray(saliency(model, x, cls, output=output))
+    cam_result = grad_cam(model, x, cls, layer, output=output)
+    scores = model(x, training=False)
+    scores = scores if output is None else scores[output]
+    classes = np.argmax(backend.to_numpy(scores), axis=-1)
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
+
+    titles = []
+    for i in range(len(x)):
+        text = f"#{i}: predicted {name(int(classes[i]))}"
+        if labels is not None:
+            text += f", label {name(int(np.asarray(labels)[i]))}"
+        titles.append(text)
+    buf = io.BytesIO()
+    save_maps(buf, x, {"saliency |g|": sal, f"Grad-CAM ({layer})": np.asarray(cam_result)},
+              titles=titles)
+    what = "the predicted class" if isinstance(cls, str) else "the given class"
+    return {"id": "attribution-maps", "title": "Attribution maps",
+            "caption": f"For each image: the input, |gradient| saliency, and Grad-CAM of layer "
+                       f"{layer!r} overlaid, all for {what}.",
+            "src": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+
+
+def _training_history(history: Any) -> dict[str, list[float]] | None:
+    if history is None:
+        return None
+    if isinstance(history, str):
+        return _read_training_csv(history)
+    data = getattr(history, "history", history)
+    if not isinstance(data, dict):
+        raise GradprobeError(f"history must be a Keras History, its .history dict or a "
+                             f"CSVLogger file; got {type(history).__name__}.")
+    return {str(k): [float(v) for v in vals] for k, vals in data.items()} or None
+
+
+def _read_training_csv(path: str) -> dict[str, list[float]]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "epoch" not in rows[0]:
+        raise GradprobeError(f"{path!r} is not a keras.callbacks.CSVLogger file (no 'epoch' "
+                             "column).")
+    def number(text: str) -> float:  # CSVLogger writes "NA" for a metric it lacks
+        return float("nan") if text in ("", "NA") else float(text)
+
+    try:
+        curves = {k: [number(r[k]) for r in rows] for k in rows[0] if k != "epoch"}
+    except ValueError:
+        raise GradprobeError(f"{path!r} has values that are not numbers.") from None
+    return {k: v for k, v in curves.items() if not np.all(np.isnan(v))}
+
+
+def _monitor_history(monitor: Any) -> tuple[np.ndarray, dict] | None:
+    if monitor is None:
+        return None
+    if isinstance(monitor, str):
+        from gradprobe.monitor import read_csv
+
+        steps, hist = read_csv(monitor)
+    else:
+        steps, hist = monitor.steps, monitor.history
+    return (steps, hist) if len(steps) else None
+
+
+# ---------------------------------------------------------------- helpers
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _is_image_batch(inputs: Any) -> bool:
+    """One array of images: (N, H, W, 1) or (N, H, W, 3)."""
+    if isinstance(inputs, dict | list | tuple):
+        return False
+    return np.ndim(inputs) == 4 and np.shape(inputs)[-1] in (1, 3)
+
+
+def _is_class_target(target: Any) -> bool:
+    if isinstance(target, str):
+        return target == "predicted"
+    if isinstance(target, int | np.integer):
+        return True
+    if isinstance(target, list | tuple | np.ndarray):
+        return np.asarray(target).dtype.kind in "iu"
+    return False
+
+
+def describe_target(target: Any) -> str:
+    """A few words naming a target, for captions and headers."""
+    from gradprobe.targets import LossTarget
+
+    if isinstance(target, str):
+        return "the score of each example's predicted class" if target == "predicted" \
+            else repr(target)
+    if isinstance(target, int | np.integer):
+        return f"the score of class {int(target)}"
+    if isinstance(target, LossTarget):
+        fn = target.fn
+        name = getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+        return f"the loss {name}"
+    if isinstance(target, list | tuple | np.ndarray):
+        return "the score of each example's given class"
+    return f"{getattr(target, '__name__', type(target).__name__)}(outputs)"
+
+
+def _target_text(target: Any, g: Gradients) -> str:
+    t = np.asarray(backend.to_numpy(g.target), dtype=np.float64)
+    value = f"{float(t.ravel()[0]):.4g}" if t.size == 1 else \
+        f"mean {t.mean():.4g} over {t.size} values"
+    return f"{describe_target(target)} ({value})"
+
+
+def _flat(inputs: Any) -> list[Any]:
+    if isinstance(inputs, dict):
+        return list(inputs.values())
+    if isinstance(inputs, list | tuple):
+        return list(inputs)
+    return [inputs]
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ")"
+
+
+def _script_json(data: Any) -> str:
+    """JSON that is safe inside <script type="application/json">."""
+    text = json.dumps(data)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _version() -> str:
+    from gradprobe import __version__
+
+    return __version__

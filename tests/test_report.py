@@ -1,0 +1,121 @@
+"""`gp.write_report`: one self-contained HTML file whose numbers are those of
+`gp.gradients`, with inlined images only, escaped text, and the sections its
+inputs call for (attribution maps only for image batches, curves only when given)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import gradprobe as gp
+
+
+def _data(html: str) -> dict:
+    block = re.search(r'<script type="application/json" id="gradprobe-data">(.*?)</script>',
+                      html, re.S)
+    return json.loads(block.group(1))
+
+
+def _read(path) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _srcs(html: str) -> list[str]:
+    return re.findall(r'src="([^"]*)"', html)
+
+
+def _cnn():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(4, 3, activation="relu",
+                                                                   name="conv"),
+                             layers.Flatten(), layers.Dense(3, name="logits")], name="cnn")
+
+
+def test_image_report_numbers_images_and_sections(tmp_path):
+    model = _cnn()
+    x = np.random.default_rng(0).random((5, 8, 8, 1)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1])
+    target = gp.loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y)
+    path = gp.write_report(str(tmp_path / "sub" / "r.html"), model, x, target, labels=y,
+                           history={"loss": [1.0, 0.5], "val_loss": [1.1, 0.7]},
+                           notes={"test accuracy": "93.1%"}, max_images=3)
+    html = _read(path)
+    data = _data(html)
+    g = gp.gradients(model, x, target, ["inputs", "*", "*.weights"])
+    stats = g.stats()
+    assert [s["name"] for s in data["sources"]] == list(stats)
+    for s in data["sources"]:
+        ref = stats[s["name"]]
+        assert tuple(s["shape"]) == ref["shape"]
+        for field in ("norm", "mean_abs", "max_abs", "std", "zero_fraction"):
+            assert np.isclose(s[field], ref[field], rtol=1e-5, atol=1e-12), (s["name"], field)
+    assert np.isclose(data["target"], float(g.target), rtol=1e-6)
+    assert data["figures"] == ["gradient-flow", "attribution-maps", "training-curves"]
+    srcs = _srcs(html)
+    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in html and "https://" not in html
+    assert "the loss sparse_categorical_crossentropy" in html and "93.1%" in html
+    assert "<script" not in html.replace(
+        '<script type="application/json" id="gradprobe-data">', "")
+    assert "Content-Security-Policy" in html
+
+
+def test_tabular_inputs_have_no_maps_and_names_are_escaped(tmp_path):
+    inp = keras.Input((4,), name="features")
+    out = layers.Dense(2, name="a_b")(layers.Dense(3, activation="tanh", name="hidden")(inp))
+    model = keras.Model(inp, out, name="m<script>")
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    path = gp.write_report(str(tmp_path / "t.html"), model, x, 1, title="</script><b>x")
+    html = _read(path)
+    assert _data(html)["figures"] == ["gradient-flow"]
+    assert "m&lt;script&gt;" in html and "&lt;/script&gt;&lt;b&gt;x" in html
+    assert "<b>x" not in html
+    assert "the score of class 1" in html
+
+
+def test_given_gradients_monitor_and_csv_histories(tmp_path):
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).random((32, 8, 8, 1)).astype("float32")
+    y = np.arange(32) % 3
+    monitor = gp.GradientMonitor(csv=str(tmp_path / "g.csv"))
+    log = str(tmp_path / "log.csv")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[monitor, keras.callbacks.CSVLogger(log)])
+    g = gp.gradients(model, x[:4], 2, "conv")
+    for mon, hist in [(monitor, log), (str(tmp_path / "g.csv"), {"loss": [1.0]})]:
+        html = _read(gp.write_report(str(tmp_path / "r.html"), model, x[:4], 2, gradients=g,
+                                     monitor=mon, history=hist, attribution=False))
+        data = _data(html)
+        assert [s["name"] for s in data["sources"]] == ["conv"]
+        assert data["figures"] == ["gradient-flow", "training-curves", "gradient-history"]
+        assert "8 recorded steps" in html
+
+
+def test_bad_history_is_a_clear_error(tmp_path):
+    model = _cnn()
+    x = np.zeros((2, 8, 8, 1), "float32")
+    with pytest.raises(gp.GradprobeError, match="History"):
+        gp.write_report(str(tmp_path / "r.html"), model, x, 0, history=[1, 2])
+    (tmp_path / "g.csv").write_text("step,loss\n1,2\n")
+    with pytest.raises(gp.GradprobeError, match="CSVLogger"):
+        gp.write_report(str(tmp_path / "r.html"), model, x, 0, history=str(tmp_path / "g.csv"))
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_grad_cam_layer_default_and_error():
+    model = _cnn()
+    assert gp.grad_cam_layer(model, np.zeros((1, 8, 8, 1), "float32")) == "conv"
+    dense = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
+    with pytest.raises(gp.GradprobeError, match="no layer with a spatial"):
+        gp.grad_cam_layer(dense, np.zeros((1, 4), "float32"))
