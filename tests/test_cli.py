@@ -231,3 +231,21 @@ def test_every_command_has_help():
     for command in ("demo", "inspect", "gradcam", "report"):
         assert f"usage: gradprobe {command}" in run(command, "--help").stdout
     assert "--epochs" in run("demo", "--help").stdout
+
+
+def test_saved_model_directory_gives_input_gradients(saved, tmp_path):
+    d, x, paths = saved
+    model = keras.saving.load_model(paths["functional"])
+    export = tmp_path / "exported"
+    model.export(str(export), verbose=False)
+    out = run("inspect", str(export), "--input", str(d / "x.npy"), "--target", "1", "--json",
+              "--wrt", "inputs")
+    got = json.loads(out.stdout)
+    g = gp.gradients(model, x, 1, "inputs")
+    assert [s["name"] for s in got["sources"]] == ["inputs"]
+    assert np.isclose(got["sources"][0]["norm"], g.stats()["inputs"]["norm"], rtol=1e-5)
+    assert np.allclose(got["target"], np.asarray(g.target), rtol=1e-5)
+    assert any("only its input and output" in line for line in own_lines(out.stderr))
+    (tmp_path / "empty").mkdir()
+    out = run("inspect", str(tmp_path / "empty"), "--input", str(d / "x.npy"), check_code=1)
+    assert "not a SavedModel" in own_lines(out.stderr)[0]

@@ -127,8 +127,7 @@ def load_model(path: str, unsafe: bool = False) -> Any:
         raise UserError(f"model file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
-        raise UserError(f"{path!r} is a directory (a SavedModel?): Keras 3 loads .keras and "
-                        ".h5 files; re-save the model with model.save('model.keras')")
+        return load_saved_model(path)
     if ext not in (".keras", ".h5"):
         raise UserError(f"{path!r} is not a .keras or .h5 model file")
     import keras
@@ -147,6 +146,39 @@ def load_model(path: str, unsafe: bool = False) -> Any:
                 "--import MODULE (the module that defines it with "
                 "keras.saving.register_keras_serializable)") from None
         raise UserError(f"cannot load {path!r}: {_one_line(e)}") from None
+
+
+def load_saved_model(path: str) -> Any:
+    """A TensorFlow SavedModel directory, wrapped the way Keras 3 can use one: its
+    `serving_default` signature as a `keras.layers.TFSMLayer` in a Functional model.
+
+    A SavedModel holds graphs, not Keras layers, so only the input and the
+    output can be probed; its graph runs, but no Python code is unpickled."""
+    if not os.path.exists(os.path.join(path, "saved_model.pb")):
+        raise UserError(f"{path!r} is a directory but not a SavedModel (no saved_model.pb); "
+                        "pass a .keras or .h5 file")
+    import keras
+    import tensorflow as tf
+
+    try:
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"cannot load the SavedModel {path!r} (it needs a 'serving_default' "
+                        f"signature, e.g. from model.export()): {_one_line(e)}") from None
+    args, kwargs = signature.structured_input_signature
+    specs = list(args) + list(kwargs.items())
+    if len(specs) != 1:
+        raise UserError(f"the SavedModel {path!r} has {len(specs)} inputs; gradprobe reads "
+                        "single-input SavedModels only (save a .keras file instead)")
+    name, spec = specs[0] if isinstance(specs[0], tuple) else ("input", specs[0])
+    inp = keras.Input(shape=spec.shape[1:], dtype=spec.dtype.name, name=name)
+    out = keras.layers.TFSMLayer(path, call_endpoint="serving_default", name="saved_model")(inp)
+    if isinstance(out, dict) and len(out) == 1:
+        out = next(iter(out.values()))
+    model = keras.Model(inp, out, name=os.path.basename(os.path.normpath(path)) or "saved_model")
+    print(f"gradprobe: {path!r} is a SavedModel: only its input and output can be probed "
+          "(it holds graphs, not Keras layers)", file=sys.stderr)
+    return model
 
 
 def load_inputs(spec: str, model: Any) -> Any:
