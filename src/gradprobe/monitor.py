@@ -24,12 +24,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _patch
+from gradprobe import _patch, backend
 from gradprobe.errors import GradprobeError
 from gradprobe.stats import Finding
 from gradprobe.stats import diagnose as diagnose_stats
 
 STATS = ("norm", "max_abs", "zero_fraction", "nonfinite", "update_ratio")
+_STATUS = "_gradprobe_monitor_status"
 _NORM, _MAX, _ZERO, _NONFINITE, _RATIO = range(5)
 
 
@@ -96,6 +97,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._state: tuple | None = None  # (model, optimizer, variables, function): reused
         self._active = False
         self._batch_begin = 0
+        self._status: list[np.ndarray] = []
 
     @property
     def steps(self) -> np.ndarray:
@@ -186,11 +188,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._expect_call = False
         first = self._global_step + 1
         self._global_step += batch - self._batch_begin + 1
-        nonfinite = self._nonfinite.numpy()
-        if (self._global_step // self.every) >= -(-first // self.every):  # a multiple ran
-            step = int(self._recorded_step.numpy())
-            if step >= 0 and (not self._rows or step != self._rows[-1][0]):
-                self._record(step)
+        nonfinite, recorded = self._status[0], int(self._status[1][0])
+        ran = (self._global_step // self.every) >= -(-first // self.every)  # a multiple ran
+        if ran and recorded >= 0 and (not self._rows or recorded != self._rows[-1][0]):
+            self._record(recorded)
         if nonfinite.any() and self.first_nonfinite is None:
             where = self._paths[int(np.argmax(nonfinite > 0))]
             current = int(self.model.optimizer.iterations.numpy())
@@ -222,9 +223,27 @@ class GradientMonitor(keras.callbacks.Callback):
         """A fresh train function whose first call traces with the monitor's
         hooks in place; it restores the model's own function on failure, and
         when it is called from a `fit` the monitor is not part of."""
-        model.make_train_function(force=True)
-        fresh = model.train_function
+        if self._distributed or model.run_eagerly:
+            model.make_train_function(force=True)
+        else:
+            # The monitor's numbers leave each step as one more output of the
+            # step (reading variables from Python costs ~80 us each, per step).
+            # Under a distribution strategy they are read from the variables.
+            with _patch.wrapped_methods(model, {"train_step": self._wrap_train_step}):
+                model.make_train_function(force=True)
+        keras_step = model.train_function
         model.train_function = self._saved_train_function
+
+        def fresh(iterator: Any) -> Any:
+            logs = keras_step(iterator)
+            status = None
+            if isinstance(logs, dict) and _STATUS in logs:
+                logs = dict(logs)
+                status = logs.pop(_STATUS)
+            if status is None:
+                status = self._pack_status()
+            self._status = self._unpack_status(backend.to_numpy(status))
+            return logs
 
         def train_function(iterator: Any) -> Any:
             if not self._expect_call and self._traced:
@@ -244,6 +263,15 @@ class GradientMonitor(keras.callbacks.Callback):
                 raise
 
         return train_function
+
+    def _wrap_train_step(self, original: Callable) -> Callable:
+        def train_step(*args: Any, **kwargs: Any) -> Any:
+            logs = original(*args, **kwargs)
+            if not isinstance(logs, dict):
+                return logs  # a custom train_step: the status is read from the variables
+            return {**logs, _STATUS: self._pack_status()}
+
+        return train_step
 
     @contextlib.contextmanager
     def _hooks(self, model: Any):
@@ -269,13 +297,9 @@ class GradientMonitor(keras.callbacks.Callback):
             grads = [by_id.get(id(_value(v))) for v in self._variables]
             grads = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(
                 tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self._variables)]
-            # Every step: a NaN or Inf anywhere makes the sum non-finite; which
-            # variables are affected is worked out only when that happens.
-            sums = [tf.reduce_sum(g) for g in grads]
-            bad = ~tf.math.is_finite(tf.add_n(sums))
-            self._nonfinite.assign(tf.cond(
-                bad, lambda: tf.stack([tf.cast(~tf.math.is_finite(t), tf.float32) for t in sums]),
-                lambda: tf.zeros((len(grads),), tf.float32)))
+            # Every step: a NaN or Inf anywhere in a gradient makes its sum non-finite.
+            sums = tf.stack([tf.reduce_sum(g) for g in grads])
+            self._nonfinite.assign(tf.cast(~tf.math.is_finite(sums), tf.float32))
             recording, step = self._recording()
 
             def compute() -> Any:
@@ -397,11 +421,25 @@ class GradientMonitor(keras.callbacks.Callback):
         return out
 
     # ------------------------------------------------------------- recording
+    def _pack_status(self) -> Any:
+        """What each step hands back, as one float64 vector (one output costs
+        far less than several): non-finite flags, the recorded step (exact in
+        float64), the statistics, the update ratios, the activation statistics."""
+        parts = [self._nonfinite, self._recorded_step, self._stats, self._ratios,
+                 *self._act_stats]
+        return tf.concat([tf.reshape(tf.cast(_value(v), tf.float64), [-1]) for v in parts], 0)
+
+    def _unpack_status(self, flat: np.ndarray) -> list[np.ndarray]:
+        n, m = len(self._variables), len(self._act_stats)
+        stats = flat[n + 1:6 * n + 1].reshape(n, 5)
+        acts = [flat[7 * n + 1 + 4 * k:7 * n + 5 + 4 * k] for k in range(m)]
+        return [flat[:n], flat[n:n + 1], stats, flat[6 * n + 1:7 * n + 1], *acts]
+
     def _record(self, step: int) -> None:
-        raw = self._stats.numpy()
+        _, _, raw, ratios, *act_stats = self._status
         # columns: norm, max_abs, zero_fraction, nonfinite, update_ratio, dead_units
-        stats = np.concatenate([raw[:, :4], self._ratios.numpy()[:, None], raw[:, 4:5]], 1)
-        acts = np.stack([v.numpy() for v in self._act_stats]) if self._act_layers else None
+        stats = np.concatenate([raw[:, :4], ratios[:, None], raw[:, 4:5]], 1)
+        acts = np.stack(act_stats) if self._act_layers else None
         self._rows.append((step, stats, acts))
         if self._writer is not None:
             with self._writer.as_default(step=step):
