@@ -122,3 +122,17 @@ def test_users_own_instance_call_is_restored():
     g = gp.gradients(model, x, 0, "d", compile=False)
     assert vars(d)["call"] is mine
     assert np.allclose(g.activations["d"], 2.0 * original(tf.constant(x)))
+
+
+def test_report_and_attribution_calls_leave_the_model_unchanged(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = Net()
+    x = np.random.default_rng(0).random((3, 6, 6, 3)).astype("float32")
+    model(x)
+    before = snapshot(model, x)
+    assert gp.grad_cam_layer(model, x) == model.drop.name  # last layer with (N, H, W, C) output
+    gp.write_report(str(tmp_path / "r.html"), model, x, "predicted", labels=[0, 1, 2])
+    assert_unchanged(model, x, before)
+    with pytest.raises(gp.GradprobeError):
+        gp.write_report(str(tmp_path / "r.html"), model, x, 0, attribution_layer="nope")
+    assert_unchanged(model, x, before)
