@@ -92,17 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="predicted",
                    help="a class index, or 'predicted' (default)")
     c.add_argument("--out", required=True, help="the directory to write PNGs into")
-    c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import this module first, to register custom classes; runs its code")
-    c.add_argument("--unsafe-load", action="store_true",
-                   help="allow a model that contains code (Lambda layers): runs that code")
+    _loading_arguments(c)
     c.set_defaults(run=_gradcam)
     return parser
 
 
 def _request_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `inspect` and `report` share: model, inputs, target, sources."""
-    p.add_argument("model", help="a .keras or .h5 file")
+    p.add_argument("model", help="a .keras or .h5 file, or a SavedModel directory")
     p.add_argument("--input", required=True,
                    help="inputs: .npy, .npz (first array, or FILE.npz:KEY), or image files "
                         "(.png/.jpg, comma-separated; resized to the model's input)")
@@ -113,6 +110,11 @@ def _request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="the output of a multi-output model (name or index)")
     p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
     p.add_argument("--labels", help=".npy labels for --loss (also shown in report captions)")
+    _loading_arguments(p)
+
+
+def _loading_arguments(p: argparse.ArgumentParser) -> None:
+    """How a saved model may be loaded: --unsafe-load and --import."""
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow a model that contains code (Lambda layers): runs that code")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
