@@ -217,6 +217,7 @@ def test_report_matches_gp_gradients_with_histories(saved, tmp_path, kind):
     (["--history", "{d}/x.npy", "--out", "{d}/r.html"], "neither a GradientMonitor CSV"),
     (["--history", "{d}/none.csv", "--out", "{d}/r.html"], "does not exist"),
     (["--labels", "{d}/y2.npy", "--loss", "mse", "--out", "{d}/r.html"], "--labels has 2"),
+    (["--out", "{d}/x.npy/r.html"], "is a file, not a directory"),
 ])
 def test_report_user_errors(saved, args, message):
     d, _, paths = saved
@@ -225,6 +226,14 @@ def test_report_user_errors(saved, args, message):
     out = run("report", paths["sequential"], "--input", str(d / "x.npy"), *args, check_code=1)
     lines = own_lines(out.stderr)
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_demo_user_errors(saved):
+    d, _, _ = saved
+    for args, message in [(["--epochs", "0"], "--epochs must be at least 1"),
+                          (["--out", str(d / "x.npy")], "is a file; pass a directory")]:
+        lines = own_lines(run("demo", *args, check_code=1).stderr)
+        assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_every_command_has_help():

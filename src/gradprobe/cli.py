@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # GradprobeError and friends: still one line
         from gradprobe.errors import GradprobeError
 
-        if isinstance(e, (GradprobeError, FileNotFoundError, ValueError)):
+        if isinstance(e, (GradprobeError, OSError, ValueError)):
             print(f"gradprobe: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USER
         raise
@@ -235,6 +235,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1; got {args.epochs}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a file; pass a directory")
     demo.run(args.out, epochs=args.epochs, seed=args.seed)
     return 0
 

@@ -65,6 +65,13 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     """
     import jinja2
 
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = folder
+    while not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if not os.path.isdir(blocker):
+        raise GradprobeError(f"Cannot write the report to {path!r}: {blocker!r} is a file, "
+                             "not a directory.")
     if gradients is None:
         gradients = compute_gradients(model, inputs, target, list(wrt), output=output,
                                       unconnected="zero")
@@ -121,7 +128,6 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     env.filters["num"] = lambda v: f"{v:.4g}"
     env.filters["pct"] = lambda v: f"{v:.1%}"
     text = env.get_template("report.html").render(**context)
-    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
