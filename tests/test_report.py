@@ -119,3 +119,15 @@ def test_grad_cam_layer_default_and_error():
     dense = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
     with pytest.raises(gp.GradprobeError, match="no layer with a spatial"):
         gp.grad_cam_layer(dense, np.zeros((1, 4), "float32"))
+
+
+def test_per_example_class_targets_caption_the_given_class(tmp_path):
+    model = _cnn()
+    x = np.random.default_rng(2).random((4, 8, 8, 1)).astype("float32")
+    classes = np.array([2, 0, 1, 2])
+    html = _read(gp.write_report(str(tmp_path / "r.html"), model, x, classes, max_images=2))
+    data = _data(html)
+    assert data["figures"] == ["gradient-flow", "attribution-maps"]
+    assert "all for the given class" in html
+    g = gp.gradients(model, x, classes, ["inputs", "*", "*.weights"])
+    assert np.allclose(data["target"], np.asarray(g.target), rtol=1e-6)

@@ -89,11 +89,9 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
                            "(log scale). A bar orders of magnitude below its neighbours "
                            "is a vanishing gradient.",
                 "src": _png(gradient_flow(stats, gradients.kinds))}]
-    attributions = None
     if attribution and _is_image_batch(inputs):
-        attributions = _attribution_figure(model, inputs, target, output, attribution_layer,
-                                           labels, class_names, max_images)
-        figures.append(attributions)
+        figures.append(_attribution_figure(model, inputs, target, output, attribution_layer,
+                                           labels, class_names, max_images))
     curves = _training_history(history)
     if curves:
         figures.append({"id": "training-curves", "title": "Training curves",
@@ -160,38 +158,33 @@ def _layer_rows(model: Any, g: Gradients) -> list[dict]:
 
 def _attribution_figure(model, inputs, target, output, layer, labels, class_names,
                         max_images) -> dict:
+    from gradprobe.attribution import fixed_target
     from gradprobe.grad_cam import grad_cam, grad_cam_layer
     from gradprobe.plot import save_maps
     from gradprobe.saliency import saliency
 
     x = np.asarray(inputs)[:max_images]
-    cls = target if _is_class_target(target) else "predicted"
-    if isinstance(cls, (list, tuple, np.ndarray)):
-        cls = np.asarray(cls)[:max_images]
+    predicted = fixed_target(model, x, "predicted", output, False)
+    given = _is_class_target(target) and not isinstance(target, str)
+    cls = (np.asarray(target)[:max_images] if np.ndim(target) else target) if given \
+        else predicted
     layer = layer if layer is not None else grad_cam_layer(model, x[:1])
-    sal = np.asarray(saliency(model, x, cls, output=output))
-    cam_result = grad_cam(model, x, cls, layer, output=output)
-    scores = model(x, training=False)
-    scores = scores if output is None else scores[output]
-    classes = np.argmax(backend.to_numpy(scores), axis=-1)
+    maps = {"saliency |g|": saliency(model, x, cls, output=output),
+            f"Grad-CAM ({layer})": grad_cam(model, x, cls, layer, output=output)}
 
     def name(c: int) -> str:
         return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
 
-    titles = []
-    for i in range(len(x)):
-        text = f"#{i}: predicted {name(int(classes[i]))}"
-        if labels is not None:
-            text += f", label {name(int(np.asarray(labels)[i]))}"
-        titles.append(text)
+    titles = [f"#{i}: predicted {name(int(p))}" + (
+        f", label {name(int(np.asarray(labels)[i]))}" if labels is not None else "")
+        for i, p in enumerate(predicted)]
     buf = io.BytesIO()
-    save_maps(buf, x, {"saliency |g|": sal, f"Grad-CAM ({layer})": np.asarray(cam_result)},
-              titles=titles)
-    what = "the predicted class" if isinstance(cls, str) else "the given class"
+    save_maps(buf, x, maps, titles=titles)
+    what = "the given class" if given else "the predicted class"
     return {"id": "attribution-maps", "title": "Attribution maps",
             "caption": f"For each image: the input, |gradient| saliency, and Grad-CAM of layer "
                        f"{layer!r} overlaid, all for {what}.",
-            "src": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+            "src": _data_uri(buf.getvalue())}
 
 
 def _training_history(history: Any) -> dict[str, list[float]] | None:
@@ -243,7 +236,11 @@ def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _data_uri(buf.getvalue())
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _is_image_batch(inputs: Any) -> bool:
