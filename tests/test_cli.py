@@ -258,3 +258,17 @@ def test_saved_model_directory_gives_input_gradients(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     out = run("inspect", str(tmp_path / "empty"), "--input", str(d / "x.npy"), check_code=1)
     assert "not a SavedModel" in own_lines(out.stderr)[0]
+
+
+def test_legacy_h5_model(saved, tmp_path):
+    d, x, paths = saved
+    model = keras.saving.load_model(paths["sequential"])
+    h5 = str(tmp_path / "legacy.h5")
+    model.save(h5)
+    got = json.loads(run("inspect", h5, "--input", str(d / "x.npy"), "--target", "3",
+                         "--json").stdout)
+    g = gp.gradients(model, x, 3, ["inputs", "*", "*.weights"], unconnected="zero")
+    stats = g.stats()
+    assert [s["name"] for s in got["sources"]] == list(stats)
+    for s in got["sources"]:
+        assert np.isclose(s["norm"], stats[s["name"]]["norm"], rtol=1e-5, atol=1e-8)
