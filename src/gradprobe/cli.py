@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "report", help="a self-contained HTML report of a saved model's gradients",
-        description="Writes one HTML file (images inlined, no scripts, no network requests): "
+        description="Writes one HTML file (images inlined, no executable scripts, no network requests): "
                     "the model's layers, per-layer gradient statistics and diagnosis, a "
                     "gradient-flow chart, saliency and Grad-CAM maps for image inputs, and "
                     "training curves from --history files.")

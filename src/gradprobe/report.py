@@ -1,5 +1,5 @@
 """`gp.write_report`: one self-contained HTML file (Jinja2 template, images
-inlined as data URIs, no scripts, no network requests) with a model's layer
+inlined as data URIs, no executable scripts, no network requests) with a model's layer
 table, its per-layer gradient statistics and diagnosis, a gradient-flow chart,
 attribution maps for image inputs, and training curves."""
 
