@@ -102,7 +102,10 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
 
     import gradprobe as gp
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: do not fold lines at 80 columns
+            console = Console(width=max(console.width, 130))
     os.makedirs(out_dir, exist_ok=True)
     files = {name: os.path.join(out_dir, name) for name in (
         "report.html", "gradcam.png", "gradient_flow.png", "gradient_history.png",
