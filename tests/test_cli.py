@@ -12,6 +12,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
@@ -258,6 +259,11 @@ def test_saved_model_directory_gives_input_gradients(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     out = run("inspect", str(tmp_path / "empty"), "--input", str(d / "x.npy"), check_code=1)
     assert "not a SavedModel" in own_lines(out.stderr)[0]
+    tf.saved_model.save(tf.Module(), str(tmp_path / "no_signature"))
+    out = run("inspect", str(tmp_path / "no_signature"), "--input", str(d / "x.npy"),
+              check_code=1)
+    lines = own_lines(out.stderr)
+    assert len(lines) == 1 and "serving_default" in lines[0], lines
 
 
 def test_legacy_h5_model(saved, tmp_path):

@@ -160,21 +160,20 @@ def load_saved_model(path: str) -> Any:
         raise UserError(f"{path!r} is a directory but not a SavedModel (no saved_model.pb); "
                         "pass a .keras or .h5 file")
     import keras
-    import tensorflow as tf
 
     try:
-        signature = tf.saved_model.load(path).signatures["serving_default"]
+        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default", name="saved_model")
     except (KeyError, ValueError, OSError) as e:
         raise UserError(f"cannot load the SavedModel {path!r} (it needs a 'serving_default' "
                         f"signature, e.g. from model.export()): {_one_line(e)}") from None
-    args, kwargs = signature.structured_input_signature
+    args, kwargs = layer.call_endpoint_fn.structured_input_signature
     specs = list(args) + list(kwargs.items())
     if len(specs) != 1:
         raise UserError(f"the SavedModel {path!r} has {len(specs)} inputs; gradprobe reads "
                         "single-input SavedModels only (save a .keras file instead)")
     name, spec = specs[0] if isinstance(specs[0], tuple) else ("input", specs[0])
     inp = keras.Input(shape=spec.shape[1:], dtype=spec.dtype.name, name=name)
-    out = keras.layers.TFSMLayer(path, call_endpoint="serving_default", name="saved_model")(inp)
+    out = layer(inp)
     if isinstance(out, dict) and len(out) == 1:
         out = next(iter(out.values()))
     model = keras.Model(inp, out, name=os.path.basename(os.path.normpath(path)) or "saved_model")
