@@ -117,6 +117,13 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
     return path
 
 
+def _finish(fig: Any, path: Any) -> Any:
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
 def _pyplot(path: Any) -> Any:
     import matplotlib
 
@@ -161,10 +168,7 @@ def gradient_history(steps: Any, history: dict[str, dict[str, Any]],
     ax2.set_yscale("log")
     ax2.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right")
     ax2.set_title(f"gradient flow at step {int(steps[-1])} (forward order)")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish(fig, path)
 
 
 def gradient_flow(stats: dict[str, dict], kinds: dict[str, str] | None = None,
@@ -199,10 +203,7 @@ def gradient_flow(stats: dict[str, dict], kinds: dict[str, str] | None = None,
         ax.set_xticks(x, keys, rotation=75, fontsize=7, ha="right")
         ax.set_title(f"gradient flow: {title} (forward order)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish(fig, path)
 
 
 def training_curves(history: dict[str, Any], path: str | None = None) -> Any:
@@ -229,7 +230,4 @@ def training_curves(history: dict[str, Any], path: str | None = None) -> Any:
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish(fig, path)
