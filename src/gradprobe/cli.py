@@ -280,7 +280,9 @@ def _inspect(args: argparse.Namespace) -> int:
     g = gp.gradients(r["model"], r["inputs"], r["target"], r["wrt"], output=r["output"],
                      unconnected="zero")
     if args.json:
-        print(json.dumps(report(g)))
+        from gradprobe.report import gradients_json
+
+        print(json.dumps(gradients_json(g)))
     else:
         g.summary()
     return 0
@@ -299,9 +301,7 @@ def _report(args: argparse.Namespace) -> int:
         else:
             history = path
     r = _request(args)
-    g = gp.gradients(r["model"], r["inputs"], r["target"], r["wrt"], output=r["output"],
-                     unconnected="zero")
-    path = gp.write_report(args.out, r["model"], r["inputs"], r["target"], gradients=g,
+    path = gp.write_report(args.out, r["model"], r["inputs"], r["target"], wrt=r["wrt"],
                            output=r["output"], labels=r["labels"], attribution_layer=args.layer,
                            monitor=monitor, history=history, title=args.title)
     print(os.path.abspath(path))
@@ -372,22 +372,6 @@ def _import_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise UserError(f"--import {name}: {_one_line(e)}") from None
-
-
-def report(g: Any) -> dict:
-    """The JSON object of `gradprobe inspect --json` for a `Gradients` result."""
-    import numpy as np
-
-    stats = g.stats()
-    target = np.asarray(g.target)
-    return {
-        "target": target.tolist() if target.ndim else [float(target)],
-        "sources": [{"name": k, "kind": g.kinds[k], **{f: (list(v) if f == "shape" else v)
-                                                        for f, v in s.items()}}
-                    for k, s in stats.items()],
-        "findings": [{"kind": f.kind, "source": f.key, "message": f.message}
-                     for f in g.diagnose()],
-    }
 
 
 def _one_line(e: BaseException) -> str:

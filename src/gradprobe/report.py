@@ -113,11 +113,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
         "rows": rows,
         "findings": [f.message for f in findings],
         "figures": figures,
-        "data_json": _script_json({"target": backend.to_numpy(gradients.target).tolist(),
-                                   "sources": [{**r, "shape": list(stats[r["name"]]["shape"])}
-                                               for r in rows],
-                                   "findings": [{"kind": f.kind, "source": f.key,
-                                                 "message": f.message} for f in findings],
+        "data_json": _script_json({**gradients_json(gradients, findings),
                                    "figures": [f["id"] for f in figures]}),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("gradprobe", "templates"),
@@ -130,6 +126,29 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def gradients_json(g: Gradients, findings: list | None = None) -> dict:
+    """A `Gradients` result as plain JSON data: `{"target": [...], "sources":
+    [{"name", "kind", "shape", "norm", "mean_abs", "max_abs", "std", "zero_fraction",
+    "nonfinite"}, ...], "findings": [{"kind", "source", "message"}, ...]}`, the
+    numbers of `g.stats()`. `gradprobe inspect --json` prints it; the HTML report
+    embeds it.
+
+    Args:
+        g: The result.
+        findings: `g.diagnose()` if already computed.
+    """
+    target = backend.to_numpy(g.target)
+    findings = g.diagnose() if findings is None else findings
+    return {
+        "target": target.tolist() if target.ndim else [float(target)],
+        "sources": [{"name": k, "kind": g.kinds[k],
+                     **{f: (list(v) if f == "shape" else v) for f, v in s.items()}}
+                    for k, s in g.stats().items()],
+        "findings": [{"kind": f.kind, "source": f.key, "message": f.message}
+                     for f in findings],
+    }
 
 
 # ---------------------------------------------------------------- sections
