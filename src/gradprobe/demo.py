@@ -101,6 +101,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     import gradprobe as gp
+    from gradprobe.attribution import fixed_target
 
     if console is None:
         console = Console()
@@ -146,9 +147,9 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
         console.print(f"[yellow]during training[/yellow] {f.message}", highlight=False)
 
     images, labels = x_test[:8], y_test[:8]
-    maps = {"saliency |g|": gp.saliency(model, images, "predicted"),
-            "Grad-CAM (conv2)": gp.grad_cam(model, images, "predicted", "conv2")}
-    predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
+    predicted = fixed_target(model, images, "predicted", None, False)
+    maps = {"saliency |g|": gp.saliency(model, images, predicted),
+            "Grad-CAM (conv2)": gp.grad_cam(model, images, predicted, "conv2")}
     titles = [f"predicted {p}, label {t}" for p, t in zip(predicted, labels)]
     gp.plot.save_maps(files["gradcam.png"], images, maps, titles=titles)
     gp.plot.gradient_flow(g.stats(), g.kinds, files["gradient_flow.png"])
