@@ -340,7 +340,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     layer = args.layer
     if layer is None:
         try:
-            layer = gp.grad_cam_layer(model, x)
+            layer = gp.grad_cam_layer(model, x[:1])
         except gp.GradprobeError:
             raise UserError("the model has no layer with a spatial (2-D) output; "
                             "pass --layer") from None
