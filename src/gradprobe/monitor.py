@@ -233,6 +233,8 @@ class GradientMonitor(keras.callbacks.Callback):
                 model.make_train_function(force=True)
         keras_step = model.train_function
         model.train_function = self._saved_train_function
+        # Where the step cannot hand the status back: one compiled read per step.
+        read_status = tf.function(self._pack_status, autograph=False)
 
         def fresh(iterator: Any) -> Any:
             logs = keras_step(iterator)
@@ -241,7 +243,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 logs = dict(logs)
                 status = logs.pop(_STATUS)
             if status is None:
-                status = self._pack_status()
+                status = read_status()
             self._status = self._unpack_status(backend.to_numpy(status))
             return logs
 
