@@ -164,9 +164,19 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
     value = capture.per_example_values(value, "gp.per_example_norms")
 
     ghost: dict[int, Any] = {}
+    shared: dict[int, str] = {}
+    batch = value.shape[0]
     for lid, layer in owners.items():
         calls = recorder.calls_of(layer)
         if len(calls) == 1 and calls[0].leaves[0][1] is not None:
+            rows = calls[0].leaves[0][0].shape[0]
+            if rows is not None and batch is not None and rows != batch:
+                # e.g. a position embedding over arange(n)[None], broadcast over the batch:
+                # its output is shared by all examples, so no per-example identity applies.
+                shared[lid] = (f"layer {layer.name!r} runs on {rows} row(s) shared by the "
+                               f"batch of {batch} (a broadcast input), so its output is not "
+                               "per example")
+                continue
             ghost[lid] = calls[0]
     probes = [ghost[lid].leaves[0][1] for lid in ghost]
     out_grads = dict(zip(ghost, backend.gradient(tape, objective, probes)))
@@ -193,7 +203,8 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         if v.key in norms:
             continue
         if v.key not in fallbacks:
-            fallbacks[v.key] = _why_not(v.owner, owners, recorder, method)
+            fallbacks[v.key] = shared.get(id(v.owner)) or _why_not(v.owner, owners, recorder,
+                                                                    method)
         j = backend.jacobian(tape, value, v.var)
         j = tf.reshape(j, [tf.shape(j)[0], -1])
         norms[v.key] = tf.sqrt(tf.reduce_sum(tf.square(j), axis=1))
@@ -207,7 +218,8 @@ def _why_not(owner: Any, owners: dict, recorder: Any, method: str) -> str:
     if method == "vectorized":
         return "method='vectorized' was requested"
     if owner is None:
-        return "the variable belongs to no layer of the model"
+        return ("the variable is the model's own (no layer owns it), so no ghost-norm "
+                "identity applies")
     if id(owner) not in owners:
         return (f"{type(owner).__name__} has no ghost-norm identity here (supported: "
                 + ", ".join(t.__name__ for t in GHOST_TYPES) + ")")

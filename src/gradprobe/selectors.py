@@ -9,12 +9,17 @@ A selector is one of
   (looked up in the layer itself first, then in its sublayers);
   `"name.weights"`: all trainable variables of that layer;
 * `"inputs"` (every model input) or `"inputs:k"` (one input, by index or dict key);
-* glob patterns over the leaf layers: `"conv*"`, `"*"` (every leaf layer),
-  `"*.kernel"`, `"block1/*.weights"`;
+* glob patterns: `"conv*"`, `"*"` (activations of the matching leaf layers);
+  `"*.kernel"`, `"block1/*.weights"` (variables of every matching layer, leaf or
+  not, the model itself included: `"*.weights"` is exactly
+  `model.trainable_variables`);
 * a layer object or a variable object.
 
 Leaf layers are layers without sublayers, plus the built-in Keras layers whose
 sublayers are internal (RNNs, `Bidirectional`, `MultiHeadAttention`, ...).
+Every variable has one key, `"<owner path>.<name>"`, where the owner is the
+innermost layer that tracks it (`"embed.class_token"`, `"lstm/lstm_cell.kernel"`);
+a variable of the model itself is keyed `"<model name>.<name>"`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class LayerNode:
     parent: LayerNode | None
     children: list[LayerNode] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
+    sublayers: list[Any] = field(default_factory=list)  # direct sublayers, shared ones too
 
     @property
     def name(self) -> str:
@@ -95,7 +101,8 @@ class LayerTree:
         self._var_owner: dict[int, tuple[LayerNode, Any]] | None = None
 
     def _walk(self, parent: LayerNode) -> None:
-        for child in _children(parent.layer):
+        parent.sublayers = _children(parent.layer)
+        for child in parent.sublayers:
             path = child.name if parent is self.root else f"{parent.path}/{child.name}"
             known = self.by_id.get(id(child))
             if known is not None:  # shared instance tracked by two parents
@@ -166,9 +173,30 @@ class LayerTree:
 
     # ------------------------------------------------------------- variables
     def own_variables(self, node: LayerNode) -> list[Any]:
-        """Variables of `node` that belong to none of its sublayers."""
-        inner = {id(v) for c in node.children for v in c.layer.weights}
+        """Variables of `node` that belong to none of its sublayers (a sublayer it
+        shares with another parent included)."""
+        inner = {id(v) for c in node.sublayers for v in c.weights}
         return [v for v in node.layer.weights if id(v) not in inner]
+
+    def weight_units(self) -> list[tuple[LayerNode, list[Any]]]:
+        """Every layer that owns variables a pattern can match, with those
+        variables: each leaf layer with all its variables (its sublayers are
+        internal), and the model and each non-leaf layer above the leaves with
+        the variables it owns itself (e.g. a `class_token` added with
+        `add_weight` next to sublayers). Together they hold every variable of
+        the model exactly once."""
+        units: list[tuple[LayerNode, list[Any]]] = []
+        seen: set[int] = set()
+        for node in [self.root, *self.nodes]:
+            if node.is_input or (node is not self.root and self._under_leaf(node)):
+                continue
+            leaf = node is not self.root and node.is_leaf
+            own = list(node.layer.weights) if leaf else self.own_variables(node)
+            own = [v for v in own if id(v) not in seen]
+            seen.update(id(v) for v in own)
+            if own:
+                units.append((node, own))
+        return units
 
     def owner(self, var: Any) -> LayerNode | None:
         if self._var_owner is None:
@@ -372,25 +400,37 @@ def _variables(tree: LayerTree, node: LayerNode, var_part: str, text: str) -> li
     )
 
 
+def _matches(node: LayerNode, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(node.path, pattern) or fnmatch.fnmatchcase(node.name, pattern)
+
+
 def _resolve_pattern(tree: LayerTree, text: str, layer_pat: str,
                      var_part: str | None) -> list[Source]:
-    layers = [n for n in tree.leaves()
-              if fnmatch.fnmatchcase(n.path, layer_pat) or fnmatch.fnmatchcase(n.name, layer_pat)]
     out: list[Source] = []
-    for node in layers:
-        if var_part is None:
-            out.append(ActivationSource(node, None, text, False))
-            continue
-        if var_part == "weights":
-            vars_ = list(node.layer.trainable_weights)
-        else:
-            vars_ = [v for v in node.layer.weights if fnmatch.fnmatchcase(_short_name(v), var_part)]
-        out.extend(WeightSource(v, tree.variable_key(v), tree.owner(v), text, False)
-                   for v in vars_)
+    if var_part is None:
+        out = [ActivationSource(n, None, text, False) for n in tree.leaves()
+               if _matches(n, layer_pat)]
+    else:
+        trainable = {id(v) for v in tree.model.trainable_variables}
+        for node, owned in tree.weight_units():
+            if not _matches(node, layer_pat):
+                continue
+            if var_part == "weights":
+                vars_ = [v for v in owned if id(v) in trainable]
+            else:
+                vars_ = [v for v in owned if fnmatch.fnmatchcase(_short_name(v), var_part)]
+            out.extend(WeightSource(v, tree.variable_key(v), tree.owner(v), text, False)
+                       for v in vars_)
     if not out:
-        what = "layer" if var_part is None else f"layer with a variable {var_part!r}"
+        if var_part is None:
+            what, names = "layer", [n.path for n in tree.leaves()]
+            listing = "Its leaf layers are"
+        else:
+            what = f"layer with a variable {var_part!r}"
+            names = [tree.variable_key(v) for _, owned in tree.weight_units() for v in owned]
+            listing = "Its variables are"
         raise GradprobeError(
             f"Pattern {text!r} matches no {what} of model {tree.root.name!r}. "
-            f"Its leaf layers are: {quoted(n.path for n in tree.leaves())}."
+            f"{listing}: {quoted(names)}."
         )
     return out
