@@ -9,9 +9,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradprobe import _patch, backend
 from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
-from gradprobe.engine import gradients
-from gradprobe.errors import GradprobeError
+from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe.errors import GradprobeError, quoted
+from gradprobe.selectors import LayerTree
+from gradprobe.targets import output_names, select_output
 
 
 def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channel_axis: int = -1,
@@ -109,32 +112,120 @@ def _upsample(cam: Any, x: Any, channel_axis: int) -> Any:
     raise GradprobeError("upsample=True supports 1-D and 2-D maps; pass upsample=False.")
 
 
-def grad_cam_layer(model: keras.Model, inputs: Any) -> str:
+def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> str:
     """The layer Grad-CAM uses by default: the last leaf layer, in forward order,
-    whose output has two spatial axes (a 4-D activation), found in one pass.
+    whose output still has spatial extent (a `(batch, H, W, C)` activation with
+    `H * W > 1`) and that the selected output depends on.
+
+    It runs one forward pass on the first example, recording each leaf layer's
+    output shape, then asks the tape, from the last candidate backwards, whether
+    the output depends on it (a backward pass only over the few layers after the
+    chosen one). Layers after global pooling (1x1 maps) are never chosen.
 
     Args:
         model: The model.
-        inputs: A batch of inputs (one example is enough).
+        inputs: A batch of inputs (only the first example is used).
+        output: For a multi-output model, the output the maps will explain (name
+            or index, as in `gp.gradients`); default: any output.
 
     Returns:
         That layer's key, usable as `layer=` of `gp.grad_cam`.
+
+    Raises:
+        GradprobeError: When no layer qualifies: the model has no spatial maps (an
+            MLP), or its last spatial maps are turned into a token sequence that
+            later layers mix (a vision transformer), so there is no layer whose
+            maps Grad-CAM can explain; pass `layer=` explicitly.
 
     Example:
 
     >>> layer = gp.grad_cam_layer(model, images[:1])
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
-    g = gradients(model, inputs, _zero, "*", unconnected="zero")
-    spatial = [k for k in g.activations
-               if g.kinds[k] == "activation" and len(g.activations[k].shape) == 4]
-    if not spatial:
+    if not tf.executing_eagerly():
+        raise GradprobeError("gp.grad_cam_layer runs eagerly; call it outside tf.function.")
+    x = prepare_inputs(model, inputs)
+    ensure_built(model, x)
+    batch_size(x)
+    x = keras.tree.map_structure(lambda t: t[:1], x)
+    tree = LayerTree(model)
+    nodes = {id(n.layer): n for n in tree.leaves()}
+    output_node = None
+    if isinstance(output, str) and output not in output_names(model):
+        output_node = tree.find(output)
+        nodes.setdefault(id(output_node.layer), output_node)
+    records: list[tuple[Any, int, Any]] = []  # (node, call index, the one output leaf)
+    counts: dict[int, int] = {}
+
+    def hook(layer: Any, out: Any, args: tuple, kwargs: dict) -> Any:
+        leaves = keras.tree.flatten(out)
+        index = counts.get(id(layer), 0)
+        counts[id(layer)] = index + 1
+        if len(leaves) == 1 and backend.is_floating(leaves[0]) and hasattr(leaves[0], "numpy"):
+            tape.watch(leaves[0])
+            records.append((nodes[id(layer)], index, leaves[0]))
+        return out
+
+    with tf.GradientTape(persistent=True) as tape:
+        with _patch.wrapped_calls([n.layer for n in nodes.values()], hook), \
+                keras.StatelessScope():
+            outputs = model(x, training=False)
+        layer_value = None
+        if output_node is not None:
+            layer_value = next((t for n, _, t in records if n is output_node), None)
+        selected = select_output(outputs, output, output_names(model), layer_value, _ANY_OUTPUT)
+        floats = [t for t in keras.tree.flatten(selected) if backend.is_floating(t)]
+        if not floats:
+            raise GradprobeError("The selected output is not floating point: nothing to explain.")
+        objective = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in floats])
+
+    def key(node: Any, index: int) -> str:
+        return f"{node.path}@{index}" if counts[id(node.layer)] > 1 else node.path
+
+    def depends(t: Any) -> bool:
+        return tape.gradient(objective, t) is not None
+
+    spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
+    chosen = next((i for i in reversed(spatial) if depends(records[i][2])), None)
+    if chosen is None:
+        flat = [key(n, c) for n, c, t in records if t.shape.rank == 4]
         raise GradprobeError(
-            "The model has no layer with a spatial (2-D) output, so Grad-CAM has no default "
-            "layer; pass layer= explicitly (a layer with output (batch, H, W, C)).")
-    return spatial[-1]
+            "The model has no layer with a spatial (2-D) output larger than 1x1 that the "
+            "output depends on, so Grad-CAM has no default layer"
+            + (f" (its 4-D outputs are all 1x1: {quoted(flat)})" if flat else "")
+            + ". Pass layer= explicitly: a layer with output (batch, H, W, C), or use "
+            "gp.saliency or gp.integrated_gradients for models without feature maps.")
+    node, index, value = records[chosen]
+    sequences = [i for i in range(chosen + 1, len(records))
+                 if records[i][2].shape.rank == 3 and (records[i][2].shape[1] or 0) > 1]
+    later = next((i for i in reversed(sequences) if depends(records[i][2])), None)
+    if later is not None:
+        n2, c2, t2 = records[later]
+        raise GradprobeError(
+            f"Grad-CAM has no default layer for this model: its last spatial maps "
+            f"({key(node, index)!r}, shape {tuple(value.shape)}) are turned into a sequence "
+            f"of tokens ({key(n2, c2)!r}, shape {tuple(t2.shape)}) that later layers mix, as "
+            "in a vision transformer, so no layer's maps explain the output the way "
+            "Grad-CAM assumes. Pass layer= explicitly (e.g. "
+            f"layer={key(node, index)!r}), or use gp.saliency or gp.integrated_gradients.")
+    return key(node, index)
 
 
-def _zero(outputs: Any) -> Any:
-    return tf.add_n([0.0 * tf.reduce_sum(tf.cast(t, tf.float32))
-                     for t in tf.nest.flatten(outputs)])
+class _AnyOutput:
+    """A stand-in target for `select_output`: any (or every) output will do."""
+
+    kind = "any"
+    needs_single_output = False
+
+
+_ANY_OUTPUT = _AnyOutput()
+
+
+def _spatial_extent(layer: Any, t: Any) -> int:
+    """H * W of a 4-D feature map (channels_last, or the layer's channels_first), else 0."""
+    shape = t.shape
+    if shape.rank != 4:
+        return 0
+    h, w = (shape[2], shape[3]) if getattr(layer, "data_format", None) == "channels_first" \
+        else (shape[1], shape[2])
+    return int(h or 0) * int(w or 0)

@@ -125,12 +125,17 @@ class Gradients(Mapping):
         from rich.table import Table
 
         table = Table(title="gradprobe: gradients by source (forward order)")
+        stats = self.stats()
+        shown = shorten_keys(list(stats))
         for col, justify in [("source", "left"), ("kind", "left"), ("shape", "left"),
                              ("norm", "right"), ("mean |g|", "right"), ("max |g|", "right"),
                              ("std", "right"), ("zeros", "right"), ("non-finite", "right")]:
-            table.add_column(col, justify=justify)
-        for key, s in self.stats().items():
-            table.add_row(key, self.kinds[key], str(s["shape"]), f"{s['norm']:.4g}",
+            # the source column is never cut by rich: shorten_keys already made it fit
+            table.add_column(col, justify=justify, no_wrap=col == "source",
+                             min_width=max(map(len, shown.values()), default=6)
+                             if col == "source" else None)
+        for key, s in stats.items():
+            table.add_row(shown[key], self.kinds[key], str(s["shape"]), f"{s['norm']:.4g}",
                           f"{s['mean_abs']:.4g}", f"{s['max_abs']:.4g}", f"{s['std']:.4g}",
                           f"{s['zero_fraction']:.1%}", str(s["nonfinite"]))
         found = self.diagnose() if findings else []
@@ -148,3 +153,55 @@ class Gradients(Mapping):
         for f in found:
             console.print(f"finding {f.message}", highlight=False)
         print_fn(buf.getvalue().rstrip("\n"))
+
+
+def shorten_keys(keys: list[str], limit: int = 48) -> dict[str, str]:
+    """key -> display name, shortened in the middle when longer than `limit`.
+
+    Whole path segments are dropped from the middle (`"gemma_backbone/…/query_dense/
+    einsum.kernel"`: the root and the most specific end are kept), and two keys
+    never display the same: where short forms collide, the segments that tell
+    the keys apart are put back (`"…/transformer_layer_0/…"`).
+    """
+    segments = {k: k.split("/") for k in keys}
+    keep: dict[str, set[int]] = {}
+    for k, segs in segments.items():
+        n = len(segs)
+        kept = set(range(n)) if len(k) <= limit else {0, n - 1}
+        for j in range(n - 2, 0, -1):
+            if len(_join(segs, kept | {j})) > limit:
+                break
+            kept.add(j)
+        keep[k] = kept
+
+    shown = {k: _join(segments[k], keep[k]) for k in keys}
+    for _ in range(max((len(v) for v in segments.values()), default=0) + 1):
+        groups: dict[str, list[str]] = {}
+        for k, v in shown.items():
+            groups.setdefault(v, []).append(k)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            break
+        for group in clashes:
+            for k in group:
+                segs = segments[k]
+                for other in group:
+                    if other == k:
+                        continue
+                    o = segments[other]
+                    differ = next((j for j in range(len(segs))
+                                   if j >= len(o) or segs[j] != o[j]), None)
+                    if differ is not None:
+                        keep[k].add(differ)
+                shown[k] = _join(segs, keep[k])
+    return {k: shown[k] if len(set(shown.values())) == len(shown) else k for k in keys}
+
+
+def _join(segments: list[str], kept: set[int]) -> str:
+    parts: list[str] = []
+    for j, seg in enumerate(segments):
+        if j in kept:
+            parts.append(seg)
+        elif not parts or parts[-1] != "\u2026":
+            parts.append("\u2026")
+    return "/".join(parts)
