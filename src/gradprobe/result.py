@@ -65,6 +65,8 @@ class Gradients(Mapping):
         if key in self._grads:
             return self._grads[key]
         keys = self._aliases.get(key)
+        if keys is None and isinstance(key, str):
+            keys = self._by_suffix(key)
         if keys and len(keys) == 1:
             return self._grads[keys[0]]
         if keys:
@@ -74,6 +76,18 @@ class Gradients(Mapping):
         raise GradprobeKeyError(
             f"No gradient for {key!r}." + (f" Did you mean {quoted(hint)}?" if hint else "")
             + f" The keys are: {quoted(self._grads)}.")
+
+    def _by_suffix(self, name: str) -> list[str] | None:
+        """Keys that `name` names as a layer path suffix, as selectors do: `"d1"`
+        for `"inner/d1"`, `"d1.kernel"` for `"inner/d1.kernel"` (also each
+        call `"inner/d1@i"` of a layer called several times)."""
+        def names(k: str) -> bool:
+            if k.endswith("/" + name):
+                return True
+            base = k.split("@")[0]  # "inner/d1@1" -> "inner/d1", for name "d1"
+            return "@" in k and "@" not in name and (base == name or base.endswith("/" + name))
+
+        return [k for k in self._grads if names(k)] or None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._grads)
@@ -194,7 +208,31 @@ def shorten_keys(keys: list[str], limit: int = 48) -> dict[str, str]:
                     if differ is not None:
                         keep[k].add(differ)
                 shown[k] = _join(segs, keep[k])
-    return {k: shown[k] if len(set(shown.values())) == len(shown) else k for k in keys}
+    if len(set(shown.values())) < len(shown):
+        return {k: k for k in keys}
+    # still too long (long segment names): cut the longest kept segments in their
+    # middle too, unless that would make two rows alike
+    fitted = {k: _fit(v, limit) for k, v in shown.items()}
+    counts: dict[str, int] = {}
+    for v in fitted.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {k: fitted[k] if counts[fitted[k]] == 1 and fitted[k] not in shown.values()
+            or fitted[k] == shown[k] else shown[k] for k in keys}
+
+
+def _fit(shown: str, limit: int, shortest: int = 12) -> str:
+    parts = shown.split("/")
+    while len("/".join(parts)) > limit:
+        # the last segment (the layer itself, with its variable) is cut last
+        long = [i for i, p in enumerate(parts[:-1]) if len(p) > shortest] or \
+            [i for i, p in enumerate(parts) if len(p) > shortest]
+        if not long:
+            break
+        i = max(long, key=lambda j: len(parts[j]))
+        n = max(shortest, len(parts[i]) - (len("/".join(parts)) - limit))
+        head = (n - 1) // 2
+        parts[i] = parts[i][:head] + "\u2026" + parts[i][len(parts[i]) - (n - 1 - head):]
+    return "/".join(parts)
 
 
 def _join(segments: list[str], kept: set[int]) -> str:

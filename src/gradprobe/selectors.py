@@ -24,6 +24,7 @@ a variable of the model itself is keyed `"<model name>.<name>"`.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Iterator, Sequence
@@ -234,6 +235,7 @@ class ActivationSource:
     call: int | None
     requested: str
     explicit: bool
+    also: tuple[str, ...] = ()  # other selectors that named the same source
 
     @property
     def spec(self) -> tuple:
@@ -249,6 +251,7 @@ class WeightSource:
     node: LayerNode | None
     requested: str
     explicit: bool
+    also: tuple[str, ...] = ()  # other selectors that named the same source
 
     @property
     def spec(self) -> tuple:
@@ -261,6 +264,7 @@ class InputSource:
 
     index: int | str | None
     requested: str
+    also: tuple[str, ...] = ()
 
     @property
     def spec(self) -> tuple:
@@ -271,7 +275,9 @@ Source = ActivationSource | WeightSource | InputSource
 
 
 def resolve(tree: LayerTree, wrt: Any) -> list[Source]:
-    """Turns a `wrt` argument into a list of sources (duplicates removed)."""
+    """Turns a `wrt` argument into a list of sources (duplicates removed: a source
+    named by several selectors appears once, with the first in `requested` and the
+    others in `also`)."""
     items = _as_list(wrt)
     if not items:
         raise GradprobeError(
@@ -279,12 +285,25 @@ def resolve(tree: LayerTree, wrt: Any) -> list[Source]:
             "activation), wrt='dense.kernel' (a weight), wrt='inputs', or wrt='*'."
         )
     out: list[Source] = []
-    seen: set[tuple] = set()
+    where: dict[tuple, int] = {}
     for item in items:
         for src in _resolve_one(tree, item):
-            if src.spec not in seen:
-                seen.add(src.spec)
+            i = where.get(src.spec)
+            if i is None:
+                where[src.spec] = len(out)
                 out.append(src)
+                continue
+            # the same source named twice (wrt=["inner/d1", "d1"]): one source, both
+            # names kept so that each works as a key of the result
+            first = out[i]
+            names = (first.requested, *first.also)
+            changes: dict[str, Any] = {}
+            if src.requested not in names:
+                changes["also"] = (*first.also, src.requested)
+            if getattr(src, "explicit", False) and not getattr(first, "explicit", True):
+                changes["explicit"] = True
+            if changes:
+                out[i] = dataclasses.replace(first, **changes)
     return out
 
 
