@@ -16,9 +16,10 @@ def tensor_stats(g: np.ndarray) -> dict:
 
     `norm` (L2), `mean_abs`, `max_abs` and `std` are computed in float64 over the
     finite entries; `nonfinite` counts NaN and Inf entries; `zero_fraction` is the
-    fraction of entries that are exactly zero.
+    fraction of entries that are exactly zero. float16 and bfloat16 gradients are
+    read as float32 first (exactly), so nothing is computed in half precision.
     """
-    g = np.asarray(g)
+    g = as_float32(g)
     finite_mask = np.isfinite(g)
     finite = g[finite_mask].astype(np.float64)
     size = g.size
@@ -31,6 +32,16 @@ def tensor_stats(g: np.ndarray) -> dict:
         "zero_fraction": float(np.count_nonzero(g == 0) / size) if size else 0.0,
         "nonfinite": int(size - np.count_nonzero(finite_mask)),
     }
+
+
+def as_float32(g: object) -> np.ndarray:
+    """`g` as a NumPy array, with half-precision floats (float16, bfloat16, which
+    NumPy sees as a non-native dtype) widened to float32; exact, as float32 holds
+    every half-precision value."""
+    g = np.asarray(g)
+    if g.dtype.itemsize < 4 and g.dtype.kind not in "biu":
+        return g.astype(np.float32)
+    return g
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ def _dead_units(key: str, g: np.ndarray, act: np.ndarray | None,
     """Units (last axis) whose gradient is exactly zero everywhere: for an
     activation, at every example and position; for a weight (a kernel's output
     columns, a bias), summed over the batch it was computed on."""
-    g = np.asarray(g)
+    g = as_float32(g)
     if g.ndim < (2 if per_example else 1) or g.shape[-1] < 2:
         return None
     axes = tuple(range(g.ndim - 1))
@@ -140,8 +151,8 @@ def _dead_units(key: str, g: np.ndarray, act: np.ndarray | None,
         return None
     n = g.shape[-1]
     quiet = ""
-    if act is not None and np.asarray(act).shape == g.shape:
-        inactive = np.all(np.asarray(act) == 0, axis=axes) & zero
+    if act is not None and np.shape(act) == g.shape:
+        inactive = np.all(as_float32(act) == 0, axis=axes) & zero
         if np.count_nonzero(inactive):
             quiet = f" ({int(np.count_nonzero(inactive))} of them output 0 for every example)"
     where = "for every example" if per_example else "on this batch"
