@@ -77,10 +77,18 @@ def test_target_forms_match_tape(mlp_x):
 
 def test_per_example_gradients_are_independent(mlp_x):
     model, x = mlp_x
-    g_all = gp.gradients(model, x, 1, ["inputs", "h"])
-    g_one = gp.gradients(model, x[2:3], 1, ["inputs", "h"])
-    assert_close(g_all["inputs"][2:3], g_one["inputs"], 1e-6)
-    assert_close(g_all["h"][2:3], g_one["h"], 1e-6)
+    g_all = gp.gradients(model, x, [1, 0, 3, 2, 1, 0], ["inputs", "h"])
+    h_layer, logits = model.get_layer("h"), model.get_layer("logits")
+    for i, cls in enumerate([1, 0, 3, 2, 1, 0]):
+        # hand-written tape on example i alone, for its own class
+        xi = tf.constant(x[i:i + 1])
+        with tf.GradientTape(persistent=True) as t:
+            t.watch(xi)
+            h = h_layer(xi)
+            t.watch(h)
+            score = logits(h)[:, cls]
+        assert_close(g_all["inputs"][i:i + 1], t.gradient(score, xi), 1e-6)
+        assert_close(g_all["h"][i:i + 1], t.gradient(score, h), 1e-6)
 
 
 def test_output_can_name_an_intermediate_layer(mlp_x):
@@ -191,7 +199,9 @@ def test_result_views(mlp_x):
     assert_close(g.activations["h"], model.get_layer("h")(tf.constant(x)), 1e-6)
     assert_close(g.outputs, model(x), 1e-6)
     arrays = g.numpy()
-    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    assert list(arrays) == list(g)
+    for k, a in arrays.items():
+        assert a.dtype == np.float32 and np.array_equal(a, g[k].numpy())
     stats = g.stats()
     for k, a in arrays.items():
         s = stats[k]
@@ -210,6 +220,30 @@ def test_result_views(mlp_x):
         assert key in text
     assert "weight" in text and "norm" in text
     assert "Gradients(" in repr(g)
+
+
+class Reversed(keras.Model):
+    """Layers created in the reverse of the order they are called in."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = layers.Dense(2, name="c")
+        self.b = layers.Dense(3, activation="tanh", name="b")
+        self.a = layers.Dense(4, activation="tanh", name="a")
+
+    def call(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_keys_follow_the_forward_pass_not_definition_or_request_order():
+    keras.utils.set_random_seed(0)
+    model = Reversed()
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
+    model(x)
+    assert [la.name for la in model.layers] == ["c", "b", "a"]  # definition order
+    g = gp.gradients(model, x, 0, ["c.kernel", "b", "inputs", "a.kernel", "c", "a", "b.bias"])
+    assert list(g) == ["inputs", "a", "a.kernel", "b", "b.bias", "c", "c.kernel"]
+    assert list(gp.gradients(model, x, 0, "*")) == ["a", "b", "c"]
 
 
 def _chain(scale_layer=None, scale=1.0, depth=6, seed=0, activation="tanh"):
