@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
 from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
@@ -59,6 +60,9 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 
 def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
          training, plus_plus):
+    _validate.channel_axis(channel_axis)
+    for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
+        _validate.flag(name, value)
     x = single_input(model, inputs, "gp.grad_cam")
     target = fixed_target(model, x, target, output, training)
     g = gradients(model, x, target, layer, output=output, training=training)
@@ -68,6 +72,7 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
         raise GradprobeError(
             f"Layer {key!r} outputs shape {tuple(A.shape)}: Grad-CAM needs spatial feature "
             "maps (batch, ..., channels). Choose a convolutional layer.")
+    channel_axis = _validate.channel_axis(channel_axis, A.shape.rank, f"layer {key!r}")
     if channel_axis not in (-1, A.shape.rank - 1):
         perm = [0] + [i for i in range(1, A.shape.rank) if i != channel_axis % A.shape.rank] \
             + [channel_axis % A.shape.rank]
