@@ -28,7 +28,8 @@ def shown(value: Any, limit: int = 80) -> str:
         size = getattr(value, "size", None)
         if size is None and hasattr(value, "shape") and hasattr(value.shape, "num_elements"):
             size = value.shape.num_elements()
-        if size is not None and 0 < size <= 16 and (isinstance(value, np.ndarray)
+        ndim = len(getattr(value, "shape", ()) or ())
+        if size is not None and 0 < size <= 16 and ndim <= 1 and (isinstance(value, np.ndarray)
                                                 or hasattr(value, "numpy")):
             try:
                 return shown(np.asarray(value).tolist(), limit)
@@ -365,8 +366,16 @@ def channel_axis(value: Any, rank: int | None = None, layer: str = "the layer") 
 
 
 # ------------------------------------------------------------------ sources
-def part_of_model(var: Any, model_: Any, name: str = "wrt") -> None:
-    """A variable selected by object must belong to the model."""
+def part_of_model(obj: Any, model_: Any, name: str = "wrt", known: bool | None = None) -> None:
+    """A variable (or, with `known`, a layer) selected by object must belong to the model."""
+    if isinstance(obj, keras.layers.Layer):
+        if known:
+            return
+        raise GradprobeError(
+            f"Expected `{name}` to name layers of model {model_.name!r}; layer {obj.name!r} "
+            f"({type(obj).__name__}) is not part of this model (a layer of another model?). "
+            f"Pass one of its layers or a layer name. Received: {name}={shown(obj)}")
+    var = obj
     if any(v is var for v in model_.weights):
         return
     path = getattr(var, "path", None) or getattr(var, "name", "?")

@@ -277,6 +277,7 @@ def _resolve_one(tree: LayerTree, item: Any) -> list[Source]:
         key = tree.variable_key(item)
         return [WeightSource(item, key, tree.owner(item), key, True)]
     if isinstance(item, keras.layers.Layer):
+        _validate.part_of_model(item, tree.model, known=id(item) in tree.by_id)
         node = tree.node_of(item)
         _check_selectable(node, node.path)
         return [ActivationSource(node, None, node.path, True)]

@@ -182,7 +182,8 @@ class LossValueTarget(Target):
             # Labels are checked against `n` after the run (`check`); clipping keeps the
             # loss op from failing (or returning NaN on GPU) before that.
             meta["num_classes"] = int(n)
-            y_true = tf.clip_by_value(y_true, tf.cast(0, y_true.dtype), tf.cast(n - 1, y_true.dtype))
+            # (Negative labels were refused by gp.loss, except Keras' `ignore_class`.)
+            y_true = tf.minimum(y_true, tf.cast(n - 1, y_true.dtype))
         if out.dtype.is_floating and y_true.dtype.is_floating and y_true.dtype != out.dtype:
             y_true = tf.cast(y_true, out.dtype)
         if isinstance(self.fn, keras.losses.Loss):
@@ -299,13 +300,13 @@ def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
             f"The model has {len(leaves)} outputs ({quoted(shown)}) and target {target.kind!r} "
             "needs one: pass output=<name or index>."
         )
-    if isinstance(output, (bool, np.bool_)):
-        raise GradprobeError("output must be an output name or index, not a bool.")
+    if isinstance(output, (bool, np.bool_)) or not isinstance(output, (str, int, np.integer)):
+        raise _validate.fail("output", output, "an output name or index (or a layer name).")
     if isinstance(output, (int, np.integer)):
         if not -len(leaves) <= output < len(leaves):
-            raise GradprobeError(
-                f"output={output} is out of range: the model has {len(leaves)} output(s)."
-            )
+            raise _validate.fail("output", output, f"an output index in [{-len(leaves)}, "
+                                                   f"{len(leaves) - 1}]: the model has "
+                                                   f"{len(leaves)} output(s).")
         return leaves[output]
     if isinstance(outputs, dict) and output in outputs:
         return outputs[output]
