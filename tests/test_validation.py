@@ -131,7 +131,7 @@ CASES = [
     ("gradients-complex", lambda m, t: gp.gradients(m.mlp, m.xm.astype("complex64"), 0, "h"),
      "inputs", "complex64", "integer"),
     ("gradients-string", lambda m, t: gp.gradients(m.mlp, np.full((2, 5), "a"), 0, "h"),
-     "inputs", "b'a'", "integer"),
+     "inputs", "dtype=string", "integer"),
     ("gradients-batch-mismatch", lambda m, t: gp.gradients(
         m.two, [np.ones((2, 3), "float32"), np.ones((3, 2), "float32")], 0, "cat"),
      "inputs", "shape=(3, 2)"),
@@ -179,6 +179,19 @@ CASES = [
      "wrt", "other/od/kernel"),
     ("gradients-foreign-layer", lambda m, t: gp.gradients(
         m.mlp, m.xm, 0, m.other.get_layer("od"), unconnected="zero"), "wrt", "'od'"),
+    ("gradients-inputs-count", lambda m, t: gp.gradients(m.two, np.ones((2, 3), "float32"), 0,
+                                                         "cat"), "inputs", "shape=(2, 3)"),
+    # ---------------------------------------------------------- Gradients methods
+    ("result-diagnose-negative", lambda m, t: gp.gradients(m.mlp, m.xm, 0, "h").diagnose(
+        vanishing=-1), "vanishing", "-1"),
+    ("result-diagnose-nan", lambda m, t: gp.gradients(m.mlp, m.xm, 0, "h").diagnose(
+        exploding=NAN), "exploding", "nan"),
+    ("result-diagnose-unknown", lambda m, t: gp.gradients(m.mlp, m.xm, 0, "h").diagnose(
+        vanish=0.1), "vanish", "0.1"),
+    ("result-summary-print_fn", lambda m, t: gp.gradients(m.mlp, m.xm, 0, "h").summary(
+        print_fn=3), "print_fn", "3"),
+    ("result-summary-findings", lambda m, t: gp.gradients(m.mlp, m.xm, 0, "h").summary(
+        print_fn=print, findings="no"), "findings", "'no'"),
     # ------------------------------------------------------------------ gp.loss
     ("loss-fn-int", lambda m, t: gp.loss(3, [0, 1]), "loss_fn", "3"),
     ("loss-fn-unknown-name", lambda m, t: gp.loss("nope", [0, 1]), "loss_fn", "'nope'"),
@@ -291,7 +304,7 @@ CASES = [
     ("hvp-vector-None", lambda m, t: gp.hvp(m.mlp, m.xm, 0, "o.kernel", None),
      "vector", "None"),
     ("hvp-vector-strings", lambda m, t: gp.hvp(m.mlp, m.xm, 0, "o.kernel",
-                                               np.full((3, 2), "a")), "vector", "'a'"),
+                                               np.full((3, 2), "a")), "vector", "dtype=str"),
     ("hvp-vector-dict-missing", lambda m, t: gp.hvp(
         m.mlp, m.xm, 0, ["o.kernel", "o.bias"], {"o.kernel": np.ones((3, 2))}),
      "vector", "'o.kernel'"),
@@ -356,7 +369,7 @@ def _params():
 def test_table_is_large_and_covers_every_public_function():
     assert len(CASES) >= 60
     prefixes = {c[0].split("-")[0] for c in CASES}
-    for fn in ("gradients", "loss", "saliency", "gradient_x_input", "smoothgrad", "ig",
+    for fn in ("gradients", "result", "loss", "saliency", "gradient_x_input", "smoothgrad", "ig",
                "grad_cam", "grad_cam_pp", "grad_cam_layer", "hvp", "jacobian", "penalty",
                "per_example", "tape", "report"):
         assert fn in prefixes, fn

@@ -151,6 +151,11 @@ def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
                 f"Expected `{name}` to have a leading batch axis; got a scalar. Add one, "
                 f"e.g. x[None]. Received: {name}={shown(leaf)}")
         sizes.append(shape[0])
+    if spec_dtypes and len(spec_dtypes) != len(leaves):
+        raise GradprobeError(
+            f"Expected `{name}` to hold {len(spec_dtypes)} inputs, one per model input (a list "
+            f"or dict); got {len(leaves)}. Received: {name}="
+            + ", ".join(shown(v) for v in leaves))
     known = {s for s in sizes if s is not None}
     if len(known) > 1:
         raise GradprobeError(
@@ -363,6 +368,21 @@ def channel_axis(value: Any, rank: int | None = None, layer: str = "the layer") 
                    f"{list(range(1, rank))} or {list(range(-rank + 1, 0))} (-1 for "
                    "channels_last, 1 for channels_first).")
     return int(value)
+
+
+def thresholds(values: dict[str, Any], allowed: Iterable[str]) -> None:
+    """Keyword thresholds (`diagnose(vanishing=..., exploding=...)`): known names,
+    finite positive numbers."""
+    allowed = list(allowed)
+    for name, value in values.items():
+        if name not in allowed:
+            raise GradprobeError(
+                f"Unknown threshold `{name}`: expected one of {', '.join(allowed)}. "
+                f"Received: {name}={shown(value)}")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)) or not math.isfinite(value) \
+                or value <= 0:
+            raise fail(name, value, "a finite number > 0.")
 
 
 # ------------------------------------------------------------------ sources
