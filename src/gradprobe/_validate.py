@@ -385,6 +385,14 @@ def thresholds(values: dict[str, Any], allowed: Iterable[str]) -> None:
             raise fail(name, value, "a finite number > 0.")
 
 
+def layer(value: Any, name: str = "layer") -> Any:
+    """A layer selector: a name or path (`"name@i"` too) or a layer object."""
+    if isinstance(value, keras.layers.Layer) or (isinstance(value, str) and value.strip()):
+        return value
+    raise fail(name, value, "a layer name or path (e.g. 'conv5_block3_out' or 'conv@1') or a "
+                            "layer object; gp.grad_cam_layer(model, inputs) picks a default.")
+
+
 # ------------------------------------------------------------------ sources
 def part_of_model(obj: Any, model_: Any, name: str = "wrt", known: bool | None = None) -> None:
     """A variable (or, with `known`, a layer) selected by object must belong to the model."""

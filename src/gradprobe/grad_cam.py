@@ -61,6 +61,7 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
          training, plus_plus):
     _validate.channel_axis(channel_axis)
+    _validate.layer(layer)
     for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
         _validate.flag(name, value)
     x = single_input(model, inputs, "gp.grad_cam")

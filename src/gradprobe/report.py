@@ -67,6 +67,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
 
     _validate.model(model)
     _validate.inputs(inputs)
+    _validate.count("max_images", max_images, "the most attribution rows to draw")
     folder = os.path.dirname(os.path.abspath(path))
     blocker = folder
     while not os.path.exists(blocker):
