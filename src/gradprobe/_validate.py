@@ -133,9 +133,11 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
-          name: str = "inputs") -> int:
+          name: str = "inputs", exact_count: bool = True) -> int:
     """The batch size shared by all (converted) input leaves; > 0. With the model's
-    input dtypes (`spec_dtypes`), text passed to a numeric input is refused."""
+    input dtypes (`spec_dtypes`), text passed to a numeric input is refused, and
+    (`exact_count`, not for dicts, which Keras matches by name) so is a different
+    number of inputs."""
     sizes = []
     specs = spec_dtypes if spec_dtypes and len(spec_dtypes) == len(leaves) else [None] * len(leaves)
     for leaf, spec in zip(leaves, specs):
@@ -151,7 +153,7 @@ def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
                 f"Expected `{name}` to have a leading batch axis; got a scalar. Add one, "
                 f"e.g. x[None]. Received: {name}={shown(leaf)}")
         sizes.append(shape[0])
-    if spec_dtypes and len(spec_dtypes) != len(leaves):
+    if exact_count and spec_dtypes and len(spec_dtypes) != len(leaves):
         raise GradprobeError(
             f"Expected `{name}` to hold {len(spec_dtypes)} inputs, one per model input (a list "
             f"or dict); got {len(leaves)}. Received: {name}="

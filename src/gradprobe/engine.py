@@ -320,7 +320,8 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
             dtype = spec_dtypes[i] if len(spec_dtypes) == len(leaves) and spec_dtypes[i] else \
                 getattr(model, "compute_dtype", None)
         converted.append(backend.to_tensor(arr, dtype))
-    _validate.batch(converted, [getattr(d, 'name', d) for d in spec_dtypes])
+    _validate.batch(converted, [getattr(d, "name", d) for d in spec_dtypes],
+                    exact_count=not isinstance(inputs, dict))
     if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
         return converted[0]
     return keras.tree.pack_sequence_as(inputs, converted)
