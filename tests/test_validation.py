@@ -327,6 +327,8 @@ CASES = [
                                                            max_bytes="1e9"),
      "max_bytes", "'1e9'"),
     ("jacobian-of-None", lambda m, t: gp.jacobian(m.mlp, m.xm, None, "h"), "of", "None"),
+    ("jacobian-foreign-layer", lambda m, t: gp.jacobian(m.mlp, m.xm, m.other.get_layer("od"),
+                                                        "h"), "of", "'od'"),
     ("jacobian-model-None", lambda m, t: gp.jacobian(None, m.xm, "o"), "model", "None"),
     ("jacobian-empty", lambda m, t: gp.jacobian(m.mlp, m.xm[:0], "o"),
      "inputs", "shape=(0, 5)"),

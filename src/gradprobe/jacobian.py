@@ -10,6 +10,7 @@ import keras
 from gradprobe import _validate, backend
 from gradprobe.engine import ensure_built, prepare_inputs
 from gradprobe.errors import GradprobeError
+from gradprobe.selectors import LayerTree
 from gradprobe.tape import Tape
 
 
@@ -40,10 +41,14 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     _validate.flag("training", training)
     max_bytes = _validate.count("max_bytes", max_bytes, "the largest Jacobian to build, in "
                                 "bytes", maximum=2**62)
+    known = None
     for name, value in (("of", of), ("wrt", wrt)):
         if not isinstance(value, (str, keras.layers.Layer)):
             raise _validate.fail(name, value, "a layer name (or 'name@i'), a layer object"
                                  + (" or 'inputs'." if name == "wrt" else "."))
+        if isinstance(value, keras.layers.Layer):
+            known = known if known is not None else LayerTree(model).by_id
+            _validate.part_of_model(value, model, name, known=id(value) in known)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
