@@ -274,7 +274,7 @@ def test_attribution_result_api():
     assert isinstance(a.values, tf.Tensor) and np.asarray(a).shape == (2, 10, 10)
     assert a.delta is None and a.target.shape == (2,) and len(a) == 2
     assert "saliency" in repr(a)
-    with pytest.raises(gp.GradprobeError, match="steps must be >= 2"):
+    with pytest.raises(gp.GradprobeError, match=r"`steps`.*>= 2"):
         gp.integrated_gradients(model, x, 0, steps=1)
     with pytest.raises(gp.GradprobeError, match="reduce_channels"):
         gp.saliency(model, x, 0, reduce_channels="median")

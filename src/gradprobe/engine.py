@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import backend, capture
+from gradprobe import _validate, backend, capture
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.result import Gradients
 from gradprobe.selectors import (
@@ -97,15 +97,13 @@ def gradients(
     >>> g["conv2d"].shape      # same as the conv2d activation
     >>> g.summary()
     """
-    if unconnected not in ("raise", "zero"):
-        raise GradprobeError(f"unconnected must be 'raise' or 'zero'; got {unconnected!r}.")
-    if compile not in ("auto", True, False):
-        raise GradprobeError(f"compile must be 'auto', True or False; got {compile!r}.")
-    if not isinstance(model, keras.layers.Layer):
-        raise GradprobeError(
-            f"gp.gradients needs a Keras 3 model (keras.Model); got {type(model).__name__}. "
-            "tf_keras (Keras 2) models are not supported."
-        )
+    _validate.model(model)
+    _validate.choice("unconnected", unconnected, ("raise", "zero"), "what to do with a source "
+                     "the target does not depend on")
+    _validate.choice("compile", compile, ("auto", True, False))
+    for name, value in (("training", training), ("differentiable", differentiable),
+                        ("per_example", per_example)):
+        _validate.flag(name, value)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
@@ -302,8 +300,8 @@ def clear_cache() -> None:
 # --------------------------------------------------------------------- inputs
 def prepare_inputs(model: Any, inputs: Any) -> Any:
     """Converts arrays to tensors; floating arrays take the model's input dtype."""
-    if inputs is None:
-        raise GradprobeError("inputs is None: pass the batch the model should run on.")
+    _validate.model(model)
+    _validate.inputs(inputs)
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
 
@@ -322,6 +320,8 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
             dtype = spec_dtypes[i] if len(spec_dtypes) == len(leaves) and spec_dtypes[i] else \
                 getattr(model, "compute_dtype", None)
         converted.append(backend.to_tensor(arr, dtype))
+    _validate.batch(converted, [getattr(d, "name", d) for d in spec_dtypes],
+                    exact_count=not isinstance(inputs, dict))
     if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
         return converted[0]
     return keras.tree.pack_sequence_as(inputs, converted)
@@ -364,8 +364,6 @@ def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
         hint = (f" Differentiate with respect to the embedding layer's output instead: "
                 f"wrt={embeddings[0]!r}." if embeddings else
                 " Differentiate with respect to the first layer that turns them into floats.")
-        raise GradprobeError(
-            f"{key!r} has dtype {backend.dtype_name(leaf)}: gradients with respect to "
-            f"integer inputs (such as token ids) do not exist.{hint}"
-            + (f" Embedding layers: {quoted(embeddings)}." if len(embeddings) > 1 else "")
-        )
+        _validate.differentiable_input(
+            key, leaf, hint + (f" Embedding layers: {quoted(embeddings)}."
+                               if len(embeddings) > 1 else ""))

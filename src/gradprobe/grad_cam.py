@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _patch, backend
+from gradprobe import _patch, _validate, backend
 from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
@@ -62,6 +62,10 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 
 def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
          training, plus_plus):
+    _validate.channel_axis(channel_axis)
+    _validate.layer(layer)
+    for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
+        _validate.flag(name, value)
     x = single_input(model, inputs, "gp.grad_cam")
     target = fixed_target(model, x, target, output, training)
     g = gradients(model, x, target, layer, output=output, training=training)
@@ -71,6 +75,7 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
         raise GradprobeError(
             f"Layer {key!r} outputs shape {tuple(A.shape)}: Grad-CAM needs spatial feature "
             "maps (batch, ..., channels). Choose a convolutional layer.")
+    channel_axis = _validate.channel_axis(channel_axis, A.shape.rank, f"layer {key!r}")
     if channel_axis not in (-1, A.shape.rank - 1):
         perm = [0] + [i for i in range(1, A.shape.rank) if i != channel_axis % A.shape.rank] \
             + [channel_axis % A.shape.rank]

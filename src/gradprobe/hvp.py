@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import backend
+from gradprobe import _validate, backend
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.tape import Tape
@@ -36,10 +36,12 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
     >>> v = tf.random.normal(model.get_layer("dense").kernel.shape)
     >>> gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
     """
+    _validate.model(model)
     g = gradients(model, inputs, target, wrt, output=output, training=training,
                   unconnected="zero", compile=False, differentiable=False)
     keys = list(g)
-    vectors = _vectors(keys, vector)
+    vectors = [_validate.like("vector", v, g[k], f"the gradient of {k!r}")
+               for k, v in zip(keys, _vectors(keys, vector))]
     kinds = {g.kinds[k] for k in keys}
     if kinds == {"weight"}:
         variables = [g.variables[k] for k in keys]
@@ -58,21 +60,26 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
 
 
 def _vectors(keys: list[str], vector: Any) -> list[Any]:
+    # Values are converted (and checked against each source) by `_validate.like`.
     if isinstance(vector, dict):
         missing = [k for k in keys if k not in vector]
         if missing:
-            raise GradprobeError(f"`vector` has no entry for {quoted(missing)}; keys: {quoted(keys)}.")
-        return [backend.to_tensor(vector[k]) for k in keys]
-    if isinstance(vector, (list, tuple)):
+            raise GradprobeError(
+                f"Expected `vector` to have an entry for every source; it has none for "
+                f"{quoted(missing)} (keys: {quoted(keys)}). Received: vector={quoted(vector)}")
+        return [vector[k] for k in keys]
+    if isinstance(vector, (list, tuple)) and not (len(keys) == 1 and len(vector) != 1):
         if len(vector) != len(keys):
             raise GradprobeError(
-                f"`vector` has {len(vector)} entries for {len(keys)} sources ({quoted(keys)}).")
-        return [backend.to_tensor(v) for v in vector]
+                f"Expected `vector` to have one entry per source ({len(keys)}: {quoted(keys)}); "
+                f"it has {len(vector)}. Received: vector=<{type(vector).__name__} of "
+                f"{len(vector)}>")
+        return list(vector)
     if len(keys) != 1:
         raise GradprobeError(
-            f"`wrt` names {len(keys)} sources ({quoted(keys)}): pass `vector` as a dict "
-            "or a list in that order.")
-    return [backend.to_tensor(vector)]
+            f"Expected `vector` to be a dict or a list in the order of the sources: `wrt` "
+            f"names {len(keys)} ({quoted(keys)}). Received: vector={_validate.shown(vector)}")
+    return [vector]
 
 
 def _double_backward(model, inputs, target, wrt, keys, vectors, output, training):

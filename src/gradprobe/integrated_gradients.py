@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
     batched,
@@ -26,8 +27,7 @@ from gradprobe.errors import GradprobeError
 
 def integration_points(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     """`(alphas, weights)` on [0, 1] whose weighted sum approximates the integral."""
-    if int(steps) < 2:
-        raise GradprobeError(f"steps must be >= 2; got {steps}.")
+    steps = _validate.count("steps", steps, "the number of interpolation points", minimum=2)
     if method == "riemann_trapezoid":
         alphas = np.linspace(0.0, 1.0, int(steps))
         weights = np.full(int(steps), 1.0 / (steps - 1))
@@ -69,7 +69,9 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     >>> ig = gp.integrated_gradients(model, images, target="predicted", steps=64)
     >>> np.abs(ig.delta).max()    # small when the integral is well approximated
     """
+    _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     x = single_input(model, inputs, "gp.integrated_gradients")
+    _validate.baseline(baseline, x)
     n = int(x.shape[0])
     target = fixed_target(model, x, target, output, training)
     base = tf.zeros_like(x) if baseline is None else tf.broadcast_to(

@@ -7,9 +7,10 @@ from typing import Any
 
 import keras
 
-from gradprobe import backend
+from gradprobe import _validate, backend
 from gradprobe.engine import ensure_built, prepare_inputs
 from gradprobe.errors import GradprobeError
+from gradprobe.selectors import LayerTree
 from gradprobe.tape import Tape
 
 
@@ -36,6 +37,18 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
 
     >>> J = gp.jacobian(model, x, of="dense_2", wrt="dense_1")   # (batch, 10, 64)
     """
+    _validate.model(model)
+    _validate.flag("training", training)
+    max_bytes = _validate.count("max_bytes", max_bytes, "the largest Jacobian to build, in "
+                                "bytes", maximum=2**62)
+    known = None
+    for name, value in (("of", of), ("wrt", wrt)):
+        if not isinstance(value, (str, keras.layers.Layer)):
+            raise _validate.fail(name, value, "a layer name (or 'name@i'), a layer object"
+                                 + (" or 'inputs'." if name == "wrt" else "."))
+        if isinstance(value, keras.layers.Layer):
+            known = known if known is not None else LayerTree(model).by_id
+            _validate.part_of_model(value, model, name, known=id(value) in known)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
@@ -57,4 +70,12 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
             f"{wrt!r} ({s_shape[1:]}) for {t_shape[0]} examples needs {size:,} bytes "
             f"({size / 2**30:.2f} GiB), more than max_bytes={max_bytes:,}. Use fewer "
             "examples, a smaller layer, or raise max_bytes.")
+    if backend.gradient(tape._tape, target, [source])[0] is None:
+        swapped = backend.gradient(tape._tape, source, [target])[0] is not None
+        hint = (" The arguments look swapped: `of` is the later layer, `wrt` the earlier one."
+                if swapped else "")
+        raise GradprobeError(
+            f"Expected `of` to depend on `wrt`: the activation of {of!r} is not computed from "
+            f"{wrt!r}, so its Jacobian would be all zeros.{hint} "
+            f"Received: of={of!r}, wrt={wrt!r}")
     return backend.batch_jacobian(tape._tape, target, source)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
 
@@ -29,8 +31,10 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     Returns:
         A tensor of shape `(batch,)`.
     """
-    if norm not in (1, 2, "inf", float("inf")):
-        raise GradprobeError(f"norm must be 1, 2 or 'inf'; got {norm!r}.")
+    _validate.model(model)
+    if isinstance(norm, (bool, np.bool_)) or norm not in (1, 2, "inf", float("inf")):
+        raise _validate.fail("norm", norm, "1, 2 (default) or 'inf', the norm taken over each "
+                                           "example's gradient.")
     g = gradients(model, inputs, target, wrt, output=output, training=training)
     weights = [k for k in g if g.kinds[k] == "weight"]
     if weights:

@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _patch, backend, capture
+from gradprobe import _patch, _validate, backend, capture
 from gradprobe.engine import (
     _Entry,
     batch_size,
@@ -101,8 +101,7 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     >>> n = gp.per_example_norms(model, x, gp.loss("sparse_categorical_crossentropy", y))
     >>> n.total            # (batch,): clip or weight examples by it (DP-SGD)
     """
-    if method not in ("auto", "ghost", "vectorized"):
-        raise GradprobeError(f"method must be 'auto', 'ghost' or 'vectorized'; got {method!r}.")
+    _validate.choice("method", method, ("auto", "ghost", "vectorized"))
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import backend
+from gradprobe import _validate, backend
 from gradprobe.engine import gradients as compute_gradients
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
@@ -65,6 +65,9 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     """
     import jinja2
 
+    _validate.model(model)
+    _validate.inputs(inputs)
+    _validate.count("max_images", max_images, "the most attribution rows to draw")
     folder = os.path.dirname(os.path.abspath(path))
     blocker = folder
     while not os.path.exists(blocker):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe import backend
+from gradprobe import _validate, backend
 from gradprobe.errors import GradprobeError, closest, quoted
 from gradprobe.stats import Finding, diagnose, tensor_stats
 
@@ -121,6 +121,7 @@ class Gradients(Mapping):
         Returns:
             A list of `Finding` (each prints as its message); empty when all is well.
         """
+        _validate.thresholds(thresholds, ("vanishing", "exploding"))
         acts = {k: backend.to_numpy(v) for k, v in self.activations.items()
                 if self.kinds.get(k) == "activation"}
         return diagnose(self.stats(), self.kinds, self.numpy(), acts,
@@ -137,6 +138,11 @@ class Gradients(Mapping):
         """
         from rich.console import Console
         from rich.table import Table
+
+        if print_fn is not None and not callable(print_fn):
+            raise _validate.fail("print_fn", print_fn, "None or a function taking the text "
+                                                       "(like model.summary(print_fn=...)).")
+        _validate.flag("findings", findings)
 
         table = Table(title="gradprobe: gradients by source (forward order)")
         stats = self.stats()

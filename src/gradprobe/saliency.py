@@ -7,6 +7,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
     fixed_target,
@@ -31,7 +32,8 @@ def reduce_map(g: Any, absolute: bool, reduce_channels: str | None) -> Any:
     if reduce_channels == "sum":
         return tf.reduce_sum(g, axis=-1)
     raise GradprobeError(
-        f"reduce_channels must be 'max', 'mean', 'sum' or None; got {reduce_channels!r}.")
+        "Expected `reduce_channels` to be one of 'max', 'mean', 'sum' or None (keep the "
+        f"channel axis). Received: reduce_channels={_validate.shown(reduce_channels)}")
 
 
 def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = True,
@@ -54,6 +56,7 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     >>> maps = gp.saliency(model, images, target="predicted")
     >>> np.asarray(maps).shape    # (batch, height, width)
     """
+    _validate.flag("absolute", absolute)
     _, g, values = _gradient(model, inputs, target, output, training, batch_size, "saliency")
     return Attribution(reduce_map(g, absolute, reduce_channels), values, "saliency")
 
@@ -73,6 +76,7 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
 def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
               batch_size: int | None, method: str) -> tuple[Any, Any, Any]:
     """`(inputs, input gradient, target values)` for one batch."""
+    _validate.optional_count("batch_size", batch_size, "examples per chunk")
     x = single_input(model, inputs, f"gp.{method}")
     target = fixed_target(model, x, target, output, training)
     g, values = input_gradients(model, x, target, output=output, training=training,

@@ -33,6 +33,7 @@ from typing import Any
 
 import keras
 
+from gradprobe import _validate
 from gradprobe.errors import GradprobeError, closest, quoted
 
 _CALL_INDEX = re.compile(r"^(?P<layer>.+)@(?P<call>\d+)$")
@@ -319,9 +320,11 @@ def _as_list(wrt: Any) -> list[Any]:
 
 def _resolve_one(tree: LayerTree, item: Any) -> list[Source]:
     if isinstance(item, keras.Variable):
+        _validate.part_of_model(item, tree.model)
         key = tree.variable_key(item)
         return [WeightSource(item, key, tree.owner(item), key, True)]
     if isinstance(item, keras.layers.Layer):
+        _validate.part_of_model(item, tree.model, known=id(item) in tree.by_id)
         node = tree.node_of(item)
         _check_selectable(node, node.path)
         return [ActivationSource(node, None, node.path, True)]

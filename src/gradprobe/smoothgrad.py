@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
     fixed_target,
@@ -16,7 +17,7 @@ from gradprobe.attribution import (
     single_input,
     target_values,
 )
-from gradprobe.errors import GradprobeError
+from gradprobe.errors import GradprobeError  # noqa: F401 (kept for merges)
 from gradprobe.saliency import reduce_map
 
 
@@ -41,10 +42,11 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     Returns:
         An `Attribution`: one map per example.
     """
-    if int(samples) < 1:
-        raise GradprobeError(f"samples must be >= 1; got {samples}.")
-    if noise < 0:
-        raise GradprobeError(f"noise must be >= 0; got {noise}.")
+    samples = _validate.count("samples", samples, "the number of noisy copies per example")
+    noise = _validate.nonnegative("noise", noise, "the noise standard deviation as a fraction "
+                                  "of each example's value range")
+    _validate.seed(seed)
+    _validate.optional_count("batch_size", batch_size, "noisy copies per chunk")
     x = single_input(model, inputs, "gp.smoothgrad")
     n = int(x.shape[0])
     target = fixed_target(model, x, target, output, training)

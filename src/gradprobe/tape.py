@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch, backend, capture
+from gradprobe import _patch, _validate, backend, capture
 from gradprobe.engine import to_specs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree, resolve
@@ -46,9 +46,8 @@ class Tape:
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
-        if not isinstance(model, keras.layers.Layer):
-            raise GradprobeError(
-                f"gp.Tape needs a Keras 3 model; got {type(model).__name__}.")
+        _validate.model(model)
+        _validate.flag("persistent", persistent, "whether several gradients can be taken")
         self.model = model
         self.persistent = persistent
         self._watch = watch
@@ -230,8 +229,10 @@ class Tape:
             raise GradprobeError(
                 "This gp.Tape is not persistent and has already computed a gradient; use "
                 "gp.Tape(model, persistent=True) to take several.")
-        if unconnected not in ("raise", "zero"):
-            raise GradprobeError(f"unconnected must be 'raise' or 'zero'; got {unconnected!r}.")
+        _validate.choice("unconnected", unconnected, ("raise", "zero"))
+        _validate.flag("differentiable", differentiable)
+        for t in keras.tree.flatten(target):
+            _validate.tensor("target", t, "computed inside the `with` block")
         self._used = True
         if isinstance(sources, dict):
             items = list(sources.values())

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -54,14 +55,31 @@ def loss(loss_fn: Any, y_true: Any, sample_weight: Any = None) -> LossTarget:
     if isinstance(loss_fn, str):
         try:
             loss_fn = keras.losses.get(loss_fn)
-        except ValueError as e:
-            raise GradprobeError(f"Unknown loss {loss_fn!r}: {e}") from None
-    if not callable(loss_fn):
-        raise GradprobeError(
-            f"gp.loss needs a Keras loss object, a loss function or a loss name; got "
-            f"{type(loss_fn).__name__}."
-        )
+        except ValueError:
+            raise _validate.fail(
+                "loss_fn", loss_fn, "a Keras loss object, a loss function or the name of a "
+                "Keras loss (e.g. 'sparse_categorical_crossentropy', 'mse').") from None
+    if not callable(loss_fn) or isinstance(loss_fn, type):
+        raise _validate.fail(
+            "loss_fn", loss_fn, "a Keras loss object (e.g. keras.losses.MeanSquaredError()), "
+            "a loss function or a loss name.")
+    _validate.numeric_array("y_true", y_true, "the labels, one entry per example")
+    if sample_weight is not None:
+        weights = _validate.numeric_array("sample_weight", sample_weight,
+                                          "one weight per example")
+        if not np.all(np.isfinite(weights)):
+            raise _validate.fail("sample_weight", sample_weight,
+                                 "finite per-example weights (no NaN or inf).")
+    if is_sparse_loss(loss_fn):
+        _validate.labels(y_true, None, ignore=getattr(loss_fn, "ignore_class", None))
     return LossTarget(loss_fn, y_true, sample_weight)
+
+
+def is_sparse_loss(fn: Any) -> bool:
+    """True for sparse categorical losses, whose labels are class indices."""
+    names = [getattr(fn, "__name__", ""), getattr(getattr(fn, "fn", None), "__name__", ""),
+             type(fn).__name__]
+    return any("sparse_categorical" in n or n.startswith("SparseCategorical") for n in names)
 
 
 class Target:
@@ -103,8 +121,9 @@ class ClassTarget(Target):
 
     kind = "class"
 
-    def __init__(self, classes: np.ndarray, same: bool):
+    def __init__(self, classes: np.ndarray, same: bool, raw: Any = None):
         self.classes = classes
+        self.raw = raw
         super().__init__(("class",), {"classes": tf.constant(classes, tf.int32)})
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
 
@@ -118,13 +137,7 @@ class ClassTarget(Target):
         return value, tf.reduce_sum(value), {"num_classes": n}
 
     def check(self, meta):
-        n = meta.get("num_classes")
-        if n is not None and int(self.classes.max(initial=0)) >= n:
-            bad = sorted({int(c) for c in self.classes if c >= n})
-            raise GradprobeError(
-                f"Target class {quoted(bad)} is out of range: the selected output has {n} "
-                f"classes (0 to {n - 1})."
-            )
+        _validate.classes_in_range(self.classes, meta.get("num_classes"), self.raw)
 
 
 class PredictedTarget(Target):
@@ -152,15 +165,25 @@ class LossValueTarget(Target):
         for name, value in args.items():
             if value.shape.rank and value.shape[0] != batch_size:
                 raise GradprobeError(
-                    f"gp.loss: {name} has {value.shape[0]} entries but the inputs have "
-                    f"{batch_size} examples."
-                )
+                    f"Expected `{name}` of gp.loss to have one entry per example: it has "
+                    f"{value.shape[0]} entries but the inputs have {batch_size} examples. "
+                    f"Received: {name}={_validate.shown(getattr(spec, name))}")
         self.fn = spec.fn
+        self.sparse = is_sparse_loss(spec.fn)
+        self.labels = np.asarray(spec.y_true) if self.sparse else None
         super().__init__(("loss", spec.fn, "sample_weight" in args), args)
 
     def compute(self, out, args):
         y_true = args["y_true"]
         sw = args.get("sample_weight")
+        meta = {}
+        n = out.shape[-1] if self.sparse and out.shape.rank else None
+        if n is not None:
+            # Labels are checked against `n` after the run (`check`); clipping keeps the
+            # loss op from failing (or returning NaN on GPU) before that.
+            meta["num_classes"] = int(n)
+            # (Negative labels were refused by gp.loss, except Keras' `ignore_class`.)
+            y_true = tf.minimum(y_true, tf.cast(n - 1, y_true.dtype))
         if out.dtype.is_floating and y_true.dtype.is_floating and y_true.dtype != out.dtype:
             y_true = tf.cast(y_true, out.dtype)
         if isinstance(self.fn, keras.losses.Loss):
@@ -171,7 +194,12 @@ class LossValueTarget(Target):
                 value = tf.reduce_mean(value, axis=list(range(1, value.shape.rank)))
             if sw is not None:
                 value = value * tf.cast(tf.reshape(sw, [-1]), value.dtype)
-        return value, tf.reduce_sum(value), {}
+        return value, tf.reduce_sum(value), meta
+
+    def check(self, meta):
+        if meta.get("num_classes") is not None:
+            _validate.labels(self.labels, meta["num_classes"],
+                             ignore=getattr(self.fn, "ignore_class", None))
 
 
 class CallableTarget(Target):
@@ -214,46 +242,42 @@ def make_target(target: Any, batch_size: int) -> Target:
     if isinstance(target, str):
         if target == "predicted":
             return PredictedTarget()
-        raise GradprobeError(
-            f"Unknown target string {target!r}. The only string target is 'predicted'; use "
-            "an int class index, gp.loss(...), or a callable for anything else."
-        )
+        raise _validate.fail(
+            "target", target, "an int class index, a sequence of ints (one per example), "
+            "'predicted' (the only string target), gp.loss(loss_fn, y_true), or a callable.")
     if isinstance(target, (bool, np.bool_)):
-        raise GradprobeError("target=True/False is not a class index; pass an int.")
+        raise _validate.fail("target", target, "an int class index; a bool is not one.")
     if isinstance(target, (int, np.integer)):
+        if not -2**63 <= int(target) < 2**63:
+            raise _validate.fail("target", target, "a class index in the range of the selected "
+                                                   "output's last axis.")
         classes = np.full((batch_size,), int(target), dtype=np.int64)
-        return ClassTarget(_checked_classes(classes, target), same=True)
+        return ClassTarget(_validate.class_indices(classes, target), same=True, raw=target)
     if isinstance(target, keras.losses.Loss):
-        raise GradprobeError(
-            f"A loss object needs labels: pass target=gp.loss({type(target).__name__}(...), "
-            "y_true) instead of the bare loss."
-        )
+        raise _validate.fail(
+            "target", target, f"gp.loss({type(target).__name__}(...), y_true): a loss object "
+            "needs labels, so pass it through gp.loss instead of the bare loss.")
     if callable(target) and not isinstance(target, (np.ndarray, tf.Tensor)):
         return CallableTarget(target)
     if isinstance(target, (Sequence, np.ndarray, tf.Tensor)):
-        arr = np.asarray(target)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise GradprobeError(
-                f"A per-example target must be a 1-D sequence of ints (one class per "
-                f"example); got shape {arr.shape} and dtype {arr.dtype}."
-            )
+        try:
+            arr = np.asarray(target)
+        except (ValueError, TypeError):
+            arr = np.asarray(None)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+            raise _validate.fail(
+                "target", target, f"a 1-D sequence of ints, one class per example (got "
+                f"shape {arr.shape} and dtype {arr.dtype}).")
         if arr.shape[0] != batch_size:
-            raise GradprobeError(
-                f"The target has {arr.shape[0]} classes but the inputs have {batch_size} "
-                "examples: pass one class per example."
-            )
-        return ClassTarget(_checked_classes(arr, target), same=False)
-    raise GradprobeError(
-        f"Cannot use {type(target).__name__} as a target. Pass an int class index, a "
-        "sequence of ints (one per example), 'predicted', gp.loss(loss_fn, y_true), or a "
-        "callable f(outputs) returning a scalar or one value per example."
-    )
-
-
-def _checked_classes(classes: np.ndarray, raw: Any) -> np.ndarray:
-    if classes.size and classes.min() < 0:
-        raise GradprobeError(f"Target class indices must be >= 0; got {raw!r}.")
-    return classes
+            raise _validate.fail(
+                "target", target, f"one class per example: {batch_size} classes for the "
+                f"{batch_size} examples of the inputs (got {arr.shape[0]}).")
+        return ClassTarget(_validate.class_indices(arr.astype(np.int64), target), same=False,
+                           raw=target)
+    raise _validate.fail(
+        "target", target, "an int class index, a sequence of ints (one per example), "
+        "'predicted', gp.loss(loss_fn, y_true), or a callable f(outputs) returning a scalar or "
+        "one value per example.")
 
 
 # ---------------------------------------------------------------- output choice
@@ -276,13 +300,13 @@ def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
             f"The model has {len(leaves)} outputs ({quoted(shown)}) and target {target.kind!r} "
             "needs one: pass output=<name or index>."
         )
-    if isinstance(output, (bool, np.bool_)):
-        raise GradprobeError("output must be an output name or index, not a bool.")
+    if isinstance(output, (bool, np.bool_)) or not isinstance(output, (str, int, np.integer)):
+        raise _validate.fail("output", output, "an output name or index (or a layer name).")
     if isinstance(output, (int, np.integer)):
         if not -len(leaves) <= output < len(leaves):
-            raise GradprobeError(
-                f"output={output} is out of range: the model has {len(leaves)} output(s)."
-            )
+            raise _validate.fail("output", output, f"an output index in [{-len(leaves)}, "
+                                                   f"{len(leaves) - 1}]: the model has "
+                                                   f"{len(leaves)} output(s).")
         return leaves[output]
     if isinstance(outputs, dict) and output in outputs:
         return outputs[output]

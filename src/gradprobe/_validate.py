@@ -1,0 +1,415 @@
+"""Argument checks shared by every public function.
+
+Each check takes the argument's name and value, returns the value in the form
+the caller uses (a Python int, a float, a tensor), and otherwise raises a
+`GradprobeError` in the Keras convention: what was expected, why, the fix, and
+`Received: name=value`. The checks are pure: they never call the model and
+never change anything they are given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradprobe.errors import GradprobeError
+
+INT32_MAX = 2**31 - 1
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, shortened for arrays and long values (small arrays show their values)."""
+    if isinstance(value, (np.ndarray, tf.Tensor, tf.Variable)) or tf.is_tensor(value):
+        size = getattr(value, "size", None)
+        if size is None and hasattr(value, "shape") and hasattr(value.shape, "num_elements"):
+            size = value.shape.num_elements()
+        ndim = len(getattr(value, "shape", ()) or ())
+        if size is not None and 0 < size <= 16 and ndim <= 1 and (isinstance(value, np.ndarray)
+                                                or hasattr(value, "numpy")):
+            try:
+                return shown(np.asarray(value).tolist(), limit)
+            except Exception:  # pragma: no cover - symbolic tensors
+                pass
+        dtype = getattr(getattr(value, "dtype", None), "name", getattr(value, "dtype", "?"))
+        shape = getattr(value, "shape", None)
+        kind = type(value).__name__
+        return f"<{kind} shape={tuple(shape) if shape is not None else '?'} dtype={dtype}>"
+    try:
+        text = repr(value)
+    except Exception:  # pragma: no cover - a broken __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fail(name: str, value: Any, expected: str) -> GradprobeError:
+    """The Keras-style error: `Expected `name` to be ... Received: name=value`."""
+    return GradprobeError(f"Expected `{name}` to be {expected} Received: {name}={shown(value)}")
+
+
+# ---------------------------------------------------------------------- model
+def _is_tf_keras(obj: Any) -> bool:
+    return any(getattr(c, "__module__", "").split(".")[0] == "tf_keras"
+               or getattr(c, "__module__", "").startswith("keras.engine")
+               or getattr(c, "__module__", "").startswith("tensorflow.python.keras")
+               for c in type(obj).__mro__)
+
+
+def model(value: Any, name: str = "model") -> Any:
+    """A Keras 3 model (or layer), built or buildable by one call."""
+    if _is_tf_keras(value):
+        raise fail(name, value,
+                   "a Keras 3 model (keras.Model): tf_keras (Keras 2) models are not "
+                   "supported. Rebuild the model with `import keras` (Keras 3), or load its "
+                   "weights into a Keras 3 copy.")
+    if not isinstance(value, keras.layers.Layer):
+        raise fail(name, value,
+                   "a Keras 3 model (keras.Model, e.g. keras.Sequential or keras.Model(inputs, "
+                   "outputs)): pass the model whose gradients you want.")
+    return value
+
+
+# --------------------------------------------------------------------- inputs
+def _leaf_problem(leaf: Any) -> str | None:
+    """Why a leaf of `inputs` cannot be fed to the model, or `None`."""
+    if isinstance(leaf, (tf.SparseTensor, tf.compat.v1.SparseTensorValue)):
+        return ("a SparseTensor: gradprobe needs dense inputs. Convert it with "
+                "tf.sparse.to_dense(x) (or keras.ops.convert_to_tensor).")
+    if isinstance(leaf, (tf.RaggedTensor, tf.compat.v1.ragged.RaggedTensorValue)):
+        return ("a RaggedTensor: gradprobe needs dense inputs with a leading batch axis. Pad it "
+                "with x.to_tensor() (and mask the padding in the model if needed).")
+    if leaf is None:
+        return "None: every input of the model needs a value."
+    if tf.is_tensor(leaf) or isinstance(leaf, tf.Variable):
+        dtype = tf.as_dtype(leaf.dtype)
+        if dtype.is_complex:
+            return (f"complex ({dtype.name}): Keras layers compute in real dtypes and "
+                    "gradients of complex inputs are not defined here. Pass the real and "
+                    "imaginary parts as two real inputs (or channels).")
+        return None
+    try:
+        arr = np.asarray(leaf)
+    except Exception:  # ragged Python lists and other odd objects
+        return ("not convertible to an array (nested lists of different lengths?): pass a "
+                "NumPy array or a tensor with a leading batch axis.")
+    if np.iscomplexobj(arr):
+        return (f"complex ({arr.dtype}): Keras layers compute in real dtypes and gradients of "
+                "complex inputs are not defined here. Pass the real and imaginary parts as "
+                "two real inputs (or channels).")
+    if arr.dtype == object:
+        return ("an object array (nested lists of different lengths, or mixed types): pass a "
+                "numeric NumPy array or a tensor with a leading batch axis.")
+    return None
+
+
+def inputs(value: Any, name: str = "inputs") -> None:
+    """A batch the model can take: no None, sparse, ragged, complex or object leaves."""
+    if value is None:
+        raise fail(name, value,
+                   "the batch the model should run on (an array, a tensor, or a list/dict "
+                   "of them for a multi-input model).")
+    if isinstance(value, (list, tuple, dict)) and not value:
+        raise fail(name, value, "a non-empty batch; got an empty container.")
+    for leaf in _leaves(value):
+        problem = _leaf_problem(leaf)
+        if problem is not None:
+            raise GradprobeError(f"Expected `{name}` to be a dense real-valued batch; one input "
+                                 f"is {problem} Received: {name}={shown(leaf)}")
+
+
+def _leaves(value: Any) -> list[Any]:
+    # Sparse and ragged tensors are leaves here (not expanded into their components).
+    if isinstance(value, dict):
+        return [leaf for k in value for leaf in _leaves(value[k])]
+    if isinstance(value, (list, tuple)) and any(
+            isinstance(v, (list, tuple, dict)) or tf.is_tensor(v)
+            or isinstance(v, (np.ndarray, tf.SparseTensor, tf.RaggedTensor)) for v in value):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
+          name: str = "inputs", exact_count: bool = True) -> int:
+    """The batch size shared by all (converted) input leaves; > 0. With the model's
+    input dtypes (`spec_dtypes`), text passed to a numeric input is refused, and
+    (`exact_count`, not for dicts, which Keras matches by name) so is a different
+    number of inputs."""
+    sizes = []
+    specs = spec_dtypes if spec_dtypes and len(spec_dtypes) == len(leaves) else [None] * len(leaves)
+    for leaf, spec in zip(leaves, specs):
+        if spec is not None and tf.as_dtype(leaf.dtype) == tf.string and spec != "string":
+            raise GradprobeError(
+                f"Expected `{name}` to be numeric: the model takes {spec} inputs, and got "
+                f"strings. Preprocess the text first (e.g. a keras.layers.TextVectorization "
+                f"outside the model). Received: {name}={shown(leaf)}")
+        shape = tuple(leaf.shape.as_list()) if hasattr(leaf.shape, "as_list") else \
+            tuple(leaf.shape)
+        if not shape:
+            raise GradprobeError(
+                f"Expected `{name}` to have a leading batch axis; got a scalar. Add one, "
+                f"e.g. x[None]. Received: {name}={shown(leaf)}")
+        sizes.append(shape[0])
+    if exact_count and spec_dtypes and len(spec_dtypes) != len(leaves):
+        raise GradprobeError(
+            f"Expected `{name}` to hold {len(spec_dtypes)} inputs, one per model input (a list "
+            f"or dict); got {len(leaves)}. Received: {name}="
+            + ", ".join(shown(v) for v in leaves))
+    known = {s for s in sizes if s is not None}
+    if len(known) > 1:
+        raise GradprobeError(
+            f"Expected every input in `{name}` to have the same batch size; got batch sizes "
+            f"{sizes}. Received: {name}=" + ", ".join(shown(v) for v in leaves))
+    if 0 in known:
+        raise GradprobeError(
+            f"Expected `{name}` to be a non-empty batch; it has 0 examples. Pass at least "
+            f"one example. Received: {name}={shown(leaves[0])}")
+    return sizes[0] if sizes else None
+
+
+def differentiable_input(key: str, leaf: Any, hint: str) -> None:
+    """A gradient with respect to the input `key` needs a floating dtype."""
+    dtype = getattr(leaf, "dtype", None)
+    dtype = tf.as_dtype(dtype) if dtype is not None else None
+    if dtype is not None and dtype.is_floating:
+        return
+    if dtype is not None and dtype == tf.string:
+        raise GradprobeError(
+            f"{key!r} has dtype string: text has no gradient. Differentiate with respect to "
+            "the first layer that turns it into floats (an embedding's output).")
+    if dtype is not None and dtype == tf.bool:
+        raise GradprobeError(
+            f"{key!r} has dtype bool: boolean inputs have no gradient. Pass them as floats "
+            f"(x.astype('float32')) to differentiate with respect to them.{hint}")
+    raise GradprobeError(
+        f"{key!r} has dtype {getattr(dtype, 'name', dtype)}: gradients with respect to integer "
+        f"inputs (such as token ids) do not exist.{hint}")
+
+
+# ------------------------------------------------------------------- numbers
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def count(name: str, value: Any, meaning: str, *, minimum: int = 1,
+          maximum: int = INT32_MAX) -> int:
+    """A positive Python or NumPy integer (not a bool, float or string)."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if not _is_int(value) or int(value) < minimum:
+        raise fail(name, value, f"{what}, {meaning}.")
+    if int(value) > maximum:
+        raise fail(name, value, f"{what} of at most {maximum:,}, {meaning}.")
+    return int(value)
+
+
+def optional_count(name: str, value: Any, meaning: str) -> int | None:
+    """`None` or a positive integer."""
+    return None if value is None else count(name, value, meaning)
+
+
+def nonnegative(name: str, value: Any, meaning: str) -> float:
+    """A finite real number >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise fail(name, value, f"a finite number >= 0, {meaning}.")
+    if not math.isfinite(float(value)) or float(value) < 0:
+        raise fail(name, value, f"a finite number >= 0, {meaning}.")
+    return float(value)
+
+
+def seed(value: Any, name: str = "seed") -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or int(value) < 0:
+        raise fail(name, value, "None or a non-negative integer, the random seed.")
+    return int(value)
+
+
+def flag(name: str, value: Any, meaning: str = "") -> bool:
+    """A bool (Python or NumPy): a string like 'no' would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise fail(name, value, f"True or False{', ' + meaning if meaning else ''}.")
+    return bool(value)
+
+
+def choice(name: str, value: Any, allowed: Iterable[Any], meaning: str = "") -> Any:
+    """One of `allowed` (compared by type and value, so that True is not 1)."""
+    allowed = list(allowed)
+    for a in allowed:
+        if type(a) is type(value) and a == value:
+            return value
+        if isinstance(a, float) and isinstance(value, float) and a == value:
+            return value
+    options = ", ".join(repr(a) for a in allowed)
+    raise fail(name, value, f"one of {options}{' (' + meaning + ')' if meaning else ''}.")
+
+
+# ------------------------------------------------------------------ targets
+def class_indices(classes: np.ndarray, raw: Any, name: str = "target") -> np.ndarray:
+    """Class indices that are >= 0 and fit in int32 (no silent overflow)."""
+    if classes.size and classes.min() < 0:
+        raise fail(name, raw, "a class index >= 0 (an int, or one int per example); "
+                              "negative indices are not class indices.")
+    if classes.size and classes.max() > INT32_MAX:
+        raise fail(name, raw, "a class index in the range of the selected output's last "
+                              "axis; this one does not even fit in int32.")
+    return classes
+
+
+def classes_in_range(classes: np.ndarray, n: int | None, raw: Any,
+                     name: str = "target") -> None:
+    """Checks class indices against the output's `n` classes (once `n` is known)."""
+    if n is None or not classes.size or int(classes.max()) < n:
+        return
+    bad = sorted({int(c) for c in classes if c >= n})
+    raise GradprobeError(
+        f"Expected `{name}` to be a class index in [0, {n - 1}]: the selected output has {n} "
+        f"classes (its last axis). Target class {', '.join(map(str, bad[:8]))} is out of range. "
+        f"Received: {name}={shown(raw)}")
+
+
+def labels(y_true: Any, n: int | None, name: str = "y_true", ignore: Any = None) -> None:
+    """Sparse (integer) labels in [0, n) (`n=None`: not yet known, only >= 0);
+    `ignore` is a label the loss skips (Keras' `ignore_class`)."""
+    arr = np.asarray(y_true)
+    if not arr.size:
+        return
+    if arr.dtype.kind not in "biuf" or not np.all(np.isfinite(arr)) or \
+            not np.all(arr == np.round(arr)):
+        raise fail(name, y_true, "integer class labels for a sparse loss (one class index per "
+                                 "example or position).")
+    valid = (arr >= 0) if n is None else ((arr >= 0) & (arr < n))
+    if ignore is not None:
+        valid |= arr == ignore
+    if np.all(valid):
+        return
+    bad = sorted({int(v) for v in arr[~valid].ravel()})
+    span = "non-negative class labels" if n is None else \
+        f"class labels in [0, {n - 1}] (the selected output has {n} classes)"
+    raise GradprobeError(
+        f"Expected `{name}` to hold {span}; label(s) {', '.join(map(str, bad[:8]))} are out of "
+        f"range. Received: {name}={shown(y_true)}")
+
+
+def numeric_array(name: str, value: Any, meaning: str) -> np.ndarray:
+    """A real-valued (int, float or bool) array-like."""
+    if value is None:
+        raise fail(name, value, f"{meaning}, not None.")
+    if isinstance(value, (tf.SparseTensor, tf.RaggedTensor)):
+        raise fail(name, value, f"{meaning}, as a dense array.")
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        raise fail(name, value, f"{meaning}, as an array.") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise fail(name, value, f"{meaning}: a real-valued numeric array (got dtype {arr.dtype}).")
+    return arr
+
+
+def tensor(name: str, value: Any, meaning: str) -> Any:
+    """A tensor (or variable) of a real floating dtype."""
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if not (tf.is_tensor(value) or isinstance(value, tf.Variable)) or \
+            not tf.as_dtype(value.dtype).is_floating:
+        raise fail(name, value, f"a floating-point tensor, {meaning}.")
+    return value
+
+
+# --------------------------------------------------------- shaped arguments
+def _shape(x: Any) -> tuple:
+    return tuple(x.shape.as_list()) if hasattr(x.shape, "as_list") else tuple(x.shape)
+
+
+def baseline(value: Any, x: Any, name: str = "baseline") -> None:
+    """A baseline the same shape as the inputs `x`, or broadcastable to it, and real."""
+    if value is None:
+        return
+    arr = value if tf.is_tensor(value) else numeric_array(name, value, "the reference input")
+    if tf.is_tensor(arr) and not (arr.dtype.is_floating or arr.dtype.is_integer):
+        raise fail(name, value, f"a real-valued array like the inputs ({x.dtype.name}).")
+    try:
+        out = np.broadcast_shapes(_shape(arr), _shape(x))
+    except ValueError:
+        out = None
+    if out != _shape(x):
+        raise fail(name, value,
+                   f"an array shaped like the inputs {_shape(x)} (or broadcastable to it, e.g. "
+                   f"{_shape(x)[1:]} for one baseline shared by every example).")
+
+
+def like(name: str, value: Any, ref: Any, what: str) -> Any:
+    """`value` as a tensor with `ref`'s shape and dtype (real values only)."""
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if tf.is_tensor(value):
+        if not (value.dtype.is_floating or value.dtype.is_integer):
+            raise fail(name, value, f"a real-valued tensor shaped like {what} {_shape(ref)}.")
+        tensor = value
+    else:
+        tensor = tf.convert_to_tensor(numeric_array(name, value, f"a tensor shaped like {what}"))
+    if _shape(tensor) != _shape(ref):
+        raise fail(name, value, f"a tensor of the same shape as {what}, {_shape(ref)}.")
+    return tf.cast(tensor, ref.dtype)
+
+
+def channel_axis(value: Any, rank: int | None = None, layer: str = "the layer") -> int:
+    """A channel axis valid for a `rank`-D activation (not the batch axis)."""
+    if not _is_int(value):
+        raise fail("channel_axis", value, "an int axis of the layer's output (-1 for "
+                                          "channels_last, 1 for channels_first).")
+    if rank is None:
+        return int(value)
+    if not -rank <= int(value) < rank or int(value) % rank == 0:
+        raise fail("channel_axis", value,
+                   f"an axis of the {rank}-D output of {layer}, other than the batch axis: "
+                   "one of "
+                   f"{list(range(1, rank))} or {list(range(-rank + 1, 0))} (-1 for "
+                   "channels_last, 1 for channels_first).")
+    return int(value)
+
+
+def thresholds(values: dict[str, Any], allowed: Iterable[str]) -> None:
+    """Keyword thresholds (`diagnose(vanishing=..., exploding=...)`): known names,
+    finite positive numbers."""
+    allowed = list(allowed)
+    for name, value in values.items():
+        if name not in allowed:
+            raise GradprobeError(
+                f"Unknown threshold `{name}`: expected one of {', '.join(allowed)}. "
+                f"Received: {name}={shown(value)}")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)) or not math.isfinite(value) \
+                or value <= 0:
+            raise fail(name, value, "a finite number > 0.")
+
+
+def layer(value: Any, name: str = "layer") -> Any:
+    """A layer selector: a name or path (`"name@i"` too) or a layer object."""
+    if isinstance(value, keras.layers.Layer) or (isinstance(value, str) and value.strip()):
+        return value
+    raise fail(name, value, "a layer name or path (e.g. 'conv5_block3_out' or 'conv@1') or a "
+                            "layer object; gp.grad_cam_layer(model, inputs) picks a default.")
+
+
+# ------------------------------------------------------------------ sources
+def part_of_model(obj: Any, model_: Any, name: str = "wrt", known: bool | None = None) -> None:
+    """A variable (or, with `known`, a layer) selected by object must belong to the model."""
+    if isinstance(obj, keras.layers.Layer):
+        if known:
+            return
+        raise GradprobeError(
+            f"Expected `{name}` to name layers of model {model_.name!r}; layer {obj.name!r} "
+            f"({type(obj).__name__}) is not part of this model (a layer of another model?). "
+            f"Pass one of its layers or a layer name. Received: {name}={shown(obj)}")
+    var = obj
+    if any(v is var for v in model_.weights):
+        return
+    path = getattr(var, "path", None) or getattr(var, "name", "?")
+    raise GradprobeError(
+        f"Expected `{name}` to name variables of model {model_.name!r}; variable {path!r} is "
+        f"not part of this model (a variable of another model or layer?). Select it by name "
+        f"('layer.kernel') or pass one of model.weights. Received: {name}={shown(var)}")
