@@ -29,10 +29,11 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "gradprobe")
 
 def run(*args, check_code=0, env=None, prefix=()):
     """Runs the console script; `env` adds variables, `prefix` is a launcher command."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *(
-                   [env["PYTHONPATH"]] if env and "PYTHONPATH" in env else []),
-                   os.environ.get("PYTHONPATH", "")]))
+    extra = dict(env or {})
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), extra.pop("PYTHONPATH", ""),
+                                         os.environ.get("PYTHONPATH", "")])
+    env.update(extra)
     out = subprocess.run([*prefix, SCRIPT, *args], capture_output=True, text=True, timeout=300,
                          env=env)
     if check_code is not None:
@@ -215,6 +216,10 @@ def test_report_matches_gp_gradients_with_histories(saved, tmp_path, kind):
                            keras.callbacks.CSVLogger(str(log_csv))])
     extra = ["--import", "cli_custom"] if kind == "subclassed" else []
     out_path = tmp_path / "out" / "report.html"
+    if kind == "subclassed":  # an existing file is replaced with --overwrite (--force)
+        out_path.parent.mkdir()
+        out_path.write_text("an older report")
+        extra.append("--overwrite")
     out = run("report", paths[kind], "--input", str(d / "x.npy"), "--loss",
               "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"), "--history",
               str(grads_csv), "--history", str(log_csv), "--out", str(out_path), *extra)
@@ -250,10 +255,17 @@ def test_report_user_errors(saved, args, message):
 
 def test_demo_user_errors(saved):
     d, _, _ = saved
+    users = d / "user-folder"
+    users.mkdir(exist_ok=True)
+    (users / "model.keras").write_bytes(b"the user's model")
     for args, message in [(["--epochs", "0"], "--epochs must be at least 1"),
-                          (["--out", str(d / "x.npy")], "is a file; pass a directory")]:
+                          (["--out", str(d / "x.npy")], "is a file; pass a directory"),
+                          (["--out", str(users)], "is not empty (model.keras); the demo writes "
+                                                  "into a new or empty folder")]:
         lines = own_lines(run("demo", *args, check_code=1).stderr)
         assert len(lines) == 1 and message in lines[0], lines
+    assert os.listdir(users) == ["model.keras"]
+    assert (users / "model.keras").read_bytes() == b"the user's model"
 
 
 def test_every_command_has_help():
@@ -428,11 +440,14 @@ def test_permission_errors_are_one_line(saved, tmp_path):
 
 
 # ---------------------------------------------------------------- never overwrite
-def test_gradcam_same_names_refusal_and_force(saved, tmp_path):
+def test_gradcam_same_names_refusal_and_force(saved, tmp_path, capsys):
     """d1/same.png and d2/same.png give two overlays; the second image is 10000x10000 (PIL
     would warn) and the model archive has a member Keras warns about: stderr stays empty.
-    A second run refuses and leaves the files as they were; --force replaces them."""
+    Run again (in this process), it refuses and leaves the files as they were; --force
+    replaces them."""
     from PIL import Image
+
+    from gradprobe import cli
 
     d, _, paths = saved
     model_path = str(tmp_path / "extra-member.keras")
@@ -442,8 +457,8 @@ def test_gradcam_same_names_refusal_and_force(saved, tmp_path):
         dst.writestr("../outside.txt", b"not part of a model")
     (tmp_path / "d1").mkdir()
     (tmp_path / "d2").mkdir()
-    rng = np.random.default_rng(3)
-    Image.fromarray((rng.random((6, 6)) * 255).astype("uint8")).save(tmp_path / "d1" / "same.png")
+    small = (np.random.default_rng(3).random((6, 6)) * 255).astype("uint8")
+    Image.fromarray(small).save(tmp_path / "d1" / "same.png")
     blank_png(tmp_path / "d2" / "same.png", 10000, 10000)
     images = [str(tmp_path / "d1" / "same.png"), str(tmp_path / "d2" / "same.png")]
     out_dir = tmp_path / "cams"
@@ -456,17 +471,19 @@ def test_gradcam_same_names_refusal_and_force(saved, tmp_path):
     notes = [line for line in first.stdout.splitlines() if "same file name" in line]
     assert len(notes) == 1 and "same_2_gradcam.png (from " + images[1] + ")" in notes[0]
     model = keras.saving.load_model(paths["functional"])
-    x = np.stack([np.asarray(Image.open(f).convert("L").resize((6, 6)), np.float32)[..., None]
-                  / 255.0 for f in images])
+    x = np.stack([small[..., None] / np.float32(255.0), np.zeros((6, 6, 1), "float32")])
     cams = np.asarray(gp.grad_cam(model, x, 1, "conv"))
     expected = [gp.plot.overlay(x[i], cams[i]) for i in range(2)]
     for path, rgb in zip(written, expected):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)
 
     written[0].write_bytes(b"the user's own file")
-    assert_one_line(run(*args, check_code=1), str(written[0]), "already exists", "--force")
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"'{written[0]}' already exists" in err[0] and "--force" in err[0]
     assert written[0].read_bytes() == b"the user's own file"
-    run(*args, "--force")
+    assert cli.main([*args, "--overwrite"]) == 0
     assert np.array_equal(np.asarray(Image.open(written[0]).convert("RGB")), expected[0])
 
 
