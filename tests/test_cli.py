@@ -185,8 +185,9 @@ def test_gradcam_writes_the_overlays_gp_computes(saved, tmp_path):
         written = np.asarray(Image.open(out_dir / f"img{i}_gradcam.png").convert("RGB"))
         assert np.array_equal(written, gp.plot.overlay(x[i], cams[i]))
     out = run("gradcam", paths["functional"], images[0], "--layer", "logits", "--out",
-              str(out_dir), check_code=1)
+              str(tmp_path / "cams2"), check_code=1)
     assert "spatial feature maps" in own_lines(out.stderr)[0]
+    assert not (tmp_path / "cams2").exists()  # a failing command writes nothing
     out = run("gradcam", paths["functional"], str(tmp_path / "none.png"), "--out",
               str(out_dir), check_code=1)
     assert "does not exist" in own_lines(out.stderr)[0]

@@ -225,7 +225,7 @@ def read_input(spec: str, flag: str = "--input", *, images: bool = True,
     kinds = ".npy, .npz, .png or .jpg" if images else ".npy or .npz"
     bad = sorted(exts - set(ARRAY_EXTENSIONS) - (set(IMAGE_EXTENSIONS) if images else set()))
     if bad:
-        raise UserError(f"unsupported {flag} file type {bad[0]!r}: use {kinds}")
+        raise UserError(f"unsupported input file type {bad[0]!r} for {flag}: use {kinds}")
     raise UserError(f"{flag} mixes arrays and images; pass one .npy/.npz file or image files")
 
 

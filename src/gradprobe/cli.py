@@ -73,8 +73,10 @@ def _message(e: Exception, debug: bool) -> str:
         return str(e)
     if isinstance(e, GradprobeError):
         return one_line(e)
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
+    if isinstance(e, OSError):  # the file system's answer, not a bug
+        if e.strerror and e.filename:
+            return f"{e.strerror}: {e.filename!r}"
+        return e.strerror or one_line(e)
     if isinstance(e, MemoryError):
         return "out of memory; pass fewer inputs (a smaller batch) or a smaller --wrt"
     if isinstance(e, ValueError):  # Keras' and NumPy's own checks of the request
