@@ -20,7 +20,7 @@ $(STAMP_TEST): pyproject.toml $(STAMP_BASE)
 	touch $@
 
 demo: $(STAMP_BASE)
-	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/gradprobe demo --out gradprobe-demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/gradprobe demo --out gradprobe-demo --force
 
 test: $(STAMP_TEST)
 	sh scripts/install-browser.sh

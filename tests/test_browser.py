@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -28,10 +29,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The demo, run with --force into a folder that already holds a user's model.keras
+    (which it replaces) and notes.txt (which it leaves)."""
     out = tmp_path_factory.mktemp("demo")
+    (out / "model.keras").write_bytes(b"the user's model")
+    (out / "notes.txt").write_text("the user's notes")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", COLUMNS="160")
-    run = subprocess.run([SCRIPT, "demo", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600, env=env)
+    run = subprocess.run([SCRIPT, "demo", "--out", str(out), "--force"], capture_output=True,
+                         text=True, timeout=600, env=env)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     return out, run.stdout
 
@@ -56,6 +61,9 @@ def test_demo_trains_and_writes_everything(demo):
     for name in ("report.html", "gradcam.png", "gradient_flow.png", "gradient_history.png",
                  "gradients.csv", "model.keras", "test_images.npy", "test_labels.npy"):
         assert (out / name).stat().st_size > 0, name
+    assert (out / "notes.txt").read_text() == "the user's notes"  # --force replaces only ours
+    with zipfile.ZipFile(out / "model.keras") as archive:  # the trained model, not the user's
+        assert {"config.json", "model.weights.h5"} <= set(archive.namelist())
 
 
 @pytest.mark.slow

@@ -95,7 +95,8 @@ def test_given_gradients_monitor_and_csv_histories(tmp_path):
     g = gp.gradients(model, x[:4], 2, "conv")
     for mon, hist in [(monitor, log), (str(tmp_path / "g.csv"), {"loss": [1.0]})]:
         html = _read(gp.write_report(str(tmp_path / "r.html"), model, x[:4], 2, gradients=g,
-                                     monitor=mon, history=hist, attribution=False))
+                                     monitor=mon, history=hist, attribution=False,
+                                     overwrite=True))
         data = _data(html)
         assert [s["name"] for s in data["sources"]] == ["conv"]
         assert data["figures"] == ["gradient-flow", "training-curves", "gradient-history"]
@@ -131,3 +132,20 @@ def test_per_example_class_targets_caption_the_given_class(tmp_path):
     assert "all for the given class" in html
     g = gp.gradients(model, x, classes, ["inputs", "*", "*.weights"])
     assert np.allclose(data["target"], np.asarray(g.target), rtol=1e-6)
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
+    model = _cnn()
+    x = np.random.default_rng(3).random((2, 8, 8, 1)).astype("float32")
+    path = tmp_path / "mine.html"
+    path.write_text("the user's page")
+    with pytest.raises(gp.GradprobeError, match=r"Received: path='.*mine.html', which exists; "
+                                                r"pass overwrite=True"):
+        gp.write_report(str(path), model, x, 0)
+    assert path.read_text() == "the user's page"
+    with pytest.raises(gp.GradprobeError, match="which is a directory"):
+        gp.write_report(str(tmp_path), model, x, 0, overwrite=True)
+    gp.write_report(str(path), model, x, 0, overwrite=True)
+    data = _data(_read(path))
+    g = gp.gradients(model, x, 0, ["inputs", "*", "*.weights"])
+    assert np.isclose(data["sources"][0]["norm"], g.stats()["inputs"]["norm"], rtol=1e-5)

@@ -1,7 +1,11 @@
 """The `gradprobe` command.
 
 Exit codes: 0 success; 1 a user error (one line on standard error, no
-traceback); 2 a usage error (from argparse).
+traceback; `--debug` or GRADPROBE_DEBUG=1 adds the traceback); 2 a usage
+error (from argparse).
+
+No command replaces an existing file unless given `--force` (`--overwrite`),
+and every check of the inputs and outputs runs before the first write.
 """
 
 from __future__ import annotations
@@ -10,34 +14,75 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
+from gradprobe._cli_io import (
+    IMAGE_EXTENSIONS,
+    UserError,
+    check_demo_folder,
+    check_image,
+    check_model_file,
+    check_new_file,
+    check_new_files,
+    check_readable,
+    import_modules,
+    load_images,
+    load_model,
+    model_image_shape,
+    one_line,
+    read_input,
+    unique_names,
+)
+
 EXIT_USER = 1
+EXIT_INTERRUPTED = 130
 
-
-class UserError(Exception):
-    """A problem with what the user passed: reported as one line, exit code 1."""
+__all__ = ["main", "UserError", "load_model"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the `gradprobe` command with `argv` (default `sys.argv[1:]`); returns the
+    exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args.debug = bool(getattr(args, "debug", False)) or \
+        os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         return args.run(args)
-    except UserError as e:
-        print(f"gradprobe: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("gradprobe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # one line for everything; the traceback only with --debug
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"gradprobe: error: {_message(e, args.debug)}", file=sys.stderr)
         return EXIT_USER
-    except Exception as e:  # GradprobeError and friends: still one line
-        from gradprobe.errors import GradprobeError
 
-        if isinstance(e, (GradprobeError, OSError, ValueError)):
-            print(f"gradprobe: error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_USER
-        raise
+
+def _message(e: Exception, debug: bool) -> str:
+    """One line for an exception: the user's mistake as gradprobe words it, an OS error
+    with its file, or (an unexpected exception) its type and where to look."""
+    from gradprobe.errors import GradprobeError
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, GradprobeError):
+        return one_line(e)
+    if isinstance(e, OSError):  # the file system's answer, not a bug
+        if e.strerror and e.filename:
+            return f"{e.strerror}: {e.filename!r}"
+        return e.strerror or one_line(e)
+    if isinstance(e, MemoryError):
+        return "out of memory; pass fewer inputs (a smaller batch) or a smaller --wrt"
+    if isinstance(e, ValueError):  # Keras' and NumPy's own checks of the request
+        return one_line(e)
+    hint = "" if debug else "; rerun with --debug for the traceback to report it"
+    return f"unexpected {type(e).__name__}: {one_line(e)}{hint}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,56 +90,88 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradprobe",
         description="How does this output depend on that layer? Gradients of a Keras model's "
                     "target with respect to its layers, weights and input.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=_DEBUG_HELP)
     sub = parser.add_subparsers(title="commands", dest="command")
     d = sub.add_parser(
-        "demo", help="train a small CNN on the bundled digits and show everything gradprobe does",
+        "demo", parents=[common],
+        help="train a small CNN on the bundled digits and show everything gradprobe does",
         description="Trains a small CNN on the 8x8 digits data set bundled with gradprobe (no "
                     "downloads) with a GradientMonitor attached, prints the per-layer gradient "
                     "table and diagnosis of a held-out batch, and writes report.html, Grad-CAM "
-                    "overlays and gradient-flow plots into --out.")
+                    "overlays and gradient-flow plots into --out, a new or empty folder.")
     d.add_argument("--out", default="gradprobe-demo",
-                   help="the directory to write into (default ./gradprobe-demo)")
+                   help="the directory to write into, new or empty unless --force "
+                        "(default ./gradprobe-demo)")
     d.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _force_argument(d, "the demo's files in a folder that is not empty (other files stay)")
     d.set_defaults(run=_demo)
 
     p = sub.add_parser(
-        "inspect", help="per-layer gradient statistics and a diagnosis for a saved model",
+        "inspect", parents=[common],
+        help="per-layer gradient statistics and a diagnosis for a saved model",
         description="Loads a saved Keras model and a batch of inputs, computes the gradients "
                     "of the target with respect to every leaf layer's activation and weights "
-                    "(or --wrt), and prints the table and findings, or one JSON object.")
+                    "(or --wrt), and prints the table and findings, or one JSON object. "
+                    "It writes no file.")
     _request_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(run=_inspect)
 
     r = sub.add_parser(
-        "report", help="a self-contained HTML report of a saved model's gradients",
+        "report", parents=[common],
+        help="a self-contained HTML report of a saved model's gradients",
         description="Writes one HTML file (images inlined, no executable scripts, no network requests): "
                     "the model's layers, per-layer gradient statistics and diagnosis, a "
                     "gradient-flow chart, saliency and Grad-CAM maps for image inputs, and "
                     "training curves from --history files.")
     _request_arguments(r)
-    r.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
+    r.add_argument("--out", default="report.html",
+                   help="the HTML file, which must not exist unless --force (default report.html)")
     r.add_argument("--layer", help="Grad-CAM's layer (default: the last spatial layer)")
     r.add_argument("--history", action="append", default=[], metavar="CSV",
                    help="a GradientMonitor CSV (gradient norms over training) or a Keras "
                         "CSVLogger file (loss and metrics per epoch); may be repeated")
     r.add_argument("--title", help="the report's title")
+    _force_argument(r, "an existing --out file")
     r.set_defaults(run=_report)
 
     c = sub.add_parser(
-        "gradcam", help="Grad-CAM overlay images for a saved model",
-        description="Writes one Grad-CAM overlay PNG per image into --out. Without --layer, "
-                    "uses the last layer with a spatial (2-D) output and says which.")
+        "gradcam", parents=[common], help="Grad-CAM overlay images for a saved model",
+        description="Writes one Grad-CAM overlay PNG per image into --out (<name>_gradcam.png; "
+                    "inputs with the same file name get _2, _3, ...). Without --layer, uses "
+                    "the last layer with a spatial (2-D) output and says which.")
     c.add_argument("model", help="a .keras or .h5 file")
     c.add_argument("images", nargs="+", help="image files (.png/.jpg), resized to the model input")
     c.add_argument("--layer", help="the convolutional layer (name, path or 'name@i')")
     c.add_argument("--target", default="predicted",
                    help="a class index, or 'predicted' (default)")
     c.add_argument("--out", required=True, help="the directory to write PNGs into")
+    _force_argument(c, "existing overlay files in --out")
     _loading_arguments(c)
     c.set_defaults(run=_gradcam)
     return parser
+
+
+_DEBUG_HELP = "on an error, also print the full traceback (for bug reports); or GRADPROBE_DEBUG=1"
+
+
+def _force_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help=f"replace {what}; without it the command refuses and writes nothing")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text!r}")
+    return value
 
 
 def _request_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,141 +191,47 @@ def _request_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _loading_arguments(p: argparse.ArgumentParser) -> None:
-    """How a saved model may be loaded: --unsafe-load and --import."""
+    """How a saved model and images may be loaded: --unsafe-load, --import,
+    --max-image-pixels."""
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow a model that contains code (Lambda layers): runs that code")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import this Python module first, to register custom layers or "
                         "models (keras.saving.register_keras_serializable); runs its code")
-
-
-# ------------------------------------------------------------------ loading
-def load_model(path: str, unsafe: bool = False) -> Any:
-    """Loads a `.keras` or `.h5` model with Keras' safe mode (unless `unsafe`)."""
-    if not os.path.exists(path):
-        raise UserError(f"model file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path):
-        return load_saved_model(path)
-    if ext not in (".keras", ".h5"):
-        raise UserError(f"{path!r} is not a .keras or .h5 model file")
-    import keras
-
-    try:
-        return keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
-    except (ValueError, TypeError) as e:
-        text = str(e)
-        if "safe_mode" in text or "Lambda" in text or "lambda" in text:
-            raise UserError(
-                f"{path!r} contains code (e.g. a Lambda layer) and was not loaded; pass "
-                "--unsafe-load only if you trust this file") from None
-        if "Could not locate class" in text or "registered_name" in text:
-            raise UserError(
-                f"{path!r} uses a custom class that is not registered in this process; pass "
-                "--import MODULE (the module that defines it with "
-                "keras.saving.register_keras_serializable)") from None
-        raise UserError(f"cannot load {path!r}: {_one_line(e)}") from None
-
-
-def load_saved_model(path: str) -> Any:
-    """A TensorFlow SavedModel directory, wrapped the way Keras 3 can use one: its
-    `serving_default` signature as a `keras.layers.TFSMLayer` in a Functional model.
-
-    A SavedModel holds graphs, not Keras layers, so only the input and the
-    output can be probed; its graph runs, but no Python code is unpickled."""
-    if not os.path.exists(os.path.join(path, "saved_model.pb")):
-        raise UserError(f"{path!r} is a directory but not a SavedModel (no saved_model.pb); "
-                        "pass a .keras or .h5 file")
-    import keras
-
-    try:
-        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default", name="saved_model")
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"cannot load the SavedModel {path!r} (it needs a 'serving_default' "
-                        f"signature, e.g. from model.export()): {_one_line(e)}") from None
-    args, kwargs = layer.call_endpoint_fn.structured_input_signature
-    specs = list(args) + list(kwargs.items())
-    if len(specs) != 1:
-        raise UserError(f"the SavedModel {path!r} has {len(specs)} inputs; gradprobe reads "
-                        "single-input SavedModels only (save a .keras file instead)")
-    name, spec = specs[0] if isinstance(specs[0], tuple) else ("input", specs[0])
-    inp = keras.Input(shape=spec.shape[1:], dtype=spec.dtype.name, name=name)
-    out = layer(inp)
-    if isinstance(out, dict) and len(out) == 1:
-        out = next(iter(out.values()))
-    model = keras.Model(inp, out, name=os.path.basename(os.path.normpath(path)) or "saved_model")
-    print(f"gradprobe: {path!r} is a SavedModel: only its input and output can be probed "
-          "(it holds graphs, not Keras layers)", file=sys.stderr)
-    return model
-
-
-def load_inputs(spec: str, model: Any) -> Any:
-    """Arrays from .npy/.npz (never unpickling) or images resized to the model input."""
-    import numpy as np
-
-    path, _, key = spec.partition(":") if spec.count(":") == 1 and not os.path.exists(spec) \
-        else (spec, "", "")
-    files = [f for f in path.split(",") if f]
-    if not files:
-        raise UserError("--input is empty")
-    ext = os.path.splitext(files[0])[1].lower()
-    for f in files:
-        if not os.path.exists(f):
-            raise UserError(f"input file {f!r} does not exist")
-    if ext in (".npy", ".npz"):
-        try:
-            data = np.load(files[0], allow_pickle=False)
-        except ValueError as e:
-            raise UserError(f"{files[0]!r} holds Python objects (pickled data), which are "
-                            f"never loaded: save plain numeric arrays ({_one_line(e)})") from None
-        if ext == ".npz":
-            names = list(data.keys())
-            if key and key not in names:
-                raise UserError(f"{files[0]!r} has no array {key!r}; it has {names}")
-            data = data[key or names[0]]
-        return data
-    if ext in (".png", ".jpg", ".jpeg", ".bmp"):
-        return _load_images(files, model)
-    raise UserError(f"unsupported input file type {ext!r}: use .npy, .npz, .png or .jpg")
-
-
-def _load_images(files: list[str], model: Any) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
-    if not shape or len(shape) != 3 or None in shape[:2]:
-        raise UserError("image inputs need a model with a fixed (height, width, channels) input")
-    h, w, c = shape
-    out = []
-    for f in files:
-        img = Image.open(f).convert("L" if c == 1 else "RGB").resize((w, h))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        out.append(arr[..., None] if c == 1 else arr)
-    return np.stack(out)
+    p.add_argument("--max-image-pixels", type=_positive_int, default=None, metavar="N",
+                   help="refuse images with more pixels than this (default 178956970, the "
+                        "size Pillow itself refuses: a guard against decompression bombs)")
 
 
 # ------------------------------------------------------------------ commands
 def _demo(args: argparse.Namespace) -> int:
-    from gradprobe import demo
-
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1; got {args.epochs}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out!r} is a file; pass a directory")
-    demo.run(args.out, epochs=args.epochs, seed=args.seed)
+    check_demo_folder(args.out, args.force)
+    from gradprobe import demo
+
+    demo.run(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.force)
     return 0
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
-    """Loads what `inspect` and `report` need: model, inputs, labels, target, output, wrt."""
+    """Loads what `inspect` and `report` need: model, inputs, labels, target, output, wrt.
+
+    Every file is checked (and arrays read) before the model is loaded."""
     import numpy as np
 
     import gradprobe as gp
 
-    _import_modules(args.imports)
-    model = load_model(args.model, args.unsafe_load)
-    x = load_inputs(args.input, model)
+    target = _parse_target(args.target)
+    check_model_file(args.model)
+    x = read_input(args.input, "--input", max_pixels=args.max_image_pixels)
+    labels = read_input(args.labels, "--labels", images=False) if args.labels else None
+    if args.loss and labels is None:
+        raise UserError("--loss needs --labels")
+    import_modules(args.imports)
+    model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
+    if isinstance(x, list):
+        x = load_images(x, model_image_shape(model), args.max_image_pixels)
     expected = getattr(model, "inputs", None)
     if expected and len(expected) == 1:
         want = tuple(expected[0].shape[1:])
@@ -256,15 +239,10 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         if len(want) != len(got) or any(a is not None and a != b for a, b in zip(want, got)):
             raise UserError(f"inputs of shape {tuple(np.shape(x))} do not fit the model, "
                             f"which expects (batch, {', '.join(str(d) for d in want)})")
-    labels = load_inputs(args.labels, model) if args.labels else None
     if labels is not None and len(labels) != len(x):
         raise UserError(f"--labels has {len(labels)} entries but --input has {len(x)} examples")
     if args.loss:
-        if labels is None:
-            raise UserError("--loss needs --labels")
         target = gp.loss(args.loss, labels)
-    else:
-        target = _parse_target(args.target)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
@@ -289,10 +267,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import gradprobe as gp
-
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out must name an .html file; got {args.out!r}")
+    check_new_file(args.out, args.force)
     monitor, history = None, None
     for path in args.history:
         kind = _history_kind(path)
@@ -301,19 +278,25 @@ def _report(args: argparse.Namespace) -> int:
         else:
             history = path
     r = _request(args)
+    import gradprobe as gp
+
     path = gp.write_report(args.out, r["model"], r["inputs"], r["target"], wrt=r["wrt"],
                            output=r["output"], labels=r["labels"], attribution_layer=args.layer,
-                           monitor=monitor, history=history, title=args.title)
+                           monitor=monitor, history=history, title=args.title,
+                           overwrite=args.force)
     print(os.path.abspath(path))
     return 0
 
 
 def _history_kind(path: str) -> str:
     """'monitor' for a GradientMonitor CSV, 'fit' for a CSVLogger file."""
-    if not os.path.exists(path):
-        raise UserError(f"history file {path!r} does not exist")
-    with open(path, newline="", errors="replace") as f:
-        first = f.readline(4096).strip().split(",")[0]
+    check_readable(path, "history file")
+    try:
+        with open(path, newline="", errors="replace") as f:
+            first = f.readline(4096).strip().split(",")[0]
+    except OSError as e:
+        raise UserError(f"cannot read history file {path!r}: {e.strerror or one_line(e)}") \
+            from e
     if first == "step":
         return "monitor"
     if first == "epoch":
@@ -324,33 +307,44 @@ def _history_kind(path: str) -> str:
 
 def _gradcam(args: argparse.Namespace) -> int:
     import numpy as np
-    from PIL import Image
+
+    target = _parse_target(args.target)
+    check_model_file(args.model)
+    for f in args.images:
+        check_readable(f, "image file")
+        if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+            raise UserError(f"{f!r} is not an image file (.png, .jpg)")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a file; pass a directory")
+    names, renamed = unique_names(args.images, "_gradcam.png")
+    paths = [os.path.join(args.out, name) for name in names]
+    check_new_files(paths, args.force)
+    for f in args.images:
+        check_image(f, args.max_image_pixels)
+    import_modules(args.imports)
+    model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
+    x = load_images(args.images, model_image_shape(model), args.max_image_pixels)
 
     import gradprobe as gp
 
-    _import_modules(args.imports)
-    model = load_model(args.model, args.unsafe_load)
-    for f in args.images:
-        if not os.path.exists(f):
-            raise UserError(f"image file {f!r} does not exist")
-        if os.path.splitext(f)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
-            raise UserError(f"{f!r} is not an image file (.png, .jpg)")
-    x = _load_images(args.images, model)
-    target = _parse_target(args.target)
     layer = args.layer
     if layer is None:
         try:
             layer = gp.grad_cam_layer(model, x[:1])
-        except gp.GradprobeError:
+        except gp.GradprobeError as e:
             raise UserError("the model has no layer with a spatial (2-D) output; "
-                            "pass --layer") from None
+                            "pass --layer") from e
         print(f"using layer {layer!r} (the last layer with a spatial output)")
     cams = np.asarray(gp.grad_cam(model, x, target, layer))
+    overlays = [gp.plot.overlay(image, cam) for image, cam in zip(x, cams)]
+    if renamed:
+        print(f"inputs with the same file name get distinct overlays: {', '.join(renamed)}")
+    from PIL import Image
+
     os.makedirs(args.out, exist_ok=True)
-    for f, image, cam in zip(args.images, x, cams):
-        stem = os.path.splitext(os.path.basename(f))[0]
-        path = os.path.join(args.out, f"{stem}_gradcam.png")
-        Image.fromarray(gp.plot.overlay(image, cam)).save(path)
+    for path, rgb in zip(paths, overlays):
+        with open(path, "wb" if args.force else "xb") as f:  # "x": never replace a file
+            Image.fromarray(rgb).save(f, format="PNG")
         print(path)
     return 0
 
@@ -362,21 +356,6 @@ def _parse_target(text: str) -> Any:
         return int(text)
     except ValueError:
         raise UserError(f"--target must be a class index or 'predicted'; got {text!r}") from None
-
-
-def _import_modules(names: list[str]) -> None:
-    import importlib
-
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise UserError(f"--import {name}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,21 @@ def build_model() -> keras.Model:
     )
 
 
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """A new or empty folder, or (`overwrite`) any folder; never a file."""
+    from gradprobe.errors import GradprobeError
+
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise GradprobeError(f"Expected out_dir to be a folder. Received: out_dir={out_dir!r}, "
+                             "which is a file; pass a folder path.")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and not overwrite:
+        raise GradprobeError(
+            f"Expected out_dir to be a new or empty folder. Received: out_dir={out_dir!r}, "
+            f"which holds {', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}; "
+            "pass overwrite=True to replace the demo's files in it, or choose a new folder.")
+
+
 class _Progress(keras.callbacks.Callback):
     """One rich progress bar over all training steps, with loss and accuracy."""
 
@@ -82,16 +97,20 @@ class _Progress(keras.callbacks.Callback):
 
 
 def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
-        console: Any = None) -> dict[str, Any]:
+        console: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Runs the demo and writes its files into `out_dir`.
 
     Args:
         out_dir: Where to write `report.html`, `gradcam.png`, `gradient_flow.png`,
             `gradient_history.png`, `gradients.csv` (the monitor's record),
-            `model.keras`, `test_images.npy` and `test_labels.npy`.
+            `model.keras`, `test_images.npy` and `test_labels.npy`: a new or
+            empty folder unless `overwrite`.
         epochs: Training epochs (about 1 s each on 2 CPU cores).
         seed: Seeds the split, the initial weights and the shuffling.
         console: A `rich.console.Console` (default: a new one).
+        overwrite: Write into a folder that is not empty, replacing the demo's
+            files in it (other files stay). Without it such a folder is refused
+            with a `GradprobeError` before anything is written.
 
     Returns:
         A dict with `test_accuracy`, `findings` (the held-out batch's) and the
@@ -103,6 +122,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     import gradprobe as gp
     from gradprobe.attribution import fixed_target
 
+    _check_out_dir(out_dir, overwrite)
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped or logged: do not fold lines at 80 columns
@@ -160,6 +180,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     gp.write_report(files["report.html"], model, xb, target, gradients=g, labels=yb,
                     attribution_layer="conv2", monitor=monitor, history=history,
                     title="gradprobe demo: a small CNN on 8x8 digits", max_images=8,
+                    overwrite=overwrite,
                     notes={"test accuracy": f"{accuracy:.1%} on {len(x_test)} held-out digits",
                            "training": f"{epochs} epochs, {len(x_train)} images, "
                                        f"{seconds:.1f} s",

@@ -29,7 +29,8 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
                  attribution: bool = True, attribution_layer: Any = None,
                  labels: Any = None, class_names: list[str] | None = None,
                  monitor: Any = None, history: Any = None, title: str | None = None,
-                 notes: dict[str, Any] | None = None, max_images: int = 8) -> str:
+                 notes: dict[str, Any] | None = None, max_images: int = 8,
+                 overwrite: bool = False) -> str:
     """Writes a self-contained HTML report of a model's gradients.
 
     Args:
@@ -54,6 +55,8 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
         title: The page title (default: "gradprobe report: <model name>").
         notes: Extra facts for the header, e.g. `{"test accuracy": "97.5%"}`.
         max_images: At most this many attribution rows.
+        overwrite: Replace `path` if it exists. Without it an existing file is
+            never touched: a `GradprobeError` is raised before any work.
 
     Returns:
         The path written.
@@ -75,6 +78,11 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     if not os.path.isdir(blocker):
         raise GradprobeError(f"Cannot write the report to {path!r}: {blocker!r} is a file, "
                              "not a directory.")
+    if os.path.isdir(path):
+        raise GradprobeError(f"Expected path to name a file. Received: path={path!r}, which is "
+                             "a directory.")
+    if os.path.lexists(path) and not overwrite:
+        raise _exists(path)
     if gradients is None:
         gradients = compute_gradients(model, inputs, target, list(wrt), output=output,
                                       unconnected="zero")
@@ -126,9 +134,18 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     env.filters["pct"] = lambda v: f"{v:.1%}"
     text = env.get_template("report.html").render(**context)
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:  # mode "x" creates the file only if it still does not exist
+        with open(path, "w" if overwrite else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise _exists(path) from None
     return path
+
+
+def _exists(path: str) -> GradprobeError:
+    return GradprobeError(f"Expected path to be a file that does not exist yet. Received: "
+                          f"path={path!r}, which exists; pass overwrite=True to replace it, "
+                          "or choose another path.")
 
 
 def gradients_json(g: Gradients, findings: list | None = None) -> dict:
