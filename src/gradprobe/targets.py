@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _validate
+from gradprobe import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -480,6 +480,40 @@ def make_target(target: Any, batch_size: int) -> Target:
 def output_names(model: Any) -> list[str]:
     names = getattr(model, "output_names", None)
     return list(names) if names else []
+
+
+def check_output_choice(model: Any, output: Any, target: Target) -> None:
+    """Before any trace: a target that needs one output, on a model that declares
+    several (a keras-hub backbone's `sequence_output` and `pooled_output`), needs
+    `output=`. Models that declare no outputs (subclassed) are checked after the run
+    by `select_output`."""
+    if output is not None or not target.needs_single_output:
+        return
+    declared = _sequence.declared_outputs(model)
+    if declared is None:
+        return
+    shown = quoted(declared) if isinstance(declared, list) else \
+        f"{declared} unnamed: use an index"
+    example = repr(declared[0]) if isinstance(declared, list) else "0"
+    raise _validate.fail(
+        "output", output, f"the output the target is computed from: model "
+        f"{getattr(model, 'name', '?')!r} has {len(declared) if isinstance(declared, list) else declared} "
+        f"outputs ({shown}) and target {target.kind!r} needs one. Pass e.g. output={example}.")
+
+
+def pattern_unconnected(model: Any, output: Any, sources: list, unconnected: str) -> str:
+    """The rule for patterns on a model with several outputs: with `output=` chosen,
+    a `wrt` made only of patterns (`"*.weights"`, `"encoder/*"`) asks for whatever
+    of them the selected output depends on, so the sources that feed only the other
+    outputs (a BERT backbone's pooler, for `output="sequence_output"`) get exact zero
+    gradients, listed in `Gradients.unconnected`, instead of an error. A source named
+    explicitly that the output does not depend on still raises (with
+    `unconnected="raise"`, the default)."""
+    if unconnected != "raise" or output is None or not sources:
+        return unconnected
+    if any(getattr(s, "explicit", True) for s in sources):  # inputs count as explicit
+        return unconnected
+    return "zero" if _sequence.declared_outputs(model) is not None else unconnected
 
 
 def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
