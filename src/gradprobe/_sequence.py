@@ -144,3 +144,24 @@ def declared_outputs(model: Any) -> list[str] | int | None:
         return None
     names = list(getattr(model, "output_names", None) or [])
     return names if len(names) == len(leaves) else len(leaves)
+
+
+def declared_output(model: Any, output: Any) -> Any:
+    """The symbolic output `output` selects (`None`: the only one) of a functional
+    model, or `None` when it cannot be told without running the model."""
+    try:
+        struct = model.output  # public for functional models; raises for subclassed ones
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    leaves = keras.tree.flatten(struct)
+    if output is None:
+        return leaves[0] if len(leaves) == 1 else None
+    if isinstance(output, bool):
+        return None
+    if isinstance(output, int):
+        return leaves[output] if -len(leaves) <= output < len(leaves) else None
+    if isinstance(struct, dict):
+        return struct.get(output)
+    names = list(getattr(model, "output_names", None) or [])
+    return leaves[names.index(output)] if output in names and len(names) == len(leaves) \
+        else None

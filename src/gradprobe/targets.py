@@ -487,6 +487,13 @@ def check_output_choice(model: Any, output: Any, target: Target) -> None:
     several (a keras-hub backbone's `sequence_output` and `pooled_output`), needs
     `output=`. Models that declare no outputs (subclassed) are checked after the run
     by `select_output`."""
+    if isinstance(target, (ClassTarget, PredictedTarget)):
+        tensor = _sequence.declared_output(model, output)
+        if tensor is not None and len(tensor.shape) == 3:
+            what = f"target={target.label}" if isinstance(target, ClassTarget) else \
+                "target='predicted'"
+            form = target.form if isinstance(target, ClassTarget) else "'predicted'"
+            raise GradprobeError(sequence_error(what, tuple(tensor.shape), form))
     if output is not None or not target.needs_single_output:
         return
     declared = _sequence.declared_outputs(model)
