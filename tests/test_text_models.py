@@ -87,7 +87,7 @@ def test_predicted_is_per_position_argmax_not_of_summed_logits(seq_model):
 def test_class_target_on_sequence_output_shows_the_new_form(seq_model, target, form):
     with pytest.raises(gp.GradprobeError, match=re.escape(form)) as e:
         gp.gradients(seq_model, IDS, target, wrt="emb")
-    assert "(3, 6, 20)" in str(e.value) and "mask=padding_mask" in str(e.value)
+    assert "(None, 6, 20)" in str(e.value) and "mask=padding_mask" in str(e.value)
 
 
 @pytest.mark.parametrize("call, match", [
@@ -206,8 +206,10 @@ def test_save_maps_renders_1d_sequence_maps(tmp_path):
     sal = np.asarray(gp.saliency(model, x, 1))
     sal = sal.sum(-1) if sal.ndim == 3 else sal
     cam = np.asarray(gp.grad_cam(model, x, 1, layer="conv"))
-    assert sal.shape == (2, 40) and cam.shape == (2, 36)
-    path = gp.plot.save_maps(tmp_path / "seq.png", x, {"saliency": sal, "Grad-CAM": cam})
+    assert sal.shape == (2, 40) and cam.shape == (2, 40)
+    coarse = cam[:, ::4]  # a map at a coarser resolution is stretched to the signal
+    path = gp.plot.save_maps(tmp_path / "seq.png", x,
+                             {"saliency": sal, "Grad-CAM": cam, "coarse": coarse})
     img = mpimg.imread(path)
     assert img.shape[0] > 100 and img.shape[1] > 300
     single = gp.plot.save_maps(tmp_path / "one.png", x[..., 0], sal)

@@ -302,28 +302,24 @@ class PositionTarget(Target):
                          args)
 
     def compute(self, out, args):
-        what = f"target={self.spec!r}"
+        # Only what the cache key fixes may be read from `self` here: a cached plan
+        # keeps the first target of its key, and later calls only change `args`.
+        what = "target=gp.at(...)"
         if not out.dtype.is_floating or out.shape.rank is None or out.shape.rank < 3:
             raise GradprobeError(
                 f"{what}: gp.at picks a position on axis 1 of a sequence output (batch, steps, "
                 f"classes); the selected output has shape {tuple(out.shape)} and dtype "
                 f"{out.dtype.name}. Use an int class or 'predicted' directly for a "
                 "(batch, classes) output.")
-        steps = out.shape[1]
-        raw = self.spec.position if not isinstance(self.spec.position, str) else \
-            self.spec.positions
+        steps = tf.shape(out)[1]
         if self.spec.kind == "fixed":
-            positions = np.asarray([self.spec.positions])
             pos = tf.fill([tf.shape(out)[0]], tf.constant(self.spec.positions, tf.int32))
         else:
-            positions = self.spec.positions
             pos = args["positions"]
-        if self.spec.mask is not None and steps is not None and \
-                np.shape(self.spec.mask)[1] != steps:
-            raise _validate.fail("mask", self.spec.mask, f"a padding mask with the output's "
-                                 f"{steps} positions (axis 1); it has {np.shape(self.spec.mask)[1]}.")
-        _validate.positions_in_range(positions, steps, raw)
-        pos = tf.where(pos < 0, pos + tf.shape(out)[1], pos)
+        # Positions are checked against the output's length after the run (`check`);
+        # clipping keeps the gather from failing before that.
+        pos = tf.clip_by_value(pos, -steps, steps - 1)
+        pos = tf.where(pos < 0, pos + steps, pos)
         picked = tf.gather(out, pos, axis=1, batch_dims=1)
         scores = class_scores(picked, what, sequence_ok=True)
         if self.spec.log_prob:
@@ -336,11 +332,19 @@ class PositionTarget(Target):
             if n is not None:
                 idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
         value = tf.gather(scores, idx, axis=1, batch_dims=1)
-        return value, tf.reduce_sum(value), {"num_classes": n}
+        return value, tf.reduce_sum(value), {"num_classes": n, "steps": out.shape[1]}
 
     def check(self, meta):
+        steps = meta.get("steps")
+        spec = self.spec
+        if spec.mask is not None and steps is not None and np.shape(spec.mask)[1] != steps:
+            raise _validate.fail("mask", spec.mask, f"a padding mask with the output's "
+                                 f"{steps} positions (axis 1); it has {np.shape(spec.mask)[1]}.")
+        positions = np.atleast_1d(np.asarray(spec.positions))
+        _validate.positions_in_range(positions, steps, spec.position if not isinstance(
+            spec.position, str) else spec.positions)
         if self.classes is not None:
-            _validate.classes_in_range(self.classes, meta.get("num_classes"), self.spec.target)
+            _validate.classes_in_range(self.classes, meta.get("num_classes"), spec.target)
 
 
 def _per_example(name: str, arr: np.ndarray, batch_size: int, raw: Any) -> None:
