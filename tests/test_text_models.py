@@ -134,6 +134,13 @@ def test_at_take_selects_examples(seq_model):
     np.testing.assert_allclose(g.target.numpy(), full.target.numpy()[[2, 0]], rtol=1e-6)
     fixed = gp.at(0, "predicted").with_classes([1, 2, 3])
     assert list(fixed.target) == [1, 2, 3] and fixed.positions == 0
+    logits = seq_model(IDS).numpy()
+    resolved = gp.at("last", "predicted", mask=MASK).resolve_predicted(logits)
+    assert list(resolved.target) == [int(np.argmax(logits[i, p])) for i, p in
+                                     enumerate([3, 5, 1])]
+    g = gp.gradients(seq_model, IDS, resolved, wrt="emb")
+    np.testing.assert_allclose(g.target.numpy(), [logits[i, p].max() for i, p in
+                                                  enumerate([3, 5, 1])], rtol=1e-6)
 
 
 # --------------------------------------------------------------------- plot.tokens
@@ -355,3 +362,22 @@ def test_weights_pattern_on_one_output_of_a_multi_output_backbone():
     # a source named explicitly that the output does not depend on still raises
     with pytest.raises(gp.GradprobeError, match="pooled_dense.kernel"):
         gp.gradients(bb, BERT_X, seq_sum, wrt="pooled_dense.kernel", output="sequence_output")
+
+
+@pytest.mark.slow
+def test_readme_text_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Text and sequence models", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    keras.utils.set_random_seed(0)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    spans = _spans(namespace["html"])
+    assert [html.unescape(s[4]) for s in spans] == ["the", "film", "was", "great"]
+    assert (tmp_path / "next_token.html").exists()
+    assert "pooled_dense.kernel" in capsys.readouterr().out

@@ -211,6 +211,24 @@ class PositionSpec:
         return PositionSpec(self.position, np.asarray(classes, np.int64), self.mask,
                             self.log_prob, self.kind, self.positions)
 
+    def resolve_predicted(self, selected: Any) -> PositionSpec:
+        """`"predicted"` fixed to each example's arg-max class at its position in
+        `selected`, the output of the original inputs `(batch, steps, classes)`: so
+        that noisy or interpolated copies of an example keep its class."""
+        if not (isinstance(self.target, str) and self.target == "predicted"):
+            return self
+        out = np.asarray(selected)
+        if out.ndim < 3:
+            raise GradprobeError(
+                f"target={self!r}: gp.at picks a position on axis 1 of a sequence output "
+                f"(batch, steps, classes); the selected output has shape {out.shape}.")
+        pos = np.broadcast_to(np.asarray(self.positions), (out.shape[0],)).astype(np.int64)
+        _validate.positions_in_range(pos, out.shape[1], self.position)
+        picked = out[np.arange(out.shape[0]), pos]
+        if picked.ndim > 2:
+            picked = picked.sum(axis=tuple(range(1, picked.ndim - 1)))
+        return self.with_classes(np.argmax(picked, axis=-1))
+
     def __repr__(self) -> str:
         pos = "'last'" if isinstance(self.position, str) else _validate.shown(self.position)
         extra = ", mask=..." if self.mask is not None else ""
