@@ -143,6 +143,47 @@ def test_at_take_selects_examples(seq_model):
                                                   enumerate([3, 5, 1])], rtol=1e-6)
 
 
+# -------------------------------------------------------- integer-input errors (toy)
+def test_integer_input_error_sequential_and_subclassed():
+    x = np.ones((2, 5), "int32")
+    seq = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 4, name="e"),
+                            keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+    with pytest.raises(gp.GradprobeError, match=r"^'inputs' has dtype int32.*It feeds the "
+                                                r"embedding layer 'e'.*wrt='e'\.$"):
+        gp.gradients(seq, x, 0, wrt="inputs")
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.e = keras.layers.Embedding(10, 4, name="e")
+            self.d = keras.layers.Dense(2)
+
+        def call(self, ids):
+            return self.d(keras.ops.mean(self.e(ids), axis=1))
+
+    sub = Sub()
+    sub(x)
+    with pytest.raises(gp.GradprobeError, match=r"^'inputs' has dtype int32.*wrt='e'"):
+        gp.gradients(sub, x, 0, wrt="inputs")
+
+
+def test_integer_input_error_names_the_call_of_a_shared_embedding():
+    q = keras.Input((3,), dtype="int32", name="q")
+    d = keras.Input((3,), dtype="int32", name="d")
+    emb = keras.layers.Embedding(10, 4, name="shared")
+    flat = keras.layers.Concatenate()([keras.layers.Flatten()(emb(q)),
+                                       keras.layers.Flatten()(emb(d))])
+    model = keras.Model({"q": q, "d": d}, keras.layers.Dense(2)(flat))
+    x = {"q": np.array([[1, 2, 3]], "int32"), "d": np.array([[7, 8, 9]], "int32")}
+    with pytest.raises(gp.GradprobeError) as e:
+        gp.gradients(model, x, 0, wrt="inputs:d")
+    assert str(e.value).startswith("'inputs:d' has dtype int32")
+    # two lookups of one layer: no call index is claimed (Keras orders them, not the graph)
+    assert "embedding layer 'shared'" in str(e.value) and "wrt='shared'." in str(e.value)
+    g = gp.gradients(model, x, 0, wrt="shared")
+    assert len(g) == 2
+
+
 # --------------------------------------------------------------------- plot.tokens
 def _spans(fragment):
     return re.findall(r'<span class="gp-token" data-score="([^"]+)"[^>]*'

@@ -12,8 +12,9 @@ from gradprobe.errors import quoted
 from gradprobe.selectors import LayerTree
 
 
-def _input_names(tensor: Any) -> set[str]:
-    """Names of the Input layers a symbolic tensor is computed from."""
+def _input_names(tensor: Any) -> set[Any]:
+    """The Input layers a symbolic tensor is computed from: each by its name, its
+    tensor's name and its tensor's id (models name their inputs differently)."""
     # Private Keras API: a KerasTensor's `_keras_history` (operation, node_index,
     # tensor_index) and an operation's `_inbound_nodes[i].input_tensors` are how
     # Keras 3 records the functional graph; there is no public way to walk it back.
@@ -29,7 +30,7 @@ def _input_names(tensor: Any) -> set[str]:
             continue
         op = history[0]
         if isinstance(op, keras.layers.InputLayer):
-            names.add(op.name)
+            names.update((op.name, getattr(t, "name", None), id(t)))
             continue
         nodes = getattr(op, "_inbound_nodes", None) or []
         if history[1] < len(nodes):
@@ -37,8 +38,9 @@ def _input_names(tensor: Any) -> set[str]:
     return names
 
 
-def embedding_feeds(model: Any) -> dict[str, list[str]]:
-    """For each Input-layer name, the embedding calls its integer ids feed, as `wrt`
+def embedding_feeds(model: Any) -> dict[Any, list[str]]:
+    """For each Input layer (by name, tensor name and tensor id, see `_input_names`),
+    the embedding calls its integer ids feed, as `wrt`
     selectors: `"token_embedding"`, or `"token_embedding@0"` when the layer is called
     more than once (a tied embedding that also computes the output logits).
     Empty for models without a functional graph (subclassed models)."""
@@ -53,25 +55,51 @@ def embedding_feeds(model: Any) -> dict[str, list[str]]:
             name = node.path
         # Private Keras API (see `_input_names`): the layer's recorded symbolic calls.
         calls = getattr(node.layer, "_inbound_nodes", None) or []
-        for i, call in enumerate(calls):
-            tensors = keras.tree.flatten(call.input_tensors)
-            if not tensors or "int" not in str(getattr(tensors[0], "dtype", "")):
-                continue  # e.g. the tied embedding's reverse call on floats
-            selector = f"{name}@{i}" if len(calls) > 1 else name
-            for source in sorted(_input_names(tensors[0])):
+        lookups = [keras.tree.flatten(c.input_tensors) for c in calls]
+        lookups = [t[0] for t in lookups
+                   if t and "int" in str(getattr(t[0], "dtype", ""))]  # not a tied reverse call
+        if len(calls) == 1 or not lookups:
+            selector = name
+        elif len(lookups) == 1:
+            # One lookup and float calls (a tied embedding's reverse call on the hidden
+            # states, which come after the lookup): the lookup is the first call.
+            selector = f"{name}@0"
+        else:
+            # Several lookups (an embedding shared by several id inputs): their order
+            # in the forward pass is Keras' business, so no call index is claimed.
+            selector = name
+        for tensor in lookups:
+            for source in _input_names(tensor):
                 feeds.setdefault(source, [])
                 if selector not in feeds[source]:
                     feeds[source].append(selector)
     return feeds
 
 
-def input_name(model: Any, key: str, keys: list[str]) -> str:
-    """The Input-layer name behind a result key (`"inputs:token_ids"`, `"inputs:1"`)."""
+def input_ids(model: Any, key: str, keys: list[str]) -> list[Any]:
+    """What identifies the model input behind a result key (`"inputs:token_ids"`,
+    `"inputs:1"`, `"inputs"`): the dict key, and its symbolic tensor's name and id."""
     part = key.split(":", 1)[1] if ":" in key else "0"
-    specs = getattr(model, "inputs", None) or []
-    if part.isdigit() and len(specs) == len(keys) and int(part) < len(specs):
-        return getattr(specs[int(part)], "name", part)
-    return part
+    try:
+        struct = model.input  # public for functional models; raises for subclassed ones
+    except (AttributeError, ValueError, RuntimeError):
+        struct = None  # (and for a Sequential model never called: its `inputs` work)
+    flat = list(getattr(model, "inputs", None) or [])
+    tensor = None
+    if isinstance(struct, dict):
+        tensor = struct.get(part)
+    elif part.isdigit() and len(flat) == len(keys) and int(part) < len(flat):
+        tensor = flat[int(part)]
+    if tensor is None:
+        return [part]
+    return [id(tensor), part, getattr(tensor, "name", None)]
+
+
+def _fed(feeds: dict[Any, list[str]], ids: list[Any]) -> list[str]:
+    for ident in ids:
+        if ident is not None and feeds.get(ident):
+            return feeds[ident]
+    return []
 
 
 def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str, str]:
@@ -83,18 +111,17 @@ def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str
     except Exception:  # pragma: no cover - an exotic graph: fall back to the plain hint
         feeds = {}
     order = _declared_input_order(model)
-    fed = sorted((k for k in bad if feeds.get(input_name(model, k, keys))),
-                 key=lambda k: order.get(input_name(model, k, keys), len(order)))
+    fed = sorted((k for k in bad if _fed(feeds, input_ids(model, k, keys))),
+                 key=lambda k: order.get(k.split(":", 1)[-1], len(order)))
     key = fed[0] if fed else bad[0]
     others = [k for k in bad if k != key]
     also = (f" The other requested input(s) {quoted(others)} are integer too (ids and masks "
             "have no gradient; they are held fixed).") if others else ""
-    targets = feeds.get(input_name(model, key, keys), [])
+    targets = _fed(feeds, input_ids(model, key, keys))
     if targets:
         first = targets[0]
-        tied = (f" (the layer runs {first.rsplit('@', 1)[0]!r} more than once, e.g. a tied "
-                "embedding that also computes the output logits; @0 is the lookup)"
-                if "@" in first else "")
+        tied = (" (the layer is called more than once: a tied embedding that also "
+                "computes the output logits; @0 is the lookup)" if "@" in first else "")
         hint = (f" It feeds the embedding layer {first.split('@')[0]!r}: differentiate with "
                 f"respect to that layer's output instead: wrt={first!r}{tied}.")
         if len(targets) > 1:
@@ -102,10 +129,11 @@ def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str
         return key, hint + also
     if feeds:
         selectors = [s for sel in feeds.values() for s in sel]
+        selectors = list(dict.fromkeys(selectors))
         return key, (f" It feeds no embedding layer (a mask or an index input: it has no "
                      f"gradient and is held fixed). Differentiate with respect to an embedding's "
                      f"output instead: wrt={selectors[0]!r} (embedding calls: "
-                     f"{quoted(dict.fromkeys(selectors))})." + also)
+                     f"{quoted(selectors)})." + also)
     tree = LayerTree(model)
     embeddings = [n.path for n in tree.nodes if isinstance(n.layer, keras.layers.Embedding)]
     if embeddings:
