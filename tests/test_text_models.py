@@ -126,6 +126,21 @@ def test_at_on_a_rank2_output_is_refused():
         gp.gradients(model, np.ones((2, 4), "float32"), gp.at(0, 1), wrt="inputs")
 
 
+def test_at_new_positions_and_classes_do_not_retrace():
+    from gradprobe import engine
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6,), dtype="int32")
+    model = keras.Model(inp, keras.layers.Dense(5)(keras.layers.Embedding(20, 3)(inp)))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        mask = np.arange(6) < rng.integers(1, 7, size=(3, 1))
+        gp.gradients(model, IDS, gp.at("last", rng.integers(0, 5, 3), mask=mask, log_prob=True),
+                     wrt=model.layers[1])
+    fns = [e.fn for e in engine._cache[model].values()]
+    assert len(fns) == 1 and fns[0].experimental_get_tracing_count() == 1
+
+
 def test_at_take_selects_examples(seq_model):
     spec = gp.at("last", [3, 5, 7], mask=MASK)
     part = spec.take([2, 0])
