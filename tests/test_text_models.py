@@ -244,6 +244,19 @@ def test_tokens_batch_ids_vocabulary_and_png(tmp_path):
     assert np.any((rgb[..., 2] == 255) & (rgb[..., 0] == 0))
 
 
+def test_tokens_to_file_objects():
+    import io
+
+    text, raw = io.StringIO(), io.BytesIO()
+    fragment = gp.plot.tokens(["x", "<y>"], [1.0, -1.0], path=text, format="html")
+    assert fragment in text.getvalue() and "&lt;y&gt;" in text.getvalue()
+    gp.plot.tokens(["x", "<y>"], [1.0, -1.0], path=raw, format="png")
+    raw.seek(0)
+    assert mpimg.imread(raw, format="png").ndim == 3
+    with pytest.raises(gp.GradprobeError, match=r"Received: format='svg'"):
+        gp.plot.tokens(["x"], [1.0], path=raw, format="svg")
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     ((["a", "b"], [1.0]), {}, r"example 0 has 2 tokens and 1 scores"),
     ((["a"], [np.nan]), {}, r"finite"),
