@@ -266,7 +266,7 @@ def at(position: int | Sequence[int] | str, target: Any = "predicted", *, mask: 
 
     Example:
 
-    >>> x = {"token_ids": ids, "padding_mask": ids != 0}
+    >>> x = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
     >>> nxt = gp.at("last", "predicted", mask=x["padding_mask"], log_prob=True)
     >>> g = gp.gradients(causal_lm, x, nxt, wrt="token_embedding@0")
     >>> g.target           # log p(predicted next token), one value per example
