@@ -26,7 +26,7 @@ from gradprobe.saliency import gradient_x_input, saliency
 from gradprobe.smoothgrad import smoothgrad
 from gradprobe.stats import Finding
 from gradprobe.tape import Tape
-from gradprobe.targets import loss
+from gradprobe.targets import at, loss
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "Gradients",
     "PerExampleNorms",
     "Tape",
+    "at",
     "clear_cache",
     "grad_cam",
     "grad_cam_layer",

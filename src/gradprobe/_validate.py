@@ -413,3 +413,72 @@ def part_of_model(obj: Any, model_: Any, name: str = "wrt", known: bool | None =
         f"Expected `{name}` to name variables of model {model_.name!r}; variable {path!r} is "
         f"not part of this model (a variable of another model or layer?). Select it by name "
         f"('layer.kernel') or pass one of model.weights. Received: {name}={shown(var)}")
+
+
+# ------------------------------------------------------------ sequence targets
+def position(value: Any, mask: Any, name: str = "position") -> tuple[str, Any]:
+    """The position argument of `gp.at`: `("fixed", int)` for one position for every
+    example, `("each", int64 array)` for one per example, or `("each", ...)` computed
+    from `mask` for `"last"` (each example's last non-padding position)."""
+    if isinstance(value, str):
+        if value != "last":
+            raise fail(name, value, "an int position, one int per example, or 'last' (with "
+                                    "mask=, each example's last non-padding position).")
+        if mask is None:
+            raise fail(name, value, "'last' together with mask= (the padding mask, e.g. "
+                                    "x['padding_mask']); without a mask, position=-1 is the "
+                                    "last position of every example.")
+        return "each", last_positions(mask)
+    if mask is not None:
+        raise fail("mask", mask, "given only with position='last' (it marks each example's "
+                                 "non-padding positions); pass position='last' or drop mask=.")
+    if isinstance(value, (bool, np.bool_)):
+        raise fail(name, value, "an int position; a bool is not one.")
+    if _is_int(value):
+        if not -INT32_MAX <= int(value) <= INT32_MAX:
+            raise fail(name, value, "a position on the sequence axis (axis 1) of the output.")
+        return "fixed", int(value)
+    if value is None or isinstance(value, (dict, set, float)):
+        raise fail(name, value, "an int position, one int per example, or 'last' with mask=.")
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        arr = np.asarray(None)
+    if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise fail(name, value, f"an int position, a 1-D sequence of ints (one position per "
+                                f"example; got shape {arr.shape} and dtype {arr.dtype}), or "
+                                "'last' with mask=.")
+    if arr.size == 0:
+        raise fail(name, value, "one position per example; got an empty sequence.")
+    if np.abs(arr.astype(np.int64)).max() > INT32_MAX:
+        raise fail(name, value, "positions on the sequence axis (axis 1) of the output.")
+    return "each", arr.astype(np.int64)
+
+
+def last_positions(mask: Any, name: str = "mask") -> np.ndarray:
+    """Each row's last nonzero position of a `(batch, steps)` padding mask."""
+    arr = numeric_array(name, mask, "a padding mask of shape (batch, steps): nonzero (or "
+                                    "True) at real tokens, 0 at padding")
+    if arr.ndim != 2:
+        raise fail(name, mask, f"a padding mask of shape (batch, steps); got shape "
+                               f"{arr.shape}.")
+    real = arr != 0
+    empty = np.flatnonzero(~real.any(axis=1))
+    if empty.size:
+        raise fail(name, mask, f"a padding mask with at least one real token per example; "
+                               f"example(s) {', '.join(map(str, empty[:8].tolist()))} are all "
+                               "padding, so they have no last position.")
+    return (arr.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)).astype(np.int64)
+
+
+def positions_in_range(positions: np.ndarray, steps: int | None, raw: Any,
+                       name: str = "position") -> None:
+    """Checks positions (negative ones count from the end) against `steps`."""
+    if steps is None or not positions.size:
+        return
+    bad = sorted({int(p) for p in positions.ravel() if not -steps <= p < steps})
+    if bad:
+        raise GradprobeError(
+            f"Expected `{name}` to be a position in [{-steps}, {steps - 1}]: the selected "
+            f"output has {steps} positions (axis 1). Position {', '.join(map(str, bad[:8]))} "
+            f"is out of range. Received: {name}={shown(raw)}")

@@ -15,8 +15,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backend, capture
-from gradprobe.errors import GradprobeError, quoted
+from gradprobe import _sequence, _validate, backend, capture
+from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
 from gradprobe.selectors import (
     ActivationSource,
@@ -25,7 +25,12 @@ from gradprobe.selectors import (
     WeightSource,
     resolve,
 )
-from gradprobe.targets import make_target, output_names
+from gradprobe.targets import (
+    check_output_choice,
+    make_target,
+    output_names,
+    pattern_unconnected,
+)
 
 __all__ = ["gradients", "clear_cache"]
 
@@ -137,6 +142,8 @@ def to_specs(tree: LayerTree, sources: list) -> tuple[list, list, list]:
 
 def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
               training: bool, unconnected: str) -> capture.Plan:
+    check_output_choice(model, output, tgt)
+    unconnected = pattern_unconnected(model, output, sources, unconnected)
     acts, vars_, inputs = to_specs(tree, sources)
     names = output_names(model)
     output_layer = None
@@ -356,14 +363,11 @@ def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
     if not plan.inputs:
         return
     keys = capture.input_keys(x)
-    for key, leaf in zip(keys, keras.tree.flatten(x)):
-        if backend.is_floating(leaf):
-            continue
-        tree = LayerTree(model)
-        embeddings = [n.path for n in tree.nodes if isinstance(n.layer, keras.layers.Embedding)]
-        hint = (f" Differentiate with respect to the embedding layer's output instead: "
-                f"wrt={embeddings[0]!r}." if embeddings else
-                " Differentiate with respect to the first layer that turns them into floats.")
-        _validate.differentiable_input(
-            key, leaf, hint + (f" Embedding layers: {quoted(embeddings)}."
-                               if len(embeddings) > 1 else ""))
+    wanted = {k for spec in plan.inputs for k in keys
+              if spec.index is None or k == f"inputs:{spec.index}"
+              or (k == "inputs" and spec.index == 0)}
+    leaves = dict(zip(keys, keras.tree.flatten(x)))
+    bad = [k for k in keys if k in wanted and not backend.is_floating(leaves[k])]
+    if bad:
+        key, hint = _sequence.integer_input_hint(model, keys, bad)
+        _validate.differentiable_input(key, leaves[key], hint)

@@ -1,7 +1,11 @@
-"""Pictures of attribution maps: `gp.plot.overlay` and `gp.plot.save_maps` (matplotlib)."""
+"""Pictures of attribution maps: `gp.plot.overlay`, `gp.plot.save_maps` (images and
+1-D sequences, matplotlib) and `gp.plot.tokens` (a token heat map, HTML or PNG)."""
 
 from __future__ import annotations
 
+import html
+import io
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,10 +75,14 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
 
     Args:
         path: Where to write the PNG (a path or a binary file object).
-        images: A batch of images `(N, H, W[, C])`.
+        images: A batch of images `(N, H, W[, C])`, or of 1-D sequences
+            `(N, steps[, channels])` (time series, audio).
         maps: A batch of maps `(N, h, w)` (an `Attribution` works): the row is
             image, map, overlay. Or a dict `{name: maps}`: the row is the image,
-            then each method's overlay, headed by its name.
+            then each method's overlay, headed by its name. For sequences the
+            maps are `(N, steps')` (a saliency map with its channels reduced, or
+            a Grad-CAM map of a `Conv1D` layer, stretched to the input's steps):
+            each is drawn as a colour band behind the signal's curves.
         titles: Optional one title per example.
 
     Returns:
@@ -93,6 +101,8 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
         if len(m) != len(images):
             raise GradprobeError(f"{len(images)} images but {len(m)} maps"
                                  f"{f' for {name!r}' if name else ''}.")
+    if all(m.ndim == 2 for m in columns.values()) and images.ndim in (2, 3):
+        return _save_sequence_maps(plt, path, images, columns, named, titles, alpha, cmap)
     n = len(images)
     width = 1 + (len(columns) if named else 2)
     fig, axes = plt.subplots(n, width, figsize=(2.5 * width, 2.5 * n), squeeze=False)
@@ -115,6 +125,215 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _save_sequence_maps(plt: Any, path: Any, signals: np.ndarray, columns: dict,
+                        named: bool, titles: Sequence[str] | None, alpha: float,
+                        cmap: str) -> Any:
+    """`save_maps` for 1-D sequences: the signal, then each map as a band behind it."""
+    if signals.ndim == 2:
+        signals = signals[..., None]
+    signals = signals.astype(np.float64)
+    n, steps = signals.shape[0], signals.shape[1]
+    heads = list(columns) if named else ["map"]
+    width = 1 + len(heads)
+    fig, axes = plt.subplots(n, width, figsize=(3.5 * width, 1.8 * n), squeeze=False)
+    for i in range(n):
+        axes[i][0].plot(np.arange(steps), signals[i], linewidth=0.8)
+        axes[i][0].set_xlim(0, steps - 1 if steps > 1 else 1)
+        axes[i][0].set_title(titles[i] if titles else f"example {i}", fontsize=9)
+        lo, hi = float(signals[i].min()), float(signals[i].max())
+        hi = hi if hi > lo else lo + 1.0
+        for ax, m in zip(axes[i][1:], columns.values()):
+            band = np.asarray(m[i], dtype=np.float64)
+            if band.shape[0] != steps:  # a coarser map (Grad-CAM after pooling): nearest
+                band = band[(np.arange(steps) * band.shape[0] / steps).astype(int)]
+            ax.imshow(band[None, :], aspect="auto", cmap=cmap, alpha=alpha,
+                      extent=(-0.5, steps - 0.5, lo, hi), origin="lower")
+            ax.plot(np.arange(steps), signals[i], linewidth=0.8, color="black")
+            ax.set_ylim(lo, hi)
+    for j, head in enumerate(heads, start=1):
+        axes[0][j].set_title(head or "map", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------- token maps
+def _diverging(value: float) -> tuple[int, int, int]:
+    """White at 0, red towards +1, blue towards -1 (`value` in [-1, 1])."""
+    a = min(abs(float(value)), 1.0)
+    fade = int(round(255 * (1.0 - a)))
+    return (255, fade, fade) if value > 0 else (fade, fade, 255) if value < 0 else \
+        (255, 255, 255)
+
+
+def _token_rows(tokens: Any, scores: Any, vocabulary: Any) -> tuple[list[list[str]],
+                                                                    list[np.ndarray]]:
+    arr = np.asarray(scores)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise GradprobeError(
+            "Expected `scores` to be numbers, one per token (an array of shape (tokens,) or "
+            f"(examples, tokens)). Received: scores of dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise GradprobeError(
+            "Expected `scores` to have shape (tokens,) or (examples, tokens); reduce the "
+            f"embedding axis first (e.g. .sum(-1)). Received: scores of shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise GradprobeError("Expected `scores` to be finite; they hold NaN or inf.")
+    batched = arr.ndim == 2
+    rows = list(tokens) if batched else [tokens]
+    score_rows = list(arr.astype(np.float64)) if batched else [arr.astype(np.float64)]
+    if len(rows) != len(score_rows):
+        raise GradprobeError(
+            f"Expected one row of tokens per row of scores: got {len(rows)} rows of tokens "
+            f"and {len(score_rows)} of scores.")
+    out = []
+    for i, (row, sc) in enumerate(zip(rows, score_rows)):
+        row = list(np.asarray(row).tolist()) if not isinstance(row, str) else None
+        if row is None:
+            raise GradprobeError(
+                "Expected `tokens` to be a sequence of token strings (or ids with "
+                "vocabulary=), not one string. Received: tokens=" + repr(tokens)[:80])
+        if len(row) != len(sc):
+            raise GradprobeError(
+                f"Expected one score per token: example {i} has {len(row)} tokens and "
+                f"{len(sc)} scores.")
+        out.append([_token_text(t, vocabulary) for t in row])
+    return out, score_rows
+
+
+def _token_text(token: Any, vocabulary: Any) -> str:
+    if isinstance(token, bytes):
+        return token.decode("utf-8", "replace")
+    if isinstance(token, str):
+        return token
+    if vocabulary is None:
+        return str(token)
+    try:
+        return str(vocabulary[int(token)])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise GradprobeError(f"Token id {token!r} is not in `vocabulary`.") from None
+
+
+def tokens(tokens: Any, scores: Any, *, path: Any = None, format: str | None = None,
+           vocabulary: Any = None, limit: float | None = None,
+           title: str | None = None) -> str:
+    """A token heat map: each token on a colour given by its signed score.
+
+    Colours diverge around 0: white for 0, red for positive scores, blue for
+    negative ones, full colour at `limit` (default: the largest |score| of all
+    rows, so that rows are comparable). Token text is HTML-escaped.
+
+    Args:
+        tokens: The tokens of one example (a sequence of strings, or of ids with
+            `vocabulary=`), or one such sequence per example.
+        scores: One score per token: shape `(tokens,)` or `(examples, tokens)`
+            (for an embedding-layer attribution, reduce the embedding axis
+            first, e.g. `a.sum(-1)`).
+        path: Optional file to write: `".html"` (a standalone page) or `".png"`
+            (a matplotlib image); a binary file object needs `format=`.
+        format: `"html"` or `"png"`, to override the file extension.
+        vocabulary: For token ids: a list (id -> string) or a dict.
+        limit: The |score| drawn at full colour (scores beyond it saturate).
+        title: An optional heading.
+
+    Returns:
+        The HTML fragment: one `<span class="gp-token">` per token, carrying its
+        score in `data-score` and `title`.
+
+    Example:
+
+    >>> a = gp.gradients(model, x, target, wrt="token_embedding")
+    >>> scores = (a["token_embedding"] * a.activations["token_embedding"]).numpy().sum(-1)
+    >>> gp.plot.tokens(["The", "film", "was", "great"], scores[0], path="tokens.html")
+    """
+    rows, score_rows = _token_rows(tokens, scores, vocabulary)
+    top = max((float(np.max(np.abs(r))) for r in score_rows if r.size), default=0.0)
+    if limit is None:
+        limit = top
+    elif isinstance(limit, bool) or not isinstance(limit, (int, float, np.number)) or \
+            not np.isfinite(limit) or limit <= 0:
+        raise GradprobeError(f"Expected `limit` to be a positive number (the |score| drawn at "
+                             f"full colour). Received: limit={limit!r}")
+    limit = float(limit) if limit else 1.0
+    if format is None and isinstance(path, (str, os.PathLike)):
+        ext = os.path.splitext(os.fspath(path))[1].lower()
+        format = {".html": "html", ".htm": "html", ".png": "png"}.get(ext)
+        if format is None:
+            raise GradprobeError(f"Expected `path` to end in .html or .png (or pass format=). "
+                                 f"Received: path={path!r}")
+    if format not in (None, "html", "png") or (path is not None and format is None):
+        raise GradprobeError(f"Expected `format` to be 'html' or 'png'. Received: "
+                             f"format={format!r}")
+    parts = ['<div class="gp-tokens">']
+    if title:
+        parts.append(f'<div class="gp-tokens-title">{html.escape(title)}</div>')
+    for row, sc in zip(rows, score_rows):
+        spans = []
+        for text, value in zip(row, sc):
+            r, g, b = _diverging(value / limit)
+            ink = "white" if abs(value / limit) > 0.6 else "black"
+            spans.append(
+                f'<span class="gp-token" data-score="{value:.6g}" title="{value:.6g}" '
+                f'style="background-color: rgb({r}, {g}, {b}); color: {ink}; white-space: pre; '
+                f'padding: 1px 2px; margin: 1px; border-radius: 3px">{html.escape(text)}</span>')
+        parts.append('<div class="gp-token-row">' + "".join(spans) + "</div>")
+    parts.append("</div>")
+    fragment = "\n".join(parts)
+    if format == "html":
+        page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
+                f'{html.escape(title or "token heat map")}</title></head>'
+                f'<body style="font-family: monospace">\n{fragment}\n</body></html>\n')
+        if hasattr(path, "write"):
+            path.write(page.encode("utf-8") if isinstance(path, io.RawIOBase | io.BufferedIOBase)
+                       else page)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+    elif format == "png":
+        _tokens_png(path, rows, score_rows, limit, title)
+    return fragment
+
+
+def _tokens_png(path: Any, rows: list[list[str]], score_rows: list[np.ndarray], limit: float,
+                title: str | None, width: int = 80) -> None:
+    """The token map as a PNG: tokens laid out in monospace, wrapped at `width` chars."""
+    plt = _pyplot(path)
+    lines: list[list[tuple[int, str, float]]] = []
+    for row, sc in zip(rows, score_rows):
+        line: list[tuple[int, str, float]] = []
+        col = 0
+        for text, value in zip(row, sc):
+            shown = text.replace("\n", "\\n") or " "
+            if col and col + len(shown) > width:
+                lines.append(line)
+                line, col = [], 0
+            line.append((col, shown, value))
+            col += len(shown) + 1
+        lines.append(line)
+        lines.append([])  # a blank line between examples
+    lines = lines[:-1]
+    fig = plt.figure(figsize=(0.11 * width + 0.4, 0.32 * (len(lines) + (1 if title else 0)) + 0.3))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-1, width + 1)
+    total = len(lines) + (1 if title else 0)
+    ax.set_ylim(total, -0.5)
+    ax.set_axis_off()
+    offset = 0
+    if title:
+        ax.text(0, 0.5, title, fontsize=10, family="monospace", va="center")
+        offset = 1
+    for y, line in enumerate(lines, start=offset):
+        for col, text, value in line:
+            r, g, b = _diverging(value / limit)
+            ax.text(col, y + 0.5, text, fontsize=9, family="monospace", va="center",
+                    color="white" if abs(value / limit) > 0.6 else "black",
+                    bbox={"facecolor": (r / 255, g / 255, b / 255), "edgecolor": "none",
+                          "pad": 1.5})
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
 
 
 def _finish(fig: Any, path: Any) -> Any:

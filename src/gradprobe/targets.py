@@ -3,10 +3,14 @@
 `target` takes one of these forms (per-example values are summed over the
 batch, so activation and input gradients come out per example):
 
-* `int k`: the score `outputs[:, k]` of every example (for outputs of rank > 2,
-  the last axis is the class axis and the other non-batch axes are summed);
+* `int k`: the score `outputs[:, k]` of every example (for outputs of rank > 3,
+  such as segmentation maps, the last axis is the class axis and the other
+  non-batch axes are summed; a rank-3 sequence output needs `gp.at`);
 * a sequence or array of ints, one per example: each example's own class;
 * `"predicted"`: each example's arg-max class;
+* `gp.at(position, target, mask=None, log_prob=False)`: on a sequence output
+  `(batch, steps, classes)`, the class (or token) score at one position per
+  example, optionally as a log-probability (a causal LM's next token);
 * `gp.loss(loss_fn, y_true, sample_weight=None)`: a Keras loss against labels;
 * a callable `f(outputs) -> tensor` returning a scalar or one value per example.
 """
@@ -21,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _validate
+from gradprobe import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -101,7 +105,11 @@ class Target:
         """Raises for problems that are only visible once the model has run."""
 
 
-def class_scores(out: Any, what: str) -> tf.Tensor:
+def class_scores(out: Any, what: str, sequence_ok: bool = False,
+                 form: str = "'predicted'") -> tf.Tensor:
+    """The `(batch, classes)` scores of the selected output. A rank-3 output is a
+    sequence `(batch, steps, classes)`: its position must be chosen with `gp.at`
+    (unless `sequence_ok`, for a slice that `gp.at` already took)."""
     if not out.dtype.is_floating:
         raise GradprobeError(f"{what}: the selected output has dtype {out.dtype.name}; "
                              "class scores must be floating point.")
@@ -111,9 +119,25 @@ def class_scores(out: Any, what: str) -> tf.Tensor:
             f"{what}: the selected output has shape {tuple(out.shape)}, with no class axis. "
             "Use a callable target instead, e.g. target=lambda y: y."
         )
+    if rank == 3 and not sequence_ok:
+        raise GradprobeError(sequence_error(what, tuple(out.shape), form))
     if rank > 2:
         out = tf.reduce_sum(out, axis=list(range(1, rank - 1)))
     return out
+
+
+def sequence_error(what: str, shape: tuple, form: str = "'predicted'") -> str:
+    """The error for a class target on a sequence output; `form` is how the class
+    part is written in the `gp.at` example (`3`, `classes`, `'predicted'`)."""
+    return (
+        f"{what}: the selected output has shape {shape}, a sequence (batch, steps, classes); "
+        "a class score summed over every position (padding included), or the arg-max of "
+        "position-summed scores, means nothing there. Pick the position first: "
+        f"target=gp.at(-1, {form}) (the last position), gp.at('last', {form}, "
+        f"mask=padding_mask) (each example's last non-padding position) or "
+        f"gp.at(positions, {form}) (one position per example); add log_prob=True for the "
+        "log-probability of the token (a causal LM's next-token explanation). A callable "
+        "target also works.")
 
 
 class ClassTarget(Target):
@@ -126,9 +150,10 @@ class ClassTarget(Target):
         self.raw = raw
         super().__init__(("class",), {"classes": tf.constant(classes, tf.int32)})
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
+        self.form = str(int(classes[0])) if same else "classes"
 
     def compute(self, out, args):
-        scores = class_scores(out, f"target={self.label}")
+        scores = class_scores(out, f"target={self.label}", form=self.form)
         n = scores.shape[-1]
         idx = args["classes"]
         if n is not None:
@@ -153,6 +178,197 @@ class PredictedTarget(Target):
         idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
         value = tf.gather(scores, idx, axis=1, batch_dims=1)
         return value, tf.reduce_sum(value), {"num_classes": scores.shape[-1]}
+
+
+@dataclass(frozen=True, eq=False)
+class PositionSpec:
+    """A class (or token) score at one position of a sequence output. Build it
+    with `gp.at`."""
+
+    position: Any
+    target: Any = "predicted"
+    mask: Any = None
+    log_prob: bool = False
+    kind: str = "fixed"  # "fixed": one position for all; "each": one per example
+    positions: Any = None  # the int, or the int64 array of per-example positions
+
+    def take(self, rows: Any) -> PositionSpec:
+        """The same target for the examples `rows` of the batch (a subset, or a
+        repetition): used by batched and repeated attribution."""
+        rows = np.asarray(rows)
+        target = self.target
+        if not isinstance(target, (str, int, np.integer)):
+            target = np.asarray(target)[rows]
+        if self.kind == "fixed":
+            return PositionSpec(self.position, target, None, self.log_prob, "fixed",
+                                self.positions)
+        positions = self.positions[rows]
+        return PositionSpec(positions, target, None, self.log_prob, "each", positions)
+
+    def with_classes(self, classes: Any) -> PositionSpec:
+        """The same position choice with `classes` (one per example) as the target:
+        `"predicted"` resolved once, so that copies of an example keep its class."""
+        return PositionSpec(self.position, np.asarray(classes, np.int64), self.mask,
+                            self.log_prob, self.kind, self.positions)
+
+    def resolve_predicted(self, selected: Any) -> PositionSpec:
+        """`"predicted"` fixed to each example's arg-max class at its position in
+        `selected`, the output of the original inputs `(batch, steps, classes)`: so
+        that noisy or interpolated copies of an example keep its class."""
+        if not (isinstance(self.target, str) and self.target == "predicted"):
+            return self
+        out = np.asarray(selected)
+        if out.ndim < 3:
+            raise GradprobeError(
+                f"target={self!r}: gp.at picks a position on axis 1 of a sequence output "
+                f"(batch, steps, classes); the selected output has shape {out.shape}.")
+        pos = np.broadcast_to(np.asarray(self.positions), (out.shape[0],)).astype(np.int64)
+        _validate.positions_in_range(pos, out.shape[1], self.position)
+        picked = out[np.arange(out.shape[0]), pos]
+        if picked.ndim > 2:
+            picked = picked.sum(axis=tuple(range(1, picked.ndim - 1)))
+        return self.with_classes(np.argmax(picked, axis=-1))
+
+    def __repr__(self) -> str:
+        pos = "'last'" if isinstance(self.position, str) else _validate.shown(self.position)
+        extra = ", mask=..." if self.mask is not None else ""
+        extra += ", log_prob=True" if self.log_prob else ""
+        return f"gp.at({pos}, {_validate.shown(self.target)}{extra})"
+
+
+def at(position: int | Sequence[int] | str, target: Any = "predicted", *, mask: Any = None,
+       log_prob: bool = False) -> PositionSpec:
+    """The score of a class (or token) at one position of a sequence output.
+
+    For outputs shaped `(batch, steps, classes)`: the logits of a causal language
+    model (`(batch, steps, vocabulary)`), or a token classifier. The position is
+    chosen first, then the class at that position, so padding positions never
+    contribute. An `int` target or `"predicted"` on such an output without
+    `gp.at` is an error.
+
+    Args:
+        position: Which step of axis 1: an `int` (the same position for every
+            example; negative values count from the end, `-1` is the last), a
+            sequence of ints (one position per example), or `"last"` with
+            `mask=` (each example's last non-padding position, as for a
+            right-padded batch of a causal LM).
+        target: The class (or token id) at that position: an `int`, a sequence
+            of ints (one per example), or `"predicted"` (each example's arg-max
+            at its position, and only there).
+        mask: With `position="last"`, the padding mask, shape `(batch, steps)`:
+            nonzero (or `True`) at real tokens (keras-hub's `padding_mask`).
+        log_prob: Use the log-probability `log_softmax(scores)[target]` at that
+            position instead of the raw score (logit): what a next-token
+            explanation of a causal LM needs.
+
+    Returns:
+        A target for `gp.gradients(..., target=...)` and the functions built on it.
+
+    Example:
+
+    >>> x = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
+    >>> nxt = gp.at("last", "predicted", mask=x["padding_mask"], log_prob=True)
+    >>> g = gp.gradients(causal_lm, x, nxt, wrt="token_embedding@0")
+    >>> g.target           # log p(predicted next token), one value per example
+    """
+    kind, positions = _validate.position(position, mask)
+    _validate.flag("log_prob", log_prob, "whether to take the log-softmax of the scores")
+    if isinstance(target, str):
+        if target != "predicted":
+            raise _validate.fail("target", target, "an int class (token) index, one int per "
+                                                   "example, or 'predicted'.")
+    elif isinstance(target, (bool, np.bool_)):
+        raise _validate.fail("target", target, "an int class (token) index; a bool is not one.")
+    elif isinstance(target, (int, np.integer)):
+        _validate.class_indices(np.asarray([int(target)], np.int64), target)
+    else:
+        arr = _validate.numeric_array("target", target, "one class (token) index per example")
+        if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise _validate.fail("target", target, f"an int, a 1-D sequence of ints (one "
+                                                   f"class per example; got shape {arr.shape} "
+                                                   f"and dtype {arr.dtype}), or 'predicted'.")
+        _validate.class_indices(arr.astype(np.int64), target)
+    lengths = {len(v) for v in (positions, None if isinstance(target, (str, int, np.integer))
+                                else np.asarray(target)) if isinstance(v, np.ndarray)}
+    if len(lengths) > 1:
+        raise _validate.fail("target", target, f"one class per example, as many as the "
+                                               f"positions ({len(positions)}).")
+    return PositionSpec(position, target, mask, bool(log_prob), kind, positions)
+
+
+class PositionTarget(Target):
+    """The class (or token) score, or log-probability, at one position per example."""
+
+    kind = "position"
+
+    def __init__(self, spec: PositionSpec, batch_size: int):
+        self.spec = spec
+        self.classes: np.ndarray | None = None
+        args: dict[str, Any] = {}
+        if spec.kind == "each":
+            _per_example("position", spec.positions, batch_size, spec.position)
+            args["positions"] = tf.constant(spec.positions, tf.int32)
+        if isinstance(spec.target, (int, np.integer)) and not isinstance(spec.target, str):
+            self.classes = np.full((batch_size,), int(spec.target), np.int64)
+        elif not isinstance(spec.target, str):
+            self.classes = np.asarray(spec.target, np.int64)
+            _per_example("target", self.classes, batch_size, spec.target)
+        if self.classes is not None:
+            args["classes"] = tf.constant(self.classes, tf.int32)
+        fixed = spec.positions if spec.kind == "fixed" else None
+        super().__init__(("position", spec.kind, fixed, self.classes is None, spec.log_prob),
+                         args)
+
+    def compute(self, out, args):
+        # Only what the cache key fixes may be read from `self` here: a cached plan
+        # keeps the first target of its key, and later calls only change `args`.
+        what = "target=gp.at(...)"
+        if not out.dtype.is_floating or out.shape.rank is None or out.shape.rank < 3:
+            raise GradprobeError(
+                f"{what}: gp.at picks a position on axis 1 of a sequence output (batch, steps, "
+                f"classes); the selected output has shape {tuple(out.shape)} and dtype "
+                f"{out.dtype.name}. Use an int class or 'predicted' directly for a "
+                "(batch, classes) output.")
+        steps = tf.shape(out)[1]
+        if self.spec.kind == "fixed":
+            pos = tf.fill([tf.shape(out)[0]], tf.constant(self.spec.positions, tf.int32))
+        else:
+            pos = args["positions"]
+        # Positions are checked against the output's length after the run (`check`);
+        # clipping keeps the gather from failing before that.
+        pos = tf.clip_by_value(pos, -steps, steps - 1)
+        pos = tf.where(pos < 0, pos + steps, pos)
+        picked = tf.gather(out, pos, axis=1, batch_dims=1)
+        scores = class_scores(picked, what, sequence_ok=True)
+        if self.spec.log_prob:
+            scores = tf.nn.log_softmax(scores, axis=-1)
+        n = scores.shape[-1]
+        if self.classes is None:
+            idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
+        else:
+            idx = args["classes"]
+            if n is not None:
+                idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
+        value = tf.gather(scores, idx, axis=1, batch_dims=1)
+        return value, tf.reduce_sum(value), {"num_classes": n, "steps": out.shape[1]}
+
+    def check(self, meta):
+        steps = meta.get("steps")
+        spec = self.spec
+        if spec.mask is not None and steps is not None and np.shape(spec.mask)[1] != steps:
+            raise _validate.fail("mask", spec.mask, f"a padding mask with the output's "
+                                 f"{steps} positions (axis 1); it has {np.shape(spec.mask)[1]}.")
+        positions = np.atleast_1d(np.asarray(spec.positions))
+        _validate.positions_in_range(positions, steps, spec.position if not isinstance(
+            spec.position, str) else spec.positions)
+        if self.classes is not None:
+            _validate.classes_in_range(self.classes, meta.get("num_classes"), spec.target)
+
+
+def _per_example(name: str, arr: np.ndarray, batch_size: int, raw: Any) -> None:
+    if arr.shape[0] != batch_size:
+        raise _validate.fail(name, raw, f"one entry per example: {batch_size} for the "
+                                        f"{batch_size} examples of the inputs (got {arr.shape[0]}).")
 
 
 class LossValueTarget(Target):
@@ -239,6 +455,8 @@ def make_target(target: Any, batch_size: int) -> Target:
     """Resolves the `target` argument of `gp.gradients` for a batch of `batch_size`."""
     if isinstance(target, LossTarget):
         return LossValueTarget(target, batch_size)
+    if isinstance(target, PositionSpec):
+        return PositionTarget(target, batch_size)
     if isinstance(target, str):
         if target == "predicted":
             return PredictedTarget()
@@ -284,6 +502,47 @@ def make_target(target: Any, batch_size: int) -> Target:
 def output_names(model: Any) -> list[str]:
     names = getattr(model, "output_names", None)
     return list(names) if names else []
+
+
+def check_output_choice(model: Any, output: Any, target: Target) -> None:
+    """Before any trace: a target that needs one output, on a model that declares
+    several (a keras-hub backbone's `sequence_output` and `pooled_output`), needs
+    `output=`. Models that declare no outputs (subclassed) are checked after the run
+    by `select_output`."""
+    if isinstance(target, (ClassTarget, PredictedTarget)):
+        tensor = _sequence.declared_output(model, output)
+        if tensor is not None and len(tensor.shape) == 3:
+            what = f"target={target.label}" if isinstance(target, ClassTarget) else \
+                "target='predicted'"
+            form = target.form if isinstance(target, ClassTarget) else "'predicted'"
+            raise GradprobeError(sequence_error(what, tuple(tensor.shape), form))
+    if output is not None or not target.needs_single_output:
+        return
+    declared = _sequence.declared_outputs(model)
+    if declared is None:
+        return
+    shown = quoted(declared) if isinstance(declared, list) else \
+        f"{declared} unnamed: use an index"
+    example = repr(declared[0]) if isinstance(declared, list) else "0"
+    raise _validate.fail(
+        "output", output, f"the output the target is computed from: model "
+        f"{getattr(model, 'name', '?')!r} has {len(declared) if isinstance(declared, list) else declared} "
+        f"outputs ({shown}) and target {target.kind!r} needs one. Pass e.g. output={example}.")
+
+
+def pattern_unconnected(model: Any, output: Any, sources: list, unconnected: str) -> str:
+    """The rule for patterns on a model with several outputs: with `output=` chosen,
+    a `wrt` made only of patterns (`"*.weights"`, `"encoder/*"`) asks for whatever
+    of them the selected output depends on, so the sources that feed only the other
+    outputs (a BERT backbone's pooler, for `output="sequence_output"`) get exact zero
+    gradients, listed in `Gradients.unconnected`, instead of an error. A source named
+    explicitly that the output does not depend on still raises (with
+    `unconnected="raise"`, the default)."""
+    if unconnected != "raise" or output is None or not sources:
+        return unconnected
+    if any(getattr(s, "explicit", True) for s in sources):  # inputs count as explicit
+        return unconnected
+    return "zero" if _sequence.declared_outputs(model) is not None else unconnected
 
 
 def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
