@@ -91,18 +91,20 @@ def test_inputs_by_index():
         gp.gradients(model, [xa, xb], 0, "inputs:2")
 
 
-def test_class_targets_on_rank_3_outputs():
-    """Last axis = classes, other non-batch axes summed."""
+def test_class_targets_on_rank_3_outputs_need_a_position():
+    """A class target on a sequence output names a position (gp.at); a bare class is refused."""
     keras.utils.set_random_seed(2)
     model = keras.Sequential([keras.Input((4, 3)), layers.Dense(5, activation="tanh", name="h"),
                               layers.Dense(3, name="per_step")])
     x = np.random.default_rng(2).normal(size=(2, 4, 3)).astype("float32")
+    for target in (2, [1, 0], "predicted"):
+        with pytest.raises(gp.GradprobeError, match=r"gp\.at\("):
+            gp.gradients(model, x, target, "inputs")
     y = model(x).numpy()
-    predicted = y.sum(axis=1).argmax(-1)
-    cases = [(2, lambda o: tf.reduce_sum(o[:, :, 2], axis=1)),
-             ([1, 0], lambda o: tf.reduce_sum(tf.stack([o[0, :, 1], o[1, :, 0]]), axis=1)),
-             ("predicted", lambda o: tf.reduce_sum(
-                 tf.stack([o[i, :, predicted[i]] for i in range(2)]), axis=1))]
+    predicted = y[:, 1].argmax(-1)
+    cases = [(gp.at(1, 2), lambda o: o[:, 1, 2]),
+             (gp.at(-1, [1, 0]), lambda o: tf.stack([o[0, -1, 1], o[1, -1, 0]])),
+             (gp.at(1), lambda o: tf.stack([o[i, 1, predicted[i]] for i in range(2)]))]
     for target, fn in cases:
         xt = tf.constant(x)
         with tf.GradientTape() as t:
@@ -112,6 +114,22 @@ def test_class_targets_on_rank_3_outputs():
         g = gp.gradients(model, x, target, "inputs")
         assert_close(g.target, value, 1e-6, str(target))
         assert_close(g["inputs"], t.gradient(total, xt), 1e-6, str(target))
+
+
+def test_class_targets_on_rank_4_outputs_sum_the_other_axes():
+    """Last axis = classes, the spatial axes summed (a segmentation map)."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((4, 4, 2)),
+                              layers.Conv2D(3, 3, padding="same", name="seg")])
+    x = np.random.default_rng(2).normal(size=(2, 4, 4, 2)).astype("float32")
+    xt = tf.constant(x)
+    with tf.GradientTape() as t:
+        t.watch(xt)
+        value = tf.reduce_sum(model(xt)[..., 2], axis=(1, 2))
+        total = tf.reduce_sum(value)
+    g = gp.gradients(model, x, 2, "inputs")
+    assert_close(g.target, value, 1e-6)
+    assert_close(g["inputs"], t.gradient(total, xt), 1e-6)
 
 
 def test_grad_cam_channel_axis_on_channels_first_maps():
