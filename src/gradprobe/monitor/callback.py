@@ -143,7 +143,11 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: Any = None) -> None:
-        self._close_sinks()  # left open by a fit that failed outside any callback
+        # Left by a fit that failed outside any callback: sinks open, guards on its CallbackList.
+        self._close_sinks()
+        if self._guards is not None:
+            guards, self._guards = self._guards, None
+            guards.close()
         model = self.model
         # A wrapper of ours left on the model (by a fit that failed where no
         # callback could see it): put the model's own function back.
