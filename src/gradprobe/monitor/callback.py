@@ -27,7 +27,7 @@ import numpy as np
 from gradprobe import _patch, backend
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor import hooks
-from gradprobe.monitor.layout import GRAD_STATS, Skip, Status
+from gradprobe.monitor.layout import Skip, Status
 from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, print_table
 from gradprobe.stats import Finding
 from gradprobe.stats import diagnose as diagnose_stats
@@ -161,8 +161,9 @@ class GradientMonitor(keras.callbacks.Callback):
         # Everything that can fail is checked before the model is touched.
         paths, variables = self._select(model)
         layers = self._activation_layers(model) if self.activations else []
-        key = (id(model), id(optimizer), id(own), tuple(id(v) for v in variables))
-        same = self._built is not None and self._built[0] == key
+        key = (model, optimizer, own, *variables)
+        same = self._built is not None and len(self._built[0]) == len(key) and all(
+            a is b for a, b in zip(self._built[0], key))
         if not same and self._history.rows and paths != self._paths:
             self._history.clear()
         append = bool(self._history.rows) and paths == self._paths
@@ -251,6 +252,12 @@ class GradientMonitor(keras.callbacks.Callback):
                 self.model.train_function is not self._own and \
                 hooks.own_train_function(self.model.train_function) is self._own:
             self.model.train_function = self._own
+        status, self._pending_status = self._pending_status, None
+        if status is not None:
+            # An execution whose on_train_batch_end never reached the monitor (a
+            # callback before it raised): its steps are recorded all the same.
+            with contextlib.suppress(GradprobeError):
+                self._process(status)
         if self._built is not None:
             self._last_iterations = self._built[1].iterations()
         self._close_sinks()
@@ -296,7 +303,8 @@ class GradientMonitor(keras.callbacks.Callback):
         slots = probe.slots
         seen = [s for s in ran if status.slot_step[s % slots] == s and status.proof[s % slots] == s]
         overflowed = sum(1 for s in seen if status.skipped[s % slots] == Skip.OVERFLOW)
-        missing = [s for s in ran if s not in seen]
+        seen_set = set(seen)
+        missing = [s for s in ran if s not in seen_set]
         extra = max(applier_calls - (len(seen) - overflowed), 0)
         if not ran and extra == 0:
             extra = 1  # the call returned, so at least one step ran
@@ -381,14 +389,18 @@ class GradientMonitor(keras.callbacks.Callback):
         variables = list(model.trainable_weights)
         if not variables:
             raise GradprobeError("GradientMonitor: the model has no trainable variables.")
-        if self.layers in ("*", None):
+        if self.layers == "*":
             return [v.path for v in variables], variables
         tree = LayerTree(model)
         chosen: list[Any] = []
         for sel in self.layers:
-            text = sel if "." in sel else sel + ".weights"
-            for src in resolve(tree, text):
-                var = getattr(src, "var", None)
+            if isinstance(sel, keras.layers.Layer):
+                tree.node_of(sel)  # raises if the layer is not part of the model
+                found = list(sel.trainable_weights)
+            else:
+                text = sel if not isinstance(sel, str) or "." in sel else sel + ".weights"
+                found = [getattr(src, "var", None) for src in resolve(tree, text)]
+            for var in found:
                 if var is not None and all(var is not c for c in chosen):
                     chosen.append(var)
         ordered = [v for v in variables if any(v is c for c in chosen)]
@@ -402,7 +414,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
         tree = LayerTree(model)
         out: list[tuple[str, Any]] = []
-        for sel in (["*"] if self.layers in ("*", None) else self.layers):
+        for sel in (["*"] if self.layers == "*" else self.layers):
+            if isinstance(sel, keras.Variable):
+                continue
             for src in resolve(tree, sel):
                 node = getattr(src, "node", None)
                 if node is not None and hasattr(src, "call") and all(
@@ -481,13 +495,15 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def _check_layers(layers: Any) -> Any:
-    if layers is None or layers == "*":
+    if layers is None or (isinstance(layers, str) and layers == "*"):
         return "*"
-    items = [layers] if isinstance(layers, str) else layers
+    items = [layers] if isinstance(layers, str | keras.Variable | keras.layers.Layer) else layers
     if not isinstance(items, list | tuple) or not items or not all(
-            isinstance(s, str) and s for s in items):
-        raise GradprobeError("Expected layers to be '*', a layer selector string or a list of "
-                             f"them (e.g. 'conv*', ['conv1', 'dense']). Received: layers={layers!r}.")
+            (isinstance(s, str) and s.strip()) or isinstance(s, keras.Variable | keras.layers.Layer)
+            for s in items):
+        raise GradprobeError("Expected layers to be '*', a selector (a layer name or glob, "
+                             "'name.kernel', a layer, a variable) or a list of them (e.g. "
+                             f"['conv*', 'dense']). Received: layers={layers!r}.")
     return list(items)
 
 
@@ -525,4 +541,4 @@ def _check_dir(name: str, path: Any) -> str:
     return path
 
 
-__all__ = ["GradientMonitor", "GRAD_STATS"]
+__all__ = ["GradientMonitor"]

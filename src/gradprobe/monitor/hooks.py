@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from gradprobe import _patch
@@ -189,6 +188,14 @@ class StepProbe:
 
         return var.assign(tf.cond(cond, write, lambda: current))
 
+    def current_scale(self) -> Any:
+        """The loss scale of this step's loss, as `LossScaleOptimizer.scale_loss`
+        chose it (1 without loss scaling)."""
+        if self.scaler is None:
+            return tf.constant(1.0)
+        return tf.cast(tf.convert_to_tensor(self.scaler.dynamic_scale) if self.scaler.built
+                       else self.scaler.initial_scale, tf.float32)
+
     def _recording(self, step: Any) -> Any:
         return tf.equal(step % self.every, 0)
 
@@ -225,16 +232,14 @@ class StepProbe:
             if self.scaler is None and not self.accumulation:
                 with tf.control_dependencies(advance):
                     return original(grads, trainable_variables)
+            # Private: `_trainable_variables`, what `apply(grads)` without variables uses.
             pairs = zip(grads, trainable_variables if trainable_variables is not None
-                        else self.applier._trainable_variables)
+                        else self.optimizer._trainable_variables)
             mine = self._mine(pairs)
-            scale = tf.constant(1.0)
+            scale = self.current_scale()
             applied = tf.constant(True)
             code = tf.constant(float(Skip.APPLIED))
             if self.scaler is not None:
-                # The scale `scale_loss` used for this step's loss (it builds lazily).
-                scale = tf.cast(tf.convert_to_tensor(self.scaler.dynamic_scale)
-                                if self.scaler.built else self.scaler.initial_scale, tf.float32)
                 finite = tf.reduce_all(tf.stack(
                     [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g)))
                      for g in grads if g is not None] or [tf.constant(True)]))
@@ -323,9 +328,7 @@ class StepProbe:
                 # The optimizer's `apply` (which advances the counter) runs after
                 # the backward pass: this step is the counter + 1.
                 step = tf.convert_to_tensor(probe.step) + 1
-                scale = tf.constant(1.0)
-                if probe.scaler is not None and probe.scaler.built:
-                    scale = tf.cast(tf.convert_to_tensor(probe.scaler.dynamic_scale), tf.float32)
+                scale = probe.current_scale()
                 write = probe._put_if(probe._recording(step), var, probe._slot(step),
                                       lambda: _grad_stats(tf.cast(dy, tf.float32) / scale))
                 with tf.control_dependencies([write]):
@@ -410,7 +413,3 @@ def _dead(g: Any) -> Any:
     if g.shape.rank > 1:
         zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
     return tf.reduce_sum(tf.cast(zero, tf.float32))
-
-
-def as_numpy(value: Any) -> np.ndarray:
-    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
