@@ -153,7 +153,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # callback could see it): put the model's own function back.
         own = hooks.own_train_function(model.train_function)
         if own is not model.train_function:
-            model.train_function = own
+            hooks.set_train_function(model, own)
         optimizer = getattr(model, "optimizer", None)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise GradprobeError("GradientMonitor needs a model compiled with a Keras optimizer "
@@ -227,7 +227,7 @@ class GradientMonitor(keras.callbacks.Callback):
         own = hooks.own_train_function(model.train_function)
         self._own = own
         self._armed = True
-        model.train_function = self._built[4]
+        hooks.set_train_function(model, self._built[4])
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         status, self._pending_status = self._pending_status, None
@@ -251,7 +251,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._own is not None and self.model is not None and \
                 self.model.train_function is not self._own and \
                 hooks.own_train_function(self.model.train_function) is self._own:
-            self.model.train_function = self._own
+            hooks.set_train_function(self.model, self._own)
         status, self._pending_status = self._pending_status, None
         if status is not None:
             # An execution whose on_train_batch_end never reached the monitor (a
@@ -271,7 +271,7 @@ class GradientMonitor(keras.callbacks.Callback):
         def train_function(iterator: Any) -> Any:
             own = self._own
             # The model's own function goes back first: whatever happens next.
-            model.train_function = own
+            hooks.set_train_function(model, own)
             if not (self._armed and self._fitting):
                 return own(iterator)  # a wrapper left on the model; this fit is not ours
             self._armed = False

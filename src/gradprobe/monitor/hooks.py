@@ -50,6 +50,12 @@ def own_train_function(fn: Any) -> Any:
     return fn
 
 
+def set_train_function(model: Any, function: Any) -> None:
+    # Relies on: Keras' `fit` looking up `self.train_function` at every step
+    # (keras/src/backend/tensorflow/trainer.py), after `make_train_function()`.
+    model.train_function = function
+
+
 def raw_iterations(optimizer: Any) -> Any:
     # Private: `BaseOptimizer._iterations`, the counter `apply` increments once
     # per call (the public `iterations` divides it by gradient_accumulation_steps).
@@ -364,6 +370,8 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
         possibly with the status under `STATUS_KEY`.
     """
     own = model.train_function
+    # Relies on: `make_train_function(force=True)` building a new train function
+    # from `self.train_step` (looked up then) and storing it in `train_function`.
     try:
         if probe.distributed:
             # Under a strategy the per-replica outputs would be averaged: the
@@ -375,7 +383,7 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
                 model.make_train_function(force=True)
         function = model.train_function
     finally:
-        model.train_function = own
+        set_train_function(model, own)
     return function, tf.function(probe.pack, autograph=False)
 
 
