@@ -12,6 +12,7 @@ every per-step part has `slots = k` rows, and step `s` lives in row `s % k`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -76,18 +77,22 @@ class StatusLayout:
                 ("stats", (k, n, len(GRAD_STATS))), ("ratios", (k, n)),
                 ("acts", (m, k, len(ACT_STATS)))]
 
+    @functools.cached_property
+    def _slices(self) -> list[tuple[str, int, int, tuple[int, ...]]]:
+        out, at = [], 0
+        for name, shape in self.shapes():
+            size = int(np.prod(shape, dtype=np.int64))
+            out.append((name, at, at + size, shape))
+            at += size
+        return out
+
     @property
     def size(self) -> int:
-        return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in self.shapes())
+        return self._slices[-1][2]
 
     def unpack(self, flat: np.ndarray) -> Status:
         flat = np.asarray(flat, dtype=np.float64).reshape(-1)
         if flat.size != self.size:
             raise ValueError(f"status vector of {flat.size} values; layout expects {self.size}")
-        out, at = {}, 0
-        for name, shape in self.shapes():
-            size = int(np.prod(shape, dtype=np.int64))
-            part = flat[at:at + size]
-            at += size
-            out[name] = int(part[0]) if shape == () else part.reshape(shape)
-        return Status(**out)
+        return Status(**{name: int(flat[a]) if shape == () else flat[a:b].reshape(shape)
+                         for name, a, b, shape in self._slices})
