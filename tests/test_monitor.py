@@ -136,6 +136,26 @@ def test_retrace_new_batch_size_and_recompile_keep_recording():
     _no_hooks_left(model)
 
 
+def test_dataset_of_unknown_length_records_every_epoch():
+    """The end of the data (OutOfRange inside the train function) is not a failure."""
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    shadow = _cnn()
+    x, y = _data(48)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda a, b: True)
+    monitor = gp.GradientMonitor()
+    model.fit(data, epochs=2, verbose=0, callbacks=[monitor])
+    # Keras may count an optimizer iteration for the call that finds the data
+    # exhausted (no batch, no update): the steps follow its iterations.
+    steps = monitor.steps.tolist()
+    assert len(steps) == 6 and steps[:3] == [1, 2, 3] and steps[3] in (4, 5)
+    assert steps[3:] == [steps[3], steps[3] + 1, steps[3] + 2]
+    assert steps[-1] <= int(model.optimizer.iterations.numpy()) <= steps[-1] + 1
+    hand = _hand_gradients(shadow, np.concatenate([x, x]), np.concatenate([y, y]), 16, 6, lr)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, steps)
+
+
 def test_every_and_already_fitted_model_and_activation_gradients():
     lr = 0.01
     model = _cnn()

@@ -23,6 +23,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from gradprobe import _patch, backend
 from gradprobe.errors import GradprobeError
@@ -107,14 +108,13 @@ class GradientMonitor(keras.callbacks.Callback):
         self._paths: list[str] = []
         self._variables: list[Any] = []
         self._layer_paths: list[str] = []
-        self._built: tuple | None = None  # (key, probe, function, read_status, wrapper)
+        self._built: tuple | None = None  # (key, probe, function, read_status, wrapper, own)
         self._csv_sink: CsvSink | None = None
         self._tb_sink: TensorBoardSink | None = None
         self._guards: contextlib.ExitStack | None = None
         self._callback_list: Any = None
         self._fitting = False
         self._armed = False
-        self._own: Any = None
         self._last_step = 0
         self._last_iterations: int | None = None
         self._pending_status: Status | None = None
@@ -172,8 +172,10 @@ class GradientMonitor(keras.callbacks.Callback):
             if not same:
                 probe = hooks.StepProbe(model, variables, layers, self.every, self.histograms)
                 function, read_status = hooks.make_train_function(model, probe)
+                own_cell: dict[str, Any] = {"own": None}
                 self._built = (key, probe, function, read_status,
-                               self._step_function(model, probe, function, read_status))
+                               self._step_function(model, probe, function, read_status, own_cell),
+                               own_cell)
                 self._last_iterations = None
             self._paths, self._variables = paths, variables
             self._layer_paths = [p for p, _ in layers]
@@ -224,8 +226,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _arm(self) -> None:
         model = self.model
-        own = hooks.own_train_function(model.train_function)
-        self._own = own
+        self._built[5]["own"] = hooks.own_train_function(model.train_function)
         self._armed = True
         hooks.set_train_function(model, self._built[4])
 
@@ -248,10 +249,11 @@ class GradientMonitor(keras.callbacks.Callback):
     def _finish(self) -> None:
         self._fitting = False
         self._armed = False
-        if self._own is not None and self.model is not None and \
-                self.model.train_function is not self._own and \
-                hooks.own_train_function(self.model.train_function) is self._own:
-            hooks.set_train_function(self.model, self._own)
+        own = self._built[5]["own"] if self._built is not None else None
+        if own is not None and self.model is not None and \
+                self.model.train_function is not own and \
+                hooks.own_train_function(self.model.train_function) is own:
+            hooks.set_train_function(self.model, own)
         status, self._pending_status = self._pending_status, None
         if status is not None:
             # An execution whose on_train_batch_end never reached the monitor (a
@@ -267,12 +269,15 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ per step
     def _step_function(self, model: Any, probe: hooks.StepProbe, function: Any,
-                       read_status: Any) -> Any:
+                       read_status: Any, own_cell: dict[str, Any]) -> Any:
+        """The function armed as `model.train_function` for one step."""
+
         def train_function(iterator: Any) -> Any:
-            own = self._own
+            own = own_cell["own"]
             # The model's own function goes back first: whatever happens next.
             hooks.set_train_function(model, own)
-            if not (self._armed and self._fitting):
+            if not (self._armed and self._fitting and self._built is not None
+                    and self._built[4] is train_function):
                 return own(iterator)  # a wrapper left on the model; this fit is not ours
             self._armed = False
             try:
@@ -285,13 +290,22 @@ class GradientMonitor(keras.callbacks.Callback):
                 if status is None:
                     status = read_status()
                 self._pending_status = probe.layout.unpack(backend.to_numpy(status))
+            except (StopIteration, tf.errors.OutOfRangeError):
+                # The end of the data: fit goes on (next epoch) and re-arms the
+                # monitor. No batch, so no step ran; but where the data runs out
+                # inside the compiled step (OutOfRange), the counters that do not
+                # depend on the data (the optimizer's iterations, the monitor's
+                # step) may have moved: follow them, as Keras' iterations do.
+                status = probe.layout.unpack(backend.to_numpy(read_status()))
+                self._last_step, self._last_iterations = status.step, status.iterations
+                raise
             except BaseException:
                 self._abort()
                 raise
             return logs
 
         # Marks the function as a monitor's, and names the function it stands in for.
-        setattr(train_function, hooks.OWN_ATTR, lambda: self._own)
+        setattr(train_function, hooks.OWN_ATTR, lambda: own_cell["own"])
         return train_function
 
     def _process(self, status: Status) -> None:
