@@ -506,6 +506,32 @@ def test_exception_from_another_callback_at_each_hook_restores_the_model():
     assert len(monitor.steps) == recorded + 2 and model.train_function is own
 
 
+def test_without_the_fits_callback_list_a_leftover_wrapper_is_harmless(monkeypatch):
+    """Where the monitor cannot find the running fit's CallbackList it arms in its
+    own on_train_batch_begin; a callback after it raising there leaves the
+    wrapper, which hands over to the model's own function at the next call."""
+    from gradprobe.monitor import hooks
+
+    monkeypatch.setattr(hooks, "find_callback_list", lambda callback: None)
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own = model.train_function
+    monitor = gp.GradientMonitor()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[monitor, Boom("on_train_batch_begin", RuntimeError)])
+    assert model.train_function is not own  # the documented leftover
+    before = int(model.optimizer.iterations.numpy())
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert model.train_function is own and int(model.optimizer.iterations.numpy()) == before + 2
+    assert len(monitor.steps) == 0
+    _no_hooks_left(model)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [before + 3, before + 4] and model.train_function is own
+
+
 def test_failing_train_step_and_leftover_wrapper_restore_the_model():
     bad_x, y = _data(64)
     bad_x[20] = np.nan

@@ -143,8 +143,10 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: Any = None) -> None:
-        # Left by a fit that failed outside any callback: sinks open, guards on its CallbackList.
+        # Left by a fit that failed outside any callback: sinks open, guards on its
+        # CallbackList, a status no callback of this monitor will see.
         self._close_sinks()
+        self._pending_status, self._armed = None, False
         if self._guards is not None:
             guards, self._guards = self._guards, None
             guards.close()
