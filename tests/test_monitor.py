@@ -98,6 +98,8 @@ def test_recorded_norms_equal_hand_computed_gradients():
             h = monitor.history[path]
             assert h["zero_fraction"][step] == np.mean(g == 0)
             assert h["nonfinite"][step] == 0
+            dead = np.all(g.reshape(-1, g.shape[-1]) == 0, axis=0).sum() if g.shape[-1] > 1 else 0
+            assert h["dead_units"][step] == dead
             w_norm = np.linalg.norm(w[i])  # 0 for a zero-initialised bias: ratio 0
             ratio = lr * np.linalg.norm(g) / w_norm if w_norm else 0.0
             assert np.isclose(h["update_ratio"][step], ratio, rtol=1e-4), (path, step)
@@ -136,6 +138,7 @@ def test_retrace_new_batch_size_and_recompile_keep_recording():
     _no_hooks_left(model)
 
 
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed", "ignore:Your input ran out of data")
 def test_dataset_of_unknown_length_records_every_epoch():
     """The end of the data (OutOfRange inside the train function) is not a failure."""
     lr = 0.1

@@ -33,6 +33,7 @@ from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, prin
 from gradprobe.stats import Finding
 from gradprobe.stats import diagnose as diagnose_stats
 
+_OVERFLOW = int(Skip.OVERFLOW)
 _GUARDED_HOOKS = ("on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
                   "on_epoch_end", "on_train_end", "on_test_begin", "on_test_batch_begin",
                   "on_test_batch_end", "on_test_end")
@@ -311,30 +312,32 @@ class GradientMonitor(keras.callbacks.Callback):
         return train_function
 
     def _process(self, status: Status) -> None:
+        """Checks that every step of the execution was seen by the hooks, records
+        the steps to record and reports the first non-finite gradient."""
         probe = self._built[1]
         first, last = self._last_step + 1, status.step
         applier_calls = status.iterations - (self._last_iterations or 0)
         self._last_iterations = status.iterations
-        ran = list(range(first, last + 1))
         slots = probe.slots
-        seen = [s for s in ran if status.slot_step[s % slots] == s and status.proof[s % slots] == s]
-        overflowed = sum(1 for s in seen if status.skipped[s % slots] == Skip.OVERFLOW)
-        seen_set = set(seen)
-        missing = [s for s in ran if s not in seen_set]
+        ran = np.arange(first, last + 1)
+        rows = ran % slots
+        ok = (status.slot_step[rows] == ran) & (status.proof[rows] == ran)
+        seen, missing = ran[ok].tolist(), ran[~ok].tolist()
+        overflowed = int(np.count_nonzero(status.skipped[rows[ok]] == _OVERFLOW))
         extra = max(applier_calls - (len(seen) - overflowed), 0)
-        if not ran and extra == 0:
+        if not len(ran) and extra == 0:
             extra = 1  # the call returned, so at least one step ran
         self._last_step = last + extra
         for s in seen:
             i = s % slots
+            skipped = int(status.skipped[i])
             if s % self.every == 0:
                 stats = np.concatenate([status.stats[i, :, :4], status.ratios[i][:, None],
                                         status.stats[i, :, 4:5]], 1)
-                row = Row(s, int(status.skipped[i]), float(status.loss_scale[i]), stats,
+                row = Row(s, skipped, float(status.loss_scale[i]), stats,
                           status.acts[:, i, :] if len(status.acts) else np.zeros((0, 4)))
                 self._record(row, status)
-            if (self.first_nonfinite is None and status.skipped[i] != Skip.OVERFLOW
-                    and status.flags[i].any()):
+            if self.first_nonfinite is None and skipped != _OVERFLOW and status.flags[i].any():
                 where = self._paths[int(np.argmax(status.flags[i] > 0))]
                 self.first_nonfinite = (s, where)
                 self._nonfinite(s, where)
@@ -451,7 +454,7 @@ class GradientMonitor(keras.callbacks.Callback):
         kinds = dict.fromkeys(history, "weight")
         skipped = self.skipped
         for t, step in enumerate(self.steps):
-            if skipped[t] == Skip.OVERFLOW:
+            if skipped[t] == _OVERFLOW:
                 continue
             stats = {}
             for path, h in history.items():

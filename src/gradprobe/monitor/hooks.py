@@ -227,7 +227,11 @@ class StepProbe:
                  tf.cast(tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self.variables)]
         if not dense:
             return tf.zeros([0, len(GRAD_STATS)])
-        return tf.stack([tf.concat([_grad_stats(g), [_dead(g)]], 0) for g in dense])
+        rows = []
+        for g in dense:
+            stats, zero = _stats_and_zero(g)
+            rows.append(tf.concat([stats, [_dead(g, zero)]], 0))
+        return tf.stack(rows)
 
     def _wrap_apply(self, original: Callable) -> Callable:
         def apply(grads: Any, trainable_variables: Any = None) -> Any:
@@ -281,8 +285,20 @@ class StepProbe:
             grads = self._mine(reduced)
             step = tf.convert_to_tensor(self.step)
             slot, recording = self._slot(step), self._recording(step)
-            self._put(self.flags, slot, self._nonfinite_flags(grads))
-            self._put_if(recording, self.stats, slot, lambda: self._grad_stats(grads))
+            current = tf.convert_to_tensor(self.stats)
+
+            def record() -> Any:  # the statistics include the NaN/Inf counts
+                stats = self._grad_stats(grads)
+                row = tf.expand_dims(stats, 0) if self.slots == 1 else \
+                    tf.tensor_scatter_nd_update(current, [[slot]], [stats])
+                return row, tf.cast(stats[:, 3] > 0, tf.float32)
+
+            def check() -> Any:  # every step: NaN/Inf flags only
+                return current, self._nonfinite_flags(grads)
+
+            stats, flags = tf.cond(recording, record, check)
+            self.stats.assign(stats)
+            self._put(self.flags, slot, flags)
             self._put(self.proof, slot, tf.cast(step, tf.float64))
             for copy, g, v in zip(self.copies, grads, self.variables):
                 dense = tf.zeros(v.shape) if g is None else tf.cast(tf.convert_to_tensor(g),
@@ -403,21 +419,30 @@ def _value(v: Any) -> Any:
 
 def _grad_stats(g: Any) -> Any:
     """norm, max |g|, zero fraction and NaN/Inf count (norm and max over the finite entries)."""
-    finite = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+    return _stats_and_zero(g)[0]
+
+
+def _stats_and_zero(g: Any) -> tuple[Any, Any]:
+    """`_grad_stats(g)` and the boolean "exactly zero" tensor, each elementwise
+    pass made once."""
+    finite_mask = tf.math.is_finite(g)
+    finite = tf.where(finite_mask, g, tf.zeros_like(g))
+    zero = tf.equal(g, 0.0)
     size = tf.cast(tf.size(g), tf.float32)
-    return tf.stack([
-        tf.norm(tf.reshape(finite, [-1])),
+    stats = tf.stack([
+        tf.sqrt(tf.reduce_sum(tf.square(finite))),
         tf.reduce_max(tf.abs(finite)) if g.shape.num_elements() else tf.constant(0.0),
-        tf.math.divide_no_nan(tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)), size),
-        tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)),
+        tf.math.divide_no_nan(tf.reduce_sum(tf.cast(zero, tf.float32)), size),
+        size - tf.reduce_sum(tf.cast(finite_mask, tf.float32)),
     ])
+    return stats, zero
 
 
-def _dead(g: Any) -> Any:
+def _dead(g: Any, zero: Any | None = None) -> Any:
     """Units (last axis) whose gradient is exactly zero everywhere."""
     if g.shape.rank == 0 or g.shape[-1] is None or g.shape[-1] < 2:
         return tf.constant(0.0)
-    zero = tf.equal(g, 0.0)
+    zero = tf.equal(g, 0.0) if zero is None else zero
     if g.shape.rank > 1:
         zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
     return tf.reduce_sum(tf.cast(zero, tf.float32))
