@@ -1,22 +1,27 @@
-"""`fit` of a small CNN for 200 steps with gp.GradientMonitor at every=1 and
-every=10 against `fit` without it. Each variant has its own model and callbacks,
-built and warmed up (traced) once; then 200-step fits of the variants are timed
-in interleaved rounds (the order alternates from round to round).
+"""`fit` with gp.GradientMonitor at every=1 and every=10 against `fit` without
+it, on three models: a CIFAR-sized ResNet-20 (32x32x3, batch 64), a small
+Transformer encoder (4 blocks, width 128, sequence 64, batch 32) and, as
+information, a tiny CNN (28x28x1, batch 32). Each variant has its own model and
+callbacks, built and warmed up (traced) once; then fits of the variants are
+timed in interleaved rounds (the order alternates from round to round).
 
-Targets: overhead at most 10% at every=1 and at most 3% at every=10.
+Targets (ResNet and Transformer): overhead at most +3% at every=1 and at most
++1% at every=10.
 
-On the 2-core machines this runs on, the speed of the whole machine changes from
-second to second (whole fits alternate between about 1.5 s and 2.6 s, with or
-without the monitor), so whole-fit times of separate fits are not comparable.
-The main estimate is therefore per step and paired: a clock callback (in every
-variant, the baseline included) timestamps each step; each fit gives its median
-step time; each round gives the ratio of a variant's median step time to the
-baseline's in the same round; the table shows the median and the interquartile
-range of those ratios over the rounds. Whole-fit minimum and median are shown too.
-`--threads 1` pins TensorFlow to one thread, which makes the machine's noise much
+On the shared 2-core machines this runs on, the speed of the whole machine
+changes from second to second, so whole-fit times of separate fits are not
+comparable. The main estimate is therefore per step and paired: a clock
+callback (in every variant, the baseline included) timestamps each step; each
+fit gives its median step time; each round gives the ratio of a variant's
+median step time to the baseline's in the same round; the table shows the
+median and the interquartile range of those ratios over the rounds. The same
+is shown for the process CPU time per step (all TensorFlow threads), which
+other processes competing for the cores disturb much less than wall time.
+`--threads 1` pins TensorFlow to one thread, which makes the machine's noise
 smaller (the overhead itself does not depend on it).
 
-Usage: python benchmarks/bench_monitor.py [--rounds N] [--steps 200] [--threads T]
+Usage: python benchmarks/bench_monitor.py [--models resnet,transformer,cnn]
+       [--rounds N] [--steps S] [--threads T]
 """
 
 from __future__ import annotations
@@ -50,6 +55,74 @@ def cnn() -> keras.Model:
     return model
 
 
+def resnet20() -> keras.Model:
+    """ResNet-20 for CIFAR (He et al. 2016): 19 conv layers in 3 stages of 3
+    basic blocks (16, 32, 64 filters), batch norm, and a dense classifier."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+
+    def conv_bn(h, filters, strides=1, relu=True):
+        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization()(h)
+        return keras.layers.ReLU()(h) if relu else h
+
+    h = conv_bn(inputs, 16)
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage and block == 0 else 1
+            shortcut = h
+            if strides != 1:
+                shortcut = keras.layers.Conv2D(filters, 1, strides=strides, use_bias=False)(h)
+            out = conv_bn(conv_bn(h, filters, strides), filters, relu=False)
+            h = keras.layers.ReLU()(keras.layers.Add()([out, shortcut]))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h), name="resnet20")
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def transformer() -> keras.Model:
+    """A Transformer encoder: token + position embeddings, 4 blocks of width
+    128 (4 heads, feed-forward 512, pre-layer-norm), mean pooling, classifier."""
+    keras.utils.set_random_seed(0)
+    seq, width, vocab = 64, 128, 1000
+    tokens = keras.Input((seq,), dtype="int32")
+    h = keras.layers.Embedding(vocab, width)(tokens)
+    positions = keras.layers.Embedding(seq, width)(keras.ops.arange(seq)[None, :])
+    h = h + positions
+    for _ in range(4):
+        a = keras.layers.LayerNormalization()(h)
+        a = keras.layers.MultiHeadAttention(4, width // 4)(a, a)
+        h = h + a
+        f = keras.layers.LayerNormalization()(h)
+        f = keras.layers.Dense(4 * width, activation="gelu")(f)
+        h = h + keras.layers.Dense(width)(f)
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization()(h))
+    model = keras.Model(tokens, keras.layers.Dense(10)(h), name="transformer")
+    model.compile(keras.optimizers.AdamW(1e-4),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def make_data(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if name == "transformer":
+        x = rng.integers(0, 1000, size=(n, 64)).astype("int32")
+    elif name == "resnet":
+        x = rng.random((n, 32, 32, 3), dtype=np.float32)
+    else:
+        x = rng.random((n, 28, 28, 1), dtype=np.float32)
+    return x, rng.integers(0, 10, size=n)
+
+
+# name: (builder, batch, default steps per fit, default rounds)
+MODELS = {
+    "resnet": (resnet20, 64, 15, 5),
+    "transformer": (transformer, 32, 20, 5),
+    "cnn": (cnn, 32, 100, 7),
+}
+
+
 class StepClock(keras.callbacks.Callback):
     """Timestamps the start of every step (in every variant)."""
 
@@ -67,18 +140,63 @@ class StepClock(keras.callbacks.Callback):
 def run(model, callbacks, clock, x, y, steps, batch):
     gc.collect()
     clock.times = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.fit(x[:steps * batch], y[:steps * batch], batch_size=batch, epochs=1, verbose=0,
               shuffle=False, callbacks=[*callbacks, clock])
-    whole = time.perf_counter() - t0
-    return whole, float(np.median(np.diff(clock.times)[1:]))  # the first step starts the input
+    whole, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # the first step starts the input pipeline
+    return whole, float(np.median(np.diff(clock.times)[1:])), cpu / steps
+
+
+def bench(name: str, args: argparse.Namespace, console: Console) -> None:
+    build, batch, steps, rounds = MODELS[name]
+    steps, rounds = args.steps or steps, args.rounds or rounds
+    x, y = make_data(name, steps * batch, np.random.default_rng(0))
+    variants = {
+        "no monitor": (build(), [], StepClock()),
+        "monitor every=1": (build(), [gp.GradientMonitor(every=1)], StepClock()),
+        "monitor every=10": (build(), [gp.GradientMonitor(every=10)], StepClock()),
+    }
+    n_vars = len(variants["no monitor"][0].trainable_weights)
+    for model, callbacks, clock in variants.values():  # warm-up: tracing
+        model.fit(x[:batch * 4], y[:batch * 4], batch_size=batch, verbose=0,
+                  callbacks=[*callbacks, clock])
+    whole = {k: [] for k in variants}
+    step = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for r in range(rounds):
+        for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            model, callbacks, clock = variants[k]
+            w, s, c = run(model, callbacks, clock, x, y, steps, batch)
+            whole[k].append(w)
+            step[k].append(s)
+            cpu[k].append(c)
+    base = "no monitor"
+    threads = args.threads or "default"
+    table = Table(title=f"{name}: {n_vars} trainable variables, fit of {steps} steps of batch "
+                        f"{batch}, {rounds} rounds, TensorFlow threads: {threads}")
+    for col in ("variant", "median step ms", "step overhead (paired median)", "IQR",
+                "CPU ms/step", "CPU overhead (paired median)", "IQR "):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for k in variants:
+        first = k == base
+        cells = []
+        for values in (step, cpu):
+            ratios = np.array(values[k]) / np.array(values[base])
+            q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+            cells += [f"{statistics.median(values[k]) * 1e3:.2f}",
+                      "-" if first else f"{q2 - 1:+.1%}",
+                      "-" if first else f"{q1 - 1:+.1%} .. {q3 - 1:+.1%}"]
+        table.add_row(k, *cells)
+    console.print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--models", default="resnet,transformer,cnn",
+                        help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--rounds", type=int, default=0, help="0: the model's default")
+    parser.add_argument("--steps", type=int, default=0, help="steps per fit; 0: the default")
     parser.add_argument("--threads", type=int, default=0,
                         help="TensorFlow intra- and inter-op threads (0: TensorFlow's default)")
     args = parser.parse_args()
@@ -87,44 +205,13 @@ def main() -> None:
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    rng = np.random.default_rng(0)
-    x = rng.random((args.steps * args.batch, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, size=args.steps * args.batch)
-    variants = {
-        "no monitor": (cnn(), [], StepClock()),
-        "monitor every=1": (cnn(), [gp.GradientMonitor(every=1)], StepClock()),
-        "monitor every=10": (cnn(), [gp.GradientMonitor(every=10)], StepClock()),
-    }
-    for model, callbacks, clock in variants.values():  # warm-up: tracing
-        model.fit(x[:args.batch * 4], y[:args.batch * 4], batch_size=args.batch, verbose=0,
-                  callbacks=[*callbacks, clock])
-    whole = {k: [] for k in variants}
-    step = {k: [] for k in variants}
-    for r in range(args.rounds):
-        for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            model, callbacks, clock = variants[k]
-            w, s = run(model, callbacks, clock, x, y, args.steps, args.batch)
-            whole[k].append(w)
-            step[k].append(s)
-    base = "no monitor"
     console = Console(width=130) if not Console().is_terminal else Console()
-    threads = args.threads or "default"
-    table = Table(title=f"fit, {args.steps} steps of batch {args.batch}, {args.rounds} rounds, "
-                        f"TensorFlow threads: {threads}")
-    for col in ("variant", "median step ms", "step overhead (paired median)", "IQR",
-                "fit min s", "fit median s", "overhead (fit min)"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for k in variants:
-        ratios = np.array(step[k]) / np.array(step[base])
-        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-        first = k == base
-        table.add_row(k, f"{statistics.median(step[k]) * 1e3:.3f}",
-                      "-" if first else f"{q2 - 1:+.1%}",
-                      "-" if first else f"{q1 - 1:+.1%} .. {q3 - 1:+.1%}",
-                      f"{min(whole[k]):.3f}", f"{statistics.median(whole[k]):.3f}",
-                      "-" if first else f"{min(whole[k]) / min(whole[base]) - 1:+.1%}")
-    console.print(table)
-    console.print("targets: overhead <= 10% at every=1, <= 3% at every=10.")
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        bench(name, args, console)
+    console.print("targets (resnet, transformer): overhead <= +3% at every=1, <= +1% at "
+                  "every=10; the tiny CNN is information.")
 
 
 if __name__ == "__main__":

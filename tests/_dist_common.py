@@ -3,6 +3,9 @@
 import keras
 import numpy as np
 
+LR = 0.05
+BATCH = 8
+
 
 def build_model():
     """A small CNN, compiled; call it inside the strategy's scope."""
@@ -10,7 +13,7 @@ def build_model():
     model = keras.Sequential([keras.Input((6, 6, 1)),
                               keras.layers.Conv2D(3, 3, activation="tanh", name="conv"),
                               keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
-    model.compile(keras.optimizers.SGD(0.05),
+    model.compile(keras.optimizers.SGD(LR),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 

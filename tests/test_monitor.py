@@ -1,8 +1,10 @@
-"""gp.GradientMonitor: the recorded statistics are those of the gradients the
-optimizer applied (checked against gradients computed by hand), non-finite
-gradients stop training at the right step and variable, TensorBoard and CSV
-read back to the same numbers, MirroredStrategy agrees with one device, and the
-model is left as it was."""
+"""gp.GradientMonitor: every scenario is checked against gradients computed by
+hand (tf.GradientTape on the same batch and weights, the SGD updates applied by
+hand): compiled, retraced, XLA, eager, multi-step executions, mixed precision,
+OneDeviceStrategy; non-finite gradients are reported at the right step and
+variable; TensorBoard, CSV and the console table hold the recorded numbers; the
+model is left as it was, whatever fails; bad arguments fail before the model is
+touched."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from keras import layers
 import gradprobe as gp
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+HOOKED = ("apply", "_all_reduce_sum_gradients", "_backend_update_step")
 
 
 def _cnn(seed=0):
@@ -37,59 +40,167 @@ def _data(n=64, seed=0):
     return rng.random((n, 8, 8, 1)).astype("float32"), rng.integers(0, 3, size=n)
 
 
+def _hand_gradients(model, x, y, batch, steps, lr, scale=None):
+    """Per step, the gradients of `model` (a copy of the trained one, with its
+    initial weights) on consecutive batches, with SGD updates applied by hand.
+    With `scale`, the loss is scaled and the gradients unscaled, as loss scaling does."""
+    out = []
+    for step in range(steps):
+        xb, yb = x[batch * step:batch * (step + 1)], y[batch * step:batch * (step + 1)]
+        with tf.GradientTape() as tape:
+            loss = LOSS(yb, model(xb, training=True))
+            if scale is not None:
+                loss = loss * scale
+        grads = tape.gradient(loss, [v.value for v in model.trainable_weights])
+        grads = [g.numpy().astype(np.float64) / (scale or 1.0) for g in grads]
+        out.append(grads)
+        for v, g in zip(model.trainable_weights, grads):
+            v.assign(v - lr * g.astype(v.dtype))
+    return out
+
+
+def _assert_norms(monitor, paths, hand, steps, rtol=1e-5):
+    for k, step in enumerate(steps):
+        t = monitor.steps.tolist().index(step)
+        for path, g in zip(paths, hand[k]):
+            h = monitor.history[path]
+            assert np.isclose(h["norm"][t], np.linalg.norm(g), rtol=rtol), (path, step)
+            assert np.isclose(h["max_abs"][t], np.abs(g).max(), rtol=rtol), (path, step)
+
+
+def _no_hooks_left(model):
+    assert not any(k in vars(model.optimizer) for k in HOOKED)
+    inner = getattr(model.optimizer, "inner_optimizer", None)
+    assert inner is None or not any(k in vars(inner) for k in HOOKED)
+    assert all("call" not in vars(layer) for layer in model.layers)
+    assert not hasattr(model.train_function, "_gradprobe_own_train_function")
+
+
 def test_recorded_norms_equal_hand_computed_gradients():
     model = _cnn()
     lr = 0.1
     model.compile(keras.optimizers.SGD(lr), LOSS)
     x, y = _data()
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
     weights = [v.numpy().copy() for v in model.trainable_weights]
     monitor = gp.GradientMonitor()
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     assert monitor.steps.tolist() == [1, 2, 3, 4]
+    assert monitor.skipped.tolist() == [0, 0, 0, 0] and monitor.loss_scale.tolist() == [1.0] * 4
 
-    shadow = _cnn()
-    shadow.set_weights(weights)
     paths = [v.path for v in model.trainable_weights]
+    hand = _hand_gradients(shadow, x, y, 16, 4, lr)
+    _assert_norms(monitor, paths, hand, [1, 2, 3, 4])
+    w = [w.astype(np.float64) for w in weights]
     for step in range(4):
-        xb, yb = x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)]
-        with tf.GradientTape() as tape:
-            loss = LOSS(yb, shadow(xb))
-        grads = tape.gradient(loss, [v.value for v in shadow.trainable_weights])
-        for path, g, v in zip(paths, grads, shadow.trainable_weights):
+        for i, (path, g) in enumerate(zip(paths, hand[step])):
             h = monitor.history[path]
-            g = g.numpy()
-            assert np.isclose(h["norm"][step], np.linalg.norm(g), rtol=1e-5), (path, step)
-            assert np.isclose(h["max_abs"][step], np.abs(g).max(), rtol=1e-5)
             assert h["zero_fraction"][step] == np.mean(g == 0)
             assert h["nonfinite"][step] == 0
-            w_norm = np.linalg.norm(v.numpy())  # 0 for a zero-initialised bias: ratio 0
+            dead = np.all(g.reshape(-1, g.shape[-1]) == 0, axis=0).sum() if g.shape[-1] > 1 else 0
+            assert h["dead_units"][step] == dead
+            w_norm = np.linalg.norm(w[i])  # 0 for a zero-initialised bias: ratio 0
             ratio = lr * np.linalg.norm(g) / w_norm if w_norm else 0.0
             assert np.isclose(h["update_ratio"][step], ratio, rtol=1e-4), (path, step)
-        for v, g in zip(shadow.trainable_weights, grads):
-            v.assign(v - lr * g)
+            w[i] = w[i] - lr * g
+    _no_hooks_left(model)
 
 
-def test_every_and_already_fitted_model_and_restoration(tmp_path):
+def test_retrace_new_batch_size_and_recompile_keep_recording():
+    """A second fit with another batch size retraces the train step: its steps
+    are recorded and equal gradients by hand; so are the steps after a recompile."""
+    lr = 0.1
     model = _cnn()
-    model.compile(keras.optimizers.Adam(0.01), LOSS)
+    model.compile(keras.optimizers.SGD(lr), LOSS)
     x, y = _data(96)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # fitted before the monitor exists
+    monitor = gp.GradientMonitor()
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    model.fit(x[32:92], y[32:92], batch_size=12, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    assert monitor.steps.tolist() == list(range(1, 8))
+    paths = [v.path for v in model.trainable_weights]
+    hand = _hand_gradients(shadow, x[32:92], y[32:92], 12, 2, lr)
+    _assert_norms(monitor, paths, hand, [3, 4])
+
+    model.compile(keras.optimizers.SGD(lr), LOSS)  # a new optimizer: steps count from 1 again
+    shadow.set_weights(model.get_weights())
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    assert monitor.steps.tolist()[-2:] == [1, 2]
+    hand = _hand_gradients(shadow, x[:32], y[:32], 16, 2, lr)
+    for k in range(2):
+        for path, g in zip(paths, hand[k]):
+            assert np.isclose(monitor.history[path]["norm"][7 + k], np.linalg.norm(g), rtol=1e-5)
+    _no_hooks_left(model)
+
+
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed", "ignore:Your input ran out of data")
+def test_dataset_of_unknown_length_records_every_epoch():
+    """The end of the data (OutOfRange inside the train function) is not a failure."""
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    shadow = _cnn()
+    x, y = _data(48)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda a, b: True)
+    monitor = gp.GradientMonitor()
+    model.fit(data, epochs=2, verbose=0, callbacks=[monitor])
+    # Keras may count an optimizer iteration for the call that finds the data
+    # exhausted (no batch, no update): the steps follow its iterations.
+    steps = monitor.steps.tolist()
+    assert len(steps) == 6 and steps[:3] == [1, 2, 3] and steps[3] in (4, 5)
+    assert steps[3:] == [steps[3], steps[3] + 1, steps[3] + 2]
+    assert steps[-1] <= int(model.optimizer.iterations.numpy()) <= steps[-1] + 1
+    hand = _hand_gradients(shadow, np.concatenate([x, x]), np.concatenate([y, y]), 16, 6, lr)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, steps)
+
+
+def test_every_and_already_fitted_model_and_activation_gradients():
+    lr = 0.01
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    x, y = _data(96)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)  # before the monitor
     own = model.train_function
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
     monitor = gp.GradientMonitor(every=2, activations=True)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     assert monitor.steps.tolist() == [8, 10, 12]  # global optimizer steps 7..12, every 2
     assert set(monitor.activation_history) == {"conv", "pool", "flat", "out"}
-    assert all(len(h["norm"]) == 3 for h in monitor.activation_history.values())
     assert model.train_function is own
-    assert not any(k in vars(model.optimizer) for k in
-                   ("_all_reduce_sum_gradients", "_backend_update_step"))
-    assert all("call" not in vars(layer) for layer in model.layers)
+    _no_hooks_left(model)
+
+    # Activation gradients of step 8 (the second batch) against a hand-written tape.
+    for step in range(2):
+        xb, yb = x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)]
+        with tf.GradientTape(persistent=True) as tape:
+            acts, h = {}, tf.constant(xb)
+            for layer in shadow.layers:
+                h = layer(h)
+                tape.watch(h)
+                acts[layer.name] = h
+            loss = LOSS(yb, h)
+        if step == 1:
+            for name, a in acts.items():
+                g = tape.gradient(loss, a).numpy()
+                rec = monitor.activation_history[name]
+                assert np.isclose(rec["norm"][0], np.linalg.norm(g), rtol=1e-5), name
+                assert np.isclose(rec["max_abs"][0], np.abs(g).max(), rtol=1e-5), name
+                assert rec["zero_fraction"][0] == np.mean(g == 0), name
+        grads = tape.gradient(loss, [v.value for v in shadow.trainable_weights])
+        for v, g in zip(shadow.trainable_weights, grads):
+            v.assign(v - lr * g)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # without the monitor: nothing recorded
     assert monitor.steps.tolist() == [8, 10, 12]
 
 
 class Poison(layers.Layer):
-    """Its weight's gradient is NaN for examples whose last feature is 1."""
+    """Its weight's gradient is NaN for batches whose last feature is 1."""
 
     def build(self, shape):
         self.w = self.add_weight(shape=(shape[-1] - 1,), initializer="ones", name="w")
@@ -107,123 +218,486 @@ class Poison(layers.Layer):
         return x[:, :-1] * scale(tf.convert_to_tensor(self.w))
 
 
-def _poison_model():
+def _poison_model(step=5, **compile_kw):
     keras.utils.set_random_seed(0)
     inp = keras.Input((5,))
     features = layers.Dense(4, name="first")(inp[:, :4])
     h = Poison(name="poison")(layers.Concatenate()([features, inp[:, 4:]]))
     model = keras.Model(inp, layers.Dense(3, name="last")(h), name="poisoned")
-    model.compile(keras.optimizers.SGD(0.01), LOSS)
+    model.compile(keras.optimizers.SGD(0.01), LOSS, **compile_kw)
     x = np.random.default_rng(0).random((80, 5)).astype("float32")
     x[:, -1] = 0.0
-    x[40:50, -1] = 1.0  # batch 5 (steps are 1-based) carries the flag
+    x[10 * (step - 1):10 * step, -1] = 1.0  # the batch of that step (1-based) carries the flag
     return model, x, np.zeros(80, dtype=int)
 
 
-def test_nonfinite_stops_at_the_step_and_variable():
-    model, x, y = _poison_model()
+@pytest.mark.parametrize("compile_kw", [{}, {"run_eagerly": True}], ids=["compiled", "eager"])
+def test_nonfinite_stops_at_the_step_and_variable(compile_kw):
+    model, x, y = _poison_model(5, **compile_kw)
     monitor = gp.GradientMonitor(every=3)
     with pytest.warns(RuntimeWarning, match=r"step 5, first in forward order in '(\w+/)?poison/w'"):
         model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
-    assert monitor.first_nonfinite is not None
     step, path = monitor.first_nonfinite
     assert step == 5 and path.endswith("poison/w")
     assert int(model.optimizer.iterations.numpy()) == 5  # stopped right there
-    findings = monitor.diagnose()
-    assert isinstance(findings, list)
+    assert monitor.steps.tolist() == [3]
+    assert [f.key for f in monitor.diagnose() if f.kind == "nonfinite"] == []  # step 5 not recorded
 
-    model, x, y = _poison_model()
+    model, x, y = _poison_model(5, **compile_kw)
     monitor = gp.GradientMonitor(on_nonfinite="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     assert int(model.optimizer.iterations.numpy()) == 8
-    assert monitor.history[[p for p in monitor.history if p.endswith("poison/w")][0]][
-        "nonfinite"][4] > 0
-    assert any(f.kind == "nonfinite" for f in monitor.diagnose())
+    assert monitor.steps.tolist() == list(range(1, 9))
+    poison = next(p for p in monitor.history if p.endswith("poison/w"))
+    assert monitor.history[poison]["nonfinite"].tolist() == [0, 0, 0, 0, 4, 4, 4, 4]
+    assert monitor.first_nonfinite == (5, poison)
+    assert any(f.kind == "nonfinite" and f.key == poison for f in monitor.diagnose())
 
 
-def test_tensorboard_csv_plot(tmp_path):
+def test_eager_train_step_records_every_step_like_by_hand():
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS, run_eagerly=True)
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    x, y = _data(48)
+    monitor = gp.GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [1, 2, 3]
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [1, 2, 3])
+    _no_hooks_left(model)
+
+
+def test_multi_step_execution_reports_the_first_step_and_variable():
+    """steps_per_execution=4, NaN injected only into `poison/w` at step 6 (the
+    second step of the second execution): reported at step 6 and that variable,
+    training stops after that execution, and every step's statistics are
+    recorded (those of steps 1-4 equal gradients by hand)."""
+    model, x, y = _poison_model(6, steps_per_execution=4)
+    shadow, _, _ = _poison_model(6)
+    shadow.set_weights(model.get_weights())
+    monitor = gp.GradientMonitor()
+    with pytest.warns(RuntimeWarning, match=r"step 6, first in forward order in '(\w+/)?poison/w'"):
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    poison = next(p for p in monitor.history if p.endswith("poison/w"))
+    assert monitor.first_nonfinite == (6, poison)
+    assert int(model.optimizer.iterations.numpy()) == 8  # the end of that execution
+    assert monitor.steps.tolist() == list(range(1, 9))
+    hand = _hand_gradients(shadow, x, y, 10, 4, 0.01)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [1, 2, 3, 4])
+    # The NaN appears at step 6 in poison/w only (the first layer is upstream of it).
+    nonfinite = {p: h["nonfinite"].tolist() for p, h in monitor.history.items()}
+    assert nonfinite[poison][:6] == [0, 0, 0, 0, 0, 4]
+    assert all(v == 0 for p, h in nonfinite.items() if p != poison for v in h[:6])
+
+
+class RowNaN(layers.Layer):
+    """The gradient flowing back into its input is NaN at positions holding `token`."""
+
+    def __init__(self, token, **kw):
+        super().__init__(**kw)
+        self.token = token
+
+    def call(self, inputs):
+        emb, ids = inputs
+        mask = tf.cast(tf.equal(ids, self.token), emb.dtype)[..., None]
+
+        @tf.custom_gradient
+        def poison(e):
+            def grad(dy):
+                return dy + tf.where(mask > 0, np.nan, 0.0)
+
+            return tf.identity(e), grad
+
+        return poison(emb)
+
+
+def test_transient_nan_in_one_step_of_an_execution_is_detected():
+    """One embedding row gets a NaN gradient at one step only (the token appears
+    in that batch only): detected at that step, in the embedding, although
+    every later step of the execution is finite."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    emb = layers.Embedding(10, 4, name="emb")(ids)
+    h = RowNaN(9, name="rownan")([emb, ids])
+    out = layers.Dense(3, name="head")(layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(ids, out)
+    model.compile(keras.optimizers.SGD(0.1), LOSS, steps_per_execution=4)
+    x = np.random.default_rng(0).integers(0, 9, size=(32, 6)).astype("int32")
+    x[4 * 2 + 1, 3] = 9  # one token 9, in the batch of step 3
+    monitor = gp.GradientMonitor(on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match=r"step 3, first in forward order in '(\w+/)?emb/"):
+        model.fit(x, np.zeros(32, int), batch_size=4, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[monitor])
+    emb_path = next(p for p in monitor.history if "emb/" in p)
+    assert monitor.first_nonfinite == (3, emb_path)
+    assert int(model.optimizer.iterations.numpy()) == 8  # 'warn' keeps training
+    assert monitor.history[emb_path]["nonfinite"].tolist() == [0, 0, 4, 0, 0, 0, 0, 0]
+    head = next(p for p in monitor.history if "head/kernel" in p)
+    assert monitor.history[head]["nonfinite"].tolist() == [0] * 8
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_records_unscaled_applied_gradients(mixed_precision):
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    x, y = _data(48)
+    monitor = gp.GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [1, 2, 3]
+    assert monitor.skipped.tolist() == [0, 0, 0]
+    assert monitor.loss_scale.tolist() == [2.0 ** 15] * 3
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr, scale=2.0 ** 15)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [1, 2, 3])
+    _no_hooks_left(model)
+
+
+def test_loss_scale_overflow_steps_are_recorded_as_skipped(mixed_precision, tmp_path):
+    """A loss scale of 2**40 overflows float16 gradients: those steps are
+    skipped by the optimizer, recorded as skipped with their loss scale
+    (history, CSV, TensorBoard), and do not stop training; the first applied
+    step's gradients (still the initial weights) equal the hand-computed ones."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = _cnn()
-    model.compile(keras.optimizers.SGD(0.1), LOSS)
-    x, y = _data(48)
-    log_dir, csv_path = str(tmp_path / "tb"), str(tmp_path / "grads.csv")
-    monitor = gp.GradientMonitor(log_dir=log_dir, csv=csv_path, histograms=True, print_every=2)
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1),
+                                                      initial_scale=2.0 ** 40), LOSS)
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    x, y = _data(16)
+    x, y = np.tile(x, (40, 1, 1, 1)), np.tile(y, 40)  # the same batch at every step
+    log_dir, path = str(tmp_path / "tb"), str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path, log_dir=log_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == list(range(1, 41))  # training was not stopped
+    skipped, scale = monitor.skipped, monitor.loss_scale
+    n_skipped = int(np.sum(skipped == 1))
+    assert 0 < n_skipped < 40 and set(skipped.tolist()) == {0, 1}
+    assert skipped[:n_skipped].all()  # overflow until the scale has come down
+    assert np.allclose(scale[:n_skipped + 1], 2.0 ** 40 / 2.0 ** np.arange(n_skipped + 1))
+    assert int(model.optimizer.iterations.numpy()) == 40 - n_skipped
+    assert monitor.first_nonfinite is None
+    paths = [v.path for v in model.trainable_weights]
+    first = n_skipped  # index of the first applied step
+    assert all(monitor.history[p]["update_ratio"][t] == 0 for p in paths for t in range(first))
+    assert any(monitor.history[p]["nonfinite"][0] > 0 for p in paths)
+    hand = _hand_gradients(shadow, x, y, 16, 1, 0.1, scale=float(scale[first]))[0]
+    for p, g in zip(paths, hand):
+        assert np.isclose(monitor.history[p]["norm"][first], np.linalg.norm(g), rtol=1e-5), p
+    steps, history, extra = gp.monitor.read_csv(path, step_columns=True)
+    assert steps.tolist() == monitor.steps.tolist()
+    assert extra["skipped"].tolist() == skipped.tolist()
+    assert np.allclose(extra["loss_scale"], scale, rtol=1e-7)
     acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
     acc.Reload()
-    tags = acc.Tags()["tensors"]
-    path = model.trainable_weights[0].path
-    assert f"gradients/{path}/norm" in tags and f"gradients/{path}" in tags
-    events = acc.Tensors(f"gradients/{path}/norm")
-    assert [e.step for e in events] == [1, 2, 3]
-    values = [float(tf.make_ndarray(e.tensor_proto)) for e in events]
-    assert np.allclose(values, monitor.history[path]["norm"], rtol=1e-6)
+    tb = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train_step/skipped")]
+    assert tb == skipped.astype(float).tolist()
+    assert not [f for f in monitor.diagnose() if f.kind == "nonfinite"]
+
+
+def test_gradient_accumulation_records_the_applied_average():
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr, gradient_accumulation_steps=2), LOSS)
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    x, y = _data(64)
+    monitor = gp.GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [1, 2, 3, 4]
+    assert monitor.skipped.tolist() == [2, 0, 2, 0]
+    with tf.GradientTape() as tape:
+        loss_a = LOSS(y[:16], shadow(x[:16]))
+    ga = tape.gradient(loss_a, [v.value for v in shadow.trainable_weights])
+    with tf.GradientTape() as tape:
+        loss_b = LOSS(y[16:32], shadow(x[16:32]))
+    gb = tape.gradient(loss_b, [v.value for v in shadow.trainable_weights])
+    for v, a, b in zip(model.trainable_weights, ga, gb):
+        h = monitor.history[v.path]
+        assert np.isclose(h["norm"][0], np.linalg.norm(a.numpy()), rtol=1e-5)  # not applied
+        assert np.isclose(h["norm"][1], np.linalg.norm((a + b).numpy() / 2), rtol=1e-5)
+
+
+def test_one_device_strategy_matches_no_strategy_and_hand():
+    lr = 0.1
+    x, y = _data(48)
+    results = []
+    for strategy in (None, tf.distribute.OneDeviceStrategy("/cpu:0")):
+        with strategy.scope() if strategy else keras.utils.custom_object_scope({}):
+            model = _cnn()
+            model.compile(keras.optimizers.SGD(lr), LOSS)
+        monitor = gp.GradientMonitor()
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        results.append(monitor)
+        assert monitor.steps.tolist() == [1, 2, 3]
+    shadow = _cnn()
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    for monitor in results:
+        _assert_norms(monitor, [p for p in monitor.history], hand, [1, 2, 3])
+
+
+@pytest.mark.slow
+def test_jit_compile_records_hand_computed_gradients():
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS, jit_compile=True)
+    shadow = _cnn()
+    x, y = _data(48)
+    monitor = gp.GradientMonitor(every=2)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [2]
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand[1:2], [2])
+
+
+class Boom(keras.callbacks.Callback):
+    def __init__(self, hook, error):
+        super().__init__()
+        self.hook, self.error = hook, error
+        setattr(self, hook, self._raise)
+
+    def _raise(self, *args, **kwargs):
+        raise self.error("boom")
+
+
+HOOKS = ["on_train_begin", "on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
+         "on_epoch_end", "on_train_end"]
+
+
+def test_exception_from_another_callback_at_each_hook_restores_the_model():
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own = model.train_function
+    monitor = gp.GradientMonitor()
+    for hook in HOOKS:
+        for error in (RuntimeError, KeyboardInterrupt):
+            for order in ("monitor first", "monitor last"):
+                boom = Boom(hook, error)
+                callbacks = [monitor, boom] if order == "monitor first" else [boom, monitor]
+                with pytest.raises(error, match="boom"):
+                    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+                assert model.train_function is own, (hook, error, order)
+                _no_hooks_left(model)
+    # The next plain fit trains normally (the model's own function, nothing recorded).
+    recorded = len(monitor.steps)
+    before = int(model.optimizer.iterations.numpy())
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == before + 4
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.train_function is own and len(monitor.steps) == recorded
+    # And fitting with the monitor again records again.
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert len(monitor.steps) == recorded + 2 and model.train_function is own
+
+
+def test_without_the_fits_callback_list_a_leftover_wrapper_is_harmless(monkeypatch):
+    """Where the monitor cannot find the running fit's CallbackList it arms in its
+    own on_train_batch_begin; a callback after it raising there leaves the
+    wrapper, which hands over to the model's own function at the next call."""
+    from gradprobe.monitor import hooks
+
+    monkeypatch.setattr(hooks, "find_callback_list", lambda callback: None)
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own = model.train_function
+    monitor = gp.GradientMonitor()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[monitor, Boom("on_train_batch_begin", RuntimeError)])
+    assert model.train_function is not own  # the documented leftover
+    before = int(model.optimizer.iterations.numpy())
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert model.train_function is own and int(model.optimizer.iterations.numpy()) == before + 2
+    assert len(monitor.steps) == 0
+    _no_hooks_left(model)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.steps.tolist() == [before + 3, before + 4] and model.train_function is own
+
+
+def test_failing_train_step_and_leftover_wrapper_restore_the_model():
+    bad_x, y = _data(64)
+    bad_x[20] = np.nan
+    checked = keras.Sequential([keras.Input((8, 8, 1)), layers.Lambda(
+        lambda t: tf.debugging.check_numerics(t, "bad input")), *_cnn().layers])
+    checked.compile(keras.optimizers.SGD(0.1), LOSS)
+    checked.fit(bad_x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    own = checked.train_function
+    monitor = gp.GradientMonitor()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        checked.fit(bad_x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                    callbacks=[monitor])
+    assert checked.train_function is own
+    _no_hooks_left(checked)
+    # A monitor wrapper left on the model (as a fit killed outside any callback
+    # could leave it): a plain fit runs the model's own function and puts it back,
+    # and a monitor finds and repairs it at on_train_begin.
+    checked.train_function = monitor._built[4]
+    checked.fit(bad_x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    assert checked.train_function is own
+    checked.train_function = monitor._built[4]
+    checked.fit(bad_x[:16], y[:16], batch_size=16, epochs=1, verbose=0,
+                callbacks=[gp.GradientMonitor()])
+    assert checked.train_function is own
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"every": 0}, r"Expected every to be a positive integer\. Received: every=0"),
+    ({"every": 2.5}, r"Received: every=2\.5"),
+    ({"every": True}, r"Received: every=True"),
+    ({"on_nonfinite": "halt"}, r"Received: on_nonfinite='halt'"),
+    ({"print_every": 0}, r"Received: print_every=0"),
+    ({"activations": "yes"}, r"Received: activations='yes'"),
+    ({"layers": 5}, r"Received: layers=5"),
+    ({"layers": []}, r"Received: layers=\[\]"),
+    ({"histograms": True}, r"Expected log_dir with histograms=True"),
+    ({"csv": "missing/dir/g.csv"}, r"existing folder\. Received: csv='missing/dir/g\.csv'"),
+    ({"csv": "."}, r"not a folder\. Received: csv='\.'"),
+    ({"log_dir": __file__}, r"Expected log_dir to be a folder"),
+    ({"csv": 3}, r"Received: csv=3"),
+])
+def test_bad_constructor_arguments_raise(kwargs, match):
+    with pytest.raises(gp.GradprobeError, match=match):
+        gp.GradientMonitor(**kwargs)
+
+
+def test_bad_arguments_at_fit_raise_before_the_model_changes(tmp_path):
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own, weights = model.train_function, model.get_weights()
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    late = gp.GradientMonitor(csv=str(folder / "g.csv"))
+    folder.rmdir()  # the folder disappears between the monitor's creation and fit
+    for monitor, match in ((gp.GradientMonitor(layers="nope"), "nope"),
+                           (gp.GradientMonitor(layers="pool"), "'pool' .* has no trainable weights"),
+                           (late, "existing folder")):
+        with pytest.raises(gp.GradprobeError, match=match):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+        assert model.train_function is own
+        assert int(model.optimizer.iterations.numpy()) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+        _no_hooks_left(model)
+
+
+def test_unseen_steps_are_an_error_not_a_gap():
+    """A train step that updates the weights itself (not through the optimizer)
+    runs without the monitor's hooks: a GradprobeError naming the step, or a
+    warning with on_nonfinite='warn'."""
+
+    class Manual(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, self(x, training=True))
+            for v, g in zip(self.trainable_weights, tape.gradient(loss, self.trainable_weights)):
+                v.assign_sub(0.1 * g)
+            return {"loss": loss}
+
+    inp = keras.Input((5,))
+    model = Manual(inp, layers.Dense(3)(inp))
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = np.ones((20, 5), "float32"), np.zeros(20, int)
+    with pytest.raises(gp.GradprobeError, match="step 1 ran without the monitor's hooks"):
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[gp.GradientMonitor()])
+    own = model.train_function
+    monitor = gp.GradientMonitor(on_nonfinite="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[monitor])
+    unseen = [str(w.message) for w in caught if "ran without the monitor's hooks" in str(w.message)]
+    assert [m.split(" ran")[0] for m in unseen] == ["gradprobe: step 1", "gradprobe: step 2"]
+    assert len(monitor.steps) == 0 and model.train_function is own
+
+
+def test_tensorboard_csv_histograms_console_plot(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lr = 0.1
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    shadow = _cnn()
+    x, y = _data(48)
+    log_dir, csv_path = str(tmp_path / "tb"), str(tmp_path / "grads.csv")
+
+    class ReadCsv(keras.callbacks.Callback):
+        rows: list = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            with open(csv_path) as f:
+                self.rows.append(len(f.read().splitlines()) - 1)
+
+    monitor = gp.GradientMonitor(log_dir=log_dir, csv=csv_path, histograms=True, print_every=3)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor, ReadCsv()])
+    assert ReadCsv.rows == [1, 2, 3]  # each row is on disk when its step ends
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    paths = [v.path for v in model.trainable_weights]
+
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    for i, path in enumerate(paths):
+        events = acc.Tensors(f"gradients/{path}/norm")
+        assert [e.step for e in events] == [1, 2, 3]
+        values = [float(tf.make_ndarray(e.tensor_proto)) for e in events]
+        assert np.allclose(values, [np.linalg.norm(h[i]) for h in hand], rtol=1e-5)
+        for e, h in zip(acc.Tensors(f"gradients/{path}"), hand):
+            buckets = tf.make_ndarray(e.tensor_proto)  # (left, right, count) per bucket
+            g = h[i]
+            assert buckets[:, 2].sum() == g.size
+            assert np.isclose(buckets[:, 0].min(), g.min(), rtol=1e-5, atol=1e-9)
+            assert np.isclose(buckets[:, 1].max(), g.max(), rtol=1e-5, atol=1e-9)
 
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for p, h in monitor.history.items():
-        for stat in ("norm", "max_abs", "zero_fraction", "nonfinite", "update_ratio"):
-            assert np.allclose([float(r[f"{p}/{stat}"]) for r in rows], h[stat], rtol=1e-6)
+    assert [int(r["skipped"]) for r in rows] == [0, 0, 0]
+    for i, p in enumerate(paths):
+        assert np.allclose([float(r[f"{p}/norm"]) for r in rows],
+                           [np.linalg.norm(h[i]) for h in hand], rtol=1e-5)
     steps, history = gp.monitor.read_csv(csv_path)
-    assert steps.tolist() == [1, 2, 3] and list(history) == list(monitor.history)
+    assert steps.tolist() == [1, 2, 3] and list(history) == paths
     for p, h in monitor.history.items():
         for stat, values in history[p].items():
             assert np.allclose(values, h[stat], rtol=1e-6)
     (tmp_path / "bad.csv").write_text("epoch,loss\n0,1.0\n")
     with pytest.raises(gp.GradprobeError, match="not a GradientMonitor CSV"):
         gp.monitor.read_csv(str(tmp_path / "bad.csv"))
+    # The file is closed after fit: no descriptor of this process points to it.
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert csv_path not in fds
+
+    out = capsys.readouterr().out
+    assert "gradients at step 3" in out and "gradients at step 1" not in out
+    for i, p in enumerate(paths):
+        line = next(line for line in out.splitlines() if p in line)
+        assert f"{np.linalg.norm(hand[2][i]):.3g}" in line, line
     png = tmp_path / "flow.png"
     monitor.plot(str(png))
     assert png.stat().st_size > 1000
-
-
-def test_failure_restores_the_model():
-    class Boom(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 1:
-                raise RuntimeError("boom")
-
-    model = _cnn()
-    model.compile(keras.optimizers.SGD(0.1), LOSS)
-    x, y = _data(64)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    own = model.train_function
-    monitor = gp.GradientMonitor()
-    with pytest.raises(RuntimeError, match="boom"):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, Boom()])
-    recorded = len(monitor.steps)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # the next fit heals the model
-    assert model.train_function is own and len(monitor.steps) == recorded
-
-    bad = x.copy()
-    bad[20] = np.nan
-    checked = keras.Sequential([keras.Input((8, 8, 1)), layers.Lambda(
-        lambda t: tf.debugging.check_numerics(t, "bad input")), *_cnn().layers])
-    checked.compile(keras.optimizers.SGD(0.1), LOSS)
-    checked.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    own = checked.train_function
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        checked.fit(bad, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-                    callbacks=[gp.GradientMonitor()])
-    assert checked.train_function is own
-
-
-def test_jit_compile_and_steps_per_execution():
-    model = _cnn()
-    model.compile(keras.optimizers.SGD(0.1), LOSS, jit_compile=True)
-    x, y = _data(64)
-    monitor = gp.GradientMonitor()
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
-    assert monitor.steps.tolist() == [1, 2, 3, 4]
-    model = _cnn()
-    model.compile(keras.optimizers.SGD(0.1), LOSS, steps_per_execution=2)
-    monitor = gp.GradientMonitor()
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
-    assert monitor.steps.tolist() == [2, 4]  # the last step of each execution
 
 
 @pytest.mark.slow
@@ -233,9 +707,10 @@ def test_mirrored_strategy_matches_one_device():
                          capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(out.stdout)
     assert result["devices"] == 2
-    one, two = result["one"], result["two"]
+    one, two, hand = result["one"], result["two"], result["hand"]
     assert one["steps"] == two["steps"] == [1, 2, 3, 4]
     for path, h in one["history"].items():
+        assert np.allclose(h["norm"], hand[path], rtol=1e-5), path
         for stat in ("norm", "max_abs", "update_ratio"):
             assert np.allclose(h[stat], two["history"][path][stat], rtol=1e-5, atol=1e-7), \
                 (path, stat)
@@ -253,12 +728,20 @@ def _free_ports(n):
     return ports
 
 
+class UpstreamMultiWorkerFitError(Exception):
+    """keras-team/keras#20585: Keras 3 fit fails under MultiWorkerMirroredStrategy."""
+
+
+UPSTREAM_MESSAGE = "Attempt to convert a value (PerReplica"
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=UpstreamMultiWorkerFitError, reason=(
     "keras-team/keras#20585 (tensorflow/tensorflow#72388): Keras 3 model.fit fails under "
     "MultiWorkerMirroredStrategy ('Attempt to convert a value (PerReplica...)'), with or "
-    "without the monitor (_multiworker_run.py ... nomonitor reproduces it). Strict: once "
-    "Keras is fixed this test must pass, and the xfail must go."))
+    "without the monitor (_multiworker_run.py ... nomonitor reproduces it). Only that "
+    "error is expected; any other failure fails the test. Strict: once Keras is fixed "
+    "this test must pass, and the xfail must go."))
 def test_multi_worker_records_agree(tmp_path):
     """Two worker processes on localhost ports: identical records on both."""
     ports = _free_ports(2)
@@ -270,9 +753,16 @@ def test_multi_worker_records_agree(tmp_path):
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
         procs.append(subprocess.Popen([sys.executable, script, str(tmp_path / f"w{i}.json")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    errors = []
     for p in procs:
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err.decode()[-3000:]
+        if p.returncode != 0:
+            errors.append(err.decode())
+    if errors:
+        # The named upstream error, raised by Keras' fit (not from gradprobe's code).
+        if all(UPSTREAM_MESSAGE in e for e in errors):
+            raise UpstreamMultiWorkerFitError(errors[0][-2000:])
+        raise AssertionError("a worker failed:\n" + errors[0][-3000:])
     records = [json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2)]
     assert records[0]["steps"] == records[1]["steps"] and records[0]["steps"]
     for path, h in records[0]["history"].items():

@@ -1,0 +1,563 @@
+"""`gp.GradientMonitor`: the Keras callback and its lifecycle.
+
+How it works: when training starts, the monitor builds (once per model,
+optimizer and compiled train function) a fresh train function of the model, the
+same as Keras' own, whose train step also hands back the monitor's status. At
+each step, and only for the duration of that step's call, the model's
+`train_function` is that function and the optimizer hooks of `hooks.py` are in
+place; the statistics are computed in-graph and read after the call. No extra
+forward or backward pass runs.
+
+The model is always put back: the model's own train function is restored at the
+start of every call of the monitor's function (so an exception raised anywhere,
+by a train step or by any callback at any hook, leaves the model with its own
+function), and the optimizer wrappers are removed in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradprobe import _patch, backend
+from gradprobe.errors import GradprobeError
+from gradprobe.monitor import hooks
+from gradprobe.monitor.layout import Skip, Status
+from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, print_table
+from gradprobe.stats import Finding
+from gradprobe.stats import diagnose as diagnose_stats
+
+_OVERFLOW = int(Skip.OVERFLOW)
+_GUARDED_HOOKS = ("on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
+                  "on_epoch_end", "on_train_end", "on_test_begin", "on_test_batch_begin",
+                  "on_test_batch_end", "on_test_end")
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Records gradient statistics of every training step (or every `every`).
+
+    Args:
+        layers: Which variables to record: a selector as in `gp.gradients`
+            (`"*"`: all trainable variables; `"conv*"`: the variables of the
+            matching layers; a list of selectors). Resolved against the model
+            when training starts.
+        every: Record every `every` steps (non-finite gradients are checked at
+            every step regardless).
+        activations: Also record the gradients of the selected layers'
+            activations, captured in the training step's own backward pass.
+        histograms: Also write gradient histograms to TensorBoard (needs `log_dir`).
+        log_dir: Write TensorBoard scalars (`gradients/<var>/<stat>`) here.
+        csv: Write one row per recorded step to this CSV file (its folder must exist).
+        on_nonfinite: `"stop"` ends training after the execution holding the
+            first step with a NaN/Inf gradient the optimizer applied, and reports
+            the step and the first variable (in forward order) where it appeared;
+            `"warn"`; `"ignore"`. A step that ran without the monitor's hooks is a
+            `GradprobeError` with `"stop"`, a warning otherwise.
+        print_every: Print a compact table every this many recorded steps.
+
+    Attributes:
+        steps: The recorded step numbers (1-based; numbered like the
+            optimizer's iterations when the monitor first sees the model, then
+            one per train step, steps skipped by loss scaling included).
+        history: variable path -> statistic -> NumPy array over `steps`; the
+            statistics are `norm`, `max_abs`, `zero_fraction`, `nonfinite`,
+            `update_ratio` (`||delta w|| / ||w||` of that step's update, 0 where
+            `||w|| = 0` or where no update was applied), `dead_units`.
+        skipped: Per recorded step: 0 applied, 1 skipped by dynamic loss scaling
+            (the scaled gradients overflowed), 2 accumulated (gradient accumulation).
+        loss_scale: Per recorded step, the loss scale of that step (1 without
+            loss scaling).
+        activation_history: layer path -> statistic -> array (with `activations=True`).
+        first_nonfinite: `None`, or `(step, variable path)`.
+
+    Example:
+
+    >>> monitor = gp.GradientMonitor(every=10, log_dir="logs", csv="grads.csv")
+    >>> model.fit(x, y, epochs=3, callbacks=[monitor])
+    >>> monitor.history["dense/kernel"]["norm"]
+    >>> monitor.diagnose()
+    """
+
+    def __init__(self, layers: Any = "*", every: int = 1, activations: bool = False,
+                 histograms: bool = False, log_dir: str | os.PathLike | None = None,
+                 csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
+                 print_every: int | None = None):
+        super().__init__()
+        self.layers = _check_layers(layers)
+        self.every = _positive_int("every", every)
+        self.activations = _check_bool("activations", activations)
+        self.histograms = _check_bool("histograms", histograms)
+        if on_nonfinite not in ("stop", "warn", "ignore"):
+            raise GradprobeError("Expected on_nonfinite to be one of 'stop', 'warn', 'ignore'. "
+                                 f"Received: on_nonfinite={on_nonfinite!r}.")
+        self.on_nonfinite = on_nonfinite
+        self.print_every = None if print_every is None else _positive_int(
+            "print_every", print_every, none_ok=True)
+        self.log_dir = None if log_dir is None else _check_dir("log_dir", log_dir)
+        self.csv = None if csv is None else _check_file("csv", csv)
+        if self.histograms and self.log_dir is None:
+            raise GradprobeError("Expected log_dir with histograms=True (histograms go to "
+                                 "TensorBoard). Received: log_dir=None. Pass log_dir='logs'.")
+        self.first_nonfinite: tuple[int, str] | None = None
+        self._history = History()
+        self._paths: list[str] = []
+        self._variables: list[Any] = []
+        self._layer_paths: list[str] = []
+        self._built: tuple | None = None  # (key, probe, function, read_status, wrapper, own)
+        self._csv_sink: CsvSink | None = None
+        self._tb_sink: TensorBoardSink | None = None
+        self._guards: contextlib.ExitStack | None = None
+        self._callback_list: Any = None
+        self._fitting = False
+        self._armed = False
+        self._last_step = 0
+        self._last_iterations: int | None = None
+        self._pending_status: Status | None = None
+        self._recorded_since_print = 0
+
+    # ------------------------------------------------------------ results
+    @property
+    def steps(self) -> np.ndarray:
+        return self._history.steps
+
+    @property
+    def skipped(self) -> np.ndarray:
+        return self._history.skipped
+
+    @property
+    def loss_scale(self) -> np.ndarray:
+        return self._history.loss_scale
+
+    @property
+    def history(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._history.arrays(self._paths, self._layer_paths)[0]
+
+    @property
+    def activation_history(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._history.arrays(self._paths, self._layer_paths)[1]
+
+    # ------------------------------------------------------------ lifecycle
+    def on_train_begin(self, logs: Any = None) -> None:
+        # Left by a fit that failed outside any callback: sinks open, guards on its
+        # CallbackList, a status no callback of this monitor will see.
+        self._close_sinks()
+        self._pending_status, self._armed = None, False
+        if self._guards is not None:
+            guards, self._guards = self._guards, None
+            guards.close()
+        model = self.model
+        # A wrapper of ours left on the model (by a fit that failed where no
+        # callback could see it): put the model's own function back.
+        own = hooks.own_train_function(model.train_function)
+        if own is not model.train_function:
+            hooks.set_train_function(model, own)
+        optimizer = getattr(model, "optimizer", None)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise GradprobeError("GradientMonitor needs a model compiled with a Keras optimizer "
+                                 f"(model.compile(optimizer=...)). Received: optimizer={optimizer!r}.")
+        # Everything that can fail is checked before the model is touched.
+        paths, variables = self._select(model)
+        layers = self._activation_layers(model) if self.activations else []
+        key = (model, optimizer, own, *variables)
+        same = self._built is not None and len(self._built[0]) == len(key) and all(
+            a is b for a, b in zip(self._built[0], key))
+        if not same and self._history.rows and paths != self._paths:
+            self._history.clear()
+        append = bool(self._history.rows) and paths == self._paths
+        self._open_sinks(paths, [p for p, _ in layers], optimizer, append)
+        try:
+            if not same:
+                probe = hooks.StepProbe(model, variables, layers, self.every, self.histograms)
+                function, read_status = hooks.make_train_function(model, probe)
+                own_cell: dict[str, Any] = {"own": None}
+                self._built = (key, probe, function, read_status,
+                               self._step_function(model, probe, function, read_status, own_cell),
+                               own_cell)
+                self._last_iterations = None
+            self._paths, self._variables = paths, variables
+            self._layer_paths = [p for p, _ in layers]
+            probe = self._built[1]
+            iterations = probe.iterations()
+            if self._last_iterations is None:
+                self._last_step = iterations
+            else:  # fits without this monitor ran in between: one step per iteration
+                self._last_step += max(iterations - self._last_iterations, 0)
+            self._last_iterations = iterations
+            probe.set_step(self._last_step)
+            self._guard(hooks.find_callback_list(self))
+        except BaseException:
+            self._close_sinks()
+            raise
+        self._fitting = True
+
+    def _guard(self, callback_list: Any) -> None:
+        """Wraps the running fit's `CallbackList` so that the model's own train
+        function is armed with the monitor's only after every callback's
+        `on_train_batch_begin` ran, and the sinks are closed whatever callback
+        raises."""
+        self._guards = contextlib.ExitStack()
+        self._callback_list = callback_list
+        if callback_list is None:
+            return
+
+        def guard(name: str):
+            def make(original):
+                def hook(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        out = original(*args, **kwargs)
+                    except BaseException:
+                        self._abort()
+                        raise
+                    if name == "on_train_batch_begin" and self._fitting:
+                        self._arm()
+                    return out
+                return hook
+            return make
+
+        self._guards.enter_context(_patch.wrapped_methods(
+            callback_list, {name: guard(name) for name in _GUARDED_HOOKS}))
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self._callback_list is None:
+            self._arm()  # without the fit's CallbackList: armed here
+
+    def _arm(self) -> None:
+        model = self.model
+        self._built[5]["own"] = hooks.own_train_function(model.train_function)
+        self._armed = True
+        hooks.set_train_function(model, self._built[4])
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        status, self._pending_status = self._pending_status, None
+        if status is None:
+            return
+        try:
+            self._process(status)
+        except BaseException:
+            self._abort()
+            raise
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._finish()
+
+    def _abort(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self._fitting = False
+        self._armed = False
+        own = self._built[5]["own"] if self._built is not None else None
+        if own is not None and self.model is not None and \
+                self.model.train_function is not own and \
+                hooks.own_train_function(self.model.train_function) is own:
+            hooks.set_train_function(self.model, own)
+        status, self._pending_status = self._pending_status, None
+        if status is not None:
+            # An execution whose on_train_batch_end never reached the monitor (a
+            # callback before it raised): its steps are recorded all the same.
+            with contextlib.suppress(GradprobeError):
+                self._process(status)
+        if self._built is not None:
+            self._last_iterations = self._built[1].iterations()
+        self._close_sinks()
+        if self._guards is not None:
+            guards, self._guards = self._guards, None
+            guards.close()
+
+    # ------------------------------------------------------------ per step
+    def _step_function(self, model: Any, probe: hooks.StepProbe, function: Any,
+                       read_status: Any, own_cell: dict[str, Any]) -> Any:
+        """The function armed as `model.train_function` for one step."""
+
+        def train_function(iterator: Any) -> Any:
+            own = own_cell["own"]
+            # The model's own function goes back first: whatever happens next.
+            hooks.set_train_function(model, own)
+            if not (self._armed and self._fitting and self._built is not None
+                    and self._built[4] is train_function):
+                return own(iterator)  # a wrapper left on the model; this fit is not ours
+            self._armed = False
+            try:
+                with probe.installed():
+                    logs = function(iterator)
+                status = None
+                if isinstance(logs, dict) and hooks.STATUS_KEY in logs:
+                    logs = dict(logs)
+                    status = logs.pop(hooks.STATUS_KEY)
+                if status is None:
+                    status = read_status()
+                self._pending_status = probe.layout.unpack(backend.to_numpy(status))
+            except (StopIteration, tf.errors.OutOfRangeError):
+                # The end of the data: fit goes on (next epoch) and re-arms the
+                # monitor. No batch, so no step ran; but where the data runs out
+                # inside the compiled step (OutOfRange), the counters that do not
+                # depend on the data (the optimizer's iterations, the monitor's
+                # step) may have moved: follow them, as Keras' iterations do.
+                status = probe.layout.unpack(backend.to_numpy(read_status()))
+                self._last_step, self._last_iterations = status.step, status.iterations
+                raise
+            except BaseException:
+                self._abort()
+                raise
+            return logs
+
+        # Marks the function as a monitor's, and names the function it stands in for.
+        setattr(train_function, hooks.OWN_ATTR, lambda: own_cell["own"])
+        return train_function
+
+    def _process(self, status: Status) -> None:
+        """Checks that every step of the execution was seen by the hooks, records
+        the steps to record and reports the first non-finite gradient."""
+        probe = self._built[1]
+        first, last = self._last_step + 1, status.step
+        applier_calls = status.iterations - (self._last_iterations or 0)
+        self._last_iterations = status.iterations
+        slots = probe.slots
+        ran = np.arange(first, last + 1)
+        rows = ran % slots
+        ok = (status.slot_step[rows] == ran) & (status.proof[rows] == ran)
+        seen, missing = ran[ok].tolist(), ran[~ok].tolist()
+        overflowed = int(np.count_nonzero(status.skipped[rows[ok]] == _OVERFLOW))
+        extra = max(applier_calls - (len(seen) - overflowed), 0)
+        if not len(ran) and extra == 0:
+            extra = 1  # the call returned, so at least one step ran
+        self._last_step = last + extra
+        for s in seen:
+            i = s % slots
+            skipped = int(status.skipped[i])
+            if s % self.every == 0:
+                stats = np.concatenate([status.stats[i, :, :4], status.ratios[i][:, None],
+                                        status.stats[i, :, 4:5]], 1)
+                row = Row(s, skipped, float(status.loss_scale[i]), stats,
+                          status.acts[:, i, :] if len(status.acts) else np.zeros((0, 4)))
+                self._record(row, status)
+            if self.first_nonfinite is None and skipped != _OVERFLOW and status.flags[i].any():
+                where = self._paths[int(np.argmax(status.flags[i] > 0))]
+                self.first_nonfinite = (s, where)
+                self._nonfinite(s, where)
+        if missing or extra:
+            probe.set_step(self._last_step)
+            unseen = missing + list(range(last + 1, last + extra + 1))
+            self._unseen(unseen)
+
+    def _nonfinite(self, step: int, where: str) -> None:
+        message = (f"gradprobe: non-finite gradient (NaN/Inf) at step {step}, first in "
+                   f"forward order in {where!r}.")
+        if self.on_nonfinite == "stop":
+            self.model.stop_training = True
+            warnings.warn(message + " Training stopped (on_nonfinite='stop').",
+                          RuntimeWarning, stacklevel=3)
+        elif self.on_nonfinite == "warn":
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _unseen(self, steps: list[int]) -> None:
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}"
+        message = (f"gradprobe: {span} ran without the monitor's hooks, so their gradients "
+                   "were not recorded. The train step must apply its gradients with "
+                   "model.optimizer.apply() or apply_gradients().")
+        if self.on_nonfinite == "stop":
+            raise GradprobeError(message + " (Pass on_nonfinite='warn' to only warn.)")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _record(self, row: Row, status: Status) -> None:
+        self._history.add(row)
+        if self._csv_sink is not None:
+            self._csv_sink.write(row)
+        if self._tb_sink is not None:
+            copies = None
+            if self.histograms and status.copies_step == row.step:
+                copies = [c.numpy() for c in self._built[1].copies]
+            self._tb_sink.write(row, copies)
+        if self.print_every:
+            self._recorded_since_print += 1
+            if self._recorded_since_print >= self.print_every:
+                self._recorded_since_print = 0
+                print_table(self._paths, row)
+
+    # ------------------------------------------------------------ sinks
+    def _open_sinks(self, paths: list[str], layers: list[str], optimizer: Any,
+                    append: bool) -> None:
+        if self.csv is not None:
+            _check_file("csv", self.csv)
+            self._csv_sink = CsvSink(self.csv, paths, append)
+        if self.log_dir is not None:
+            try:
+                _check_dir("log_dir", self.log_dir)
+                self._tb_sink = TensorBoardSink(self.log_dir, paths, layers,
+                                                hooks.loss_scaler(optimizer) is not None)
+            except BaseException:
+                self._close_sinks()
+                raise
+
+    def _close_sinks(self) -> None:
+        for sink in (self._csv_sink, self._tb_sink):
+            if sink is not None:
+                sink.close()
+        self._csv_sink = self._tb_sink = None
+
+    # ------------------------------------------------------------ selection
+    def _select(self, model: Any) -> tuple[list[str], list[Any]]:
+        from gradprobe.selectors import LayerTree, resolve
+
+        variables = list(model.trainable_weights)
+        if not variables:
+            raise GradprobeError("GradientMonitor: the model has no trainable variables.")
+        if self.layers == "*":
+            return [v.path for v in variables], variables
+        tree = LayerTree(model)
+        chosen: list[Any] = []
+        for sel in self.layers:
+            if isinstance(sel, keras.layers.Layer):
+                tree.node_of(sel)  # raises if the layer is not part of the model
+                found = list(sel.trainable_weights)
+            else:
+                text = sel if not isinstance(sel, str) or "." in sel else sel + ".weights"
+                found = [getattr(src, "var", None) for src in resolve(tree, text)]
+            for var in found:
+                if var is not None and all(var is not c for c in chosen):
+                    chosen.append(var)
+        ordered = [v for v in variables if any(v is c for c in chosen)]
+        if not ordered:
+            raise GradprobeError(f"Expected layers to select at least one trainable variable. "
+                                 f"Received: layers={self.layers!r}. Pass '*' or layer names.")
+        return [v.path for v in ordered], ordered
+
+    def _activation_layers(self, model: Any) -> list[tuple[str, Any]]:
+        from gradprobe.selectors import LayerTree, resolve
+
+        tree = LayerTree(model)
+        out: list[tuple[str, Any]] = []
+        for sel in (["*"] if self.layers == "*" else self.layers):
+            if isinstance(sel, keras.Variable):
+                continue
+            for src in resolve(tree, sel):
+                node = getattr(src, "node", None)
+                if node is not None and hasattr(src, "call") and all(
+                        node.layer is not lay for _, lay in out):
+                    out.append((node.path, node.layer))
+        return out
+
+    # ------------------------------------------------------------- reading
+    def diagnose(self, **thresholds: Any) -> list[Finding]:
+        """Findings over the recorded steps (vanishing, exploding, non-finite,
+        all-zero, dead units), one per variable and kind, naming the steps.
+        Steps skipped by dynamic loss scaling are left out (their overflow is
+        how loss scaling works, not a training failure)."""
+        found: dict[tuple[str, str], tuple[Finding, list[int]]] = {}
+        history = self.history
+        kinds = dict.fromkeys(history, "weight")
+        skipped = self.skipped
+        for t, step in enumerate(self.steps):
+            if skipped[t] == _OVERFLOW:
+                continue
+            stats = {}
+            for path, h in history.items():
+                shape = tuple(int(d) for d in self._shape_of(path))
+                stats[path] = {"shape": shape, "norm": h["norm"][t], "mean_abs": 0.0,
+                               "max_abs": h["max_abs"][t], "std": 0.0,
+                               "zero_fraction": h["zero_fraction"][t],
+                               "nonfinite": int(h["nonfinite"][t])}
+            for f in diagnose_stats(stats, kinds, **thresholds):
+                found.setdefault((f.kind, f.key), (f, []))[1].append(int(step))
+            for path, h in history.items():
+                dead, units = int(h["dead_units"][t]), int(self._shape_of(path)[-1] or 0)
+                if 0 < dead < units:
+                    f = Finding("dead", path, f"{path}: {dead} of {units} units receive exactly "
+                                "zero gradient: dead units.", dead / units)
+                    found.setdefault(("dead", path), (f, []))[1].append(int(step))
+        out = []
+        for (_, _), (f, steps) in found.items():
+            span = f"step {steps[0]}" if len(steps) == 1 else \
+                f"{len(steps)} recorded steps, {steps[0]} to {steps[-1]}"
+            out.append(Finding(f.kind, f.key, f"{f.message} ({span})", f.value))
+        return out
+
+    def _shape_of(self, path: str) -> tuple:
+        return tuple(self._variables[self._paths.index(path)].shape)
+
+    def plot(self, path: str | None = None) -> Any:
+        """Gradient norms per variable over the recorded steps, and a "gradient
+        flow" bar chart (norm per variable, forward order) for the last step.
+
+        Args:
+            path: Save the figure as a PNG here (optional).
+
+        Returns:
+            The matplotlib figure.
+        """
+        from gradprobe.plot import gradient_history
+
+        if not len(self.steps):
+            raise GradprobeError("Nothing recorded yet: fit the model with this monitor first.")
+        return gradient_history(self.steps, self.history, path)
+
+
+# ---------------------------------------------------------------- validation
+def _positive_int(name: str, value: Any, none_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        extra = " or None" if none_ok else ""
+        raise GradprobeError(f"Expected {name} to be a positive integer{extra}. "
+                             f"Received: {name}={value!r}.")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise GradprobeError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+    return bool(value)
+
+
+def _check_layers(layers: Any) -> Any:
+    if layers is None or (isinstance(layers, str) and layers == "*"):
+        return "*"
+    items = [layers] if isinstance(layers, str | keras.Variable | keras.layers.Layer) else layers
+    if not isinstance(items, list | tuple) or not items or not all(
+            (isinstance(s, str) and s.strip()) or isinstance(s, keras.Variable | keras.layers.Layer)
+            for s in items):
+        raise GradprobeError("Expected layers to be '*', a selector (a layer name or glob, "
+                             "'name.kernel', a layer, a variable) or a list of them (e.g. "
+                             f"['conv*', 'dense']). Received: layers={layers!r}.")
+    return list(items)
+
+
+def _check_file(name: str, path: Any) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise GradprobeError(f"Expected {name} to be a file path. Received: {name}={path!r}.")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise GradprobeError(f"Expected {name} to be a file path, not a folder. "
+                             f"Received: {name}={path!r}. Pass e.g. {os.path.join(path, 'g.csv')!r}.")
+    if not os.path.isdir(folder):
+        raise GradprobeError(f"Expected {name} to be in an existing folder. Received: "
+                             f"{name}={path!r} ({folder!r} does not exist). Create the folder "
+                             "first or pass another path.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise GradprobeError(f"Expected {name} to be writable. Received: {name}={path!r} "
+                             "(permission denied). Pass a path in a writable folder.")
+    return path
+
+
+def _check_dir(name: str, path: Any) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise GradprobeError(f"Expected {name} to be a folder path. Received: {name}={path!r}.")
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GradprobeError(f"Expected {name} to be a folder. Received: {name}={path!r} "
+                             "(an existing file). Pass a folder path.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise GradprobeError(f"Expected {name} to be a writable folder. Received: {name}="
+                             f"{path!r} ({existing!r} is not writable). Pass another folder.")
+    return path
+
+
+__all__ = ["GradientMonitor"]

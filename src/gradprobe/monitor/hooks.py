@@ -1,0 +1,448 @@
+"""The train-step and optimizer hooks: the only module of the monitor that
+touches private Keras APIs (each use is commented with what it relies on).
+
+`StepProbe` owns the monitor's in-graph state (a few variables) and the
+wrappers that fill it while a train step runs:
+
+- `apply` of the model's optimizer (public API; every train step calls it,
+  through `apply_gradients`): advances the monitor's step counter and, where the
+  optimizer may not apply the step (a `LossScaleOptimizer` whose scaled
+  gradients overflowed, gradient accumulation), records that step itself.
+- `_all_reduce_sum_gradients` of the optimizer that applies the update (the
+  inner optimizer of a `LossScaleOptimizer`): the gradients exactly as they are
+  applied (after clipping, the all-reduce and loss-scale unscaling).
+- `_backend_update_step` of that optimizer: the size of each update.
+- `call` of the selected layers (with `activations=True`): the gradient of the
+  loss w.r.t. each activation, in the step's own backward pass.
+
+The wrappers are installed around EVERY call of the monitor's train function
+(and removed in `finally`), so every trace of the train step, including a
+retrace for a new input signature, under `jit_compile` or in a later `fit`,
+contains them, and eager steps (`run_eagerly=True`) run them each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradprobe import _patch
+from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, StatusLayout
+
+STATUS_KEY = "_gradprobe_monitor_status"
+# The attribute naming, on a monitor's per-step train function, the function it stands in for.
+OWN_ATTR = "_gradprobe_own_train_function"
+
+
+def own_train_function(fn: Any) -> Any:
+    """The model's own train function behind any monitor wrapper left on it."""
+    seen = 0
+    while getattr(fn, OWN_ATTR, None) is not None and seen < 100:
+        own = getattr(fn, OWN_ATTR)()
+        if own is None or own is fn:
+            return fn
+        fn, seen = own, seen + 1
+    return fn
+
+
+def set_train_function(model: Any, function: Any) -> None:
+    # Relies on: Keras' `fit` looking up `self.train_function` at every step
+    # (keras/src/backend/tensorflow/trainer.py), after `make_train_function()`.
+    model.train_function = function
+
+
+def raw_iterations(optimizer: Any) -> Any:
+    # Private: `BaseOptimizer._iterations`, the counter `apply` increments once
+    # per call (the public `iterations` divides it by gradient_accumulation_steps).
+    return optimizer._iterations
+
+
+def loss_scaler(optimizer: Any) -> Any:
+    """The model's `LossScaleOptimizer`, or None."""
+    return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+
+
+def applying_optimizer(optimizer: Any) -> Any:
+    """The optimizer whose update step applies the gradients."""
+    scaler = loss_scaler(optimizer)
+    return scaler.inner_optimizer if scaler is not None else optimizer
+
+
+def is_distributed(model: Any) -> bool:
+    strategy = model.distribute_strategy
+    return strategy.num_replicas_in_sync > 1 or not isinstance(
+        strategy, type(tf.distribute.get_strategy()))
+
+
+def find_callback_list(callback: Any) -> Any:
+    """The `CallbackList` of the running `fit` that holds `callback`, or None.
+
+    Relies on: Keras' `CallbackList.on_train_begin` calling each callback's
+    `on_train_begin` directly (so the caller's frame has the list as `self`);
+    CPython frames. Without it the monitor still works, with a smaller
+    guarantee (see `GradientMonitor`).
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class StepProbe:
+    """The monitor's variables and the wrappers that fill them.
+
+    Args:
+        model: The compiled model.
+        variables: The monitored trainable variables (forward order).
+        layers: The `(path, layer)` pairs whose activation gradients are recorded.
+        every: Statistics are computed on steps that are multiples of `every`.
+        histograms: Keep a copy of the last recorded step's gradients.
+    """
+
+    def __init__(self, model: Any, variables: list[Any], layers: list[tuple[str, Any]],
+                 every: int, histograms: bool):
+        self.model = model
+        self.optimizer = model.optimizer
+        self.scaler = loss_scaler(self.optimizer)
+        self.applier = applying_optimizer(self.optimizer)
+        self.accumulation = int(getattr(self.applier, "gradient_accumulation_steps", None) or 0)
+        self.variables = variables
+        self.layers = layers
+        self.every = int(every)
+        self.slots = max(int(model.steps_per_execution or 1), 1)
+        self.distributed = is_distributed(model)
+        self.layout = StatusLayout(len(variables), len(layers), self.slots)
+        n, k = len(variables), self.slots
+        with model.distribute_strategy.scope():
+            kw = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_WRITE,
+                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+            def var(value: Any, dtype: Any = tf.float32) -> tf.Variable:
+                return tf.Variable(tf.cast(value, dtype), **kw)
+
+            self.step = var(int(raw_iterations(self.applier).numpy()), tf.int64)
+            self.copies_step = var(-1, tf.int64)
+            self.slot_step = var(tf.fill([k], -1.0), tf.float64)
+            self.proof = var(tf.fill([k], -1.0), tf.float64)
+            self.skipped = var(tf.zeros([k]))
+            self.loss_scale = var(tf.ones([k]))
+            self.flags = var(tf.zeros([k, n]))
+            self.stats = var(tf.zeros([k, n, len(GRAD_STATS)]))
+            self.ratios = var(tf.zeros([k, n]))
+            self.acts = [var(tf.zeros([k, len(ACT_STATS)])) for _ in layers]
+            self.copies = ([var(tf.zeros(v.shape)) for v in variables] if histograms else [])
+        self._index = {id(_value(v)): i for i, v in enumerate(variables)}
+
+    # ------------------------------------------------------------ install
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The wrappers, in place for one call of the train function."""
+        # Private: `_all_reduce_sum_gradients(grads_and_vars)` and
+        # `_backend_update_step(grads, variables, learning_rate)` of Keras'
+        # TensorFlow optimizer (keras/src/backend/tensorflow/optimizer.py): the
+        # update step all-reduces the (clipped, unscaled) gradients, then applies
+        # them; both are looked up on the instance while the step is traced.
+        applier_hooks = {"_all_reduce_sum_gradients": self._wrap_all_reduce,
+                         "_backend_update_step": self._wrap_update}
+        with contextlib.ExitStack() as stack:
+            if self.applier is self.optimizer:
+                stack.enter_context(_patch.wrapped_methods(
+                    self.optimizer, {"apply": self._wrap_apply, **applier_hooks}))
+            else:
+                stack.enter_context(_patch.wrapped_methods(
+                    self.optimizer, {"apply": self._wrap_apply}))
+                stack.enter_context(_patch.wrapped_methods(self.applier, applier_hooks))
+            if self.layers:
+                stack.enter_context(_patch.wrapped_calls(
+                    [layer for _, layer in self.layers], self._activation_hook))
+            yield
+
+    # ------------------------------------------------------------ in-graph
+    def _slot(self, step: Any) -> Any:
+        return tf.cast(step % self.slots, tf.int32)
+
+    def _put(self, var: Any, slot: Any, value: Any) -> Any:
+        """Writes `value` into row `slot` of `var` (as one assign of the whole
+        variable: a write to a mirrored variable may not sit inside a cond)."""
+        value = tf.cast(value, var.dtype)
+        if self.slots == 1:
+            new = tf.expand_dims(value, 0)
+        else:
+            new = tf.tensor_scatter_nd_update(tf.convert_to_tensor(var), [[slot]], [value])
+        return var.assign(new)
+
+    def _put_if(self, cond: Any, var: Any, slot: Any, make: Callable[[], Any]) -> Any:
+        """Writes `make()` into row `slot` of `var` where `cond` holds."""
+        current = tf.convert_to_tensor(var)
+
+        def write() -> Any:
+            value = tf.cast(make(), var.dtype)
+            if self.slots == 1:
+                return tf.expand_dims(value, 0)
+            return tf.tensor_scatter_nd_update(current, [[slot]], [value])
+
+        return var.assign(tf.cond(cond, write, lambda: current))
+
+    def current_scale(self) -> Any:
+        """The loss scale of this step's loss, as `LossScaleOptimizer.scale_loss`
+        chose it (1 without loss scaling)."""
+        if self.scaler is None:
+            return tf.constant(1.0)
+        return tf.cast(tf.convert_to_tensor(self.scaler.dynamic_scale) if self.scaler.built
+                       else self.scaler.initial_scale, tf.float32)
+
+    def _recording(self, step: Any) -> Any:
+        return tf.equal(step % self.every, 0)
+
+    def _mine(self, grads_and_vars: Any) -> list[Any]:
+        """The gradients of the monitored variables, in their order (zeros where
+        the optimizer received none)."""
+        by_id = {id(_value(v)): g for g, v in grads_and_vars}
+        return [by_id.get(id(_value(v))) for v in self.variables]
+
+    def _nonfinite_flags(self, grads: list[Any]) -> Any:
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(tf.constant(0.0))
+                continue
+            values = g.values if isinstance(g, tf.IndexedSlices) else g
+            out.append(tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(values))),
+                               tf.float32))
+        return tf.stack(out) if out else tf.zeros([0])
+
+    def _grad_stats(self, grads: list[Any]) -> Any:
+        dense = [tf.zeros(v.shape, tf.float32) if g is None else
+                 tf.cast(tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self.variables)]
+        if not dense:
+            return tf.zeros([0, len(GRAD_STATS)])
+        rows = []
+        for g in dense:
+            stats, zero = _stats_and_zero(g)
+            rows.append(tf.concat([stats, [_dead(g, zero)]], 0))
+        return tf.stack(rows)
+
+    def _wrap_apply(self, original: Callable) -> Callable:
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            grads = list(grads)
+            step = tf.convert_to_tensor(self.step) + 1
+            slot = self._slot(step)
+            advance = [self.step.assign(step), self._put(self.slot_step, slot, step)]
+            if self.scaler is None and not self.accumulation:
+                with tf.control_dependencies(advance):
+                    return original(grads, trainable_variables)
+            # Private: `_trainable_variables`, what `apply(grads)` without variables uses.
+            pairs = zip(grads, trainable_variables if trainable_variables is not None
+                        else self.optimizer._trainable_variables)
+            mine = self._mine(pairs)
+            scale = self.current_scale()
+            applied = tf.constant(True)
+            code = tf.constant(float(Skip.APPLIED))
+            if self.scaler is not None:
+                finite = tf.reduce_all(tf.stack(
+                    [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g)))
+                     for g in grads if g is not None] or [tf.constant(True)]))
+                applied = finite
+                code = tf.where(finite, code, float(Skip.OVERFLOW))
+            if self.accumulation:
+                update = tf.equal((raw_iterations(self.applier) + 1) % self.accumulation, 0)
+                code = tf.where(applied & ~update, float(Skip.ACCUMULATED), code)
+                applied = applied & update
+            unscaled = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / scale
+                        for g in mine]
+            skipped = tf.logical_not(applied)
+            recording = self._recording(step)
+            writes = advance + [
+                self._put(self.skipped, slot, code),
+                self._put(self.loss_scale, slot, scale),
+                # A step the optimizer does not apply is recorded here.
+                self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
+                self._put_if(skipped & recording, self.stats, slot,
+                             lambda: self._grad_stats(unscaled)),
+                self._put_if(skipped, self.ratios, slot,
+                             lambda: tf.zeros([len(self.variables)])),
+                self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
+            ]
+            with tf.control_dependencies(writes):
+                return original(grads, trainable_variables)
+
+        return apply
+
+    def _wrap_all_reduce(self, original: Callable) -> Callable:
+        def all_reduce(grads_and_vars: Any) -> Any:
+            reduced = list(original(grads_and_vars))
+            grads = self._mine(reduced)
+            step = tf.convert_to_tensor(self.step)
+            slot, recording = self._slot(step), self._recording(step)
+            current = tf.convert_to_tensor(self.stats)
+
+            def record() -> Any:  # the statistics include the NaN/Inf counts
+                stats = self._grad_stats(grads)
+                row = tf.expand_dims(stats, 0) if self.slots == 1 else \
+                    tf.tensor_scatter_nd_update(current, [[slot]], [stats])
+                return row, tf.cast(stats[:, 3] > 0, tf.float32)
+
+            def check() -> Any:  # every step: NaN/Inf flags only
+                return current, self._nonfinite_flags(grads)
+
+            stats, flags = tf.cond(recording, record, check)
+            self.stats.assign(stats)
+            self._put(self.flags, slot, flags)
+            self._put(self.proof, slot, tf.cast(step, tf.float64))
+            for copy, g, v in zip(self.copies, grads, self.variables):
+                dense = tf.zeros(v.shape) if g is None else tf.cast(tf.convert_to_tensor(g),
+                                                                    tf.float32)
+                current = tf.convert_to_tensor(copy)
+                copy.assign(tf.cond(recording, lambda d=dense: d, lambda c=current: c))
+            if self.copies:
+                self.copies_step.assign(tf.where(recording, step, self.copies_step))
+            return reduced
+
+        return all_reduce
+
+    def _wrap_update(self, original: Callable) -> Callable:
+        def update(grads: Any, trainable_variables: Any, learning_rate: Any) -> Any:
+            values = [_value(v) for v in trainable_variables]
+            tracked = [i for i, v in enumerate(values) if id(v) in self._index]
+            step = tf.convert_to_tensor(self.step)
+            slot, recording = self._slot(step), self._recording(step)
+            # Snapshots on recorded steps (XLA needs both branches shaped alike).
+            before = tf.cond(recording,
+                             lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
+                             lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())])
+            result = original(grads, trainable_variables, learning_rate)
+
+            def ratios() -> Any:
+                out = [tf.constant(0.0)] * len(self.variables)
+                for b, i in zip(before, tracked):
+                    new = tf.convert_to_tensor(values[i])
+                    out[self._index[id(values[i])]] = tf.math.divide_no_nan(
+                        tf.norm(tf.cast(new - b, tf.float32)), tf.norm(tf.cast(b, tf.float32)))
+                return tf.stack(out) if out else tf.zeros([0])
+
+            with tf.control_dependencies(tf.nest.flatten(result) if result is not None else []):
+                self._put_if(recording, self.ratios, slot, ratios)
+            return result
+
+        return update
+
+    def _activation_hook(self, layer: Any, outputs: Any, args: tuple = (),
+                         kwargs: dict | None = None) -> Any:
+        if not (isinstance(outputs, tf.Tensor) and outputs.dtype.is_floating):
+            return outputs
+        index = next(i for i, (_, lay) in enumerate(self.layers) if lay is layer)
+        var, probe = self.acts[index], self
+
+        @tf.custom_gradient
+        def observe(x: Any) -> Any:
+            def grad(dy: Any) -> Any:
+                # The optimizer's `apply` (which advances the counter) runs after
+                # the backward pass: this step is the counter + 1.
+                step = tf.convert_to_tensor(probe.step) + 1
+                scale = probe.current_scale()
+                write = probe._put_if(probe._recording(step), var, probe._slot(step),
+                                      lambda: _grad_stats(tf.cast(dy, tf.float32) / scale))
+                with tf.control_dependencies([write]):
+                    return tf.identity(dy)
+
+            return tf.identity(x), grad
+
+        return observe(outputs)
+
+    # ------------------------------------------------------------ reading
+    def pack(self) -> Any:
+        """The whole state as one float64 vector, in `self.layout`'s order."""
+        parts = [self.step, raw_iterations(self.applier), self.copies_step, self.slot_step,
+                 self.proof, self.skipped, self.loss_scale, self.flags, self.stats,
+                 self.ratios, *self.acts]
+        return tf.concat([tf.reshape(tf.cast(_value(v), tf.float64), [-1]) for v in parts], 0)
+
+    def set_step(self, step: int) -> None:
+        self.step.assign(int(step))
+
+    def iterations(self) -> int:
+        return int(raw_iterations(self.applier).numpy())
+
+
+def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callable]:
+    """A fresh train function of `model` (Keras' own, built by
+    `make_train_function(force=True)`) whose train step also returns the
+    monitor's status, and a compiled reader of the status for where the step
+    cannot return it. The model's own train function is put back.
+
+    Returns:
+        `(function, read_status)`; `function(iterator)` returns Keras' logs,
+        possibly with the status under `STATUS_KEY`.
+    """
+    own = model.train_function
+    # Relies on: `make_train_function(force=True)` building a new train function
+    # from `self.train_step` (looked up then) and storing it in `train_function`.
+    try:
+        if probe.distributed:
+            # Under a strategy the per-replica outputs would be averaged: the
+            # status is read from the variables after each step instead.
+            model.make_train_function(force=True)
+        else:
+            with _patch.wrapped_methods(model, {"train_step": lambda original: _status_step(
+                    original, probe)}):
+                model.make_train_function(force=True)
+        function = model.train_function
+    finally:
+        set_train_function(model, own)
+    return function, tf.function(probe.pack, autograph=False)
+
+
+def _status_step(original: Callable, probe: StepProbe) -> Callable:
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        logs = original(*args, **kwargs)
+        if not isinstance(logs, dict):
+            return logs  # a custom train_step: the status is read from the variables
+        return {**logs, STATUS_KEY: probe.pack()}
+
+    return train_step
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _grad_stats(g: Any) -> Any:
+    """norm, max |g|, zero fraction and NaN/Inf count (norm and max over the finite entries)."""
+    return _stats_and_zero(g)[0]
+
+
+def _stats_and_zero(g: Any) -> tuple[Any, Any]:
+    """`_grad_stats(g)` and the boolean "exactly zero" tensor, each elementwise
+    pass made once."""
+    finite_mask = tf.math.is_finite(g)
+    finite = tf.where(finite_mask, g, tf.zeros_like(g))
+    zero = tf.equal(g, 0.0)
+    size = tf.cast(tf.size(g), tf.float32)
+    stats = tf.stack([
+        tf.sqrt(tf.reduce_sum(tf.square(finite))),
+        tf.reduce_max(tf.abs(finite)) if g.shape.num_elements() else tf.constant(0.0),
+        tf.math.divide_no_nan(tf.reduce_sum(tf.cast(zero, tf.float32)), size),
+        size - tf.reduce_sum(tf.cast(finite_mask, tf.float32)),
+    ])
+    return stats, zero
+
+
+def _dead(g: Any, zero: Any | None = None) -> Any:
+    """Units (last axis) whose gradient is exactly zero everywhere."""
+    if g.shape.rank == 0 or g.shape[-1] is None or g.shape[-1] < 2:
+        return tf.constant(0.0)
+    zero = tf.equal(g, 0.0) if zero is None else zero
+    if g.shape.rank > 1:
+        zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
+    return tf.reduce_sum(tf.cast(zero, tf.float32))

@@ -1,0 +1,193 @@
+"""Where recorded steps go: the in-memory history, the CSV file, TensorBoard and
+the console. Each sink receives `Row`s in step order."""
+
+from __future__ import annotations
+
+import csv as csv_module
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gradprobe.errors import GradprobeError
+from gradprobe.monitor.layout import ACT_STATS, STATS, STEP_COLUMNS, Skip
+
+# Columns of `Row.stats`: the public STATS, then dead_units.
+ROW_STATS = (*STATS, "dead_units")
+
+
+class Row(NamedTuple):
+    """One recorded step."""
+
+    step: int
+    skipped: int            # a `Skip` code
+    loss_scale: float
+    stats: np.ndarray       # (n, len(ROW_STATS))
+    acts: np.ndarray        # (m, len(ACT_STATS))
+
+
+class History:
+    """The rows in memory, and the arrays `monitor.history` & co. are made of."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self._cached: tuple[int, dict, dict] | None = None
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self._cached = None
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.array([r.step for r in self.rows], dtype=np.int64)
+
+    @property
+    def skipped(self) -> np.ndarray:
+        return np.array([r.skipped for r in self.rows], dtype=np.int8)
+
+    @property
+    def loss_scale(self) -> np.ndarray:
+        return np.array([r.loss_scale for r in self.rows], dtype=np.float64)
+
+    def arrays(self, paths: list[str], layers: list[str]) -> tuple[dict, dict]:
+        if self._cached is None or self._cached[0] != len(self.rows):
+            n = len(self.rows)
+            grads = (np.stack([r.stats for r in self.rows]) if n
+                     else np.zeros((0, len(paths), len(ROW_STATS))))
+            hist = {p: {s: grads[:, i, j].astype(np.float64) for j, s in enumerate(ROW_STATS)}
+                    for i, p in enumerate(paths)}
+            acts: dict = {}
+            if layers and n:
+                a = np.stack([r.acts for r in self.rows])
+                acts = {p: {s: a[:, i, j].astype(np.float64) for j, s in enumerate(ACT_STATS)}
+                        for i, p in enumerate(layers)}
+            self._cached = (n, hist, acts)
+        return self._cached[1], self._cached[2]
+
+
+class CsvSink:
+    """One row per recorded step, flushed at once; closed at the end of `fit`
+    (or when it fails)."""
+
+    def __init__(self, path: str, paths: list[str], append: bool):
+        fresh = not append or not os.path.exists(path)
+        try:
+            self.file = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115
+        except OSError as e:
+            raise GradprobeError(
+                f"Expected csv to be a writable file path. Received: csv={path!r} "
+                f"({e.strerror}). Pass a path in an existing, writable folder.") from None
+        self.writer = csv_module.writer(self.file)
+        if fresh:
+            self.writer.writerow(["step", *STEP_COLUMNS]
+                                 + [f"{p}/{s}" for p in paths for s in STATS])
+            self.file.flush()
+
+    def write(self, row: Row) -> None:
+        self.writer.writerow([row.step, row.skipped, f"{row.loss_scale:.9g}"]
+                             + [f"{v:.9g}" for v in row.stats[:, :len(STATS)].ravel()])
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+class TensorBoardSink:
+    """Scalars `gradients/<var>/<stat>`, `activation_gradients/<layer>/norm`,
+    with loss scaling `train_step/skipped` and `train_step/loss_scale`, and
+    gradient histograms."""
+
+    def __init__(self, log_dir: str, paths: list[str], layers: list[str], scaled: bool):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.paths, self.layers, self.scaled = paths, layers, scaled
+
+    def write(self, row: Row, histograms: list[Any] | None) -> None:
+        tf = self.tf
+        with self.writer.as_default(step=row.step):
+            for i, path in enumerate(self.paths):
+                for j, name in enumerate(STATS):
+                    tf.summary.scalar(f"gradients/{path}/{name}", float(row.stats[i, j]))
+                if histograms is not None:
+                    tf.summary.histogram(f"gradients/{path}", histograms[i])
+            for i, path in enumerate(self.layers):
+                tf.summary.scalar(f"activation_gradients/{path}/norm", float(row.acts[i, 0]))
+            if self.scaled:
+                tf.summary.scalar("train_step/skipped", float(row.skipped))
+                tf.summary.scalar("train_step/loss_scale", float(row.loss_scale))
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def print_table(paths: list[str], row: Row) -> None:
+    """A rich table of one recorded step."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"gradients at step {row.step}"
+    if row.skipped == Skip.OVERFLOW:
+        title += f" (skipped: loss scale {row.loss_scale:g} overflowed)"
+    elif row.skipped == Skip.ACCUMULATED:
+        title += " (accumulated, not applied yet)"
+    table = Table(title=title, title_justify="left")
+    for col in ("variable", "norm", "max |g|", "zeros", "non-finite", "update ratio"):
+        table.add_column(col, justify="left" if col == "variable" else "right")
+    col = {s: j for j, s in enumerate(ROW_STATS)}
+    for path, stats in zip(paths, row.stats):
+        table.add_row(path, f"{stats[col['norm']]:.3g}", f"{stats[col['max_abs']]:.3g}",
+                      f"{stats[col['zero_fraction']]:.0%}", f"{int(stats[col['nonfinite']])}",
+                      f"{stats[col['update_ratio']]:.2g}")
+    Console().print(table)
+
+
+def read_csv(path: str, step_columns: bool = False) -> tuple:
+    """Reads back the CSV a `GradientMonitor(csv=...)` wrote.
+
+    Args:
+        path: The CSV file: a `step` column, the step-level `skipped` and
+            `loss_scale` columns (files of older versions lack them), then one
+            `<variable path>/<statistic>` column per variable and statistic.
+        step_columns: Also return the step-level columns.
+
+    Returns:
+        `(steps, history)`, shaped like `monitor.steps` and `monitor.history`
+        (without `dead_units`, which the CSV does not hold); with
+        `step_columns=True`, `(steps, history, {"skipped": ..., "loss_scale": ...})`.
+
+    Example:
+
+    >>> steps, history = gp.monitor.read_csv("grads.csv")
+    >>> history["dense/kernel"]["norm"][-1]
+    """
+    with open(path, newline="") as f:
+        rows = list(csv_module.reader(f))
+    if not rows or not rows[0] or rows[0][0] != "step":
+        raise GradprobeError(
+            f"{path!r} is not a GradientMonitor CSV: its first column must be 'step'.")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    try:
+        table = np.array(body, dtype=np.float64).reshape(len(body), len(header))
+    except ValueError:
+        raise GradprobeError(f"{path!r} has rows that are not all numbers of "
+                             f"{len(header)} columns.") from None
+    history: dict[str, dict[str, np.ndarray]] = {}
+    extra = {"skipped": np.zeros(len(body), np.int8), "loss_scale": np.ones(len(body))}
+    for j, column in enumerate(header[1:], start=1):
+        if column in STEP_COLUMNS:
+            extra[column] = table[:, j].astype(extra[column].dtype)
+            continue
+        var, _, stat = column.rpartition("/")
+        if stat not in STATS or not var:
+            raise GradprobeError(f"{path!r}: unexpected column {column!r}; expected "
+                                 f"'<variable>/<one of {', '.join(STATS)}>'.")
+        history.setdefault(var, {})[stat] = table[:, j]
+    steps = table[:, 0].astype(np.int64)
+    return (steps, history, extra) if step_columns else (steps, history)
