@@ -134,6 +134,13 @@ def in_capture_context(token: Any) -> bool:
     return not tf.executing_eagerly() and tf.compat.v1.get_default_graph() is token
 
 
+def name_scope(name: str) -> Any:
+    """A name scope for the model call inside a trace: Keras opens a scope named
+    after the model, which TensorFlow refuses as a *root* scope when the name
+    starts with an underscore (a subclass `_Net` is named `"__net"`)."""
+    return tf.name_scope(name)
+
+
 def executing_eagerly() -> bool:
     return tf.executing_eagerly()
 

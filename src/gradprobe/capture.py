@@ -9,6 +9,7 @@ as a plain dict, so that a compiled caller can ship it out of the trace.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,18 +291,62 @@ def _input_key(keys: list[str], index: int | str, inputs: Any) -> str:
 
 def _call_model(model: Any, inputs: Any, training: bool, wrap_errors: bool) -> Any:
     try:
-        with keras.StatelessScope():
+        with keras.StatelessScope(), backend.name_scope("gradprobe"):
             return model(inputs, training=training)
     except GradprobeError:
         raise
     except Exception as e:
         if not wrap_errors:
             raise
-        raise GradprobeError(
-            f"Model {model.name!r} could not be called on the given inputs "
-            f"({describe_inputs(inputs)}): {type(e).__name__}: {_first_line(e)} "
-            f"The model expects {expected_inputs(model)}."
-        ) from e
+        raise call_error(model, inputs, e) from e
+
+
+def call_error(model: Any, inputs: Any, e: BaseException) -> GradprobeError:
+    """The error for a model whose own call raised `e` on `inputs`: which layer
+    raised and its message, and the expected input shape only when the shapes
+    given really disagree with it (raise it `from e`)."""
+    layer = _raising_layer(e)
+    where = (f"layer {layer.name!r} ({type(layer).__name__}) raised"
+             if layer is not None and layer is not model else "its call raised")
+    text = f"Model {model.name!r} could not be called on the given inputs " \
+           f"({describe_inputs(inputs)}): {where} {type(e).__name__}: {_message(e)}"
+    mismatch = shape_mismatch(model, inputs)
+    if mismatch:
+        text += f" {mismatch}"
+    return GradprobeError(text)
+
+
+def _raising_layer(e: BaseException) -> Any:
+    """The innermost Keras layer whose `call` was running when `e` was raised."""
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name in ("call", "tf__call") and isinstance(owner, keras.layers.Layer):
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def shape_mismatch(model: Any, inputs: Any) -> str:
+    """A sentence saying how `inputs` disagree with the model's declared inputs,
+    or `""` when they agree (or the model declares none)."""
+    specs = getattr(model, "inputs", None)
+    if not specs:
+        return ""
+    leaves = keras.tree.flatten(inputs)
+    expected = [tuple(s.shape) for s in specs]
+    if len(leaves) != len(specs):
+        return (f"The model expects {len(specs)} input(s) of shape "
+                f"{expected[0] if len(expected) == 1 else expected}; got {len(leaves)}.")
+    for i, (leaf, want) in enumerate(zip(leaves, expected)):
+        got = backend.static_shape(leaf)
+        if len(got) != len(want) or any(w is not None and g is not None and g != w
+                                         for g, w in zip(got, want)):
+            which = "" if len(leaves) == 1 else f" {i}"
+            return f"Input{which} has shape {got}; the model expects input shape {want}."
+    return ""
 
 
 def _output_layer_value(recorder: Recorder, plan: Plan) -> Any:
@@ -413,6 +458,17 @@ def expected_inputs(model: Any) -> str:
     return "inputs of the shape it was built with"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
+def _message(e: BaseException) -> str:
+    """The original message; Keras' "Exception encountered when calling ..."
+    preamble and argument listing are dropped (the layer is named separately)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Keras highlights with ANSI codes
+    lines = [line.strip() for line in plain.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Exception encountered when calling"):
+        lines = lines[1:]
+    kept = []
+    for line in lines:
+        if line.startswith("Arguments received by"):
+            break
+        kept.append(line)
+    text = " ".join(kept[:6])
+    return text if len(text) <= 600 else text[:597] + "..."

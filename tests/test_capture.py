@@ -1,0 +1,163 @@
+"""The capture engine: a cache that never keeps models alive, errors that keep
+their cause, shared-layer and control-flow captures, aliases, one trace per
+request, and mixed precision."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+import gradprobe as gp
+from gradprobe import engine
+from gradprobe.errors import GradprobeError
+
+
+# ------------------------------------------------------------------ the cache
+class HoldingLoss(keras.losses.Loss):
+    """A loss object that keeps a reference to its model."""
+
+    def __init__(self, model):
+        super().__init__(reduction="sum_over_batch_size")
+        self.model = model
+
+    def call(self, y_true, y_pred):
+        return keras.losses.mean_squared_error(y_true, y_pred)
+
+
+class _Net(keras.Model):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.a = layers.Dense(4, activation="tanh", name="a")
+        self.b = layers.Dense(3, name="b")
+
+    def call(self, x):
+        return self.b(self.a(x))
+
+    def score(self, y):
+        return tf.reduce_sum(y[:, 0]) + 0.0 * tf.reduce_sum(self.b.kernel)
+
+
+def _targets(model, y):
+    yield "lambda", lambda o: tf.reduce_sum(o[:, 0]) + 0.0 * len(model.layers)
+    yield "bound method", model.score
+    yield "loss object", gp.loss(HoldingLoss(model), y)
+
+
+def _use_models(count):
+    """Runs requests on `count` fresh models; returns weak references to them.
+
+    (A function of its own: a library that reads its caller's frame locals leaves
+    a snapshot of them on that frame until it returns.)"""
+    x = np.ones((2, 5), "float32")
+    y = np.zeros((2, 3), "float32")
+    refs = {}
+    for i in range(count):
+        model = _Net(name=f"net{i}")
+        model(x)
+        kind, target = list(_targets(model, y))[i % 3]
+        for compile in ("auto", False):
+            g = gp.gradients(model, x, target, ["a", "b.kernel"], compile=compile)
+            assert g["b.kernel"].shape == (4, 3)
+        if i % 3 == 0:
+            gp.saliency(model, x, target)
+        refs.setdefault(kind, []).append(weakref.ref(model))
+    return refs
+
+
+def test_cache_never_keeps_models_alive_whatever_the_target_references():
+    refs = _use_models(24)
+    gc.collect()
+    alive = {kind: sum(r() is not None for r in rs) for kind, rs in refs.items()}
+    assert alive == {"lambda": 0, "bound method": 0, "loss object": 0}
+
+
+def test_cache_hits_for_the_same_function_and_never_for_a_dead_one():
+    keras.utils.set_random_seed(0)
+    model = _Net()
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
+    model(x)
+    engine.clear_cache()
+
+    def first(o):
+        return tf.reduce_sum(o[:, 0])
+
+    with warnings.catch_warnings():
+        # The model is named "__net" (Keras' name for `_Net`): it must still compile.
+        warnings.simplefilter("error", RuntimeWarning)
+        g1 = gp.gradients(model, x, first, "a")
+        assert gp.gradients(model, x, first, "a") is not None
+    (entry,) = engine._cache[model].values()
+    assert entry.fn.experimental_get_tracing_count() == 1  # the second call hit the cache
+    del first, entry
+    gc.collect()
+    # A new function (possibly at the same address) is a new request.
+    g2 = gp.gradients(model, x, lambda o: tf.reduce_sum(o[:, 1]), "a")
+    with tf.GradientTape() as tape:
+        h = model.a(x)
+        tape.watch(h)
+        out = model.b(h)
+        obj = tf.reduce_sum(out[:, 1])
+    np.testing.assert_allclose(g2["a"], tape.gradient(obj, h), rtol=1e-6)
+    assert not np.allclose(g1["a"], g2["a"])
+
+
+# ------------------------------------------------------- errors keep their cause
+class Faulty(layers.Layer):
+    """Raises once armed (so that a functional model can be built with it)."""
+
+    def __init__(self, armed=True, **kw):
+        super().__init__(**kw)
+        self.armed = armed
+
+    def call(self, x):
+        if self.armed:
+            raise ValueError("custom layer refuses five features")
+        return x
+
+
+def test_an_error_raised_by_the_models_own_call_names_the_layer_and_keeps_the_cause():
+    inp = keras.Input((5,))
+    h = layers.Dense(5, name="d")(inp)
+    faulty = Faulty(armed=False, name="picky")
+    model = keras.Model(inp, layers.Dense(3, name="e")(faulty(h)))
+    faulty.armed = True
+    x = np.ones((2, 5), "float32")
+    for compile in ("auto", False):
+        with pytest.raises(GradprobeError) as info:
+            gp.gradients(model, x, 0, "d", compile=compile)
+        text = str(info.value)
+        assert "'picky' (Faulty) raised ValueError: custom layer refuses five features" in text
+        assert "expects" not in text  # the shapes agree: no misleading shape advice
+        assert isinstance(info.value.__cause__, ValueError)
+        assert "five features" in str(info.value.__cause__)
+
+
+def test_an_unbuilt_model_whose_call_raises_keeps_the_cause():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.inner = Faulty(name="inner_picky")
+
+        def call(self, x):
+            return self.inner(x)
+
+    with pytest.raises(GradprobeError, match=r"'inner_picky' \(Faulty\) raised ValueError: "
+                                             r"custom layer refuses") as info:
+        gp.gradients(Net(), np.ones((2, 5), "float32"), 0, "inner_picky")
+    assert "expects" not in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_real_shape_disagreement_names_the_expected_shape():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3, name="d")])
+    with pytest.raises(GradprobeError, match=r"Input has shape \(2, 6\); the model expects "
+                                             r"input shape \(None, 4\)") as info:
+        gp.gradients(model, np.ones((2, 6), "float32"), 0, "d", compile=False)
+    assert info.value.__cause__ is not None
