@@ -161,3 +161,43 @@ def test_a_real_shape_disagreement_names_the_expected_shape():
                                              r"input shape \(None, 4\)") as info:
         gp.gradients(model, np.ones((2, 6), "float32"), 0, "d", compile=False)
     assert info.value.__cause__ is not None
+
+
+# ------------------------------------------------------------ keys and traces
+def _nested():
+    keras.utils.set_random_seed(1)
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(5, activation="tanh", name="d1")],
+                             name="inner")
+    inp = keras.Input((4,))
+    return keras.Model(inp, layers.Dense(2, name="out")(inner(inp)))
+
+
+def test_two_selectors_of_one_source_are_both_keys():
+    model = _nested()
+    x = np.random.default_rng(5).normal(size=(3, 4)).astype("float32")
+    for compile in ("auto", False):
+        g = gp.gradients(model, x, 1, ["inner/d1", "d1", "inner/d1.kernel", "d1.kernel",
+                                        "inputs", "inputs:0"], compile=compile)
+        assert list(g) == ["inputs", "inner/d1", "inner/d1.kernel"]
+        np.testing.assert_array_equal(g["d1"], g["inner/d1"])
+        np.testing.assert_array_equal(g["d1.kernel"], g["inner/d1.kernel"])
+        np.testing.assert_array_equal(g["inputs:0"], g["inputs"])
+    with tf.GradientTape() as tape:
+        h = model.get_layer("inner").get_layer("d1")(x)
+        tape.watch(h)
+        obj = tf.reduce_sum(model.get_layer("out")(h)[:, 1])
+    np.testing.assert_allclose(g["d1"], tape.gradient(obj, h), rtol=1e-6)
+
+
+def test_distinct_requests_traced_once_each_do_not_log_retracing(caplog):
+    model = _nested()
+    x = np.random.default_rng(6).normal(size=(3, 4)).astype("float32")
+    requests = [(0, "d1"), (1, "d1"), (0, "out"), (1, "inputs"), (0, "d1.kernel"),
+                (1, "*"), (0, "out.kernel"), (1, "out.bias")]
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for target, wrt in requests:
+            gp.gradients(model, x, target, wrt)
+            gp.gradients(model, x, target, wrt)  # cached: no new trace
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    counts = [e.fn.experimental_get_tracing_count() for e in engine._cache[model].values()]
+    assert counts == [1] * 7  # the class is an argument: (0, "d1") and (1, "d1") share one

@@ -10,6 +10,8 @@ provide the same primitives later without changes elsewhere.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import types
 from typing import Any
 
 import keras
@@ -145,8 +147,24 @@ def executing_eagerly() -> bool:
     return tf.executing_eagerly()
 
 
+_compiled_count = itertools.count()
+
+
 def compile_function(fn: Any) -> Any:
-    """A compiled (traced, cached) version of `fn`."""
+    """A compiled (traced, cached) version of `fn`.
+
+    Each compiled function gets a code object of its own: TensorFlow keeps its
+    "N out of the last N calls triggered tf.function retracing" statistics per
+    code object (`Function._get_key_for_call_stats`), so functions created from
+    one closure would share them, and ten requests traced once each would be
+    reported as retracing.
+    """
+    if isinstance(fn, types.FunctionType):
+        name = f"{fn.__name__}_{next(_compiled_count)}"
+        code = fn.__code__.replace(co_name=name, co_qualname=name)
+        fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        fresh.__kwdefaults__ = fn.__kwdefaults__
+        fn = fresh
     return tf.function(fn)
 
 

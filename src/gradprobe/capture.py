@@ -177,7 +177,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)
-        inputs, input_entries = _probe_inputs(tape, inputs, plan.inputs)
+        inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan.inputs)
         with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
             outputs = _call_model(model, inputs, plan.training, wrap_errors)
         layer_value = _output_layer_value(recorder, plan)
@@ -185,7 +185,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
                                  plan.target)
         value, objective, target_meta = plan.target.compute(selected, args)
 
-    entries, skipped = _collect(recorder, plan)
+    entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
     grads = backend.gradient(tape, objective, [e.source for e in entries])
@@ -198,8 +198,11 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     grads = [backend.zeros_like(e.source) if g is None else g for e, g in zip(entries, grads)]
 
     aliases: dict[str, list[str]] = {}
-    for e in entries:
-        aliases.setdefault(e.requested, []).append(e.key)
+    pairs = [(e.requested, e.key) for e in entries] + input_aliases + extra_aliases
+    for requested, key in pairs:  # a source selected twice is found under both selectors
+        keys = aliases.setdefault(requested, [])
+        if key not in keys:
+            keys.append(key)
     tensors = {
         "grads": {e.key: g for e, g in zip(entries, grads)},
         "values": {e.key: e.value for e in entries if e.value is not None},
@@ -241,18 +244,18 @@ def _per_example_weights(tape: Any, value: Any, entries: list[_Entry],
     return out
 
 
-def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, list[_Entry]]:
+def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]
+                  ) -> tuple[Any, list[_Entry], list[tuple[str, str]]]:
     if not specs:
-        return inputs, []
+        return inputs, [], []
     keys = input_keys(inputs)
     wanted: dict[str, str] = {}
+    aliases: list[tuple[str, str]] = []
     for spec in specs:
-        if spec.index is None:
-            for k in keys:
-                wanted.setdefault(k, spec.requested)
-        else:
-            k = _input_key(keys, spec.index, inputs)
+        chosen = keys if spec.index is None else [_input_key(keys, spec.index, inputs)]
+        for k in chosen:
             wanted.setdefault(k, spec.requested)
+            aliases.append((spec.requested, k))
     flat = keras.tree.flatten(inputs)
     new, entries = [], []
     for k, leaf in zip(keys, flat):
@@ -264,8 +267,8 @@ def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, 
         else:
             new.append(leaf)
     if len(flat) == 1 and not isinstance(inputs, (list, tuple, dict)):
-        return new[0], entries
-    return keras.tree.pack_sequence_as(inputs, new), entries
+        return new[0], entries, aliases
+    return keras.tree.pack_sequence_as(inputs, new), entries, aliases
 
 
 def input_keys(inputs: Any) -> list[str]:
@@ -364,10 +367,14 @@ def _output_layer_value(recorder: Recorder, plan: Plan) -> Any:
     return leaves[0] if len(leaves) == 1 else leaves
 
 
-def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
+def _collect(recorder: Recorder, plan: Plan
+             ) -> tuple[list[_Entry], list[str], list[tuple[str, str]]]:
+    """Entries for every captured source, what a pattern skipped and why, and
+    (selector, key) pairs of sources that an earlier selector already named."""
     entries: list[_Entry] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    aliases: list[tuple[str, str]] = []
     for spec in plan.acts:
         calls = recorder.calls_of(spec.layer)
         if not calls:
@@ -405,6 +412,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
             for j, value, probe in floats:
                 key = f"{base}:{j}" if len(call.leaves) > 1 else base
                 if key in seen:
+                    aliases.append((spec.requested, key))
                     continue
                 seen.add(key)
                 explain = (
@@ -416,6 +424,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
                                       spec.requested, explain, id(spec.layer)))
     for spec in plan.vars:
         if spec.key in seen:
+            aliases.append((spec.requested, spec.key))
             continue
         seen.add(spec.key)
         clock = recorder.first_clock.get(id(spec.owner), math.inf)
@@ -425,7 +434,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
             explain = "the target does not depend on this variable"
         entries.append(_Entry(spec.key, "weight", spec.var, None, clock, spec.requested,
                               explain, None if spec.owner is None else id(spec.owner)))
-    return entries, skipped
+    return entries, skipped, aliases
 
 
 def _raise_unconnected(entries: list[_Entry], plan: Plan) -> None:

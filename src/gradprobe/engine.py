@@ -155,6 +155,23 @@ def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
                         bool(training), unconnected)
 
 
+def alias_sources(tree: LayerTree, wrt: Any, sources: list) -> list:
+    """Sources that a later selector of `wrt` names again (`["inner/d1", "d1"]`),
+    under that selector: `resolve` keeps the first; the capture computes each
+    source once and records the other selector as an alias of its key."""
+    if not isinstance(wrt, (list, tuple)) or len(wrt) < 2:
+        return []
+    claimed = {s.spec: s.requested for s in sources}
+    extra, seen = [], set()
+    for item in wrt:
+        for s in resolve(tree, item):
+            if claimed.get(s.spec, s.requested) != s.requested and \
+                    (s.spec, s.requested) not in seen:
+                seen.add((s.spec, s.requested))
+                extra.append(s)
+    return extra
+
+
 @dataclass
 class _Entry:
     """A resolved request for one model, and its compiled function once built."""
@@ -189,7 +206,9 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
 
     def build() -> capture.Plan:
         tree = LayerTree(model)
-        plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
+        sources = resolve(tree, wrt)
+        plan = make_plan(model, tree, sources + alias_sources(tree, wrt, sources), tgt, output,
+                         training, unconnected)
         plan.per_example = per_example
         if replace:
             if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
