@@ -201,3 +201,100 @@ def test_distinct_requests_traced_once_each_do_not_log_retracing(caplog):
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
     counts = [e.fn.experimental_get_tracing_count() for e in engine._cache[model].values()]
     assert counts == [1] * 7  # the class is an argument: (0, "d1") and (1, "d1") share one
+
+
+# ------------------------------------------- shared layers and control flow
+def _shared_model():
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((4,))
+    shared = layers.Dense(4, activation="tanh", name="shared")
+    h = shared(shared(layers.Dense(4, name="pre")(inp)))
+    return keras.Model(inp, layers.Dense(3, name="out")(h))
+
+
+@pytest.mark.parametrize("call", [0, 1])
+def test_gradients_at_replaces_only_the_chosen_call_of_a_shared_layer(call):
+    model = _shared_model()
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2, 4)).astype("float32")
+    v = rng.normal(size=(2, 4)).astype("float32")
+    g = engine.gradients_at(model, x, 2, f"shared@{call}", v)
+    shared, out = model.get_layer("shared"), model.get_layer("out")
+    with tf.GradientTape() as tape:
+        a = tf.constant(v)
+        tape.watch(a)
+        h = shared(a) if call == 0 else a  # call 0 replaced: call 1 still runs on it
+        obj = tf.reduce_sum(out(h)[:, 2])
+    np.testing.assert_allclose(g[f"shared@{call}"], tape.gradient(obj, a), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_layer_integrated_gradients_on_one_call_of_a_shared_layer():
+    model = _shared_model()
+    x = np.random.default_rng(9).normal(size=(3, 4)).astype("float32")
+    ig = gp.integrated_gradients(model, x, 1, layer="shared@0", steps=64)
+    shared, out = model.get_layer("shared"), model.get_layer("out")
+    a_x = shared(model.get_layer("pre")(x))
+    a_b = shared(model.get_layer("pre")(tf.zeros_like(x)))
+    np.testing.assert_allclose(np.asarray(ig), _riemann_ig(lambda a: out(shared(a))[:, 1],
+                                                           a_x, a_b, 64), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(ig.delta)).max() < 1e-3
+    with pytest.raises(GradprobeError, match="shared@0"):
+        gp.integrated_gradients(model, x, 1, layer="shared", steps=4)
+
+
+def _riemann_ig(f, a_x, a_b, steps):
+    """Layer IG by hand: trapezoid rule over `steps` points, as gradprobe's default."""
+    from gradprobe.integrated_gradients import integration_points
+
+    alphas, weights = integration_points(steps, "riemann_trapezoid")
+    total = tf.zeros_like(a_x)
+    for alpha, w in zip(alphas, weights):
+        with tf.GradientTape() as tape:
+            a = a_b + float(alpha) * (a_x - a_b)
+            tape.watch(a)
+            obj = tf.reduce_sum(f(a))
+        total += float(w) * tape.gradient(obj, a)
+    return ((a_x - a_b) * total).numpy()
+
+
+class Looped(keras.Model):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pre = layers.Dense(4, name="pre")
+        self.step = layers.Dense(4, activation="tanh", name="step")
+        self.out = layers.Dense(3, name="out")
+
+    def call(self, x):
+        h = self.pre(x)
+        h = keras.ops.fori_loop(0, 3, lambda i, h: self.step(h), h)
+        return self.out(h)
+
+
+def test_layers_called_inside_backend_control_flow_fail_and_skip_alike():
+    keras.utils.set_random_seed(10)
+    model = Looped()
+    x = np.random.default_rng(11).normal(size=(2, 4)).astype("float32")
+    model(x)
+    messages, skipped = set(), []
+    for compile in ("auto", False):
+        with pytest.raises(GradprobeError, match=r"'step'.*inside backend control flow "
+                                                 r"\(while_loop\)") as info:
+            gp.gradients(model, x, 0, "step", compile=compile)
+        messages.add(str(info.value))
+        g = gp.gradients(model, x, 0, "*", compile=compile)
+        assert list(g) == ["pre", "out"]
+        skipped.append(g.skipped)
+        with tf.GradientTape() as tape:
+            h = model.pre(x)
+            tape.watch(h)
+            obj = tf.reduce_sum(model(x)[:, 0] * 0.0) + tf.reduce_sum(
+                model.out(keras.ops.fori_loop(0, 3, lambda i, h: model.step(h), h))[:, 0])
+        np.testing.assert_allclose(g["pre"], tape.gradient(obj, h), rtol=1e-5, atol=1e-7)
+        gw = gp.gradients(model, x, 0, "step.kernel", compile=compile)  # weights still work
+        with tf.GradientTape() as tape:
+            obj = tf.reduce_sum(model(x)[:, 0])
+        np.testing.assert_allclose(gw["step.kernel"], tape.gradient(obj, model.step.kernel),
+                                   rtol=1e-5, atol=1e-7)
+    assert len(messages) == 1  # the same error compiled and eager
+    assert skipped[0] == skipped[1] and any(s.startswith("step: ") for s in skipped[0])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import sys
 import types
 from typing import Any
 
@@ -141,6 +143,42 @@ def name_scope(name: str) -> Any:
     after the model, which TensorFlow refuses as a *root* scope when the name
     starts with an underscore (a subclass `_Net` is named `"__net"`)."""
     return tf.name_scope(name)
+
+
+# TensorFlow's control-flow entry points (Keras' `ops.fori_loop`, `while_loop`,
+# `scan`, `map`, `cond`... call them): a layer called from inside one runs in a
+# loop or branch body, whose tensors cannot be probed from outside it.
+_CONTROL_FLOW = {
+    ("while_loop.py", "while_loop"), ("while_loop.py", "while_loop_v2"),
+    ("functional_ops.py", "scan"), ("functional_ops.py", "foldl"),
+    ("functional_ops.py", "foldr"), ("map_fn.py", "map_fn"), ("cond.py", "cond"),
+    ("cond.py", "cond_for_tf_v2"), ("control_flow_switch_case.py", "switch_case"),
+}
+
+
+class Origin:
+    """The frames active when a capture starts (its own callers). The frames are
+    held, so that their ids cannot be reused by new frames while it lasts."""
+
+    def __init__(self) -> None:
+        self.frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            self.frames.append(frame)
+            frame = frame.f_back
+        self.ids = frozenset(id(f) for f in self.frames)
+
+
+def control_flow(origin: Origin) -> str | None:
+    """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the
+    current code runs inside, below the capture's `origin`; `None` if none."""
+    frame = sys._getframe(1)
+    while frame is not None and id(frame) not in origin.ids:
+        code = frame.f_code
+        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
+                "tensorflow" in code.co_filename:
+            return code.co_name
+        frame = frame.f_back
+    return None
 
 
 def executing_eagerly() -> bool:

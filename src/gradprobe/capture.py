@@ -60,7 +60,8 @@ class Plan:
     training: bool = False
     unconnected: str = "raise"
     per_example: bool = False
-    replace: Any = None  # a layer whose output is replaced by args["replacement"]
+    replace: Any = None  # a layer whose output is replaced by args["replacement"] ...
+    replace_call: int | None = None  # ... in this one of its calls (None: its only call)
     norm_method: str = "auto"  # gp.per_example_norms: "auto", "ghost" or "vectorized"
 
     @property
@@ -104,10 +105,19 @@ class Recorder:
         self.first_clock: dict[int, int] = {}
         self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
+        self.origin = backend.Origin()
+        self.in_control_flow: dict[int, str] = {}  # layer id -> the control-flow function
         self.replace_id: int | None = None  # this layer's output is replaced ...
+        self.replace_call: int | None = None  # ... in this call (None: its only call) ...
         self.replacement: Any = None  # ... by this tensor
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        flow = backend.control_flow(self.origin)
+        if flow is not None:
+            # A loop or branch body (compiled: another graph; eager: run inline):
+            # never captured, in either mode, and reported by `_collect`.
+            self.in_control_flow.setdefault(id(layer), flow)
+            return outputs
         if not backend.in_capture_context(self.context):
             return outputs
         lid = id(layer)
@@ -116,11 +126,13 @@ class Recorder:
         if lid in self.input_ids:
             self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
         if lid == self.replace_id:
-            if index:
+            if self.replace_call is None and index:
                 raise GradprobeError(
                     f"Layer {layer.name!r} is called more than once; its activation cannot be "
-                    "replaced unambiguously.")
-            outputs = backend.cast_like(self.replacement, outputs)
+                    f"replaced unambiguously. Choose one call: '{layer.name}@0', "
+                    f"'{layer.name}@1', ...")
+            if self.replace_call is None or index == self.replace_call:
+                outputs = backend.cast_like(self.replacement, outputs)
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
@@ -174,6 +186,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
+        recorder.replace_call = plan.replace_call
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)
@@ -377,6 +390,18 @@ def _collect(recorder: Recorder, plan: Plan
     aliases: list[tuple[str, str]] = []
     for spec in plan.acts:
         calls = recorder.calls_of(spec.layer)
+        flow = recorder.in_control_flow.get(id(spec.layer))
+        if flow is not None:
+            # (no call count: a trace runs a loop body once, eager execution each time)
+            why = (f"called inside backend control flow ({flow}), whose activations cannot "
+                   "be captured")
+            if spec.explicit and not calls:
+                raise GradprobeError(
+                    f"Layer {spec.path!r} ({spec.kind}) is {why}. Select the layer that "
+                    "contains the loop (its output), or this layer's weights.")
+            skipped.append(f"{spec.path}: {why}")
+            if not calls:
+                continue
         if not calls:
             if spec.explicit:
                 raise GradprobeError(

@@ -211,10 +211,12 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
                          training, unconnected)
         plan.per_example = per_example
         if replace:
-            if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
+            if len(plan.acts) != 1 or plan.vars or plan.inputs:
                 raise GradprobeError(
-                    f"Only one layer's activation (every call) can be replaced; got wrt={wrt!r}.")
+                    f"Only one layer's activation (its only call, or one call 'name@i') can "
+                    f"be replaced; got layer={wrt!r}.")
             plan.replace = plan.acts[0].layer
+            plan.replace_call = plan.acts[0].call
         return plan
 
     return cached_entry(model, wrt, (tgt.cache_key, output, training, unconnected, per_example,
