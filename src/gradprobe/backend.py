@@ -84,6 +84,58 @@ def gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> li
     return [densify(g) for g in grads]
 
 
+_HEADROOM = 2.0 ** 14  # the largest source gradient is scaled to about this (float16 max 65504)
+
+
+def is_float16(x: Any) -> bool:
+    return getattr(getattr(x, "dtype", None), "name", None) == "float16"
+
+
+def scaled_gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> list[Any]:
+    """Gradients through float16 computations, with loss scaling, in float32.
+
+    A float16 backward pass flushes gradients below ~6e-8 to zero. As Keras'
+    `LossScaleOptimizer` does, the backward pass is seeded with a power-of-two
+    scale and the result unscaled in float32; the scale is chosen, not guessed:
+    a first pass at scale 1 measures the largest source gradient, the second
+    runs at the power of two that brings it to about 2**14 (between 2**-14 and
+    2**15, so the seed itself is a float16 number), and a source whose scaled
+    gradient is not finite keeps its unscaled one. Needs a persistent tape.
+    Works eagerly and in a trace (no Python branch on values).
+    """
+    if not sources:
+        return []
+    watched = [watchable(s) for s in sources]
+    first = [densify(g) for g in tape.gradient(target, watched)]
+    first = [None if g is None else tf.cast(g, tf.float32) for g in first]
+    present = [g for g in first if g is not None]
+    if not present:
+        return first
+    peak = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in present]))
+    peak = tf.where(tf.math.is_finite(peak), peak, 2.0 ** 16)
+    peak = tf.where(peak > 0, peak, _HEADROOM)
+    exponent = tf.clip_by_value(tf.floor(tf.math.log(_HEADROOM / peak) / np.log(2.0)),
+                                -14.0, 15.0)
+    scale = tf.pow(2.0, exponent)
+    seed = tf.cast(tf.ones_like(target) * tf.cast(scale, target.dtype), target.dtype)
+    second = [densify(g) for g in tape.gradient(target, watched, output_gradients=seed)]
+    out = []
+    for g1, g2 in zip(first, second):
+        if g1 is None or g2 is None:
+            out.append(g1)
+            continue
+        g2 = tf.cast(g2, tf.float32) / scale
+        out.append(tf.where(tf.reduce_all(tf.math.is_finite(g2)), g2, g1))
+    return out
+
+
+def to_float32(x: Any) -> Any:
+    """`x` in float32 when it is a float16 or bfloat16 tensor, else unchanged."""
+    if isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(x, tf.float32)
+    return x
+
+
 def densify(g: Any) -> Any:
     """A dense tensor for a sparse gradient (Embedding), `None` stays `None`."""
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
@@ -138,6 +190,7 @@ def in_capture_context(token: Any) -> bool:
     return not tf.executing_eagerly() and tf.compat.v1.get_default_graph() is token
 
 
+@tf.autograph.experimental.do_not_convert
 def name_scope(name: str) -> Any:
     """A name scope for the model call inside a trace: Keras opens a scope named
     after the model, which TensorFlow refuses as a *root* scope when the name

@@ -182,7 +182,8 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
     `skipped` and `target` (facts for `Target.check`).
     """
-    tape = backend.new_tape(persistent=plan.per_example)
+    float16 = _uses_float16(model, plan)
+    tape = backend.new_tape(persistent=plan.per_example or float16)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
@@ -201,14 +202,21 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
-    grads = backend.gradient(tape, objective, [e.source for e in entries])
+    if float16 and not plan.per_example:
+        grads = backend.scaled_gradient(tape, objective, [e.source for e in entries])
+    else:
+        grads = backend.gradient(tape, objective, [e.source for e in entries])
+    # Gradients (and the activations beside them) of float16 and bfloat16 sources
+    # are returned in float32, so that statistics and sums downstream are too.
+    grads = [None if g is None else backend.to_float32(g) for g in grads]
     if plan.per_example:
         grads = _per_example_weights(tape, value, entries, grads)
 
     unconnected = [e for e, g in zip(entries, grads) if g is None]
     if unconnected and plan.unconnected == "raise":
         _raise_unconnected(unconnected, plan)
-    grads = [backend.zeros_like(e.source) if g is None else g for e, g in zip(entries, grads)]
+    grads = [backend.to_float32(backend.zeros_like(e.source)) if g is None else g
+             for e, g in zip(entries, grads)]
 
     aliases: dict[str, list[str]] = {}
     pairs = [(e.requested, e.key) for e in entries] + input_aliases + extra_aliases
@@ -218,7 +226,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
             keys.append(key)
     tensors = {
         "grads": {e.key: g for e, g in zip(entries, grads)},
-        "values": {e.key: e.value for e in entries if e.value is not None},
+        "values": {e.key: backend.to_float32(e.value) for e in entries if e.value is not None},
         "outputs": outputs,
         "target": value,
     }
@@ -232,6 +240,12 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         "output_keys": [e.key for e in entries if e.layer_id in producers],
     }
     return tensors, meta
+
+
+def _uses_float16(model: Any, plan: Plan) -> bool:
+    """Whether the model computes in float16 anywhere the request looks."""
+    layers = [model, *plan.probe_layers, *plan.order_layers]
+    return any(getattr(layer, "compute_dtype", None) == "float16" for layer in layers)
 
 
 def per_example_values(value: Any, what: str) -> Any:
