@@ -232,3 +232,22 @@ def test_hooks_registered_for_all_threads_see_other_threads():
         t.join()
     assert calls == [1]
     assert "call" not in vars(layer)
+
+
+def test_a_mirrored_strategy_replica_thread_runs_on_behalf_of_the_registering_thread():
+    # MirroredStrategy runs each replica of a `fit` step in a thread of this class
+    # (tensorflow/python/distribute/mirrored_run.py) while the calling thread waits.
+    class _MirroredReplicaThread(threading.Thread):
+        pass
+
+    layer = layers.Dense(2)
+    layer.build((None, 3))
+    calls = []
+    x = tf.ones((1, 3))
+    with _patch.wrapped_calls([layer], lambda lay, out, a, k: calls.append("hooked") or out):
+        for cls in (_MirroredReplicaThread, threading.Thread):
+            t = cls(target=lambda: layer(x))
+            t.start()
+            t.join()
+    assert calls == ["hooked"]  # the replica thread is hooked, a plain thread is not
+    assert "call" not in vars(layer)

@@ -75,7 +75,19 @@ class _Slot:
         if not regs:
             return []
         ident = threading.get_ident()
-        return [r for r in regs if r.thread is None or r.thread == ident]
+        mine = [r for r in regs if r.thread is None or r.thread == ident]
+        if len(mine) < len(regs) and not any(r.thread == ident for r in regs) \
+                and _is_replica_thread():
+            return list(regs)
+        return mine
+
+
+def _is_replica_thread() -> bool:
+    """True in a thread that `tf.distribute.MirroredStrategy` runs a replica in, on
+    behalf of the (blocked) thread that called `strategy.run` / `fit`: its calls
+    belong to that thread's requests. Relies on TensorFlow's thread class name
+    (`mirrored_run._MirroredReplicaThread`); no private import."""
+    return type(threading.current_thread()).__name__ == "_MirroredReplicaThread"
 
 
 def _apply(layer: Any, fn: Callable, reg: _Registration) -> Callable:
