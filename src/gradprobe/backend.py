@@ -220,6 +220,12 @@ class Origin:
             frame = frame.f_back
         self.ids = frozenset(id(f) for f in self.frames)
 
+    @classmethod
+    def empty(cls) -> Origin:
+        origin = cls.__new__(cls)
+        origin.frames, origin.ids = [], frozenset()
+        return origin
+
 
 def control_flow(origin: Origin) -> str | None:
     """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the

@@ -153,6 +153,11 @@ class Recorder:
             return new[0]
         return keras.tree.pack_sequence_as(outputs, new)
 
+    def close(self) -> None:
+        """Lets go of the frames the recording started from (no call is hooked
+        after the recording ends)."""
+        self.origin = backend.Origin.empty()
+
     def calls_of(self, layer: Any) -> list[_Call]:
         return [c for c in self.calls if c.layer_id == id(layer)]
 
