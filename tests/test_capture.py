@@ -345,3 +345,22 @@ def test_low_precision_activation_gradients_match_float32(policy, name, rtol):
             assert not np.any(g == 0), f"{key}: {np.mean(g == 0):.0%} spurious zeros"
             np.testing.assert_allclose(g, w, rtol=0, atol=rtol * np.abs(w).max(), err_msg=key)
         assert got.activations["h1"].dtype == tf.float32
+
+
+def test_requests_differing_only_in_batch_size_share_a_trace():
+    model = _nested()
+    rng = np.random.default_rng(14)
+    engine.clear_cache()
+
+    def first(y):
+        return y[:, 0]
+
+    for n in (2, 3, 5, 8, 13):
+        x = rng.normal(size=(n, 4)).astype("float32")
+        for target in (1, [i % 2 for i in range(n)], first):
+            g = gp.gradients(model, x, target, ["d1", "out.kernel"])
+            want = gp.gradients(model, x, target, ["d1", "out.kernel"], compile=False)
+            for key in g:
+                np.testing.assert_allclose(g[key], want[key], rtol=1e-5, atol=1e-7)
+    counts = sorted(e.fn.experimental_get_tracing_count() for e in engine._cache[model].values())
+    assert counts == [2, 2]  # class targets share an entry; the lambda has its own

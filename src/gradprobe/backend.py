@@ -262,7 +262,10 @@ def compile_function(fn: Any) -> Any:
         fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
         fresh.__kwdefaults__ = fn.__kwdefaults__
         fn = fresh
-    return tf.function(fn)
+    # reduce_retracing: after a second input shape, TensorFlow traces a shape with
+    # the differing dimensions unknown, so requests that differ only in batch size
+    # share one trace from then on (two traces in all, not one per batch size).
+    return tf.function(fn, reduce_retracing=True)
 
 
 def is_tensor(x: Any) -> bool:
