@@ -10,6 +10,10 @@ provide the same primitives later without changes elsewhere.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import sys
+import types
 from typing import Any
 
 import keras
@@ -80,6 +84,58 @@ def gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> li
     return [densify(g) for g in grads]
 
 
+_HEADROOM = 2.0 ** 14  # the largest source gradient is scaled to about this (float16 max 65504)
+
+
+def is_float16(x: Any) -> bool:
+    return getattr(getattr(x, "dtype", None), "name", None) == "float16"
+
+
+def scaled_gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]) -> list[Any]:
+    """Gradients through float16 computations, with loss scaling, in float32.
+
+    A float16 backward pass flushes gradients below ~6e-8 to zero. As Keras'
+    `LossScaleOptimizer` does, the backward pass is seeded with a power-of-two
+    scale and the result unscaled in float32; the scale is chosen, not guessed:
+    a first pass at scale 1 measures the largest source gradient, the second
+    runs at the power of two that brings it to about 2**14 (between 2**-14 and
+    2**15, so the seed itself is a float16 number), and a source whose scaled
+    gradient is not finite keeps its unscaled one. Needs a persistent tape.
+    Works eagerly and in a trace (no Python branch on values).
+    """
+    if not sources:
+        return []
+    watched = [watchable(s) for s in sources]
+    first = [densify(g) for g in tape.gradient(target, watched)]
+    first = [None if g is None else tf.cast(g, tf.float32) for g in first]
+    present = [g for g in first if g is not None]
+    if not present:
+        return first
+    peak = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in present]))
+    peak = tf.where(tf.math.is_finite(peak), peak, 2.0 ** 16)
+    peak = tf.where(peak > 0, peak, _HEADROOM)
+    exponent = tf.clip_by_value(tf.floor(tf.math.log(_HEADROOM / peak) / np.log(2.0)),
+                                -14.0, 15.0)
+    scale = tf.pow(2.0, exponent)
+    seed = tf.cast(tf.ones_like(target) * tf.cast(scale, target.dtype), target.dtype)
+    second = [densify(g) for g in tape.gradient(target, watched, output_gradients=seed)]
+    out = []
+    for g1, g2 in zip(first, second):
+        if g1 is None or g2 is None:
+            out.append(g1)
+            continue
+        g2 = tf.cast(g2, tf.float32) / scale
+        out.append(tf.where(tf.reduce_all(tf.math.is_finite(g2)), g2, g1))
+    return out
+
+
+def to_float32(x: Any) -> Any:
+    """`x` in float32 when it is a float16 or bfloat16 tensor, else unchanged."""
+    if isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(x, tf.float32)
+    return x
+
+
 def densify(g: Any) -> Any:
     """A dense tensor for a sparse gradient (Embedding), `None` stays `None`."""
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
@@ -134,13 +190,82 @@ def in_capture_context(token: Any) -> bool:
     return not tf.executing_eagerly() and tf.compat.v1.get_default_graph() is token
 
 
+@tf.autograph.experimental.do_not_convert
+def name_scope(name: str) -> Any:
+    """A name scope for the model call inside a trace: Keras opens a scope named
+    after the model, which TensorFlow refuses as a *root* scope when the name
+    starts with an underscore (a subclass `_Net` is named `"__net"`)."""
+    return tf.name_scope(name)
+
+
+# TensorFlow's control-flow entry points (Keras' `ops.fori_loop`, `while_loop`,
+# `scan`, `map`, `cond`... call them): a layer called from inside one runs in a
+# loop or branch body, whose tensors cannot be probed from outside it.
+_CONTROL_FLOW = {
+    ("while_loop.py", "while_loop"), ("while_loop.py", "while_loop_v2"),
+    ("functional_ops.py", "scan"), ("functional_ops.py", "foldl"),
+    ("functional_ops.py", "foldr"), ("map_fn.py", "map_fn"), ("cond.py", "cond"),
+    ("cond.py", "cond_for_tf_v2"), ("control_flow_switch_case.py", "switch_case"),
+}
+
+
+class Origin:
+    """The frames active when a capture starts (its own callers). The frames are
+    held, so that their ids cannot be reused by new frames while it lasts."""
+
+    def __init__(self) -> None:
+        self.frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            self.frames.append(frame)
+            frame = frame.f_back
+        self.ids = frozenset(id(f) for f in self.frames)
+
+    @classmethod
+    def empty(cls) -> Origin:
+        origin = cls.__new__(cls)
+        origin.frames, origin.ids = [], frozenset()
+        return origin
+
+
+def control_flow(origin: Origin) -> str | None:
+    """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the
+    current code runs inside, below the capture's `origin`; `None` if none."""
+    frame = sys._getframe(1)
+    while frame is not None and id(frame) not in origin.ids:
+        code = frame.f_code
+        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
+                "tensorflow" in code.co_filename:
+            return code.co_name
+        frame = frame.f_back
+    return None
+
+
 def executing_eagerly() -> bool:
     return tf.executing_eagerly()
 
 
+_compiled_count = itertools.count()
+
+
 def compile_function(fn: Any) -> Any:
-    """A compiled (traced, cached) version of `fn`."""
-    return tf.function(fn)
+    """A compiled (traced, cached) version of `fn`.
+
+    Each compiled function gets a code object of its own: TensorFlow keeps its
+    "N out of the last N calls triggered tf.function retracing" statistics per
+    code object (`Function._get_key_for_call_stats`), so functions created from
+    one closure would share them, and ten requests traced once each would be
+    reported as retracing.
+    """
+    if isinstance(fn, types.FunctionType):
+        name = f"{fn.__name__}_{next(_compiled_count)}"
+        code = fn.__code__.replace(co_name=name, co_qualname=name)
+        fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        fresh.__kwdefaults__ = fn.__kwdefaults__
+        fn = fresh
+    # reduce_retracing: after a second input shape, TensorFlow traces a shape with
+    # the differing dimensions unknown, so requests that differ only in batch size
+    # share one trace from then on (two traces in all, not one per batch size).
+    return tf.function(fn, reduce_retracing=True)
 
 
 def is_tensor(x: Any) -> bool:

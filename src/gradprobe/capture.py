@@ -9,6 +9,7 @@ as a plain dict, so that a compiled caller can ship it out of the trace.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,8 @@ class Plan:
     training: bool = False
     unconnected: str = "raise"
     per_example: bool = False
-    replace: Any = None  # a layer whose output is replaced by args["replacement"]
+    replace: Any = None  # a layer whose output is replaced by args["replacement"] ...
+    replace_call: int | None = None  # ... in this one of its calls (None: its only call)
     norm_method: str = "auto"  # gp.per_example_norms: "auto", "ghost" or "vectorized"
 
     @property
@@ -103,10 +105,19 @@ class Recorder:
         self.first_clock: dict[int, int] = {}
         self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
+        self.origin = backend.Origin()
+        self.in_control_flow: dict[int, str] = {}  # layer id -> the control-flow function
         self.replace_id: int | None = None  # this layer's output is replaced ...
+        self.replace_call: int | None = None  # ... in this call (None: its only call) ...
         self.replacement: Any = None  # ... by this tensor
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        flow = backend.control_flow(self.origin)
+        if flow is not None:
+            # A loop or branch body (compiled: another graph; eager: run inline):
+            # never captured, in either mode, and reported by `_collect`.
+            self.in_control_flow.setdefault(id(layer), flow)
+            return outputs
         if not backend.in_capture_context(self.context):
             return outputs
         lid = id(layer)
@@ -115,11 +126,13 @@ class Recorder:
         if lid in self.input_ids:
             self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
         if lid == self.replace_id:
-            if index:
+            if self.replace_call is None and index:
                 raise GradprobeError(
                     f"Layer {layer.name!r} is called more than once; its activation cannot be "
-                    "replaced unambiguously.")
-            outputs = backend.cast_like(self.replacement, outputs)
+                    f"replaced unambiguously. Choose one call: '{layer.name}@0', "
+                    f"'{layer.name}@1', ...")
+            if self.replace_call is None or index == self.replace_call:
+                outputs = backend.cast_like(self.replacement, outputs)
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
@@ -139,6 +152,11 @@ class Recorder:
         if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
             return new[0]
         return keras.tree.pack_sequence_as(outputs, new)
+
+    def close(self) -> None:
+        """Lets go of the frames the recording started from (no call is hooked
+        after the recording ends)."""
+        self.origin = backend.Origin.empty()
 
     def calls_of(self, layer: Any) -> list[_Call]:
         return [c for c in self.calls if c.layer_id == id(layer)]
@@ -169,14 +187,16 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
     `skipped` and `target` (facts for `Target.check`).
     """
-    tape = backend.new_tape(persistent=plan.per_example)
+    float16 = _uses_float16(model, plan)
+    tape = backend.new_tape(persistent=plan.per_example or float16)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
+        recorder.replace_call = plan.replace_call
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)
-        inputs, input_entries = _probe_inputs(tape, inputs, plan.inputs)
+        inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan.inputs)
         with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
             outputs = _call_model(model, inputs, plan.training, wrap_errors)
         layer_value = _output_layer_value(recorder, plan)
@@ -184,24 +204,34 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
                                  plan.target)
         value, objective, target_meta = plan.target.compute(selected, args)
 
-    entries, skipped = _collect(recorder, plan)
+    entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
-    grads = backend.gradient(tape, objective, [e.source for e in entries])
+    if float16 and not plan.per_example:
+        grads = backend.scaled_gradient(tape, objective, [e.source for e in entries])
+    else:
+        grads = backend.gradient(tape, objective, [e.source for e in entries])
+    # Gradients (and the activations beside them) of float16 and bfloat16 sources
+    # are returned in float32, so that statistics and sums downstream are too.
+    grads = [None if g is None else backend.to_float32(g) for g in grads]
     if plan.per_example:
         grads = _per_example_weights(tape, value, entries, grads)
 
     unconnected = [e for e, g in zip(entries, grads) if g is None]
     if unconnected and plan.unconnected == "raise":
         _raise_unconnected(unconnected, plan)
-    grads = [backend.zeros_like(e.source) if g is None else g for e, g in zip(entries, grads)]
+    grads = [backend.to_float32(backend.zeros_like(e.source)) if g is None else g
+             for e, g in zip(entries, grads)]
 
     aliases: dict[str, list[str]] = {}
-    for e in entries:
-        aliases.setdefault(e.requested, []).append(e.key)
+    pairs = [(e.requested, e.key) for e in entries] + input_aliases + extra_aliases
+    for requested, key in pairs:  # a source selected twice is found under both selectors
+        keys = aliases.setdefault(requested, [])
+        if key not in keys:
+            keys.append(key)
     tensors = {
         "grads": {e.key: g for e, g in zip(entries, grads)},
-        "values": {e.key: e.value for e in entries if e.value is not None},
+        "values": {e.key: backend.to_float32(e.value) for e in entries if e.value is not None},
         "outputs": outputs,
         "target": value,
     }
@@ -215,6 +245,12 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         "output_keys": [e.key for e in entries if e.layer_id in producers],
     }
     return tensors, meta
+
+
+def _uses_float16(model: Any, plan: Plan) -> bool:
+    """Whether the model computes in float16 anywhere the request looks."""
+    layers = [model, *plan.probe_layers, *plan.order_layers]
+    return any(getattr(layer, "compute_dtype", None) == "float16" for layer in layers)
 
 
 def per_example_values(value: Any, what: str) -> Any:
@@ -240,18 +276,18 @@ def _per_example_weights(tape: Any, value: Any, entries: list[_Entry],
     return out
 
 
-def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, list[_Entry]]:
+def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]
+                  ) -> tuple[Any, list[_Entry], list[tuple[str, str]]]:
     if not specs:
-        return inputs, []
+        return inputs, [], []
     keys = input_keys(inputs)
     wanted: dict[str, str] = {}
+    aliases: list[tuple[str, str]] = []
     for spec in specs:
-        if spec.index is None:
-            for k in keys:
-                wanted.setdefault(k, spec.requested)
-        else:
-            k = _input_key(keys, spec.index, inputs)
+        chosen = keys if spec.index is None else [_input_key(keys, spec.index, inputs)]
+        for k in chosen:
             wanted.setdefault(k, spec.requested)
+            aliases.append((spec.requested, k))
     flat = keras.tree.flatten(inputs)
     new, entries = [], []
     for k, leaf in zip(keys, flat):
@@ -263,8 +299,8 @@ def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]) -> tuple[Any, 
         else:
             new.append(leaf)
     if len(flat) == 1 and not isinstance(inputs, (list, tuple, dict)):
-        return new[0], entries
-    return keras.tree.pack_sequence_as(inputs, new), entries
+        return new[0], entries, aliases
+    return keras.tree.pack_sequence_as(inputs, new), entries, aliases
 
 
 def input_keys(inputs: Any) -> list[str]:
@@ -290,18 +326,62 @@ def _input_key(keys: list[str], index: int | str, inputs: Any) -> str:
 
 def _call_model(model: Any, inputs: Any, training: bool, wrap_errors: bool) -> Any:
     try:
-        with keras.StatelessScope():
+        with keras.StatelessScope(), backend.name_scope("gradprobe"):
             return model(inputs, training=training)
     except GradprobeError:
         raise
     except Exception as e:
         if not wrap_errors:
             raise
-        raise GradprobeError(
-            f"Model {model.name!r} could not be called on the given inputs "
-            f"({describe_inputs(inputs)}): {type(e).__name__}: {_first_line(e)} "
-            f"The model expects {expected_inputs(model)}."
-        ) from e
+        raise call_error(model, inputs, e) from e
+
+
+def call_error(model: Any, inputs: Any, e: BaseException) -> GradprobeError:
+    """The error for a model whose own call raised `e` on `inputs`: which layer
+    raised and its message, and the expected input shape only when the shapes
+    given really disagree with it (raise it `from e`)."""
+    layer = _raising_layer(e)
+    where = (f"layer {layer.name!r} ({type(layer).__name__}) raised"
+             if layer is not None and layer is not model else "its call raised")
+    text = f"Model {model.name!r} could not be called on the given inputs " \
+           f"({describe_inputs(inputs)}): {where} {type(e).__name__}: {_message(e)}"
+    mismatch = shape_mismatch(model, inputs)
+    if mismatch:
+        text += f" {mismatch}"
+    return GradprobeError(text)
+
+
+def _raising_layer(e: BaseException) -> Any:
+    """The innermost Keras layer whose `call` was running when `e` was raised."""
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name in ("call", "tf__call") and isinstance(owner, keras.layers.Layer):
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def shape_mismatch(model: Any, inputs: Any) -> str:
+    """A sentence saying how `inputs` disagree with the model's declared inputs,
+    or `""` when they agree (or the model declares none)."""
+    specs = getattr(model, "inputs", None)
+    if not specs:
+        return ""
+    leaves = keras.tree.flatten(inputs)
+    expected = [tuple(s.shape) for s in specs]
+    if len(leaves) != len(specs):
+        return (f"The model expects {len(specs)} input(s) of shape "
+                f"{expected[0] if len(expected) == 1 else expected}; got {len(leaves)}.")
+    for i, (leaf, want) in enumerate(zip(leaves, expected)):
+        got = backend.static_shape(leaf)
+        if len(got) != len(want) or any(w is not None and g is not None and g != w
+                                         for g, w in zip(got, want)):
+            which = "" if len(leaves) == 1 else f" {i}"
+            return f"Input{which} has shape {got}; the model expects input shape {want}."
+    return ""
 
 
 def _output_layer_value(recorder: Recorder, plan: Plan) -> Any:
@@ -319,12 +399,28 @@ def _output_layer_value(recorder: Recorder, plan: Plan) -> Any:
     return leaves[0] if len(leaves) == 1 else leaves
 
 
-def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
+def _collect(recorder: Recorder, plan: Plan
+             ) -> tuple[list[_Entry], list[str], list[tuple[str, str]]]:
+    """Entries for every captured source, what a pattern skipped and why, and
+    (selector, key) pairs of sources that an earlier selector already named."""
     entries: list[_Entry] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    aliases: list[tuple[str, str]] = []
     for spec in plan.acts:
         calls = recorder.calls_of(spec.layer)
+        flow = recorder.in_control_flow.get(id(spec.layer))
+        if flow is not None:
+            # (no call count: a trace runs a loop body once, eager execution each time)
+            why = (f"called inside backend control flow ({flow}), whose activations cannot "
+                   "be captured")
+            if spec.explicit and not calls:
+                raise GradprobeError(
+                    f"Layer {spec.path!r} ({spec.kind}) is {why}. Select the layer that "
+                    "contains the loop (its output), or this layer's weights.")
+            skipped.append(f"{spec.path}: {why}")
+            if not calls:
+                continue
         if not calls:
             if spec.explicit:
                 raise GradprobeError(
@@ -360,6 +456,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
             for j, value, probe in floats:
                 key = f"{base}:{j}" if len(call.leaves) > 1 else base
                 if key in seen:
+                    aliases.append((spec.requested, key))
                     continue
                 seen.add(key)
                 explain = (
@@ -371,6 +468,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
                                       spec.requested, explain, id(spec.layer)))
     for spec in plan.vars:
         if spec.key in seen:
+            aliases.append((spec.requested, spec.key))
             continue
         seen.add(spec.key)
         clock = recorder.first_clock.get(id(spec.owner), math.inf)
@@ -380,7 +478,7 @@ def _collect(recorder: Recorder, plan: Plan) -> tuple[list[_Entry], list[str]]:
             explain = "the target does not depend on this variable"
         entries.append(_Entry(spec.key, "weight", spec.var, None, clock, spec.requested,
                               explain, None if spec.owner is None else id(spec.owner)))
-    return entries, skipped
+    return entries, skipped, aliases
 
 
 def _raise_unconnected(entries: list[_Entry], plan: Plan) -> None:
@@ -413,6 +511,17 @@ def expected_inputs(model: Any) -> str:
     return "inputs of the shape it was built with"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
+def _message(e: BaseException) -> str:
+    """The original message; Keras' "Exception encountered when calling ..."
+    preamble and argument listing are dropped (the layer is named separately)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Keras highlights with ANSI codes
+    lines = [line.strip() for line in plain.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Exception encountered when calling"):
+        lines = lines[1:]
+    kept = []
+    for line in lines:
+        if line.startswith("Arguments received by"):
+            break
+        kept.append(line)
+    text = " ".join(kept[:6])
+    return text if len(text) <= 600 else text[:597] + "..."

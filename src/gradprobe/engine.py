@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import json
 import threading
 import warnings
@@ -158,6 +160,23 @@ def make_plan(model: Any, tree: LayerTree, sources: list, tgt: Any, output: Any,
                         bool(training), unconnected)
 
 
+def alias_sources(tree: LayerTree, wrt: Any, sources: list) -> list:
+    """Sources that a later selector of `wrt` names again (`["inner/d1", "d1"]`),
+    under that selector: `resolve` keeps the first; the capture computes each
+    source once and records the other selector as an alias of its key."""
+    if not isinstance(wrt, (list, tuple)) or len(wrt) < 2:
+        return []
+    claimed = {s.spec: s.requested for s in sources}
+    extra, seen = [], set()
+    for item in wrt:
+        for s in resolve(tree, item):
+            if claimed.get(s.spec, s.requested) != s.requested and \
+                    (s.spec, s.requested) not in seen:
+                seen.add((s.spec, s.requested))
+                extra.append(s)
+    return extra
+
+
 @dataclass
 class _Entry:
     """A resolved request for one model, and its compiled function once built."""
@@ -192,13 +211,17 @@ def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
 
     def build() -> capture.Plan:
         tree = LayerTree(model)
-        plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, unconnected)
+        sources = resolve(tree, wrt)
+        plan = make_plan(model, tree, sources + alias_sources(tree, wrt, sources), tgt, output,
+                         training, unconnected)
         plan.per_example = per_example
         if replace:
-            if len(plan.acts) != 1 or plan.vars or plan.inputs or plan.acts[0].call is not None:
+            if len(plan.acts) != 1 or plan.vars or plan.inputs:
                 raise GradprobeError(
-                    f"Only one layer's activation (every call) can be replaced; got wrt={wrt!r}.")
+                    f"Only one layer's activation (its only call, or one call 'name@i') can "
+                    f"be replaced; got layer={wrt!r}.")
             plan.replace = plan.acts[0].layer
+            plan.replace_call = plan.acts[0].call
         return plan
 
     return cached_entry(model, wrt, (tgt.cache_key, output, training, unconnected, per_example,
@@ -209,23 +232,36 @@ def cached_entry(model: Any, wrt: Any, options: tuple,
                  build: Callable[[], capture.Plan]) -> _Entry:
     """The cache entry for (`wrt`, `options`) on `model`, built by `build()` when
     missing or when the model's layers changed. Each model keeps the
-    `_CACHE_SIZE` most recently used entries."""
+    `_CACHE_SIZE` most recently used entries.
+
+    The cache never keeps a model alive: it is keyed by the model weakly, and
+    neither its keys nor its entries hold the request's objects (a target
+    callable, a bound method, a loss object, layers, variables) strongly, since
+    any of them may reference the model. Keys hold them by weak reference, and
+    the cached plan's target calls its function through a weak proxy (the
+    caller holds the function for as long as the call runs).
+    """
     key = _hashable(wrt)
     fingerprint = _fingerprint(model)
     if key is not None:
-        key = (key, *options)
+        key = _weak_key((key, *options))
+    if key is not None:
         with _lock:
             per_model = _cache.get(model)
             entry = per_model.get(key) if per_model is not None else None
             if entry is not None and entry.fingerprint == fingerprint:
                 per_model.move_to_end(key)
                 return entry
-    entry = _Entry(fingerprint, build())
+    plan = build()
+    plan.target = _weak_target(plan.target)
+    entry = _Entry(fingerprint, plan)
     if key is not None:
         with _lock:
             per_model = _cache.get(model)
             if per_model is None:
                 per_model = _cache[model] = OrderedDict()
+            for stale in [k for k in per_model if not _alive(k)]:
+                del per_model[stale]
             per_model[key] = entry
             while len(per_model) > _CACHE_SIZE:
                 per_model.popitem(last=False)
@@ -239,10 +275,98 @@ def _hashable(wrt: Any) -> tuple | None:
         if isinstance(item, str):
             key.append(item)
         elif isinstance(item, (keras.layers.Layer, keras.Variable)):
-            key.append(("object", id(item)))
+            key.append(("object", _WeakRef(item)))
         else:
             return None
     return (type(wrt).__name__, tuple(key))
+
+
+class _WeakRef:
+    """A hashable identity key that holds its object weakly (a bound method by
+    its instance and function); a key whose object died equals nothing."""
+
+    __slots__ = ("_ref", "_hash", "_method")
+
+    def __init__(self, obj: Any):
+        self._method = inspect.ismethod(obj)
+        if self._method:
+            self._ref = weakref.WeakMethod(obj)
+            self._hash = hash((id(obj.__self__), id(obj.__func__)))
+        else:
+            self._ref = weakref.ref(obj)
+            self._hash = id(obj)
+
+    def alive(self) -> bool:
+        return self._ref() is not None
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _WeakRef) or other._method != self._method:
+            return False
+        a, b = self._ref(), other._ref()
+        if a is None or b is None:
+            return False
+        return a == b if self._method else a is b
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), np.generic)
+
+
+def _weak_key(key: Any) -> Any:
+    """`key` with every object that is not a plain value held weakly."""
+    if isinstance(key, (*_PLAIN, _WeakRef, type)):
+        return key
+    if isinstance(key, (tuple, list)):
+        return tuple(_weak_key(k) for k in key)
+    if isinstance(key, frozenset):
+        return frozenset(_weak_key(k) for k in key)
+    try:
+        return _WeakRef(key)
+    except TypeError:  # cannot be weakly referenced (a builtin): it holds no model
+        return key
+
+
+def _alive(key: Any) -> bool:
+    if isinstance(key, _WeakRef):
+        return key.alive()
+    if isinstance(key, (tuple, frozenset)):
+        return all(_alive(k) for k in key)
+    return True
+
+
+def _weak_target(target: Any) -> Any:
+    """A copy of a resolved target whose user function (a callable or a loss
+    object, which may reference the model) is held weakly, for the cache."""
+    target = copy.copy(target)
+    fn = getattr(target, "fn", None)
+    if fn is not None:
+        target.fn = _weak_callable(fn)
+    target.cache_key = _weak_key(target.cache_key)
+    target.args = {}  # the arguments arrive with each call
+    return target
+
+
+def _weak_callable(fn: Any) -> Any:
+    if inspect.ismethod(fn):
+        ref = weakref.WeakMethod(fn)
+
+        def call(*args: Any, **kwargs: Any) -> Any:  # no functools.wraps: no __wrapped__
+            return _referent(ref)(*args, **kwargs)
+
+        return call
+    try:
+        return weakref.proxy(fn)  # isinstance(proxy, keras.losses.Loss) still holds
+    except TypeError:
+        return fn
+
+
+def _referent(ref: Any) -> Any:
+    obj = ref()
+    if obj is None:  # pragma: no cover - the caller holds the function while it runs
+        raise GradprobeError("The target function of a cached request no longer exists.")
+    return obj
 
 
 def _fingerprint(model: Any) -> tuple:
@@ -351,12 +475,7 @@ def ensure_built(model: Any, x: Any) -> None:
     try:
         model(x, training=False)
     except Exception as e:
-        raise GradprobeError(
-            f"Model {model.name!r} could not be called on the given inputs "
-            f"({capture.describe_inputs(x)}): {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-            f"The model expects {capture.expected_inputs(model)}."
-        ) from e
+        raise capture.call_error(model, x, e) from e
 
 
 def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:

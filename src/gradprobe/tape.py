@@ -90,6 +90,8 @@ class Tape:
         self._state = "closed"
         assert self._stack is not None
         self._stack.close()
+        if self._recorder is not None:
+            self._recorder.close()
 
     def _probe_inputs(self, inputs: Any) -> Any:
         if not backend.in_capture_context(self._recorder.context):
