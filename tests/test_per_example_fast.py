@@ -219,6 +219,8 @@ def test_scalar_targets_and_bad_values_are_refused(per_example):
     with pytest.raises(gp.GradprobeError,
                        match=r"Expected per_example to be True.*Received: per_example='fast'"):
         gp.gradients(model, x, 0, "d.kernel", per_example="fast")
+    g = gp.gradients(model, x, 0, "d.kernel", per_example=np.bool_(False))
+    assert g["d.kernel"].shape == (3, 2) and dict(g.per_example_method) == {}
 
 
 def test_repeated_calls_reuse_one_trace(float64):

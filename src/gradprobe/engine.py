@@ -113,10 +113,9 @@ def gradients(
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
-    if per_example is not False:
-        from gradprobe.per_example import annotate, check_method  # imports engine
+    from gradprobe.per_example import annotate, check_method  # it imports this module
 
-        per_example = check_method(per_example)
+    per_example = check_method(per_example)
     entry = _entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
     _check_input_dtypes(model, x, entry.plan)
 
@@ -127,7 +126,7 @@ def gradients(
         grads = backend.stop_gradient(grads)
     result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
                        {v.key: v.var for v in entry.plan.vars})
-    return annotate(result, meta) if per_example else result
+    return annotate(result, meta)
 
 
 # ------------------------------------------------------------------- planning

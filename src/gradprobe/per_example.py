@@ -45,6 +45,7 @@ from types import MappingProxyType
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gradprobe import _patch, backend, capture
@@ -390,7 +391,9 @@ METHODS = ("vectorized_map", "jacobian")
 def check_method(per_example: Any) -> bool | str:
     """The validated `per_example` argument of `gp.gradients`: `False`, `True`
     (the fastest correct method) or one of `METHODS` (that method, as a reference)."""
-    if per_example is False or per_example is True or per_example in METHODS:
+    if isinstance(per_example, (bool, np.bool_)):
+        return bool(per_example)
+    if isinstance(per_example, str) and per_example in METHODS:
         return per_example
     raise GradprobeError(
         "Expected per_example to be True, False, 'vectorized_map' or 'jacobian'. "
@@ -398,8 +401,9 @@ def check_method(per_example: Any) -> bool | str:
 
 
 def annotate(result: Any, meta: dict) -> Any:
-    """Sets `per_example_method` (key -> method) and `per_example_fallbacks`
-    (key -> why the Jacobian was used) on a `Gradients` result."""
+    """Sets `per_example_method` (key -> method, for the weight keys of a
+    `per_example` request; empty otherwise) and `per_example_fallbacks` (key ->
+    why the Jacobian was used) on a `Gradients` result."""
     result.per_example_method = MappingProxyType(dict(meta.get("per_example_method", {})))
     result.per_example_fallbacks = MappingProxyType(dict(meta.get("per_example_fallbacks", {})))
     return result
