@@ -112,14 +112,15 @@ def _time(fn, reps):
     return (time.perf_counter() - t0) / reps
 
 
-def _medians(fns, rounds, key):
+def _medians(fns, rounds):
     for fn in fns.values():  # trace and warm up
-        _time(fn, 2)
-    reps = max(1, int(0.3 / max(_time(fns[key], 1), 1e-4)))
+        _time(fn, 1)
+    # About 0.3 s per measurement for each method (one call for the slow ones).
+    reps = {k: max(1, int(0.3 / max(_time(fn, 1), 1e-4))) for k, fn in fns.items()}
     times = {k: [] for k in fns}
     for _ in range(rounds):  # interleaved: every method once per round
         for k, fn in fns.items():
-            times[k].append(_time(fn, reps))
+            times[k].append(_time(fn, reps[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--models", default="cnn,dp_cnn,mnist_convnet")
     parser.add_argument("--jacobian-max-batch", type=int, default=64,
                         help="skip the (slow) Jacobian method above this batch")
+    parser.add_argument("--max-mb", type=float, default=400,
+                        help="skip a batch whose per-example gradients (float32) exceed this")
     parser.add_argument("--norms", action="store_true",
                         help="also compare gp.per_example_norms with vectorized_map norms")
     args = parser.parse_args()
@@ -148,7 +151,12 @@ def bench(model, args, console) -> None:
     vmap, floor = baselines(model)
     rng = np.random.default_rng(0)
     rows = []
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     for b in [int(s) for s in args.batches.split(",")]:
+        if b * params * 4 / 2**20 > args.max_mb:
+            console.print(f"  {model.name}: batch {b} skipped: its per-example gradients take "
+                          f"{b * params * 4 / 2**20:.0f} MB (> --max-mb {args.max_mb:g})")
+            continue
         x = tf.constant(rng.random((b, 28, 28, 1), dtype=np.float32))
         y = tf.constant(rng.integers(0, 10, size=b))
         target = gp.loss(loss_fn, y)
@@ -167,7 +175,7 @@ def bench(model, args, console) -> None:
         assert len(ours) == len(ref)
         for g, r in zip(ours.values(), ref):  # same numbers
             np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)
-        med = _medians(fns, args.rounds, "gradprobe")
+        med = _medians(fns, args.rounds)
         rows.append((b, med))
         console.print(f"  {model.name}: batch {b} done", style="dim")
     table = Table(title=f"{model.name}: per-example weight gradients, "
@@ -207,7 +215,7 @@ def bench_norms(model, args, console) -> None:
         ours = gp.per_example_norms(model, x, target)
         for key, r in zip(ours, vmap_norms(x, y)):
             np.testing.assert_allclose(ours[key], r, rtol=2e-3, atol=1e-5)
-        rows.append((b, _medians(fns, args.rounds, "gradprobe")))
+        rows.append((b, _medians(fns, args.rounds)))
     table = Table(title=f"{model.name}: per-example gradient norms, gp.per_example_norms "
                         "(median seconds per call)")
     for col in ["batch", "gradprobe", "vectorized_map", "floor", "vmap/gradprobe",
