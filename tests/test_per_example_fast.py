@@ -241,3 +241,23 @@ def test_repeated_calls_reuse_one_trace(float64):
     finally:
         del model.call
     assert traces == []  # no new trace: the vectorised function was compiled once
+
+
+def test_dropout_in_training_mode_keeps_one_mask_per_example(float64):
+    keras.utils.set_random_seed(16)
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(8, name="d"),
+                              layers.Dropout(0.5, name="drop"), layers.Dense(2, name="o")])
+    x = np.ones((6, 8))
+    g = gp.gradients(model, x, 0, "o.kernel", per_example=True, training=True)
+    assert dict(g.per_example_method) == {"o.kernel": "jacobian"}
+    assert "Dropout layer 'drop'" in g.per_example_fallbacks["o.kernel"]
+    # d out[i, 0] / d o.kernel[:, 0] is example i's dropped-out hidden vector: identical
+    # inputs, so the examples differ only by their own masks (and agree with the outputs).
+    kept = np.asarray(g["o.kernel"])[:, :, 0] != 0
+    assert len({row.tobytes() for row in kept}) > 1
+    head = model.get_layer("o")
+    assert_close(np.asarray(g.outputs)[:, 0],
+                 np.asarray(g["o.kernel"])[:, :, 0] @ head.kernel.numpy()[:, 0]
+                 + head.bias.numpy()[0], 1e-12)
+    g = gp.gradients(model, x, 0, "o.kernel", per_example=True)  # inference: no noise
+    assert dict(g.per_example_method) == {"o.kernel": "vectorized_map"}

@@ -12,7 +12,8 @@
   one batched pass. The fallback: used when `tf.vectorized_map` cannot vectorise
   an op of the model (the reason is reported), and the only correct method when
   examples interact in the forward pass (BatchNormalization with
-  `training=True`).
+  `training=True`); also used for random layers (Dropout, GaussianNoise, ...)
+  with `training=True`, which mapped over examples would draw one mask for all.
 
 Both assume nothing else couples examples: example `i`'s target depends on
 example `i` only (true of every built-in Keras layer except BatchNormalization
@@ -454,7 +455,16 @@ def _coupling(model: Any, plan: capture.Plan) -> str:
             return (f"training=True: BatchNormalization layer {node.path!r} normalises with "
                     "batch statistics, so examples interact and only the Jacobian of the "
                     "batched pass is exact")
+        if isinstance(node.layer, RANDOM_TYPES):
+            return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
+                    "random noise, which tf.vectorized_map would draw once for all examples; "
+                    "the Jacobian of the batched pass keeps one draw per example")
     return ""
+
+
+RANDOM_TYPES = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+                keras.layers.SpatialDropout3D, keras.layers.GaussianDropout,
+                keras.layers.GaussianNoise, keras.layers.AlphaDropout)
 
 
 def _reason(e: BaseException) -> str:
