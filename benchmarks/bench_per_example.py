@@ -1,12 +1,17 @@
-"""Per-example weight-gradient norms on a small CNN: gradprobe (ghost norms from
-each layer's input and output gradient, one forward and one backward pass)
-against hand-written compiled `tf.vectorized_map` of per-example tape gradients
-and against `tape.jacobian`, at batch 16, 64 and 256, in interleaved rounds.
+"""Per-example weight gradients on small CNNs: `gp.gradients(..., per_example=True)`
+against hand-written compiled `tf.vectorized_map` of per-example tape gradients,
+at batch 16, 64 and 256, in interleaved rounds (medians).
 
-Targets: at least 5x faster than vectorized_map at batch 256, and time growing
-no faster than linearly with the batch size.
+Also shown: `per_example="jacobian"` (the fallback method: the vectorised
+Jacobian of the per-example losses), and the floor, one compiled forward and
+backward pass of the summed loss (batch gradients only). With `--norms`, a
+second table compares `gp.per_example_norms` (ghost norms) with the norms of
+the hand-written `tf.vectorized_map` gradients.
 
-Usage: python benchmarks/bench_per_example.py [--rounds N] [--batches 16,64,256]
+Targets: gradprobe/vectorized_map <= 1.1 at every batch, and time growing
+linearly with the batch size (time per example not growing).
+
+Usage: python benchmarks/bench_per_example.py [--rounds N] [--batches 16,64,256] [--norms]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def cnn() -> keras.Model:
 
 def dp_cnn() -> keras.Model:
     """The CNN of the TensorFlow Privacy DP-SGD MNIST tutorial (per-example
-    gradient norms are what DP-SGD clips)."""
+    gradients are what DP-SGD clips)."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((28, 28, 1))
     h = keras.layers.Conv2D(16, 8, strides=2, padding="same", activation="relu", name="conv1")(inp)
@@ -74,6 +79,8 @@ def loss_fn(y, logits):
 
 
 def baselines(model):
+    """Hand-written compiled functions: per-example gradients by
+    tf.vectorized_map, and the floor (one batch gradient)."""
     variables = model.trainable_weights
 
     @tf.function
@@ -81,50 +88,10 @@ def baselines(model):
         def one(args):
             xi, yi = args
             with tf.GradientTape() as t:
-                loss = loss_fn(yi[None], model(xi[None]))
-            return [tf.norm(g) for g in t.gradient(loss, [v.value for v in variables])]
+                loss = tf.reduce_sum(loss_fn(yi[None], model(xi[None])))
+            return t.gradient(loss, [v.value for v in variables])
 
         return tf.vectorized_map(one, (x, y))
-
-    @tf.function
-    def jac(x, y):
-        with tf.GradientTape() as t:
-            losses = loss_fn(y, model(x))
-        js = t.jacobian(losses, [v.value for v in variables])
-        return [tf.norm(tf.reshape(j, [tf.shape(j)[0], -1]), axis=1) for j in js]
-
-    return vmap, jac
-
-
-def _time(fn, reps):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = fn()
-        for v in tf.nest.flatten(out if not isinstance(out, gp.PerExampleNorms)
-                                 else list(out.values())):
-            np.asarray(v)
-    return (time.perf_counter() - t0) / reps
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batches", default="16,64,256")
-    parser.add_argument("--models", default="cnn,dp_cnn,mnist_convnet")
-    parser.add_argument("--jacobian-max-batch", type=int, default=256,
-                        help="skip the (slow) tape.jacobian baseline above this batch")
-    args = parser.parse_args()
-    console = Console(width=150) if not Console().is_terminal else Console()
-    for name in args.models.split(","):
-        bench(MODELS[name](), args, console)
-    console.print("targets: vmap/gradprobe >= 5x at batch 256; time per example not growing. "
-                  "'floor' is one compiled forward+backward of the summed loss (batch "
-                  "gradients only): no per-example method can be faster.")
-
-
-def bench(model, args, console) -> None:
-    vmap, jac = baselines(model)
-    variables = model.trainable_weights
 
     @tf.function
     def floor(x, y):
@@ -132,50 +99,133 @@ def bench(model, args, console) -> None:
             loss = tf.reduce_sum(loss_fn(y, model(x)))
         return t.gradient(loss, [v.value for v in variables])
 
+    return vmap, floor
+
+
+def _time(fn, reps):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+        for v in (out.values() if hasattr(out, "values") and callable(out.values)
+                  else tf.nest.flatten(out)):
+            np.asarray(v)
+    return (time.perf_counter() - t0) / reps
+
+
+def _medians(fns, rounds):
+    for fn in fns.values():  # trace and warm up
+        _time(fn, 1)
+    # About 0.3 s per measurement for each method (one call for the slow ones).
+    reps = {k: max(1, int(0.3 / max(_time(fn, 1), 1e-4))) for k, fn in fns.items()}
+    times = {k: [] for k in fns}
+    for _ in range(rounds):  # interleaved: every method once per round
+        for k, fn in fns.items():
+            times[k].append(_time(fn, reps[k]))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", default="16,64,256")
+    parser.add_argument("--models", default="cnn,dp_cnn,mnist_convnet")
+    parser.add_argument("--jacobian-max-batch", type=int, default=64,
+                        help="skip the (slow) Jacobian method above this batch")
+    parser.add_argument("--max-mb", type=float, default=400,
+                        help="skip a batch whose per-example gradients (float32) exceed this")
+    parser.add_argument("--norms", action="store_true",
+                        help="also compare gp.per_example_norms with vectorized_map norms")
+    args = parser.parse_args()
+    console = Console(width=160) if not Console().is_terminal else Console()
+    for name in args.models.split(","):
+        model = MODELS[name]()
+        bench(model, args, console)
+        if args.norms:
+            bench_norms(model, args, console)
+    console.print("target: gradprobe/vmap <= 1.1 at every batch, time per example not "
+                  "growing. 'floor' is one compiled forward+backward of the summed loss "
+                  "(batch gradients only).")
+
+
+def bench(model, args, console) -> None:
+    vmap, floor = baselines(model)
+    rng = np.random.default_rng(0)
+    rows = []
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    for b in [int(s) for s in args.batches.split(",")]:
+        if b * params * 4 / 2**20 > args.max_mb:
+            console.print(f"  {model.name}: batch {b} skipped: its per-example gradients take "
+                          f"{b * params * 4 / 2**20:.0f} MB (> --max-mb {args.max_mb:g})")
+            continue
+        x = tf.constant(rng.random((b, 28, 28, 1), dtype=np.float32))
+        y = tf.constant(rng.integers(0, 10, size=b))
+        target = gp.loss(loss_fn, y)
+        fns = {
+            "gradprobe": lambda x=x, t=target: gp.gradients(model, x, t, "*.weights",
+                                                            per_example=True),
+            "vectorized_map": lambda x=x, y=y: vmap(x, y),
+            "jacobian": lambda x=x, t=target: gp.gradients(model, x, t, "*.weights",
+                                                           per_example="jacobian"),
+            "floor": lambda x=x, y=y: floor(x, y),
+        }
+        if b > args.jacobian_max_batch:
+            del fns["jacobian"]
+        ours = gp.gradients(model, x, target, "*.weights", per_example=True)
+        ref = vmap(x, y)
+        assert len(ours) == len(ref)
+        for g, r in zip(ours.values(), ref):  # same numbers
+            np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)
+        med = _medians(fns, args.rounds)
+        rows.append((b, med))
+        console.print(f"  {model.name}: batch {b} done", style="dim")
+    table = Table(title=f"{model.name}: per-example weight gradients, "
+                        "gp.gradients(per_example=True) (median seconds per call)")
+    for col in ["batch", "gradprobe", "vectorized_map", "jacobian", "floor",
+                "gradprobe/vmap", "jacobian/gradprobe", "gradprobe/floor",
+                "gradprobe per example"]:
+        table.add_column(col, justify="right")
+    for b, med in rows:
+        jac_s = med.get("jacobian")
+        table.add_row(str(b), f"{med['gradprobe']:.4f}", f"{med['vectorized_map']:.4f}",
+                      f"{jac_s:.4f}" if jac_s else "skipped", f"{med['floor']:.4f}",
+                      f"{med['gradprobe'] / med['vectorized_map']:.2f}",
+                      f"{jac_s / med['gradprobe']:.1f}x" if jac_s else "-",
+                      f"{med['gradprobe'] / med['floor']:.2f}",
+                      f"{med['gradprobe'] / b * 1e6:.0f} us")
+    console.print(table)
+    console.print(f"method per weight: {dict(ours.per_example_method)}")
+
+
+def bench_norms(model, args, console) -> None:
+    vmap, floor = baselines(model)
+
+    @tf.function
+    def vmap_norms(x, y):
+        return [tf.norm(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1) for g in vmap(x, y)]
+
     rng = np.random.default_rng(0)
     rows = []
     for b in [int(s) for s in args.batches.split(",")]:
         x = tf.constant(rng.random((b, 28, 28, 1), dtype=np.float32))
         y = tf.constant(rng.integers(0, 10, size=b))
         target = gp.loss(loss_fn, y)
-        fns = {
-            "gradprobe": lambda x=x, target=target: gp.per_example_norms(model, x, target),
-            "vectorized_map": lambda x=x, y=y: vmap(x, y),
-            "jacobian": lambda x=x, y=y: jac(x, y),
-            "floor": lambda x=x, y=y: floor(x, y),
-        }
-        if b > args.jacobian_max_batch:
-            del fns["jacobian"]
-        # Same numbers from all three.
+        fns = {"gradprobe": lambda x=x, t=target: gp.per_example_norms(model, x, t),
+               "vectorized_map": lambda x=x, y=y: vmap_norms(x, y),
+               "floor": lambda x=x, y=y: floor(x, y)}
         ours = gp.per_example_norms(model, x, target)
-        ref = vmap(x, y)
-        for key, r in zip(ours, ref):
+        for key, r in zip(ours, vmap_norms(x, y)):
             np.testing.assert_allclose(ours[key], r, rtol=2e-3, atol=1e-5)
-        for fn in fns.values():
-            _time(fn, 2)
-        reps = max(1, int(0.3 / max(_time(fns["gradprobe"], 1), 1e-4)))
-        times = {k: [] for k in fns}
-        for _ in range(args.rounds):
-            for k, fn in fns.items():
-                times[k].append(_time(fn, reps))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((b, med))
-        console.print(f"  {model.name}: batch {b} done", style="dim")
-    table = Table(title=f"{model.name}: per-example weight-gradient norms "
+        rows.append((b, _medians(fns, args.rounds)))
+    table = Table(title=f"{model.name}: per-example gradient norms, gp.per_example_norms "
                         "(median seconds per call)")
-    for col in ["batch", "gradprobe", "vectorized_map", "jacobian", "floor", "vmap/gradprobe",
-                "jacobian/gradprobe", "gradprobe/floor", "gradprobe per example"]:
+    for col in ["batch", "gradprobe", "vectorized_map", "floor", "vmap/gradprobe",
+                "gradprobe/floor"]:
         table.add_column(col, justify="right")
     for b, med in rows:
-        jac_s = med.get("jacobian")
         table.add_row(str(b), f"{med['gradprobe']:.4f}", f"{med['vectorized_map']:.4f}",
-                      f"{jac_s:.4f}" if jac_s else "skipped", f"{med['floor']:.4f}",
-                      f"{med['vectorized_map'] / med['gradprobe']:.1f}x",
-                      f"{jac_s / med['gradprobe']:.1f}x" if jac_s else "-",
-                      f"{med['gradprobe'] / med['floor']:.2f}",
-                      f"{med['gradprobe'] / b * 1e6:.0f} us")
+                      f"{med['floor']:.4f}", f"{med['vectorized_map'] / med['gradprobe']:.1f}x",
+                      f"{med['gradprobe'] / med['floor']:.2f}")
     console.print(table)
-    console.print(f"method per weight: {dict(gp.per_example_norms(model, x, target).method)}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class Plan:
     output_names: list[str] = field(default_factory=list)
     training: bool = False
     unconnected: str = "raise"
-    per_example: bool = False
+    per_example: bool | str = False  # True or a method name: see per_example.run
     replace: Any = None  # a layer whose output is replaced by args["replacement"] ...
     replace_call: int | None = None  # ... in this one of its calls (None: its only call)
     norm_method: str = "auto"  # gp.per_example_norms: "auto", "ghost" or "vectorized"
@@ -187,8 +187,12 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
     `skipped` and `target` (facts for `Target.check`).
     """
+    if plan.per_example:
+        from gradprobe import per_example  # imports this module: no top-level import
+
+        return per_example.run(model, inputs, args, plan, wrap_errors)
     float16 = _uses_float16(model, plan)
-    tape = backend.new_tape(persistent=plan.per_example or float16)
+    tape = backend.new_tape(persistent=float16)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
@@ -207,15 +211,13 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
-    if float16 and not plan.per_example:
+    if float16:
         grads = backend.scaled_gradient(tape, objective, [e.source for e in entries])
     else:
         grads = backend.gradient(tape, objective, [e.source for e in entries])
     # Gradients (and the activations beside them) of float16 and bfloat16 sources
     # are returned in float32, so that statistics and sums downstream are too.
     grads = [None if g is None else backend.to_float32(g) for g in grads]
-    if plan.per_example:
-        grads = _per_example_weights(tape, value, entries, grads)
 
     unconnected = [e for e, g in zip(entries, grads) if g is None]
     if unconnected and plan.unconnected == "raise":
@@ -263,17 +265,6 @@ def per_example_values(value: Any, what: str) -> Any:
             "'predicted', a loss function or a Loss with reduction=None, or a callable "
             "returning one value per example.")
     return value
-
-
-def _per_example_weights(tape: Any, value: Any, entries: list[_Entry],
-                         grads: list[Any]) -> list[Any]:
-    value = per_example_values(value, "per_example=True")
-    out = []
-    for e, g in zip(entries, grads):
-        if e.kind == "weight" and g is not None:
-            g = backend.jacobian(tape, value, e.source)
-        out.append(g)
-    return out
 
 
 def _probe_inputs(tape: Any, inputs: Any, specs: list[InputSpec]

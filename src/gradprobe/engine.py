@@ -52,7 +52,7 @@ def gradients(
     unconnected: str = "raise",
     compile: bool | str = "auto",
     differentiable: bool = True,
-    per_example: bool = False,
+    per_example: bool | str = False,
 ) -> Gradients:
     """Gradients of a scalar target with respect to layers, weights or inputs.
 
@@ -89,8 +89,12 @@ def gradients(
         differentiable: When called under an outer `tf.GradientTape`, keep the
             returned gradients differentiable (`True`) or treat them as constants.
         per_example: Return, for weight sources, one gradient per example (a
-            leading batch axis), computed as the vectorised Jacobian of the
-            per-example target values. Needs a per-example target. For norms
+            leading batch axis). Needs a per-example target. `True` uses the
+            fastest correct method (`tf.vectorized_map` over single-example
+            passes, or the Jacobian of the per-example targets as the fallback);
+            `"vectorized_map"` or `"jacobian"` force one. The result's
+            `per_example_method` (key -> method) and `per_example_fallbacks`
+            (key -> why the Jacobian was used) report the choice. For norms
             only, `gp.per_example_norms` is much cheaper.
 
     Returns:
@@ -108,13 +112,15 @@ def gradients(
     _validate.choice("unconnected", unconnected, ("raise", "zero"), "what to do with a source "
                      "the target does not depend on")
     _validate.choice("compile", compile, ("auto", True, False))
-    for name, value in (("training", training), ("differentiable", differentiable),
-                        ("per_example", per_example)):
+    for name, value in (("training", training), ("differentiable", differentiable)):
         _validate.flag(name, value)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
-    entry = _entry(model, wrt, tgt, output, bool(training), unconnected, bool(per_example))
+    from gradprobe.per_example import annotate, check_method  # it imports this module
+
+    per_example = check_method(per_example)
+    entry = _entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
     _check_input_dtypes(model, x, entry.plan)
 
     tensors, meta = _execute(model, x, tgt.args, entry, compile)
@@ -122,8 +128,9 @@ def gradients(
     grads = tensors["grads"]
     if not differentiable:
         grads = backend.stop_gradient(grads)
-    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
-                     {v.key: v.var for v in entry.plan.vars})
+    result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
+                       {v.key: v.var for v in entry.plan.vars})
+    return annotate(result, meta)
 
 
 # ------------------------------------------------------------------- planning
@@ -205,7 +212,8 @@ def gradients_at(model: keras.Model, inputs: Any, target: Any, layer: Any, value
 
 
 def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
-           unconnected: str, per_example: bool = False, replace: bool = False) -> _Entry:
+           unconnected: str, per_example: bool | str = False,
+           replace: bool = False) -> _Entry:
     """The cached plan for this request, or a new one (layer lookup is skipped on
     repeated calls, so that small models do not pay for it on every call)."""
 

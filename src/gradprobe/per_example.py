@@ -1,4 +1,26 @@
-"""`gp.per_example_norms`: L2 norms of per-example weight gradients.
+"""Per-example weight gradients: `gp.gradients(..., per_example=True)` and
+`gp.per_example_norms`.
+
+**Per-example gradients** (`run`, reached from `capture.run` when a plan has
+`per_example` set) use, per request, the fastest method that is correct:
+
+* `"vectorized_map"` (the default): `tf.vectorized_map` over the examples of
+  one ordinary single-example capture pass (`capture.run` on a batch of one: the
+  model's own forward pass with the same probes, then a tape gradient), so the
+  cost is close to one batched forward and backward pass;
+* `"jacobian"`: the vectorised Jacobian of the per-example target values over
+  one batched pass. The fallback: used when `tf.vectorized_map` cannot vectorise
+  an op of the model (the reason is reported), and the only correct method when
+  examples interact in the forward pass (BatchNormalization with
+  `training=True`); also used for random layers (Dropout, GaussianNoise, ...)
+  with `training=True`, which mapped over examples would draw one mask for all.
+
+Both assume nothing else couples examples: example `i`'s target depends on
+example `i` only (true of every built-in Keras layer except BatchNormalization
+in training mode). Activation and input gradients are per example by nature;
+they come from the batched pass as with `per_example=False`.
+
+**Norms**, `gp.per_example_norms`:
 
 For Dense, Conv1D, Conv2D, Embedding, LayerNormalization and EinsumDense the
 norms come from each layer's captured input and output gradient, in one forward
@@ -16,6 +38,7 @@ vectorised Jacobian of the per-example targets (`"vectorized"`), and say so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -23,6 +46,7 @@ from types import MappingProxyType
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gradprobe import _patch, _validate, backend, capture
@@ -356,6 +380,160 @@ def _layer_norm(layer: Any, x: Any, dy: Any) -> tuple[dict, str]:
         gb = tf.reshape(tf.reduce_sum(dy, axis=reduce) if reduce else dy, [b, -1])
         out[id(layer.beta)] = (tf.reduce_sum(tf.square(gb), axis=1), "ghost")
     return out, ""
+
+
+
+
+# --------------------------------------------------- per-example gradients
+METHODS = ("vectorized_map", "jacobian")
+
+
+def check_method(per_example: Any) -> bool | str:
+    """The validated `per_example` argument of `gp.gradients`: `False`, `True`
+    (the fastest correct method) or one of `METHODS` (that method, as a reference)."""
+    if isinstance(per_example, (bool, np.bool_)):
+        return bool(per_example)
+    return _validate.choice("per_example", per_example, METHODS,
+                            "or True (the fastest correct method) or False")
+
+
+def annotate(result: Any, meta: dict) -> Any:
+    """Sets `per_example_method` (key -> method, for the weight keys of a
+    `per_example` request; empty otherwise) and `per_example_fallbacks` (key ->
+    why the Jacobian was used) on a `Gradients` result."""
+    result.per_example_method = MappingProxyType(dict(meta.get("per_example_method", {})))
+    result.per_example_fallbacks = MappingProxyType(dict(meta.get("per_example_fallbacks", {})))
+    return result
+
+
+def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
+        wrap_errors: bool = True) -> tuple[dict, dict]:
+    """`capture.run` for a plan with `per_example` set: the same `(tensors, meta)`,
+    with weight gradients shaped `(batch, *variable_shape)` and
+    `meta["per_example_method"]` / `meta["per_example_fallbacks"]` per weight key.
+    """
+    requested = plan.per_example if isinstance(plan.per_example, str) else "auto"
+    single = dataclasses.replace(plan, per_example=False)
+    if not plan.vars:  # activations and inputs only: per example by nature
+        tensors, meta = capture.run(model, inputs, args, single, wrap_errors)
+        capture.per_example_values(tensors["target"], "per_example=True")
+        return tensors, dict(meta, per_example_method={}, per_example_fallbacks={})
+
+    why = ""
+    if requested == "jacobian":
+        why = "per_example='jacobian' was requested"
+    else:
+        coupled = _coupling(model, plan)
+        if coupled and requested == "auto":
+            why = coupled
+        else:
+            try:
+                return _vectorized(model, inputs, args, single, wrap_errors)
+            except GradprobeError:
+                raise
+            except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
+                if requested == "vectorized_map":  # that cannot run on one example
+                    raise GradprobeError(
+                        "per_example='vectorized_map': tf.vectorized_map could not vectorise "
+                        f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
+                        "per_example=True to fall back to the Jacobian.") from e
+                why = (f"tf.vectorized_map could not vectorise the single-example pass "
+                       f"({type(e).__name__}: {_reason(e)})")
+    return _jacobian(model, inputs, args, single, wrap_errors, why)
+
+
+def _coupling(model: Any, plan: capture.Plan) -> str:
+    """Why examples interact in this forward pass ('' when they do not)."""
+    if not plan.training:
+        return ""
+    for node in LayerTree(model).nodes:
+        if isinstance(node.layer, keras.layers.BatchNormalization):
+            return (f"training=True: BatchNormalization layer {node.path!r} normalises with "
+                    "batch statistics, so examples interact and only the Jacobian of the "
+                    "batched pass is exact")
+        if isinstance(node.layer, RANDOM_TYPES):
+            return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
+                    "random noise, which tf.vectorized_map would draw once for all examples; "
+                    "the Jacobian of the batched pass keeps one draw per example")
+    return ""
+
+
+RANDOM_TYPES = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+                keras.layers.SpatialDropout3D, keras.layers.GaussianDropout,
+                keras.layers.GaussianNoise, keras.layers.AlphaDropout)
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a (possibly long) TensorFlow error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "pfor" in line or "vectoriz" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
+                wrap_errors: bool) -> tuple[dict, dict]:
+    """`tf.vectorized_map` over examples of one capture pass on a batch of one."""
+    tensors = meta = None
+    if plan.acts or plan.inputs:
+        # Activation and input gradients (and their keys, order, values) come from
+        # one batched pass, as with per_example=False; only weights are mapped.
+        tensors, meta = capture.run(model, x, args, plan, wrap_errors)
+        capture.per_example_values(tensors["target"], "per_example=True")
+        plan = dataclasses.replace(plan, acts=[], inputs=[])
+    mapped = {k: v for k, v in args.items() if getattr(v, "shape", None) is not None
+              and v.shape.rank}
+    fixed = {k: v for k, v in args.items() if k not in mapped}
+    box: dict[str, Any] = {}
+
+    def one(elems: tuple) -> dict:
+        xi, ai = elems
+        xi = keras.tree.map_structure(lambda t: t[None], xi)
+        ai = dict({k: v[None] for k, v in ai.items()}, **fixed)
+        out, m = capture.run(model, xi, ai, plan, wrap_errors=False)
+        capture.per_example_values(out["target"], "per_example=True")
+        box["meta"] = m
+        weights = {k: g for k, g in out["grads"].items() if m["kinds"][k] == "weight"}
+        return {"grads": weights, "outputs": out["outputs"], "target": out["target"]}
+
+    stacked = tf.vectorized_map(one, (x, mapped), fallback_to_while_loop=False)
+    m = box["meta"]
+    if tensors is None:
+        tensors = {"grads": stacked["grads"], "values": {},
+                   "outputs": keras.tree.map_structure(_unstack_one, stacked["outputs"]),
+                   "target": tf.reshape(stacked["target"], [-1])}
+        meta = m
+    else:
+        tensors["grads"] = dict(tensors["grads"], **stacked["grads"])
+    weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
+    return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "vectorized_map"),
+                         per_example_fallbacks={})
+
+
+def _unstack_one(t: Any) -> Any:
+    """`(batch, 1, ...)` -> `(batch, ...)`: a mapped single-example output."""
+    return tf.squeeze(t, axis=1) if t.shape.rank and t.shape.rank > 1 and t.shape[1] == 1 else t
+
+
+def _jacobian(model: Any, x: Any, args: dict, plan: capture.Plan, wrap_errors: bool,
+              why: str) -> tuple[dict, dict]:
+    """One batched pass under a persistent tape, then the Jacobian of the
+    per-example target values with respect to each weight."""
+    tape = backend.new_tape(persistent=True)
+    with tape:
+        for v in plan.vars:
+            backend.watch(tape, v.var)
+        tensors, meta = capture.run(model, x, args, plan, wrap_errors)
+    value = capture.per_example_values(tensors["target"], "per_example=True")
+    grads = dict(tensors["grads"])
+    for v in plan.vars:
+        if v.key in grads:
+            grads[v.key] = backend.jacobian(tape, value, v.var)
+    tensors = dict(tensors, grads=grads)
+    weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
+    return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "jacobian"),
+                         per_example_fallbacks=dict.fromkeys(weights, why))
 
 
 __all__ = ["PerExampleNorms", "per_example_norms"]
