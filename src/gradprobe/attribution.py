@@ -4,6 +4,8 @@ input or layer gradients for a target resolved once on the original inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -135,18 +137,182 @@ def batched(fn: Callable[[int, int], Any], total: int, batch_size_: int | None,
     """Runs `fn(start, stop)` over chunks of `total`, with a rich progress bar
     when there are several chunks (and `progress` is not False)."""
     spans = list(chunks(total, batch_size_))
-    show = progress if progress is not None else len(spans) > 1
-    if not show or len(spans) == 1:
-        return [fn(a, b) for a, b in spans]
-    from rich.progress import Progress
-
-    out = []
-    with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=total)
+    with progress_bar(label, total, len(spans), progress) as advance:
+        out = []
         for a, b in spans:
             out.append(fn(a, b))
-            bar.update(task, advance=b - a)
+            advance(b - a)
     return out
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, parts: int,
+                 progress: bool | None) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(k)`; a transient rich progress bar when there are several
+    parts (and `progress` is not False), otherwise a no-op."""
+    show = progress if progress is not None else parts > 1
+    if not show or parts <= 1:
+        yield lambda k: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda k: bar.update(task, advance=k)
+
+
+# ------------------------------------------------------ streamed attribution
+# Integrated Gradients and SmoothGrad evaluate the gradient at `reps` (steps or
+# samples) modified copies of each of `n` examples: `reps * n` rows, row
+# `r = rep * n + i` being copy `rep` of example `i`. The rows are processed in
+# chunks of one fixed size (the last chunk padded with zero-weight rows), each
+# chunk built on the device when it is needed, so memory is bounded by the chunk
+# size and not by `reps`; every chunk goes through the same compiled gradient
+# function (one trace per chunk shape), and the weighted gradients are summed
+# into a per-example accumulator on the device.
+
+_BYTES_FACTOR = 4  # a row's input, its recorded copy, its gradient, the weighted gradient
+
+
+def row_bytes(tensors: list[Any]) -> int:
+    """Bytes of one row (example) of each tensor, summed."""
+    total = 0
+    for t in tensors:
+        shape = t.shape.as_list()[1:]
+        total += int(np.prod(shape, dtype=np.int64)) * t.dtype.size
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux `MemAvailable`), or `None`."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int | None,
+               per_row: int, max_bytes: int | None) -> int:
+    """The number of rows per chunk (`batch_size`, or all `reps * n` rows when it
+    is `None`), after checking that one chunk's inputs and gradients fit in
+    `max_bytes` (default: the available memory). Refuses before allocating."""
+    total = int(reps) * n
+    rows = total if not batch_size_ or batch_size_ >= total else int(batch_size_)
+    need = rows * per_row * _BYTES_FACTOR
+    if max_bytes is not None:
+        limit, named = int(max_bytes), f"max_bytes={int(max_bytes):,}"
+    else:
+        limit = available_memory()
+        named = f"the {limit or 0:,} bytes of memory available" if limit else ""
+    if limit is None or need <= limit:
+        return rows
+    how = (f"batch_size={batch_size_}" if batch_size_ else
+           f"all {reps_name}={reps:,} x {n} example(s) at once (batch_size=None)")
+    fit = limit // (per_row * _BYTES_FACTOR)
+    if fit >= 1:
+        fix = (f"Pass a smaller batch_size (at most {fit:,} rows fit by this estimate, which "
+               f"leaves out the model's own activations: try batch_size={min(fit, 32):,})")
+    else:
+        fix = "Even one row does not fit: use smaller inputs"
+    raise GradprobeError(
+        f"{what} would evaluate {rows:,} modified inputs per chunk ({how}); their inputs and "
+        f"gradients alone need {need:,} bytes ({need / 2**30:.2f} GiB), more than {named}. "
+        f"{fix}, or fewer {reps_name}"
+        + (", or raise max_bytes." if max_bytes is not None else
+           ", or pass max_bytes= to set the limit yourself."))
+
+
+def row_target(target: Any, idx: np.ndarray) -> Any:
+    """The target for the rows of `idx` (one example index per row)."""
+    if isinstance(target, LossTarget):
+        sw = target.sample_weight
+        return LossTarget(target.fn, np.asarray(target.y_true)[idx],
+                          None if sw is None else np.asarray(sw)[idx])
+    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
+        arr = np.asarray(target)
+        if arr.ndim == 1:
+            return arr[idx]
+    return target
+
+
+def accumulator_dtype(dtype: Any) -> tf.DType:
+    """Sums of gradients are kept in float32 at least (float64 stays float64)."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def _column(x: Any) -> Any:
+    """The shape `[-1, 1, ..., 1]` that broadcasts one value per row over `x`
+    (dynamic: these functions are traced with relaxed shapes)."""
+    return tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+
+
+@tf.function(reduce_retracing=True)
+def interpolate(x: Any, base: Any, idx: Any, alpha: Any) -> Any:
+    """Rows `base[idx] + alpha * (x[idx] - base[idx])`, computed in float32 or
+    wider and returned in `x`'s dtype."""
+    wide = accumulator_dtype(x.dtype)
+    xs = tf.cast(tf.gather(x, idx), wide)
+    bs = tf.cast(tf.gather(base, idx), wide)
+    a = tf.reshape(tf.cast(alpha, wide), _column(x))
+    return tf.cast(bs + a * (xs - bs), x.dtype)
+
+
+@tf.function(reduce_retracing=True)
+def noisy(x: Any, scale: Any, idx: Any, rows: Any, seed: Any) -> Any:
+    """Rows `x[idx] + scale[idx] * eps`, where the noise `eps` of row `r` is
+    `tf.random.stateless_normal(x.shape[1:], seed=(seed, r))`: the same for a
+    row whatever the chunking."""
+    wide = accumulator_dtype(x.dtype)
+
+    def one(r: Any) -> Any:
+        return tf.random.stateless_normal(tf.shape(x)[1:], tf.stack([seed, r]), dtype=wide)
+
+    eps = tf.map_fn(one, rows, fn_output_signature=tf.TensorSpec(None, wide))
+    xs = tf.cast(tf.gather(x, idx), wide)
+    return tf.cast(xs + tf.cast(tf.gather(scale, idx), wide) * eps, x.dtype)
+
+
+@tf.function(reduce_retracing=True)
+def accumulate(acc: Any, g: Any, idx: Any, w: Any) -> Any:
+    """`acc[idx[j]] += w[j] * g[j]` for every row `j` (in `acc`'s dtype)."""
+    wg = tf.cast(g, acc.dtype) * tf.reshape(tf.cast(w, acc.dtype), _column(g))
+    return tf.tensor_scatter_nd_add(acc, idx[:, None], wg)
+
+
+def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
+           step: Callable[[np.ndarray, np.ndarray, np.ndarray], Any], acc: Any, label: str,
+           progress: bool | None) -> Any:
+    """Sums `weights(rep) * gradient` over the `reps * n` rows, `rows` at a time.
+
+    `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
+    r)` computes the gradient rows for example indices `idx`, copy numbers `rep`
+    and row numbers `r` (device tensors, `rows` of them). Returns the per-example
+    accumulator `acc` with every row's weighted gradient added."""
+    total = int(reps) * n
+    parts = -(-total // rows)
+    try:
+        with progress_bar(label, total, parts, progress) as advance:
+            for lo in range(0, total, rows):
+                r = np.arange(lo, lo + rows, dtype=np.int64)
+                valid = r < total
+                r = np.where(valid, r, r % n)  # padding: copy 0 of some example, weight 0
+                idx, rep = r % n, r // n
+                w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
+                g = step(idx, rep, r)
+                acc = accumulate(acc, g, tf.constant(idx), tf.constant(w))
+                advance(int(valid.sum()))
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+        raise GradprobeError(
+            f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
+            f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
+    return acc
 
 
 def input_gradients(model: Any, x: Any, target: Any, *, output: Any, training: bool,

@@ -10,12 +10,17 @@ import tensorflow as tf
 
 from gradprobe.attribution import (
     Attribution,
+    accumulator_dtype,
+    chunk_rows,
     fixed_target,
-    input_gradients,
-    repeat_target,
+    noisy,
+    row_bytes,
+    row_target,
     single_input,
+    stream,
     target_values,
 )
+from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
 from gradprobe.saliency import reduce_map
 
@@ -23,7 +28,8 @@ from gradprobe.saliency import reduce_map
 def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 25,
                noise: float = 0.15, seed: int | None = None, absolute: bool = True,
                reduce_channels: str | None = "max", output: Any = None, training: bool = False,
-               batch_size: int | None = None, progress: bool | None = None) -> Attribution:
+               batch_size: int | None = None, max_bytes: int | None = None,
+               progress: bool | None = None) -> Attribution:
     """SmoothGrad (Smilkov et al., 2017): the input gradient averaged over
     `samples` copies of each input with Gaussian noise added, then post-processed
     like `gp.saliency`.
@@ -32,31 +38,62 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
         samples: Noisy copies per example.
         noise: Noise standard deviation as a fraction of each example's value
             range (max - min).
-        seed: Makes the noise reproducible.
+        seed: Makes the noise reproducible. Copy `s` of example `i` of a batch of
+            `n` gets the noise `tf.random.stateless_normal(shape, seed=(seed,
+            s * n + i))`, whatever `batch_size` is. Without a seed, one is drawn
+            from NumPy's global generator (so `keras.utils.set_random_seed` makes
+            runs repeatable).
         absolute, reduce_channels: As in `gp.saliency` (applied after averaging).
-        batch_size: Compute in chunks of this many noisy copies (bounded memory);
-            a progress bar shows when there are several chunks.
+        batch_size: Evaluate this many noisy copies at a time (default: all
+            `samples x batch` at once). Each chunk is built only when it is
+            needed, so memory is bounded by `batch_size`, not by `samples`; every
+            chunk runs through one compiled function, and a progress bar shows
+            when there are several chunks.
+        max_bytes: Refuse (with the numbers and the fix) a request whose chunk
+            of noisy inputs and their gradients would need more than this many
+            bytes; default: the memory available now. The model's own
+            activations are not in this estimate.
         model, inputs, target, output, training: As in `gp.gradients`.
 
     Returns:
-        An `Attribution`: one map per example.
+        An `Attribution`: one map per example (gradients averaged in float32 at
+        least).
+
+    Example:
+
+    >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0)
+    >>> np.asarray(maps).shape    # (batch, height, width)
     """
     if int(samples) < 1:
         raise GradprobeError(f"samples must be >= 1; got {samples}.")
     if noise < 0:
         raise GradprobeError(f"noise must be >= 0; got {noise}.")
+    samples = int(samples)
     x = single_input(model, inputs, "gp.smoothgrad")
     n = int(x.shape[0])
+    rows = chunk_rows(what=f"gp.smoothgrad(samples={samples})", reps_name="samples",
+                      reps=samples, n=n, batch_size_=batch_size,
+                      per_row=row_bytes([x]) + row_bytes([tf.zeros([1, *x.shape[1:]],
+                                                                   accumulator_dtype(x.dtype))]),
+                      max_bytes=max_bytes)
     target = fixed_target(model, x, target, output, training)
+    wide = accumulator_dtype(x.dtype)
     axes = list(range(1, x.shape.rank))
-    span = tf.reduce_max(x, axis=axes, keepdims=True) - tf.reduce_min(x, axis=axes, keepdims=True)
-    rng = np.random.default_rng(seed)
-    eps = rng.standard_normal((int(samples), *x.shape)).astype(x.dtype.as_numpy_dtype)
-    noisy = tf.reshape(x[None] + noise * span[None] * eps, [-1, *x.shape[1:]])
-    g, _ = input_gradients(model, noisy, repeat_target(target, int(samples), n), output=output,
-                        training=training, batch_size_=batch_size, label="smoothgrad",
-                        progress=progress)
-    g = tf.reduce_mean(tf.reshape(g, [int(samples), n, *x.shape[1:]]), axis=0)
+    xw = tf.cast(x, wide)
+    span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
+                                                                        keepdims=True)
+    scale = tf.cast(noise, wide) * span
+    if seed is None:
+        seed = int(np.random.randint(0, 2**31 - 1))
+    seed_t = tf.constant(int(seed), tf.int64)
+
+    def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
+        rows_ = noisy(x, scale, tf.constant(idx), tf.constant(r), seed_t)
+        return gradients(model, rows_, row_target(target, idx), "inputs", output=output,
+                         training=training)["inputs"]
+
+    g = stream(n=n, reps=samples, rows=rows, weights=lambda s: np.full(s.shape, 1.0 / samples),
+               step=step, acc=tf.zeros(x.shape, wide), label="smoothgrad", progress=progress)
     return Attribution(reduce_map(g, absolute, reduce_channels),
                        target_values(model, x, target, output, training), "smoothgrad")
 
