@@ -82,7 +82,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     xw = tf.cast(x, wide)
     span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
                                                                         keepdims=True)
-    scale = tf.cast(noise, wide) * span
+    scale = tf.constant(float(noise), wide) * span
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
     seed_t = tf.constant(int(seed), tf.int64)
