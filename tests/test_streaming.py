@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
+from gradprobe.attribution import accumulate, interpolate, noisy
 from oracle import assert_close
 
 CHUNKINGS = [1, 7, None, 10_000]
@@ -145,11 +146,14 @@ def test_one_trace_for_any_number_of_chunks(kind):
                                        progress=False)
 
     run(4)  # traces what a chunk of 3 rows needs
+    helpers = [interpolate, noisy, accumulate]
+    traced = [f.experimental_get_tracing_count() for f in helpers]
     counts = []
     for reps in (4, 40, 120):  # 3, 27 and 80 chunks
         before = Counting.calls
         run(reps)
         counts.append(Counting.calls - before)
+    assert [f.experimental_get_tracing_count() for f in helpers] == traced
     # Only the fixed eager forward passes on the original inputs run Python code:
     # no chunk retraces, no chunk runs eagerly.
     assert counts[0] == counts[1] == counts[2], counts
