@@ -70,6 +70,8 @@ def test_ig_unchanged_by_chunking_against_tape(float64):
     want = _tape_ig(model, x, base, classes, steps)
     a_x, a_b = front(tf.constant(x)).numpy(), front(tf.constant(base)).numpy()
     want_layer = _tape_ig(back, a_x, a_b, classes, steps)
+    pick = lambda v: np.take_along_axis(model(v).numpy(), classes[:, None], 1)[:, 0]  # noqa: E731
+    f_x, f_b = pick(x), pick(base)
     for bs in CHUNKINGS:
         ig = gp.integrated_gradients(model, x, classes, baseline=base, steps=steps,
                                      batch_size=bs, progress=False)
@@ -79,6 +81,17 @@ def test_ig_unchanged_by_chunking_against_tape(float64):
                                       layer="fc", batch_size=bs, progress=False)
         assert lig.layer == "fc"
         assert_close(np.asarray(lig), want_layer, 1e-12)
+        for result, attr in ((ig, want), (lig, want_layer)):
+            assert_close(result.target, f_x, 1e-12)
+            sums = attr.reshape(len(x), -1).sum(1)
+            assert_close(result.delta, sums - (f_x - f_b), 1e-12, scale=np.abs(f_x - f_b).max())
+    # Gauss-Legendre (no end points among the nodes) and a callable target: f(x)
+    # and f(baseline) come from separate forward passes.
+    ig = gp.integrated_gradients(model, x, lambda y: y[:, 1], baseline=base, steps=steps,
+                                 method="gausslegendre", batch_size=5, progress=False)
+    f1 = model(x).numpy()[:, 1] - model(base).numpy()[:, 1]
+    assert_close(ig.delta, np.asarray(ig).reshape(len(x), -1).sum(1) - f1, 1e-12,
+                 scale=np.abs(f1).max())
     # "predicted" is resolved once on the inputs: each chunk keeps each example's class.
     pred = np.argmax(model(x).numpy(), axis=-1)
     ig = gp.integrated_gradients(model, x, "predicted", baseline=base, steps=steps, batch_size=4,

@@ -81,19 +81,6 @@ def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -
     return np.argmax(np.asarray(scores), axis=-1)
 
 
-def repeat_target(target: Any, times: int, n: int) -> Any:
-    """The target for `times` stacked copies of a batch of `n` (copy-major)."""
-    if isinstance(target, LossTarget):
-        sw = target.sample_weight
-        return LossTarget(target.fn, _tile(target.y_true, times),
-                          None if sw is None else _tile(sw, times))
-    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
-        arr = np.asarray(target)
-        if arr.ndim == 1 and arr.shape[0] == n:
-            return np.tile(arr, times)
-    return target
-
-
 def slice_target(target: Any, start: int, stop: int) -> Any:
     """The target for rows `start:stop` of the batch."""
     if isinstance(target, LossTarget):
@@ -105,11 +92,6 @@ def slice_target(target: Any, start: int, stop: int) -> Any:
         if arr.ndim == 1:
             return arr[start:stop]
     return target
-
-
-def _tile(a: Any, times: int) -> np.ndarray:
-    a = np.asarray(a)
-    return np.tile(a, (times,) + (1,) * (a.ndim - 1))
 
 
 def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
@@ -255,13 +237,13 @@ def _column(x: Any) -> Any:
 
 @tf.function(reduce_retracing=True)
 def interpolate(x: Any, base: Any, idx: Any, alpha: Any) -> Any:
-    """Rows `base[idx] + alpha * (x[idx] - base[idx])`, computed in float32 or
-    wider and returned in `x`'s dtype."""
+    """Rows `(1 - alpha) * base[idx] + alpha * x[idx]` (exactly `x` at alpha 1
+    and `base` at 0), computed in float32 or wider and returned in `x`'s dtype."""
     wide = accumulator_dtype(x.dtype)
     xs = tf.cast(tf.gather(x, idx), wide)
     bs = tf.cast(tf.gather(base, idx), wide)
     a = tf.reshape(tf.cast(alpha, wide), _column(x))
-    return tf.cast(bs + a * (xs - bs), x.dtype)
+    return tf.cast((1 - a) * bs + a * xs, x.dtype)
 
 
 @tf.function(reduce_retracing=True)
@@ -287,16 +269,20 @@ def accumulate(acc: Any, g: Any, idx: Any, w: Any) -> Any:
 
 
 def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
-           step: Callable[[np.ndarray, np.ndarray, np.ndarray], Any], acc: Any, label: str,
-           progress: bool | None) -> Any:
+           step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any]], acc: Any,
+           label: str, progress: bool | None,
+           keep: tuple[int, ...] = ()) -> tuple[Any, dict[int, Any]]:
     """Sums `weights(rep) * gradient` over the `reps * n` rows, `rows` at a time.
 
     `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
-    r)` computes the gradient rows for example indices `idx`, copy numbers `rep`
-    and row numbers `r` (device tensors, `rows` of them). Returns the per-example
-    accumulator `acc` with every row's weighted gradient added."""
+    r)` returns `(gradient rows, target values)` for example indices `idx`, copy
+    numbers `rep` and row numbers `r` (`rows` of each). Returns the per-example
+    accumulator `acc` with every row's weighted gradient added, and for each copy
+    number in `keep` the per-example target values of that copy (`None` when the
+    target is not per example), gathered on the way at no extra cost."""
     total = int(reps) * n
     parts = -(-total // rows)
+    kept: dict[int, Any] = {}
     try:
         with progress_bar(label, total, parts, progress) as advance:
             for lo in range(0, total, rows):
@@ -305,14 +291,31 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 r = np.where(valid, r, r % n)  # padding: copy 0 of some example, weight 0
                 idx, rep = r % n, r // n
                 w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
-                g = step(idx, rep, r)
+                g, values = step(idx, rep, r)
                 acc = accumulate(acc, g, tf.constant(idx), tf.constant(w))
+                for k in keep:
+                    at = np.nonzero(valid & (rep == k))[0]
+                    if at.size:
+                        kept[k] = _keep_values(kept.get(k, 0), values, idx, at, n, rows)
                 advance(int(valid.sum()))
     except (tf.errors.ResourceExhaustedError, MemoryError) as e:
         raise GradprobeError(
             f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
             f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
-    return acc
+    return acc, kept
+
+
+def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: int,
+                 rows: int) -> Any:
+    """`so_far` (per-example values, or 0 at first) updated with `values[at]` at
+    examples `idx[at]`; `None` once the target turns out not to be per example."""
+    if so_far is None or getattr(values, "shape", None) is None or \
+            tuple(values.shape) != (rows,):
+        return None
+    if isinstance(so_far, int):
+        so_far = tf.zeros([n], values.dtype)
+    return tf.tensor_scatter_nd_update(so_far, tf.constant(idx[at])[:, None],
+                                       tf.gather(values, tf.constant(at)))
 
 
 def input_gradients(model: Any, x: Any, target: Any, *, output: Any, training: bool,

@@ -123,26 +123,30 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     target = fixed_target(model, x, target, output, training)
     base = tf.zeros_like(x) if baseline is None else tf.broadcast_to(
         tf.cast(baseline, x.dtype), tf.shape(x))
-    f_x = target_values(model, x, target, output, training)
-    f_b = target_values(model, base, target, output, training)
     wide = accumulator_dtype(x.dtype)
+    # The trapezoid rule evaluates f at alpha = 0 and 1: f(baseline) and f(x) come
+    # with the chunks (for per-example targets); otherwise two forward passes.
+    ends = (0, rule.steps - 1) if method == "riemann_trapezoid" else ()
 
     if layer is None:
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             path = interpolate(x, base, tf.constant(idx), tf.constant(rule.alphas(k)))
-            return gradients(model, path, row_target(target, idx), "inputs", output=output,
-                             training=training)["inputs"]
+            g = gradients(model, path, row_target(target, idx), "inputs", output=output,
+                          training=training)
+            return g["inputs"], g.target
 
-        avg = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                     acc=tf.zeros(x.shape, wide), label=label, progress=progress)
+        avg, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                           acc=tf.zeros(x.shape, wide), label=label, progress=progress,
+                           keep=ends)
         attributions = (tf.cast(x, wide) - tf.cast(base, wide)) * avg
         key = None
     else:
         ga = gradients(model, x, target, layer, output=output, training=training)
         key = layer_key(ga, layer)
         a_x = ga.activations[key]
-        a_b = gradients(model, base, target, key, output=output, training=training,
-                        unconnected="zero").activations[key]
+        gb = gradients(model, base, target, key, output=output, training=training,
+                       unconnected="zero")
+        a_b = gb.activations[key]
         wide = tf.float64 if tf.float64 in (wide, a_x.dtype) else tf.float32
         rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps}, layer={key!r})",
                           reps_name="steps", reps=rule.steps, n=n, batch_size_=batch_size,
@@ -151,13 +155,24 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             ti = tf.constant(idx)
             path = interpolate(a_x, a_b, ti, tf.constant(rule.alphas(k)))
-            return gradients_at(model, tf.gather(x, ti), row_target(target, idx), key, path,
-                                output=output, training=training)[key]
+            g = gradients_at(model, tf.gather(x, ti), row_target(target, idx), key, path,
+                             output=output, training=training)
+            return g[key], g.target
 
-        avg = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                     acc=tf.zeros(a_x.shape, wide), label=label, progress=progress)
+        avg, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                           acc=tf.zeros(a_x.shape, wide), label=label, progress=progress)
+        kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
+        ends = (0, rule.steps - 1)
         attributions = (tf.cast(a_x, wide) - tf.cast(a_b, wide)) * avg
+    f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
+    if not (_per_example(f_x, n) and _per_example(f_b, n)):
+        f_x = target_values(model, x, target, output, training)
+        f_b = target_values(model, base, target, output, training)
     sums = tf.reduce_sum(tf.reshape(attributions, [n, -1]), axis=1)
     delta_dtype = tf.float64 if tf.float64 in (wide, f_x.dtype) else tf.float32
     delta = tf.cast(sums, delta_dtype) - (tf.cast(f_x, delta_dtype) - tf.cast(f_b, delta_dtype))
     return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key)
+
+
+def _per_example(values: Any, n: int) -> bool:
+    return values is not None and tuple(getattr(values, "shape", ())) == (n,)

@@ -90,10 +90,11 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
         rows_ = noisy(x, scale, tf.constant(idx), tf.constant(r), seed_t)
         return gradients(model, rows_, row_target(target, idx), "inputs", output=output,
-                         training=training)["inputs"]
+                         training=training)["inputs"], None
 
-    g = stream(n=n, reps=samples, rows=rows, weights=lambda s: np.full(s.shape, 1.0 / samples),
-               step=step, acc=tf.zeros(x.shape, wide), label="smoothgrad", progress=progress)
+    g, _ = stream(n=n, reps=samples, rows=rows, weights=lambda s: np.full(s.shape, 1.0 / samples),
+                  step=step, acc=tf.zeros(x.shape, wide), label="smoothgrad",
+                  progress=progress)
     return Attribution(reduce_map(g, absolute, reduce_channels),
                        target_values(model, x, target, output, training), "smoothgrad")
 
