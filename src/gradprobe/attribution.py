@@ -29,7 +29,10 @@ class Attribution:
     """Per-example attribution maps from one method.
 
     `np.asarray(result)` gives the maps (one per example, never averaged over
-    the batch), `result.values` the same as a tensor.
+    the batch), `result.values` the same as a tensor. For a model with several
+    inputs (a list, tuple or dict), `result.values` has the inputs' structure,
+    with one map per floating-point input and `None` where an input (token ids,
+    a mask) was held fixed; `result[name]` gives one map.
 
     Attributes:
         values: The maps, a tensor with a leading batch axis.
@@ -38,32 +41,67 @@ class Attribution:
             (Integrated Gradients: sum of attributions minus (f(x) - f(baseline))).
         method: The method's name.
         layer: The layer key, for layer methods.
+        fixed: Keys of the inputs held fixed because they are not floating point
+            (`"inputs:padding_mask"`).
     """
 
     def __init__(self, values: Any, target: Any, method: str, delta: Any = None,
-                 layer: str | None = None):
+                 layer: str | None = None, fixed: tuple[str, ...] = ()):
         self.values = values
         self.target = target
         self.method = method
         self.delta = delta
         self.layer = layer
+        self.fixed = tuple(fixed)
+
+    def _single(self) -> Any:
+        if isinstance(self.values, (list, tuple, dict)):
+            raise GradprobeError(
+                f"This attribution has one map per model input ({self._describe()}); take "
+                "one with result.values[...] (or result[...]) before converting to an array.")
+        return self.values
+
+    def _describe(self) -> str:
+        if isinstance(self.values, dict):
+            return ", ".join(repr(k) for k, v in self.values.items() if v is not None)
+        return f"{len(self.values)} inputs"
+
+    def __getitem__(self, key: Any) -> Any:
+        """The map of one model input (multi-input models), by dict key or index."""
+        if not isinstance(self.values, (list, tuple, dict)):
+            raise GradprobeError("result[...] selects one input of a multi-input model; "
+                                 "this attribution has a single map: use np.asarray(result).")
+        try:
+            value = self.values[key]
+        except (KeyError, IndexError, TypeError):
+            raise GradprobeError(
+                f"No attribution for input {key!r}; the attributed inputs are "
+                f"{self._describe()}.") from None
+        if value is None:
+            raise GradprobeError(
+                f"Input {key!r} is not floating point: it was held fixed (fixed={self.fixed}).")
+        return value
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = np.asarray(self.values)
+        arr = np.asarray(self._single())
         return arr.astype(dtype) if dtype is not None else arr
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self.values)
+        return np.asarray(self._single())
 
     @property
     def shape(self) -> tuple:
-        return tuple(self.values.shape)
+        return tuple(self._single().shape)
 
     def __len__(self) -> int:
-        return int(self.values.shape[0])
+        first = next(v for v in keras.tree.flatten(self.values) if v is not None)
+        return int(first.shape[0])
 
     def __repr__(self) -> str:
         extra = f", layer={self.layer!r}" if self.layer else ""
+        extra += f", fixed={self.fixed!r}" if self.fixed else ""
+        if isinstance(self.values, (list, tuple, dict)):
+            return f"Attribution(method={self.method!r}, inputs=[{self._describe()}]{extra})"
         return f"Attribution(method={self.method!r}, shape={self.shape}{extra})"
 
 
@@ -276,8 +314,9 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
 
     `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
     r)` returns `(gradient rows, target values)` for example indices `idx`, copy
-    numbers `rep` and row numbers `r` (`rows` of each). Returns the per-example
-    accumulator `acc` with every row's weighted gradient added, and for each copy
+    numbers `rep` and row numbers `r` (`rows` of each), the gradient rows as a
+    list (one per attributed tensor). Returns the per-example accumulators `acc`
+    (a list) with every row's weighted gradient added, and for each copy
     number in `keep` the per-example target values of that copy (`None` when the
     target is not per example), gathered on the way at no extra cost."""
     total = int(reps) * n
@@ -292,7 +331,8 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 idx, rep = r % n, r // n
                 w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
                 g, values = step(idx, rep, r)
-                acc = accumulate(acc, g, tf.constant(idx), tf.constant(w))
+                ti, tw = tf.constant(idx), tf.constant(w)
+                acc = [accumulate(a, gj, ti, tw) for a, gj in zip(acc, g)]
                 for k in keep:
                     at = np.nonzero(valid & (rep == k))[0]
                     if at.size:
@@ -318,26 +358,126 @@ def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: i
                                        tf.gather(values, tf.constant(at)))
 
 
-def input_gradients(model: Any, x: Any, target: Any, *, output: Any, training: bool,
+class ModelInputs:
+    """The prepared inputs of an attribution call, as flat leaves: which ones are
+    floating point (attributed) and which are held fixed (token ids, masks).
+
+    Attributes:
+        x: The inputs as the model takes them (a tensor or a list/tuple/dict).
+        leaves: The flat list of input tensors.
+        keys: Their result keys: `"inputs"`, or `"inputs:0"`, `"inputs:name"`.
+        floating: Indices of the floating-point leaves.
+    """
+
+    def __init__(self, model: Any, inputs: Any):
+        self.x = prepare_inputs(model, inputs)
+        ensure_built(model, self.x)
+        self.leaves = keras.tree.flatten(self.x)
+        self.keys = input_keys(self.x)
+        self.floating = [i for i, t in enumerate(self.leaves) if t.dtype.is_floating]
+        self.structured = isinstance(self.x, (list, tuple, dict))
+        self.n = batch_size(self.x)
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Keys of the inputs held fixed (not floating point)."""
+        return tuple(k for i, k in enumerate(self.keys) if i not in self.floating)
+
+    @property
+    def float_keys(self) -> list[str]:
+        return [self.keys[i] for i in self.floating]
+
+    def require_floating(self, what: str) -> None:
+        if self.floating:
+            return
+        ints = ", ".join(f"{k!r} ({self.leaves[i].dtype.name})" for i, k in enumerate(self.keys))
+        raise GradprobeError(
+            f"{what} needs floating-point inputs to attribute to; this model's inputs are "
+            f"{ints}. For token ids, attribute to the embedding layer's output instead "
+            "(gp.integrated_gradients(..., layer=<embedding layer>)).")
+
+    def pack(self, per_leaf: dict[int, Any]) -> Any:
+        """`per_leaf` (leaf index -> tensor) in the inputs' structure, with `None`
+        at fixed inputs; a plain tensor for a single-input model."""
+        if not self.structured:
+            return per_leaf[0]
+        return keras.tree.pack_sequence_as(self.x, [per_leaf.get(i) for i in
+                                                    range(len(self.leaves))])
+
+    def pack_all(self, leaves: list[Any]) -> Any:
+        """A full list of leaves in the inputs' structure."""
+        return leaves[0] if not self.structured else keras.tree.pack_sequence_as(self.x, leaves)
+
+    def rows(self, idx: Any, replaced: dict[int, Any] | None = None) -> Any:
+        """The inputs for rows `idx` (example indices), with the leaves in
+        `replaced` (index -> rows) taken from there instead."""
+        replaced = replaced or {}
+        flat = [replaced[i] if i in replaced else tf.gather(t, idx)
+                for i, t in enumerate(self.leaves)]
+        return flat[0] if not self.structured else keras.tree.pack_sequence_as(self.x, flat)
+
+    def baseline(self, baseline: Any, hold_fixed: bool) -> list[Any]:
+        """The baseline of every leaf, broadcast to the inputs' shapes: zeros by
+        default, except that with `hold_fixed` a fixed (integer) leaf is its own
+        baseline (it is held at its value along the path)."""
+        if baseline is None:
+            given = [None] * len(self.leaves)
+        elif not self.structured:
+            given = [baseline]
+        else:
+            given = None
+            if isinstance(baseline, dict) and isinstance(self.x, dict):
+                given = [baseline.get(k) for k in sorted(self.x)]
+                unknown = set(baseline) - set(self.x)
+                given = None if unknown else given
+            elif isinstance(baseline, (list, tuple)) and isinstance(self.x, (list, tuple)):
+                given = list(baseline)
+            if given is None or len(given) != len(self.leaves):
+                raise GradprobeError(
+                    f"baseline must have the inputs' structure ({len(self.leaves)} inputs: "
+                    f"{', '.join(self.keys)}), with None where the default applies; got "
+                    f"{type(baseline).__name__}.")
+        out = []
+        for i, (t, b) in enumerate(zip(self.leaves, given)):
+            if hold_fixed and i not in self.floating:
+                out.append(t)
+            elif b is None:
+                out.append(tf.zeros_like(t))
+            else:
+                out.append(tf.broadcast_to(tf.cast(b, t.dtype), tf.shape(t)))
+        return out
+
+
+def input_keys(x: Any) -> list[str]:
+    """Result keys of the input leaves (as `gp.gradients` names them)."""
+    from gradprobe.capture import input_keys as keys
+
+    return keys(x)
+
+
+def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, training: bool,
                     batch_size_: int | None = None, label: str = "gradients",
-                    progress: bool | None = None) -> tuple[Any, Any]:
-    """`(d target / d input, target values)` for a (possibly large) batch, in chunks.
-    The target values are per example, or `None` for a scalar target."""
-    n = batch_size(x)
+                    progress: bool | None = None) -> tuple[dict[int, Any], Any]:
+    """`({leaf index: d target / d input}, target values)` for every floating input
+    of a (possibly large) batch, in chunks. The target values are per example, or
+    `None` for a scalar target."""
+    keys = mi.float_keys
 
     def run(a: int, b: int) -> Any:
-        xs = keras.tree.map_structure(lambda t: t[a:b], x)
-        g = gradients(model, xs, slice_target(target, a, b), "inputs", output=output,
+        xs = keras.tree.map_structure(lambda t: t[a:b], mi.x)
+        g = gradients(model, xs, slice_target(target, a, b), keys, output=output,
                       training=training)
-        return g["inputs"], g.target
+        return [g[k] for k in keys], g.target
 
-    parts = batched(run, n, batch_size_, label, progress)
-    if len(parts) == 1:
-        return parts[0]
+    parts = batched(run, mi.n, batch_size_, label, progress)
     values = [t for _, t in parts]
     per_example = all(getattr(t, "shape", ()) and t.shape.rank == 1 for t in values)
-    return (tf.concat([g for g, _ in parts], axis=0),
-            tf.concat(values, axis=0) if per_example else None)
+    if len(parts) == 1:
+        grads, value = parts[0][0], (values[0] if per_example else None)
+    else:
+        grads = [tf.concat([p[0][j] for p in parts], axis=0) for j in range(len(keys))]
+        value = tf.concat(values, axis=0) if per_example else None
+    return dict(zip(mi.floating, grads)), value
 
 
 def single_input(model: Any, inputs: Any, what: str) -> Any:

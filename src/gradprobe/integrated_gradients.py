@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from gradprobe.attribution import (
     Attribution,
+    ModelInputs,
     accumulator_dtype,
     chunk_rows,
     fixed_target,
@@ -18,7 +19,6 @@ from gradprobe.attribution import (
     layer_key,
     row_bytes,
     row_target,
-    single_input,
     stream,
     target_values,
 )
@@ -114,32 +114,39 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     >>> np.abs(ig.delta).max()    # small when the integral is well approximated
     """
     rule = IntegrationRule(steps, method)
-    x = single_input(model, inputs, "gp.integrated_gradients")
-    n = int(x.shape[0])
+    mi = ModelInputs(model, inputs)
+    if layer is None:
+        mi.require_floating("gp.integrated_gradients")
+    n, x = mi.n, mi.x
     label = "integrated gradients" if layer is None else "layer integrated gradients"
     rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps})", reps_name="steps",
-                      reps=rule.steps, n=n, batch_size_=batch_size, per_row=row_bytes([x]),
+                      reps=rule.steps, n=n, batch_size_=batch_size, per_row=row_bytes(mi.leaves),
                       max_bytes=max_bytes)
     target = fixed_target(model, x, target, output, training)
-    base = tf.zeros_like(x) if baseline is None else tf.broadcast_to(
-        tf.cast(baseline, x.dtype), tf.shape(x))
-    wide = accumulator_dtype(x.dtype)
+    bases = mi.baseline(baseline, hold_fixed=layer is None)
+    base = mi.pack_all(bases)
     # The trapezoid rule evaluates f at alpha = 0 and 1: f(baseline) and f(x) come
     # with the chunks (for per-example targets); otherwise two forward passes.
     ends = (0, rule.steps - 1) if method == "riemann_trapezoid" else ()
 
     if layer is None:
-        def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
-            path = interpolate(x, base, tf.constant(idx), tf.constant(rule.alphas(k)))
-            g = gradients(model, path, row_target(target, idx), "inputs", output=output,
-                          training=training)
-            return g["inputs"], g.target
+        keys, floating = mi.float_keys, mi.floating
 
-        avg, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                           acc=tf.zeros(x.shape, wide), label=label, progress=progress,
-                           keep=ends)
-        attributions = (tf.cast(x, wide) - tf.cast(base, wide)) * avg
-        key = None
+        def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
+            ti, alphas = tf.constant(idx), tf.constant(rule.alphas(k))
+            path = {i: interpolate(mi.leaves[i], bases[i], ti, alphas) for i in floating}
+            g = gradients(model, mi.rows(ti, path), row_target(target, idx), keys,
+                          output=output, training=training)
+            return [g[key] for key in keys], g.target
+
+        wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
+        acc, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                           acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                           label=label, progress=progress, keep=ends)
+        per_leaf = {i: (tf.cast(mi.leaves[i], wide[i]) - tf.cast(bases[i], wide[i])) * a
+                    for i, a in zip(floating, acc)}
+        attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
+        parts = list(per_leaf.values())
     else:
         ga = gradients(model, x, target, layer, output=output, training=training)
         key = layer_key(ga, layer)
@@ -147,31 +154,35 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         gb = gradients(model, base, target, key, output=output, training=training,
                        unconnected="zero")
         a_b = gb.activations[key]
-        wide = tf.float64 if tf.float64 in (wide, a_x.dtype) else tf.float32
+        wide = accumulator_dtype(a_x.dtype)
         rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps}, layer={key!r})",
                           reps_name="steps", reps=rule.steps, n=n, batch_size_=batch_size,
-                          per_row=row_bytes([x, a_x]), max_bytes=max_bytes)
+                          per_row=row_bytes([*mi.leaves, a_x]), max_bytes=max_bytes)
 
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             ti = tf.constant(idx)
             path = interpolate(a_x, a_b, ti, tf.constant(rule.alphas(k)))
-            g = gradients_at(model, tf.gather(x, ti), row_target(target, idx), key, path,
+            g = gradients_at(model, mi.rows(ti), row_target(target, idx), key, path,
                              output=output, training=training)
-            return g[key], g.target
+            return [g[key]], g.target
 
-        avg, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                           acc=tf.zeros(a_x.shape, wide), label=label, progress=progress)
+        acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                        acc=[tf.zeros(a_x.shape, wide)], label=label, progress=progress)
         kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
         ends = (0, rule.steps - 1)
-        attributions = (tf.cast(a_x, wide) - tf.cast(a_b, wide)) * avg
+        attributions = (tf.cast(a_x, wide) - tf.cast(a_b, wide)) * acc[0]
+        parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
     if not (_per_example(f_x, n) and _per_example(f_b, n)):
         f_x = target_values(model, x, target, output, training)
         f_b = target_values(model, base, target, output, training)
-    sums = tf.reduce_sum(tf.reshape(attributions, [n, -1]), axis=1)
-    delta_dtype = tf.float64 if tf.float64 in (wide, f_x.dtype) else tf.float32
+    wide = tf.float64 if any(p.dtype == tf.float64 for p in parts) else tf.float32
+    sums = tf.add_n([tf.reduce_sum(tf.reshape(tf.cast(p, wide), [n, -1]), axis=1)
+                     for p in parts])
+    delta_dtype = tf.float64 if tf.float64 in (sums.dtype, f_x.dtype) else tf.float32
     delta = tf.cast(sums, delta_dtype) - (tf.cast(f_x, delta_dtype) - tf.cast(f_b, delta_dtype))
-    return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key)
+    return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key,
+                       fixed=fixed)
 
 
 def _per_example(values: Any, n: int) -> bool:

@@ -10,13 +10,13 @@ import tensorflow as tf
 
 from gradprobe.attribution import (
     Attribution,
+    ModelInputs,
     accumulator_dtype,
     chunk_rows,
     fixed_target,
     noisy,
     row_bytes,
     row_target,
-    single_input,
     stream,
     target_values,
 )
@@ -39,8 +39,9 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
         noise: Noise standard deviation as a fraction of each example's value
             range (max - min).
         seed: Makes the noise reproducible. Copy `s` of example `i` of a batch of
-            `n` gets the noise `tf.random.stateless_normal(shape, seed=(seed,
-            s * n + i))`, whatever `batch_size` is. Without a seed, one is drawn
+            `n` gets the noise `tf.random.stateless_normal(shape, seed=(seed + j,
+            s * n + i))` on its `j`-th floating-point input, whatever
+            `batch_size` is. Without a seed, one is drawn
             from NumPy's global generator (so `keras.utils.set_random_seed` makes
             runs repeatable).
         absolute, reduce_channels: As in `gp.saliency` (applied after averaging).
@@ -69,34 +70,40 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     if noise < 0:
         raise GradprobeError(f"noise must be >= 0; got {noise}.")
     samples = int(samples)
-    x = single_input(model, inputs, "gp.smoothgrad")
-    n = int(x.shape[0])
+    mi = ModelInputs(model, inputs)
+    mi.require_floating("gp.smoothgrad")
+    n, floating, keys = mi.n, mi.floating, mi.float_keys
+    wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
+    noise_bytes = row_bytes([tf.zeros([1, *mi.leaves[i].shape[1:]], wide[i]) for i in floating])
     rows = chunk_rows(what=f"gp.smoothgrad(samples={samples})", reps_name="samples",
                       reps=samples, n=n, batch_size_=batch_size,
-                      per_row=row_bytes([x]) + row_bytes([tf.zeros([1, *x.shape[1:]],
-                                                                   accumulator_dtype(x.dtype))]),
-                      max_bytes=max_bytes)
-    target = fixed_target(model, x, target, output, training)
-    wide = accumulator_dtype(x.dtype)
-    axes = list(range(1, x.shape.rank))
-    xw = tf.cast(x, wide)
-    span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
-                                                                        keepdims=True)
-    scale = tf.constant(float(noise), wide) * span
+                      per_row=row_bytes(mi.leaves) + noise_bytes, max_bytes=max_bytes)
+    target = fixed_target(model, mi.x, target, output, training)
+    scales = {}
+    for i in floating:
+        xw = tf.cast(mi.leaves[i], wide[i])
+        axes = list(range(1, xw.shape.rank))
+        span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
+                                                                            keepdims=True)
+        scales[i] = tf.constant(float(noise), wide[i]) * span
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
-    seed_t = tf.constant(int(seed), tf.int64)
 
     def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
-        rows_ = noisy(x, scale, tf.constant(idx), tf.constant(r), seed_t)
-        return gradients(model, rows_, row_target(target, idx), "inputs", output=output,
-                         training=training)["inputs"], None
+        ti, tr = tf.constant(idx), tf.constant(r)
+        new = {i: noisy(mi.leaves[i], scales[i], ti, tr, tf.constant(int(seed) + j, tf.int64))
+               for j, i in enumerate(floating)}
+        g = gradients(model, mi.rows(ti, new), row_target(target, idx), keys, output=output,
+                      training=training)
+        return [g[k] for k in keys], None
 
-    g, _ = stream(n=n, reps=samples, rows=rows, weights=lambda s: np.full(s.shape, 1.0 / samples),
-                  step=step, acc=tf.zeros(x.shape, wide), label="smoothgrad",
-                  progress=progress)
-    return Attribution(reduce_map(g, absolute, reduce_channels),
-                       target_values(model, x, target, output, training), "smoothgrad")
+    acc, _ = stream(n=n, reps=samples, rows=rows,
+                    weights=lambda s: np.full(s.shape, 1.0 / samples), step=step,
+                    acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                    label="smoothgrad", progress=progress)
+    maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
+    return Attribution(mi.pack(maps), target_values(model, mi.x, target, output, training),
+                       "smoothgrad", fixed=mi.fixed)
 
 
 __all__ = ["smoothgrad"]
