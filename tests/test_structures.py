@@ -143,6 +143,8 @@ def test_integrated_gradients_on_dict_inputs_against_tape(float64, ids):
         assert_close(ig.delta, sums - f_diff, 1e-12, scale=np.abs(f_diff).max())
     with pytest.raises(gp.GradprobeError, match="structure"):
         gp.integrated_gradients(model, x, 0, baseline={"c": 1.0})
+    with pytest.raises(gp.GradprobeError, match="'inputs:a' has shape \\(5, 5\\)"):
+        gp.integrated_gradients(model, x, 0, baseline={"a": np.zeros((5, 5))})
 
 
 @pytest.mark.parametrize("ids", [False, True])

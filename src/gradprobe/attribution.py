@@ -444,7 +444,15 @@ class ModelInputs:
             elif b is None:
                 out.append(tf.zeros_like(t))
             else:
-                out.append(tf.broadcast_to(tf.cast(b, t.dtype), tf.shape(t)))
+                b = np.asarray(b) if not tf.is_tensor(b) else b
+                try:
+                    out.append(tf.broadcast_to(tf.cast(b, t.dtype), tf.shape(t)))
+                except (tf.errors.InvalidArgumentError, ValueError):
+                    raise GradprobeError(
+                        f"The baseline of {self.keys[i]!r} has shape {tuple(b.shape)}, which "
+                        f"does not broadcast to that input's shape {tuple(t.shape)}. Pass an "
+                        "array of the input's shape, one example's shape, or a scalar."
+                    ) from None
         return out
 
 

@@ -85,7 +85,10 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     Args:
         baseline: Same shape as the inputs, or broadcastable; default zeros. With
             `layer=`, the baseline is an *input* baseline whose activation at the
-            layer is the layer baseline.
+            layer is the layer baseline. For a model with several inputs, the
+            inputs' structure (`None` where zeros apply). Integer inputs (token
+            ids, masks) are held at their values along the path; with `layer=`
+            they have a baseline too (default zeros, e.g. the pad token).
         steps: Integration points.
         method: `"riemann_trapezoid"` or `"gausslegendre"` (at most 1024 steps).
         layer: Attribute to this layer's activations (layer Integrated Gradients,
@@ -100,7 +103,10 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
             of interpolated inputs and their gradients would need more than this
             many bytes; default: the memory available now. The model's own
             activations are not in this estimate.
-        model, inputs, target, output, training: As in `gp.gradients`.
+        model, inputs, target, output, training: As in `gp.gradients`. With
+            several inputs (list, tuple or dict) the attributions have the same
+            structure: one per floating-point input, `None` for the integer
+            inputs held fixed (listed in `result.fixed`).
 
     Returns:
         An `Attribution` with `.delta`, the per-example completeness error

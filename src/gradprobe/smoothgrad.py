@@ -54,7 +54,10 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
             of noisy inputs and their gradients would need more than this many
             bytes; default: the memory available now. The model's own
             activations are not in this estimate.
-        model, inputs, target, output, training: As in `gp.gradients`.
+        model, inputs, target, output, training: As in `gp.gradients`. With
+            several inputs (list, tuple or dict) the maps have the same
+            structure: one per floating-point input (each with its own noise
+            scale), `None` for the integer inputs held fixed (`result.fixed`).
 
     Returns:
         An `Attribution`: one map per example (gradients averaged in float32 at
