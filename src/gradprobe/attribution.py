@@ -237,16 +237,18 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
            f"all {reps_name}={reps:,} x {n} example(s) at once (batch_size=None)")
     fit = limit // (per_row * _BYTES_FACTOR)
     if fit >= 1:
-        fix = (f"Pass a smaller batch_size (at most {fit:,} rows fit by this estimate, which "
-               f"leaves out the model's own activations: try batch_size={min(fit, 32):,})")
+        fix = (f"Pass {'a smaller ' if batch_size_ else ''}batch_size (at most {fit:,} rows fit "
+               "by this estimate, which leaves out the model's own activations: try "
+               f"batch_size={min(fit, 32):,})")
+        if not batch_size_:
+            fix += f" or fewer {reps_name}"
     else:
-        fix = "Even one row does not fit: use smaller inputs"
+        fix = "Even one row does not fit: use fewer or smaller inputs"
     raise GradprobeError(
         f"{what} would evaluate {rows:,} modified inputs per chunk ({how}); their inputs and "
         f"gradients alone need {need:,} bytes ({need / 2**30:.2f} GiB), more than {named}. "
-        f"{fix}, or fewer {reps_name}"
-        + (", or raise max_bytes." if max_bytes is not None else
-           ", or pass max_bytes= to set the limit yourself."))
+        + fix + (", or raise max_bytes." if max_bytes is not None else
+                 ", or pass max_bytes= to set the limit yourself."))
 
 
 def row_target(target: Any, idx: np.ndarray) -> Any:
