@@ -14,13 +14,13 @@ from gradprobe.attribution import (
     ModelInputs,
     accumulator_dtype,
     chunk_rows,
+    compiled_target_values,
     fixed_target,
     interpolate,
     layer_key,
     row_bytes,
     row_target,
     stream,
-    target_values,
 )
 from gradprobe.engine import gradients, gradients_at
 from gradprobe.errors import GradprobeError
@@ -180,8 +180,8 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
     if not (_per_example(f_x, n) and _per_example(f_b, n)):
-        f_x = target_values(model, x, target, output, training)
-        f_b = target_values(model, base, target, output, training)
+        f_x = compiled_target_values(model, x, target, output, training)
+        f_b = compiled_target_values(model, base, target, output, training)
     wide = tf.float64 if any(p.dtype == tf.float64 for p in parts) else tf.float32
     sums = tf.add_n([tf.reduce_sum(tf.reshape(tf.cast(p, wide), [n, -1]), axis=1)
                      for p in parts])

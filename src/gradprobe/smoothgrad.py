@@ -13,12 +13,12 @@ from gradprobe.attribution import (
     ModelInputs,
     accumulator_dtype,
     chunk_rows,
+    compiled_target_values,
     fixed_target,
     noisy,
     row_bytes,
     row_target,
     stream,
-    target_values,
 )
 from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
@@ -105,8 +105,8 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
                     acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
                     label="smoothgrad", progress=progress)
     maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
-    return Attribution(mi.pack(maps), target_values(model, mi.x, target, output, training),
-                       "smoothgrad", fixed=mi.fixed)
+    values = compiled_target_values(model, mi.x, target, output, training)
+    return Attribution(mi.pack(maps), values, "smoothgrad", fixed=mi.fixed)
 
 
 __all__ = ["smoothgrad"]
