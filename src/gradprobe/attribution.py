@@ -4,6 +4,8 @@ input or layer gradients for a target resolved once on the original inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradprobe import _validate
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.targets import (
@@ -27,7 +30,10 @@ class Attribution:
     """Per-example attribution maps from one method.
 
     `np.asarray(result)` gives the maps (one per example, never averaged over
-    the batch), `result.values` the same as a tensor.
+    the batch), `result.values` the same as a tensor. For a model with several
+    inputs (a list, tuple or dict), `result.values` has the inputs' structure,
+    with one map per floating-point input and `None` where an input (token ids,
+    a mask) was held fixed; `result[name]` gives one map.
 
     Attributes:
         values: The maps, a tensor with a leading batch axis.
@@ -36,32 +42,67 @@ class Attribution:
             (Integrated Gradients: sum of attributions minus (f(x) - f(baseline))).
         method: The method's name.
         layer: The layer key, for layer methods.
+        fixed: Keys of the inputs held fixed because they are not floating point
+            (`"inputs:padding_mask"`).
     """
 
     def __init__(self, values: Any, target: Any, method: str, delta: Any = None,
-                 layer: str | None = None):
+                 layer: str | None = None, fixed: tuple[str, ...] = ()):
         self.values = values
         self.target = target
         self.method = method
         self.delta = delta
         self.layer = layer
+        self.fixed = tuple(fixed)
+
+    def _single(self) -> Any:
+        if isinstance(self.values, (list, tuple, dict)):
+            raise GradprobeError(
+                f"This attribution has one map per model input ({self._describe()}); take "
+                "one with result.values[...] (or result[...]) before converting to an array.")
+        return self.values
+
+    def _describe(self) -> str:
+        if isinstance(self.values, dict):
+            return ", ".join(repr(k) for k, v in self.values.items() if v is not None)
+        return f"{len(self.values)} inputs"
+
+    def __getitem__(self, key: Any) -> Any:
+        """The map of one model input (multi-input models), by dict key or index."""
+        if not isinstance(self.values, (list, tuple, dict)):
+            raise GradprobeError("result[...] selects one input of a multi-input model; "
+                                 "this attribution has a single map: use np.asarray(result).")
+        try:
+            value = self.values[key]
+        except (KeyError, IndexError, TypeError):
+            raise GradprobeError(
+                f"No attribution for input {key!r}; the attributed inputs are "
+                f"{self._describe()}.") from None
+        if value is None:
+            raise GradprobeError(
+                f"Input {key!r} is not floating point: it was held fixed (fixed={self.fixed}).")
+        return value
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = np.asarray(self.values)
+        arr = np.asarray(self._single())
         return arr.astype(dtype) if dtype is not None else arr
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self.values)
+        return np.asarray(self._single())
 
     @property
     def shape(self) -> tuple:
-        return tuple(self.values.shape)
+        return tuple(self._single().shape)
 
     def __len__(self) -> int:
-        return int(self.values.shape[0])
+        first = next(v for v in keras.tree.flatten(self.values) if v is not None)
+        return int(first.shape[0])
 
     def __repr__(self) -> str:
         extra = f", layer={self.layer!r}" if self.layer else ""
+        extra += f", fixed={self.fixed!r}" if self.fixed else ""
+        if isinstance(self.values, (list, tuple, dict)):
+            return f"Attribution(method={self.method!r}, inputs=[{self._describe()}]{extra})"
         return f"Attribution(method={self.method!r}, shape={self.shape}{extra})"
 
 
@@ -79,19 +120,6 @@ def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -
     return np.argmax(np.asarray(scores), axis=-1)
 
 
-def repeat_target(target: Any, times: int, n: int) -> Any:
-    """The target for `times` stacked copies of a batch of `n` (copy-major)."""
-    if isinstance(target, LossTarget):
-        sw = target.sample_weight
-        return LossTarget(target.fn, _tile(target.y_true, times),
-                          None if sw is None else _tile(sw, times))
-    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
-        arr = np.asarray(target)
-        if arr.ndim == 1 and arr.shape[0] == n:
-            return np.tile(arr, times)
-    return target
-
-
 def slice_target(target: Any, start: int, stop: int) -> Any:
     """The target for rows `start:stop` of the batch."""
     if isinstance(target, LossTarget):
@@ -105,9 +133,21 @@ def slice_target(target: Any, start: int, stop: int) -> Any:
     return target
 
 
-def _tile(a: Any, times: int) -> np.ndarray:
-    a = np.asarray(a)
-    return np.tile(a, (times,) + (1,) * (a.ndim - 1))
+def compiled_target_values(model: Any, x: Any, target: Any, output: Any,
+                           training: bool) -> Any:
+    """`target_values`, from the engine's compiled function where it applies: a
+    forward pass and the (trivial) gradient at the model's last layer, with no
+    eager per-layer Python overhead on repeated calls."""
+    last = (getattr(model, "layers", None) or [None])[-1]
+    names = output_names(model)
+    if last is not None and tf.executing_eagerly() and (
+            output is None or isinstance(output, int) or output in names):
+        try:
+            return gradients(model, x, target, last, output=output, training=training,
+                             unconnected="zero").target
+        except GradprobeError:
+            pass  # the eager pass below raises the same error, or has none to raise
+    return target_values(model, x, target, output, training)
 
 
 def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
@@ -135,40 +175,332 @@ def batched(fn: Callable[[int, int], Any], total: int, batch_size_: int | None,
     """Runs `fn(start, stop)` over chunks of `total`, with a rich progress bar
     when there are several chunks (and `progress` is not False)."""
     spans = list(chunks(total, batch_size_))
-    show = progress if progress is not None else len(spans) > 1
-    if not show or len(spans) == 1:
-        return [fn(a, b) for a, b in spans]
-    from rich.progress import Progress
-
-    out = []
-    with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=total)
+    with progress_bar(label, total, len(spans), progress) as advance:
+        out = []
         for a, b in spans:
             out.append(fn(a, b))
-            bar.update(task, advance=b - a)
+            advance(b - a)
     return out
 
 
-def input_gradients(model: Any, x: Any, target: Any, *, output: Any, training: bool,
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, parts: int,
+                 progress: bool | None) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(k)`; a transient rich progress bar when there are several
+    parts (and `progress` is not False), otherwise a no-op."""
+    show = progress if progress is not None else parts > 1
+    if not show or parts <= 1:
+        yield lambda k: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda k: bar.update(task, advance=k)
+
+
+# ------------------------------------------------------ streamed attribution
+# Integrated Gradients and SmoothGrad evaluate the gradient at `reps` (steps or
+# samples) modified copies of each of `n` examples: `reps * n` rows, row
+# `r = rep * n + i` being copy `rep` of example `i`. The rows are processed in
+# chunks of one fixed size (the last chunk padded with zero-weight rows), each
+# chunk built on the device when it is needed, so memory is bounded by the chunk
+# size and not by `reps`; every chunk goes through the same compiled gradient
+# function (one trace per chunk shape), and the weighted gradients are summed
+# into a per-example accumulator on the device.
+
+_BYTES_FACTOR = 4  # a row's input, its recorded copy, its gradient, the weighted gradient
+
+
+def row_bytes(tensors: list[Any]) -> int:
+    """Bytes of one row (example) of each tensor, summed."""
+    total = 0
+    for t in tensors:
+        shape = t.shape.as_list()[1:]
+        total += int(np.prod(shape, dtype=np.int64)) * t.dtype.size
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux `MemAvailable`), or `None`."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int | None,
+               per_row: int, max_bytes: int | None) -> int:
+    """The number of rows per chunk (`batch_size`, or all `reps * n` rows when it
+    is `None`), after checking that one chunk's inputs and gradients fit in
+    `max_bytes` (default: the available memory). Refuses before allocating."""
+    total = int(reps) * n
+    rows = total if not batch_size_ or batch_size_ >= total else int(batch_size_)
+    need = rows * per_row * _BYTES_FACTOR
+    if max_bytes is not None:
+        limit, named = int(max_bytes), f"max_bytes={int(max_bytes):,}"
+    else:
+        limit = available_memory()
+        named = f"the {limit or 0:,} bytes of memory available" if limit else ""
+    if limit is None or need <= limit:
+        return rows
+    how = (f"batch_size={batch_size_}" if batch_size_ else
+           f"all {reps_name}={reps:,} x {n} example(s) at once (batch_size=None)")
+    fit = limit // (per_row * _BYTES_FACTOR)
+    if fit >= 1:
+        fix = (f"Pass {'a smaller ' if batch_size_ else ''}batch_size (at most {fit:,} rows fit "
+               "by this estimate, which leaves out the model's own activations: try "
+               f"batch_size={min(fit, 32):,})")
+        if not batch_size_:
+            fix += f" or fewer {reps_name}"
+    else:
+        fix = "Even one row does not fit: use fewer or smaller inputs"
+    raise GradprobeError(
+        f"{what} would evaluate {rows:,} modified inputs per chunk ({how}); their inputs and "
+        f"gradients alone need {need:,} bytes ({need / 2**30:.2f} GiB), more than {named}. "
+        + fix + (", or raise max_bytes." if max_bytes is not None else
+                 ", or pass max_bytes= to set the limit yourself."))
+
+
+def row_target(target: Any, idx: np.ndarray) -> Any:
+    """The target for the rows of `idx` (one example index per row)."""
+    if isinstance(target, LossTarget):
+        sw = target.sample_weight
+        return LossTarget(target.fn, np.asarray(target.y_true)[idx],
+                          None if sw is None else np.asarray(sw)[idx])
+    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
+        arr = np.asarray(target)
+        if arr.ndim == 1:
+            return arr[idx]
+    return target
+
+
+def accumulator_dtype(dtype: Any) -> tf.DType:
+    """Sums of gradients are kept in float32 at least (float64 stays float64)."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def _column(x: Any) -> Any:
+    """The shape `[-1, 1, ..., 1]` that broadcasts one value per row over `x`
+    (dynamic: these functions are traced with relaxed shapes)."""
+    return tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+
+
+@tf.function(reduce_retracing=True)
+def interpolate(x: Any, base: Any, idx: Any, alpha: Any) -> Any:
+    """Rows `(1 - alpha) * base[idx] + alpha * x[idx]` (exactly `x` at alpha 1
+    and `base` at 0), computed in float32 or wider and returned in `x`'s dtype."""
+    wide = accumulator_dtype(x.dtype)
+    xs = tf.cast(tf.gather(x, idx), wide)
+    bs = tf.cast(tf.gather(base, idx), wide)
+    a = tf.reshape(tf.cast(alpha, wide), _column(x))
+    return tf.cast((1 - a) * bs + a * xs, x.dtype)
+
+
+@tf.function(reduce_retracing=True)
+def noisy(x: Any, scale: Any, idx: Any, rows: Any, seed: Any) -> Any:
+    """Rows `x[idx] + scale[idx] * eps`, where the noise `eps` of row `r` is
+    `tf.random.stateless_normal(x.shape[1:], seed=(seed, r))`: the same for a
+    row whatever the chunking."""
+    wide = accumulator_dtype(x.dtype)
+
+    def one(r: Any) -> Any:
+        return tf.random.stateless_normal(tf.shape(x)[1:], tf.stack([seed, r]), dtype=wide)
+
+    eps = tf.map_fn(one, rows, fn_output_signature=tf.TensorSpec(None, wide))
+    xs = tf.cast(tf.gather(x, idx), wide)
+    return tf.cast(xs + tf.cast(tf.gather(scale, idx), wide) * eps, x.dtype)
+
+
+@tf.function(reduce_retracing=True)
+def accumulate(acc: Any, g: Any, idx: Any, w: Any) -> Any:
+    """`acc[idx[j]] += w[j] * g[j]` for every row `j` (in `acc`'s dtype)."""
+    wg = tf.cast(g, acc.dtype) * tf.reshape(tf.cast(w, acc.dtype), _column(g))
+    return tf.tensor_scatter_nd_add(acc, idx[:, None], wg)
+
+
+def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
+           step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any]], acc: Any,
+           label: str, progress: bool | None,
+           keep: tuple[int, ...] = ()) -> tuple[Any, dict[int, Any]]:
+    """Sums `weights(rep) * gradient` over the `reps * n` rows, `rows` at a time.
+
+    `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
+    r)` returns `(gradient rows, target values)` for example indices `idx`, copy
+    numbers `rep` and row numbers `r` (`rows` of each), the gradient rows as a
+    list (one per attributed tensor). Returns the per-example accumulators `acc`
+    (a list) with every row's weighted gradient added, and for each copy
+    number in `keep` the per-example target values of that copy (`None` when the
+    target is not per example), gathered on the way at no extra cost."""
+    total = int(reps) * n
+    parts = -(-total // rows)
+    kept: dict[int, Any] = {}
+    try:
+        with progress_bar(label, total, parts, progress) as advance:
+            for lo in range(0, total, rows):
+                r = np.arange(lo, lo + rows, dtype=np.int64)
+                valid = r < total
+                r = np.where(valid, r, r % n)  # padding: copy 0 of some example, weight 0
+                idx, rep = r % n, r // n
+                w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
+                g, values = step(idx, rep, r)
+                ti, tw = tf.constant(idx), tf.constant(w)
+                acc = [accumulate(a, gj, ti, tw) for a, gj in zip(acc, g)]
+                for k in keep:
+                    at = np.nonzero(valid & (rep == k))[0]
+                    if at.size:
+                        kept[k] = _keep_values(kept.get(k, 0), values, idx, at, n, rows)
+                advance(int(valid.sum()))
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+        raise GradprobeError(
+            f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
+            f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
+    return acc, kept
+
+
+def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: int,
+                 rows: int) -> Any:
+    """`so_far` (per-example values, or 0 at first) updated with `values[at]` at
+    examples `idx[at]`; `None` once the target turns out not to be per example."""
+    if so_far is None or getattr(values, "shape", None) is None or \
+            tuple(values.shape) != (rows,):
+        return None
+    if isinstance(so_far, int):
+        so_far = tf.zeros([n], values.dtype)
+    return tf.tensor_scatter_nd_update(so_far, tf.constant(idx[at])[:, None],
+                                       tf.gather(values, tf.constant(at)))
+
+
+class ModelInputs:
+    """The prepared inputs of an attribution call, as flat leaves: which ones are
+    floating point (attributed) and which are held fixed (token ids, masks).
+
+    Attributes:
+        x: The inputs as the model takes them (a tensor or a list/tuple/dict).
+        leaves: The flat list of input tensors.
+        keys: Their result keys: `"inputs"`, or `"inputs:0"`, `"inputs:name"`.
+        floating: Indices of the floating-point leaves.
+    """
+
+    def __init__(self, model: Any, inputs: Any):
+        self.x = prepare_inputs(model, inputs)
+        ensure_built(model, self.x)
+        self.leaves = keras.tree.flatten(self.x)
+        self.keys = input_keys(self.x)
+        self.floating = [i for i, t in enumerate(self.leaves) if t.dtype.is_floating]
+        self.structured = isinstance(self.x, (list, tuple, dict))
+        self.n = batch_size(self.x)
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Keys of the inputs held fixed (not floating point)."""
+        return tuple(k for i, k in enumerate(self.keys) if i not in self.floating)
+
+    @property
+    def float_keys(self) -> list[str]:
+        return [self.keys[i] for i in self.floating]
+
+    def require_floating(self, what: str) -> None:
+        if self.floating:
+            return
+        ints = ", ".join(f"{k!r} ({self.leaves[i].dtype.name})" for i, k in enumerate(self.keys))
+        raise GradprobeError(
+            f"{what} needs floating-point inputs to attribute to; this model's inputs are "
+            f"{ints}. For token ids, attribute to the embedding layer's output instead "
+            "(gp.integrated_gradients(..., layer=<embedding layer>)).")
+
+    def pack(self, per_leaf: dict[int, Any]) -> Any:
+        """`per_leaf` (leaf index -> tensor) in the inputs' structure, with `None`
+        at fixed inputs; a plain tensor for a single-input model."""
+        if not self.structured:
+            return per_leaf[0]
+        return keras.tree.pack_sequence_as(self.x, [per_leaf.get(i) for i in
+                                                    range(len(self.leaves))])
+
+    def pack_all(self, leaves: list[Any]) -> Any:
+        """A full list of leaves in the inputs' structure."""
+        return leaves[0] if not self.structured else keras.tree.pack_sequence_as(self.x, leaves)
+
+    def rows(self, idx: Any, replaced: dict[int, Any] | None = None) -> Any:
+        """The inputs for rows `idx` (example indices), with the leaves in
+        `replaced` (index -> rows) taken from there instead."""
+        replaced = replaced or {}
+        flat = [replaced[i] if i in replaced else tf.gather(t, idx)
+                for i, t in enumerate(self.leaves)]
+        return flat[0] if not self.structured else keras.tree.pack_sequence_as(self.x, flat)
+
+    def baseline(self, baseline: Any, hold_fixed: bool) -> list[Any]:
+        """The baseline of every leaf, broadcast to the inputs' shapes: zeros by
+        default, except that with `hold_fixed` a fixed (integer) leaf is its own
+        baseline (it is held at its value along the path)."""
+        if baseline is None:
+            given = [None] * len(self.leaves)
+        elif not self.structured:
+            given = [baseline]
+        else:
+            given = None
+            if isinstance(baseline, dict) and isinstance(self.x, dict):
+                given = [baseline.get(k) for k in sorted(self.x)]
+                unknown = set(baseline) - set(self.x)
+                given = None if unknown else given
+            elif isinstance(baseline, (list, tuple)) and isinstance(self.x, (list, tuple)):
+                given = list(baseline)
+            if given is None or len(given) != len(self.leaves):
+                raise GradprobeError(
+                    f"baseline must have the inputs' structure ({len(self.leaves)} inputs: "
+                    f"{', '.join(self.keys)}), with None where the default applies; got "
+                    f"{type(baseline).__name__}.")
+        out = []
+        for i, (t, b) in enumerate(zip(self.leaves, given)):
+            if hold_fixed and i not in self.floating:
+                out.append(t)
+            elif b is None:
+                out.append(tf.zeros_like(t))
+            else:
+                name = "baseline" if not self.structured else f"baseline[{self.keys[i]!r}]"
+                _validate.baseline(b, t, name)
+                b = np.asarray(b) if not tf.is_tensor(b) else b
+                out.append(tf.broadcast_to(tf.cast(b, t.dtype), tf.shape(t)))
+        return out
+
+
+def input_keys(x: Any) -> list[str]:
+    """Result keys of the input leaves (as `gp.gradients` names them)."""
+    from gradprobe.capture import input_keys as keys
+
+    return keys(x)
+
+
+def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, training: bool,
                     batch_size_: int | None = None, label: str = "gradients",
-                    progress: bool | None = None) -> tuple[Any, Any]:
-    """`(d target / d input, target values)` for a (possibly large) batch, in chunks.
-    The target values are per example, or `None` for a scalar target."""
-    n = batch_size(x)
+                    progress: bool | None = None) -> tuple[dict[int, Any], Any]:
+    """`({leaf index: d target / d input}, target values)` for every floating input
+    of a (possibly large) batch, in chunks. The target values are per example, or
+    `None` for a scalar target."""
+    keys = mi.float_keys
 
     def run(a: int, b: int) -> Any:
-        xs = keras.tree.map_structure(lambda t: t[a:b], x)
-        g = gradients(model, xs, slice_target(target, a, b), "inputs", output=output,
+        xs = keras.tree.map_structure(lambda t: t[a:b], mi.x)
+        g = gradients(model, xs, slice_target(target, a, b), keys, output=output,
                       training=training)
-        return g["inputs"], g.target
+        return [g[k] for k in keys], g.target
 
-    parts = batched(run, n, batch_size_, label, progress)
-    if len(parts) == 1:
-        return parts[0]
+    parts = batched(run, mi.n, batch_size_, label, progress)
     values = [t for _, t in parts]
     per_example = all(getattr(t, "shape", ()) and t.shape.rank == 1 for t in values)
-    return (tf.concat([g for g, _ in parts], axis=0),
-            tf.concat(values, axis=0) if per_example else None)
+    if len(parts) == 1:
+        grads, value = parts[0][0], (values[0] if per_example else None)
+    else:
+        grads = [tf.concat([p[0][j] for p in parts], axis=0) for j in range(len(keys))]
+        value = tf.concat(values, axis=0) if per_example else None
+    return dict(zip(mi.floating, grads)), value
 
 
 def single_input(model: Any, inputs: Any, what: str) -> Any:

@@ -12,105 +12,183 @@ import tensorflow as tf
 from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
-    batched,
+    ModelInputs,
+    accumulator_dtype,
+    chunk_rows,
+    compiled_target_values,
     fixed_target,
-    input_gradients,
+    interpolate,
     layer_key,
-    repeat_target,
-    single_input,
-    slice_target,
-    target_values,
+    row_bytes,
+    row_target,
+    stream,
 )
 from gradprobe.engine import gradients, gradients_at
 from gradprobe.errors import GradprobeError
 
+# Gauss-Legendre nodes come from an eigenvalue problem of size steps x steps
+# (numpy.polynomial.legendre.leggauss): more nodes than this cost seconds and
+# gigabytes, and add nothing a smooth integrand needs.
+MAX_GAUSS_LEGENDRE_STEPS = 1024
+
+
+class IntegrationRule:
+    """Nodes and weights on [0, 1] whose weighted sum approximates the integral,
+    computed for the steps a chunk needs (never all `steps` at once for the
+    trapezoid rule, so memory does not grow with `steps`)."""
+
+    def __init__(self, steps: int, method: str):
+        self.steps = _validate.count("steps", steps, "the number of interpolation points",
+                                     minimum=2)
+        self.method = _validate.choice("method", method, ("riemann_trapezoid", "gausslegendre"),
+                                       "the integration rule")
+        if method == "riemann_trapezoid":
+            self._nodes = self._weights = None
+        elif method == "gausslegendre":
+            if self.steps > MAX_GAUSS_LEGENDRE_STEPS:
+                raise GradprobeError(
+                    f"method='gausslegendre' supports at most {MAX_GAUSS_LEGENDRE_STEPS} steps "
+                    f"(its nodes solve a steps x steps eigenvalue problem); got steps={steps}. "
+                    "Use fewer steps (Gauss-Legendre needs far fewer than the trapezoid rule) "
+                    "or method='riemann_trapezoid'.")
+            nodes, w = np.polynomial.legendre.leggauss(self.steps)
+            self._nodes, self._weights = (nodes + 1.0) / 2.0, w / 2.0
+
+    def alphas(self, k: np.ndarray) -> np.ndarray:
+        if self._nodes is not None:
+            return self._nodes[k]
+        return k / (self.steps - 1)
+
+    def weights(self, k: np.ndarray) -> np.ndarray:
+        if self._weights is not None:
+            return self._weights[k]
+        w = np.full(k.shape, 1.0 / (self.steps - 1))
+        return np.where((k == 0) | (k == self.steps - 1), 0.5 * w, w)
+
 
 def integration_points(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     """`(alphas, weights)` on [0, 1] whose weighted sum approximates the integral."""
-    steps = _validate.count("steps", steps, "the number of interpolation points", minimum=2)
-    if method == "riemann_trapezoid":
-        alphas = np.linspace(0.0, 1.0, int(steps))
-        weights = np.full(int(steps), 1.0 / (steps - 1))
-        weights[[0, -1]] *= 0.5
-        return alphas, weights
-    if method == "gausslegendre":
-        nodes, w = np.polynomial.legendre.leggauss(int(steps))
-        return (nodes + 1.0) / 2.0, w / 2.0
-    raise GradprobeError(
-        f"method must be 'riemann_trapezoid' or 'gausslegendre'; got {method!r}.")
+    rule = IntegrationRule(steps, method)
+    k = np.arange(rule.steps)
+    return rule.alphas(k), rule.weights(k)
 
 
 def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseline: Any = None,
                          steps: int = 50, method: str = "riemann_trapezoid", layer: Any = None,
                          output: Any = None, training: bool = False,
-                         batch_size: int | None = None,
+                         batch_size: int | None = None, max_bytes: int | None = None,
                          progress: bool | None = None) -> Attribution:
     """Integrated Gradients: `(x - baseline) * integral_0^1 grad f(baseline + a (x - baseline)) da`.
 
     Args:
         baseline: Same shape as the inputs, or broadcastable; default zeros. With
             `layer=`, the baseline is an *input* baseline whose activation at the
-            layer is the layer baseline.
+            layer is the layer baseline. For a model with several inputs, the
+            inputs' structure (`None` where zeros apply). Integer inputs (token
+            ids, masks) are held at their values along the path; with `layer=`
+            they have a baseline too (default zeros, e.g. the pad token).
         steps: Integration points.
-        method: `"riemann_trapezoid"` or `"gausslegendre"`.
+        method: `"riemann_trapezoid"` or `"gausslegendre"` (at most 1024 steps).
         layer: Attribute to this layer's activations (layer Integrated Gradients,
             interpolating at the layer), by any selector of `gp.gradients`
             including `"name@1"`.
-        batch_size: Compute in chunks of this many interpolated examples (bounded
-            memory); a progress bar shows when there are several chunks.
-        model, inputs, target, output, training: As in `gp.gradients`.
+        batch_size: Evaluate this many interpolated inputs at a time (default:
+            all `steps x batch` at once). Each chunk is built only when it is
+            needed, so memory is bounded by `batch_size`, not by `steps`; every
+            chunk runs through one compiled function, and a progress bar shows
+            when there are several chunks.
+        max_bytes: Refuse (with the numbers and the fix) a request whose chunk
+            of interpolated inputs and their gradients would need more than this
+            many bytes; default: the memory available now. The model's own
+            activations are not in this estimate.
+        model, inputs, target, output, training: As in `gp.gradients`. With
+            several inputs (list, tuple or dict) the attributions have the same
+            structure: one per floating-point input, `None` for the integer
+            inputs held fixed (listed in `result.fixed`).
 
     Returns:
         An `Attribution` with `.delta`, the per-example completeness error
-        `sum(attributions) - (f(x) - f(baseline))`.
+        `sum(attributions) - (f(x) - f(baseline))`, computed in float32 at least
+        (also for float16 models; attributions are summed in float32 too).
 
     Example:
 
-    >>> ig = gp.integrated_gradients(model, images, target="predicted", steps=64)
+    >>> ig = gp.integrated_gradients(model, images, target="predicted", steps=64,
+    ...                              batch_size=32)
     >>> np.abs(ig.delta).max()    # small when the integral is well approximated
     """
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
-    x = single_input(model, inputs, "gp.integrated_gradients")
-    _validate.baseline(baseline, x)
-    n = int(x.shape[0])
-    target = fixed_target(model, x, target, output, training)
-    base = tf.zeros_like(x) if baseline is None else tf.broadcast_to(
-        tf.cast(baseline, x.dtype), tf.shape(x))
-    alphas, weights = integration_points(steps, method)
-    f_x = target_values(model, x, target, output, training)
-    f_b = target_values(model, base, target, output, training)
+    rule = IntegrationRule(steps, method)
+    mi = ModelInputs(model, inputs)
     if layer is None:
-        path = tf.concat([base + float(a) * (x - base) for a in alphas], axis=0)
-        g, _ = input_gradients(model, path, repeat_target(target, len(alphas), n), output=output,
-                            training=training, batch_size_=batch_size,
-                            label="integrated gradients", progress=progress)
-        avg = _weighted(g, weights, n)
-        attributions = (x - base) * tf.cast(avg, x.dtype)
-        key = None
+        mi.require_floating("gp.integrated_gradients")
+    n, x = mi.n, mi.x
+    label = "integrated gradients" if layer is None else "layer integrated gradients"
+    rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps})", reps_name="steps",
+                      reps=rule.steps, n=n, batch_size_=batch_size, per_row=row_bytes(mi.leaves),
+                      max_bytes=max_bytes)
+    target = fixed_target(model, x, target, output, training)
+    bases = mi.baseline(baseline, hold_fixed=layer is None)
+    base = mi.pack_all(bases)
+    # The trapezoid rule evaluates f at alpha = 0 and 1: f(baseline) and f(x) come
+    # with the chunks (for per-example targets); otherwise two forward passes.
+    ends = (0, rule.steps - 1) if method == "riemann_trapezoid" else ()
+
+    if layer is None:
+        keys, floating = mi.float_keys, mi.floating
+
+        def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
+            ti, alphas = tf.constant(idx), tf.constant(rule.alphas(k))
+            path = {i: interpolate(mi.leaves[i], bases[i], ti, alphas) for i in floating}
+            g = gradients(model, mi.rows(ti, path), row_target(target, idx), keys,
+                          output=output, training=training)
+            return [g[key] for key in keys], g.target
+
+        wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
+        acc, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                           acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                           label=label, progress=progress, keep=ends)
+        per_leaf = {i: (tf.cast(mi.leaves[i], wide[i]) - tf.cast(bases[i], wide[i])) * a
+                    for i, a in zip(floating, acc)}
+        attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
+        parts = list(per_leaf.values())
     else:
         ga = gradients(model, x, target, layer, output=output, training=training)
         key = layer_key(ga, layer)
         a_x = ga.activations[key]
-        a_b = gradients(model, base, target, key, output=output, training=training,
-                        unconnected="zero").activations[key]
-        total = len(alphas) * n
-        x_rep = tf.concat([x] * len(alphas), axis=0)
-        a_path = tf.concat([a_b + float(a) * (a_x - a_b) for a in alphas], axis=0)
-        reps = repeat_target(target, len(alphas), n)
+        gb = gradients(model, base, target, key, output=output, training=training,
+                       unconnected="zero")
+        a_b = gb.activations[key]
+        wide = accumulator_dtype(a_x.dtype)
+        rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps}, layer={key!r})",
+                          reps_name="steps", reps=rule.steps, n=n, batch_size_=batch_size,
+                          per_row=row_bytes([*mi.leaves, a_x]), max_bytes=max_bytes)
 
-        def run(lo: int, hi: int) -> Any:
-            return gradients_at(model, x_rep[lo:hi], slice_target(reps, lo, hi), key,
-                                a_path[lo:hi], output=output, training=training)[key]
+        def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
+            ti = tf.constant(idx)
+            path = interpolate(a_x, a_b, ti, tf.constant(rule.alphas(k)))
+            g = gradients_at(model, mi.rows(ti), row_target(target, idx), key, path,
+                             output=output, training=training)
+            return [g[key]], g.target
 
-        parts = batched(run, total, batch_size, "layer integrated gradients", progress)
-        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
-        attributions = (a_x - a_b) * tf.cast(_weighted(g, weights, n), a_x.dtype)
-    sums = tf.reduce_sum(tf.reshape(attributions, [n, -1]), axis=1)
-    delta = tf.cast(sums, f_x.dtype) - (f_x - f_b)
-    return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key)
+        acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
+                        acc=[tf.zeros(a_x.shape, wide)], label=label, progress=progress)
+        kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
+        ends = (0, rule.steps - 1)
+        attributions = (tf.cast(a_x, wide) - tf.cast(a_b, wide)) * acc[0]
+        parts, fixed = [attributions], ()
+    f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
+    if not (_per_example(f_x, n) and _per_example(f_b, n)):
+        f_x = compiled_target_values(model, x, target, output, training)
+        f_b = compiled_target_values(model, base, target, output, training)
+    wide = tf.float64 if any(p.dtype == tf.float64 for p in parts) else tf.float32
+    sums = tf.add_n([tf.reduce_sum(tf.reshape(tf.cast(p, wide), [n, -1]), axis=1)
+                     for p in parts])
+    delta_dtype = tf.float64 if tf.float64 in (sums.dtype, f_x.dtype) else tf.float32
+    delta = tf.cast(sums, delta_dtype) - (tf.cast(f_x, delta_dtype) - tf.cast(f_b, delta_dtype))
+    return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key,
+                       fixed=fixed)
 
 
-def _weighted(g: Any, weights: np.ndarray, n: int) -> Any:
-    g = tf.reshape(g, [len(weights), n, *g.shape[1:]])
-    w = tf.reshape(tf.constant(weights, g.dtype), [-1] + [1] * (g.shape.rank - 1))
-    return tf.reduce_sum(g * w, axis=0)
+def _per_example(values: Any, n: int) -> bool:
+    return values is not None and tuple(getattr(values, "shape", ())) == (n,)

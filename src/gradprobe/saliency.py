@@ -10,9 +10,9 @@ import tensorflow as tf
 from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
+    ModelInputs,
     fixed_target,
     input_gradients,
-    single_input,
     target_values,
 )
 from gradprobe.errors import GradprobeError
@@ -42,7 +42,10 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     """Saliency map: the gradient of the target with respect to the input.
 
     Args:
-        model, inputs, target, output, training: As in `gp.gradients`.
+        model, inputs, target, output, training: As in `gp.gradients`. For a
+            model with several inputs (list, tuple or dict), the result has the
+            same structure: one map per floating-point input, `None` for inputs
+            held fixed (token ids, masks; listed in `result.fixed`).
         absolute: Take the absolute value of the gradient.
         reduce_channels: Reduce the last (channel) axis of inputs of rank > 2 with
             `"max"` (default), `"mean"` or `"sum"`; `None` keeps it.
@@ -57,8 +60,10 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     >>> np.asarray(maps).shape    # (batch, height, width)
     """
     _validate.flag("absolute", absolute)
-    _, g, values = _gradient(model, inputs, target, output, training, batch_size, "saliency")
-    return Attribution(reduce_map(g, absolute, reduce_channels), values, "saliency")
+    mi, grads, values = _gradient(model, inputs, target, output, training, batch_size,
+                                  "saliency")
+    maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in grads.items()}
+    return Attribution(mi.pack(maps), values, "saliency", fixed=mi.fixed)
 
 
 def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: Any = None,
@@ -68,19 +73,21 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
     Returns:
         An `Attribution` shaped like the input.
     """
-    x, g, values = _gradient(model, inputs, target, output, training, batch_size,
-                             "gradient_x_input")
-    return Attribution(g * tf.cast(x, g.dtype), values, "gradient_x_input")
+    mi, grads, values = _gradient(model, inputs, target, output, training, batch_size,
+                                  "gradient_x_input")
+    maps = {i: g * tf.cast(mi.leaves[i], g.dtype) for i, g in grads.items()}
+    return Attribution(mi.pack(maps), values, "gradient_x_input", fixed=mi.fixed)
 
 
 def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
-              batch_size: int | None, method: str) -> tuple[Any, Any, Any]:
-    """`(inputs, input gradient, target values)` for one batch."""
+              batch_size: int | None, method: str) -> tuple[ModelInputs, dict[int, Any], Any]:
+    """`(inputs, {leaf index: input gradient}, target values)` for one batch."""
     _validate.optional_count("batch_size", batch_size, "examples per chunk")
-    x = single_input(model, inputs, f"gp.{method}")
-    target = fixed_target(model, x, target, output, training)
-    g, values = input_gradients(model, x, target, output=output, training=training,
-                                batch_size_=batch_size, label=method)
+    mi = ModelInputs(model, inputs)
+    mi.require_floating(f"gp.{method}")
+    target = fixed_target(model, mi.x, target, output, training)
+    grads, values = input_gradients(model, mi, target, output=output, training=training,
+                                    batch_size_=batch_size, label=method)
     if values is None:
-        values = target_values(model, x, target, output, training)
-    return x, g, values
+        values = target_values(model, mi.x, target, output, training)
+    return mi, grads, values

@@ -11,20 +11,25 @@ import tensorflow as tf
 from gradprobe import _validate
 from gradprobe.attribution import (
     Attribution,
+    ModelInputs,
+    accumulator_dtype,
+    chunk_rows,
+    compiled_target_values,
     fixed_target,
-    input_gradients,
-    repeat_target,
-    single_input,
-    target_values,
+    noisy,
+    row_bytes,
+    row_target,
+    stream,
 )
-from gradprobe.errors import GradprobeError  # noqa: F401 (kept for merges)
+from gradprobe.engine import gradients
 from gradprobe.saliency import reduce_map
 
 
 def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 25,
                noise: float = 0.15, seed: int | None = None, absolute: bool = True,
                reduce_channels: str | None = "max", output: Any = None, training: bool = False,
-               batch_size: int | None = None, progress: bool | None = None) -> Attribution:
+               batch_size: int | None = None, max_bytes: int | None = None,
+               progress: bool | None = None) -> Attribution:
     """SmoothGrad (Smilkov et al., 2017): the input gradient averaged over
     `samples` copies of each input with Gaussian noise added, then post-processed
     like `gp.saliency`.
@@ -33,34 +38,75 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
         samples: Noisy copies per example.
         noise: Noise standard deviation as a fraction of each example's value
             range (max - min).
-        seed: Makes the noise reproducible.
+        seed: Makes the noise reproducible. Copy `s` of example `i` of a batch of
+            `n` gets the noise `tf.random.stateless_normal(shape, seed=(seed + j,
+            s * n + i))` on its `j`-th floating-point input, whatever
+            `batch_size` is. Without a seed, one is drawn
+            from NumPy's global generator (so `keras.utils.set_random_seed` makes
+            runs repeatable).
         absolute, reduce_channels: As in `gp.saliency` (applied after averaging).
-        batch_size: Compute in chunks of this many noisy copies (bounded memory);
-            a progress bar shows when there are several chunks.
-        model, inputs, target, output, training: As in `gp.gradients`.
+        batch_size: Evaluate this many noisy copies at a time (default: all
+            `samples x batch` at once). Each chunk is built only when it is
+            needed, so memory is bounded by `batch_size`, not by `samples`; every
+            chunk runs through one compiled function, and a progress bar shows
+            when there are several chunks.
+        max_bytes: Refuse (with the numbers and the fix) a request whose chunk
+            of noisy inputs and their gradients would need more than this many
+            bytes; default: the memory available now. The model's own
+            activations are not in this estimate.
+        model, inputs, target, output, training: As in `gp.gradients`. With
+            several inputs (list, tuple or dict) the maps have the same
+            structure: one per floating-point input (each with its own noise
+            scale), `None` for the integer inputs held fixed (`result.fixed`).
 
     Returns:
-        An `Attribution`: one map per example.
+        An `Attribution`: one map per example (gradients averaged in float32 at
+        least).
+
+    Example:
+
+    >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0)
+    >>> np.asarray(maps).shape    # (batch, height, width)
     """
     samples = _validate.count("samples", samples, "the number of noisy copies per example")
     noise = _validate.nonnegative("noise", noise, "the noise standard deviation as a fraction "
                                   "of each example's value range")
     _validate.seed(seed)
     _validate.optional_count("batch_size", batch_size, "noisy copies per chunk")
-    x = single_input(model, inputs, "gp.smoothgrad")
-    n = int(x.shape[0])
-    target = fixed_target(model, x, target, output, training)
-    axes = list(range(1, x.shape.rank))
-    span = tf.reduce_max(x, axis=axes, keepdims=True) - tf.reduce_min(x, axis=axes, keepdims=True)
-    rng = np.random.default_rng(seed)
-    eps = rng.standard_normal((int(samples), *x.shape)).astype(x.dtype.as_numpy_dtype)
-    noisy = tf.reshape(x[None] + noise * span[None] * eps, [-1, *x.shape[1:]])
-    g, _ = input_gradients(model, noisy, repeat_target(target, int(samples), n), output=output,
-                        training=training, batch_size_=batch_size, label="smoothgrad",
-                        progress=progress)
-    g = tf.reduce_mean(tf.reshape(g, [int(samples), n, *x.shape[1:]]), axis=0)
-    return Attribution(reduce_map(g, absolute, reduce_channels),
-                       target_values(model, x, target, output, training), "smoothgrad")
+    mi = ModelInputs(model, inputs)
+    mi.require_floating("gp.smoothgrad")
+    n, floating, keys = mi.n, mi.floating, mi.float_keys
+    wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
+    noise_bytes = row_bytes([tf.zeros([1, *mi.leaves[i].shape[1:]], wide[i]) for i in floating])
+    rows = chunk_rows(what=f"gp.smoothgrad(samples={samples})", reps_name="samples",
+                      reps=samples, n=n, batch_size_=batch_size,
+                      per_row=row_bytes(mi.leaves) + noise_bytes, max_bytes=max_bytes)
+    target = fixed_target(model, mi.x, target, output, training)
+    scales = {}
+    for i in floating:
+        xw = tf.cast(mi.leaves[i], wide[i])
+        axes = list(range(1, xw.shape.rank))
+        span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
+                                                                            keepdims=True)
+        scales[i] = tf.constant(float(noise), wide[i]) * span
+    if seed is None:
+        seed = int(np.random.randint(0, 2**31 - 1))
+
+    def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
+        ti, tr = tf.constant(idx), tf.constant(r)
+        new = {i: noisy(mi.leaves[i], scales[i], ti, tr, tf.constant(int(seed) + j, tf.int64))
+               for j, i in enumerate(floating)}
+        g = gradients(model, mi.rows(ti, new), row_target(target, idx), keys, output=output,
+                      training=training)
+        return [g[k] for k in keys], None
+
+    acc, _ = stream(n=n, reps=samples, rows=rows,
+                    weights=lambda s: np.full(s.shape, 1.0 / samples), step=step,
+                    acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                    label="smoothgrad", progress=progress)
+    maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
+    values = compiled_target_values(model, mi.x, target, output, training)
+    return Attribution(mi.pack(maps), values, "smoothgrad", fixed=mi.fixed)
 
 
 __all__ = ["smoothgrad"]
