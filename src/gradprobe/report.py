@@ -96,7 +96,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
         raise _exists(path)
     if gradients is None:
         if tuple(wrt) == DEFAULT_WRT:
-            wrt = _floating_inputs(inputs) + list(DEFAULT_WRT[1:])
+            wrt = default_wrt(inputs)
         gradients = compute_gradients(model, inputs, target, list(wrt), output=output,
                                       unconnected="zero")
     stats = gradients.stats()
@@ -319,12 +319,13 @@ def token_scores(model: keras.Model, inputs: Any, target: Any = "predicted", *,
             "scores": scores.tolist()}
 
 
-def _floating_inputs(inputs: Any) -> list[str]:
-    """The default's `"inputs"` narrowed to the floating inputs: token ids and masks
-    have no gradient (their embeddings' activations are in the table instead)."""
+def default_wrt(inputs: Any) -> list[str]:
+    """The report's (and `gradprobe inspect`'s) default sources for `inputs`: every
+    leaf layer's activation and weight, and the floating inputs (token ids and masks
+    have no gradient; their embeddings' activations are in the table instead)."""
     keys = _input_keys(inputs)
     floating = [k for k in keys if np.asarray(_by_key(inputs, k)).dtype.kind == "f"]
-    return ["inputs"] if len(floating) == len(keys) else floating
+    return (["inputs"] if len(floating) == len(keys) else floating) + list(DEFAULT_WRT[1:])
 
 
 def _input_keys(inputs: Any) -> list[str]:
