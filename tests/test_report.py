@@ -218,3 +218,19 @@ def test_text_section_vocabulary_forms_and_errors(tmp_path):
         gp.write_report(str(tmp_path / "f.html"), _cnn(), np.zeros((1, 8, 8, 1), "float32"), 0,
                         vocabulary=VOCAB)
     assert not list(tmp_path.glob("[def].html"))
+
+
+def test_text_section_picks_the_token_ids_over_segment_ids(tmp_path):
+    keras.utils.set_random_seed(5)
+    seg = keras.Input((4,), dtype="int32", name="segment_ids")
+    ids = keras.Input((4,), dtype="int32", name="token_ids")
+    h = layers.Add()([layers.Embedding(2, 3, name="segment_embedding")(seg),
+                      layers.Embedding(len(VOCAB), 3, name="token_embedding")(ids)])
+    out = layers.Dense(2)(layers.GlobalAveragePooling1D()(h))
+    model = keras.Model({"segment_ids": seg, "token_ids": ids}, out)
+    x = {"segment_ids": np.array([[0, 0, 1, 1]], "int32"),
+         "token_ids": np.array([[1, 2, 3, 4]], "int32")}
+    data = _data(_read(gp.write_report(str(tmp_path / "s.html"), model, x, 1,
+                                       vocabulary=VOCAB)))["tokens"]
+    assert data["input"] == "inputs:token_ids" and data["layer"] == "token_embedding"
+    assert data["tokens"] == [["the", "film", "was", "great"]]

@@ -344,18 +344,21 @@ def _by_key(inputs: Any, key: str) -> Any:
 
 
 def _token_input(model: Any, inputs: Any, vocabulary: Any) -> tuple[str, str]:
-    """The integer model input that feeds an embedding, and that embedding's call."""
+    """The integer model input that feeds an embedding (one named like `token_ids`
+    first, else the first in `inputs`' order), and that embedding's call."""
     from gradprobe import _sequence
 
     keys = _input_keys(inputs)
     feeds = _sequence.embedding_feeds(model)
+    fed = {}
     for key in keys:
-        value = _by_key(inputs, key)
-        if np.asarray(value).dtype.kind not in "iu":
-            continue
-        fed = _sequence._fed(feeds, _sequence.input_ids(model, key, keys))
-        if fed:
-            return key, fed[0]
+        if np.asarray(_by_key(inputs, key)).dtype.kind in "iu":
+            selectors = _sequence._fed(feeds, _sequence.input_ids(model, key, keys))
+            if selectors:
+                fed[key] = selectors[0]
+    if fed:  # token ids rather than segment ids (BERT's segment_ids feed an embedding too)
+        key = min(fed, key=lambda k: "token" not in k.split(":")[-1].lower())
+        return key, fed[key]
     ints = [k for k in keys if np.asarray(_by_key(inputs, k)).dtype.kind in "iu"]
     received = (f"integer inputs {ints}, none of which feeds a keras.layers.Embedding"
                 if ints else "inputs with no integer array (token ids must be an integer "
