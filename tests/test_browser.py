@@ -110,3 +110,57 @@ def test_report_renders_in_chromium_offline(demo, tmp_path):
     assert not external, external
     assert os.path.getsize(shot) > 50_000
     shutil.copy(report, os.path.join(ARTIFACTS, "demo-report.html"))
+
+
+VOCAB = ["[PAD]", "the", "film", "was", "great", "awful", "a", "plot", "<b>bold</b>", "and",
+         "dull", "!"]
+
+
+def test_text_report_renders_one_element_per_token(tmp_path):
+    """A report with a text section (a tiny Embedding classifier on a 12-token
+    vocabulary): no console errors, no requests, one `.gp-token` per token, each
+    with the score of the JSON data block."""
+    import keras
+    import numpy as np
+    from keras import layers
+    from playwright.sync_api import sync_playwright
+
+    import gradprobe as gp
+
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((7,), dtype="int32"),
+                              layers.Embedding(len(VOCAB), 4, name="embed"),
+                              layers.GlobalAveragePooling1D(), layers.Dense(2, name="logits")])
+    ids = np.random.default_rng(1).integers(0, len(VOCAB), (3, 7)).astype("int32")
+    ids[0, 0] = VOCAB.index("<b>bold</b>")  # token text must stay text
+    report = tmp_path / "text-report.html"
+    gp.write_report(str(report), model, ids, vocabulary=VOCAB, title="text report")
+    data = json.loads(re.search(r'<script type="application/json" id="gradprobe-data">(.*?)'
+                                r"</script>", report.read_text(), re.S).group(1))
+    console, errors, requests = [], [], []
+    with sync_playwright() as p:
+        context = _browser(p, tmp_path / "profile")
+        try:
+            page = context.new_page()
+            page.on("console", lambda m: console.append((m.type, m.text)))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri(), wait_until="load")
+            assert page.title() == "text report"
+            tokens = page.locator("#text .gp-token")
+            assert tokens.count() == page.locator(".gp-token").count() == ids.size
+            assert page.locator("#text .gp-token-row").count() == len(ids)
+            texts = tokens.all_inner_texts()
+            scores = [float(s) for s in tokens.evaluate_all(
+                "els => els.map(e => e.dataset.score)")]
+            assert page.locator("#text b").count() == 0
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.locator("#text").screenshot(path=os.path.join(ARTIFACTS, "text-report.png"))
+        finally:
+            context.close()
+    assert texts == [VOCAB[i] for i in ids.ravel()]
+    assert np.allclose(scores, np.ravel(data["tokens"]["scores"]), rtol=1e-5, atol=1e-9)
+    assert not errors, errors
+    assert not [c for c in console if c[0] in ("error", "warning")], console
+    external = [u for u in requests if not u.startswith(("data:", report.as_uri()))]
+    assert not external, external

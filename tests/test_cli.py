@@ -631,3 +631,95 @@ def test_debug_environment_variable_and_unexpected_errors(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as info:
         cli.main(["gradcam", "m.keras", "a.png", "--out", "o", "--max-image-pixels", "0"])
     assert info.value.code == 2
+
+
+# ---------------------------------------------------------------- multi-input .npz, vocabulary
+VOCAB = ["[PAD]", "the", "film", "was", "great", "awful", "a", "plot", "and", "dull", "!", "ok"]
+
+
+def _two_input_model():
+    """Token ids (int) through an Embedding, and float features, built on a dict."""
+    keras.utils.set_random_seed(4)
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    feats = keras.Input((3,), name="features")
+    h = layers.GlobalAveragePooling1D()(layers.Embedding(len(VOCAB), 4, name="embed")(ids))
+    out = layers.Dense(3, name="logits")(layers.Concatenate()([h, layers.Dense(4)(feats)]))
+    return keras.Model({"token_ids": ids, "features": feats}, out, name="two_inputs")
+
+
+def test_multi_input_npz_inspect_and_report_with_vocabulary(tmp_path):
+    model = _two_input_model()
+    path = str(tmp_path / "two.keras")
+    model.save(path)
+    rng = np.random.default_rng(5)
+    x = {"token_ids": rng.integers(0, len(VOCAB), (4, 5)).astype("int32"),
+         "features": rng.normal(size=(4, 3)).astype("float32")}
+    np.savez(tmp_path / "batch.npz", features=x["features"], token_ids=x["token_ids"])
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    out_html = tmp_path / "r.html"
+    inspect, report = run_all([
+        {"args": ["inspect", path, "--input", str(tmp_path / "batch.npz"), "--target", "1",
+                  "--json"]},
+        {"args": ["report", path, "--input", str(tmp_path / "batch.npz"), "--target", "2",
+                  "--vocabulary", str(tmp_path / "vocab.txt"), "--out", str(out_html)]}])
+    assert inspect.returncode == 0 and report.returncode == 0, (inspect.stderr[-2000:],
+                                                                 report.stderr[-2000:])
+    loaded = keras.saving.load_model(path)
+    got = json.loads(inspect.stdout)
+    g = gp.gradients(loaded, x, 1, ["inputs:features", "*", "*.weights"], unconnected="zero")
+    stats = g.stats()
+    assert [s["name"] for s in got["sources"]] == list(stats)
+    assert "inputs:features" in stats and "inputs:token_ids" not in stats
+    assert np.allclose(got["target"], np.asarray(g.target), rtol=1e-5)
+    for s in got["sources"]:
+        for field in ("norm", "mean_abs", "max_abs", "std", "zero_fraction"):
+            assert np.isclose(s[field], stats[s["name"]][field], rtol=1e-5, atol=1e-8)
+    data = _report_data(out_html)["tokens"]
+    assert data["input"] == "inputs:token_ids" and data["layer"] == "embed"
+    assert data["tokens"] == [[VOCAB[i] for i in row] for row in x["token_ids"]]
+    e = gp.gradients(loaded, x, 2, ["embed"])
+    ref = (e["embed"].numpy() * e.activations["embed"].numpy()).sum(-1)
+    assert np.allclose(data["scores"], ref, rtol=1e-5, atol=1e-8) and np.abs(ref).max() > 1e-4
+
+
+def test_multi_input_npz_errors_name_the_keys_and_the_inputs(tmp_path):
+    from gradprobe._cli_io import UserError, match_inputs, read_input, read_vocabulary
+
+    model = _two_input_model()
+    ids = np.zeros((2, 5), "int32")
+    feats = np.zeros((2, 3), "float32")
+    cases = [({"token_ids": ids, "feature": feats},
+              ["no model input is named ['feature']", "it lacks ['features']"]),
+             ({"token_ids": ids}, ["it lacks ['features']"]),
+             ({"token_ids": ids, "features": feats, "extra": feats},
+              ["no model input is named ['extra']"])]
+    for i, (arrays, needles) in enumerate(cases):
+        np.savez(tmp_path / f"b{i}.npz", **arrays)
+        named = read_input(str(tmp_path / f"b{i}.npz"), by_name=True)
+        with pytest.raises(UserError) as info:
+            match_inputs(named, model)
+        text = str(info.value)
+        assert "\n" not in text and f"b{i}.npz" in text, text
+        assert "the model's inputs are ['token_ids', 'features']" in text, text
+        assert all(n in text for n in needles), text
+    np.savez(tmp_path / "sizes.npz", token_ids=ids, features=feats[:1])
+    with pytest.raises(UserError, match="different batch sizes"):
+        match_inputs(read_input(str(tmp_path / "sizes.npz"), by_name=True), model)
+    # A single-input model keeps the old rule (the first array), and a bad array it does
+    # not use is no error; one the model needs is.
+    np.savez(tmp_path / "one.npz", images=feats, names=np.array(["a", "b"]))
+    single = keras.Sequential([keras.Input((3,)), layers.Dense(2)])
+    assert match_inputs(read_input(str(tmp_path / "one.npz"), by_name=True), single) is not None
+    np.savez(tmp_path / "bad.npz", token_ids=ids, features=np.array(["a", "b"]))
+    with pytest.raises(UserError, match="array 'features'.*needs numbers"):
+        match_inputs(read_input(str(tmp_path / "bad.npz"), by_name=True), model)
+    # Vocabulary files: lines (spaces kept, CRLF accepted), a JSON list or {token: id}.
+    (tmp_path / "v.txt").write_bytes(b"[PAD]\r\nNew York\r\n!\r\n")
+    assert read_vocabulary(str(tmp_path / "v.txt")) == ["[PAD]", "New York", "!"]
+    (tmp_path / "v.json").write_text(json.dumps({"b": 1, "a": 0}))
+    assert read_vocabulary(str(tmp_path / "v.json")) == ["a", "b"]
+    for name, body, message in [("e.txt", "", "is empty"), ("l.json", "[1, 2]", "JSON list"),
+                                ("n.json", "{", "not valid JSON")]:
+        (tmp_path / name).write_text(body)
+        with pytest.raises(UserError, match=message):
+            read_vocabulary(str(tmp_path / name))

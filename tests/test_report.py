@@ -149,3 +149,88 @@ def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
     data = _data(_read(path))
     g = gp.gradients(model, x, 0, ["inputs", "*", "*.weights"])
     assert np.isclose(data["sources"][0]["norm"], g.stats()["inputs"]["norm"], rtol=1e-5)
+
+
+VOCAB = ["[PAD]", "the", "film", "was", "great", "awful", "a", "plot", "<b>", "and", "dull", "!"]
+
+
+def _text_classifier():
+    keras.utils.set_random_seed(3)
+    ids = keras.Input((6,), dtype="int32", name="token_ids")
+    mask = keras.Input((6,), dtype="int32", name="padding_mask")
+    h = layers.Embedding(len(VOCAB), 5, name="token_embedding")(ids)
+    h = layers.GlobalAveragePooling1D()(h)
+    h = layers.Dense(3, name="logits")(h)
+    return keras.Model({"token_ids": ids, "padding_mask": mask}, h, name="textcls")
+
+
+def test_text_section_scores_equal_a_tape_at_the_embedding(tmp_path):
+    import tensorflow as tf
+
+    model = _text_classifier()
+    ids = np.array([[1, 2, 3, 4, 11, 0], [6, 7, 9, 10, 8, 0], [1, 5, 2, 0, 0, 0]], "int32")
+    x = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    target = np.array([2, 0, 1])
+    html = _read(gp.write_report(str(tmp_path / "t.html"), model, x, target,
+                                 vocabulary=VOCAB, max_images=2))
+    data = _data(html)["tokens"]
+    assert data["input"] == "inputs:token_ids" and data["layer"] == "token_embedding"
+    assert data["ids"] == ids[:2].tolist()
+    assert data["tokens"] == [[VOCAB[i] for i in row] for row in ids[:2]]
+    # Hand-written: the embedding lookup, then the rest of the model on it.
+    emb = model.get_layer("token_embedding")
+    with tf.GradientTape() as tape:
+        e = tf.gather(emb.embeddings, ids[:2])
+        tape.watch(e)
+        logits = model.get_layer("logits")(tf.reduce_mean(e, axis=1))
+        picked = tf.gather(logits, target[:2], batch_dims=1)
+    ref = tf.reduce_sum(tape.gradient(picked, e) * e, axis=-1).numpy()
+    assert np.allclose(data["scores"], ref, rtol=1e-5, atol=1e-8)
+    assert np.abs(ref).max() > 1e-4  # the comparison is not between zeros
+    section = html[html.index('<section id="text">'):html.index('<section id="layers">')]
+    spans = re.findall(r'<span class="gp-token" data-score="([^"]+)"', section)
+    assert len(spans) == ids[:2].size
+    assert np.allclose([float(s) for s in spans], ref.ravel(), rtol=1e-5, atol=1e-8)
+    assert "&lt;b&gt;" in section and "<b>" not in section  # token text is escaped
+    assert "<script" not in section
+
+
+def test_text_section_vocabulary_forms_and_errors(tmp_path):
+    model = _text_classifier()
+    ids = np.array([[1, 2, 3, 4, 11, 0]], "int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+
+    class Tokenizer:  # the keras-hub tokenizer method the report uses
+        def id_to_token(self, i):
+            return VOCAB[i].upper()
+
+    html = _read(gp.write_report(str(tmp_path / "a.html"), model, x, 0, vocabulary=Tokenizer()))
+    assert _data(html)["tokens"]["tokens"] == [["THE", "FILM", "WAS", "GREAT", "!", "[PAD]"]]
+    html = _read(gp.write_report(str(tmp_path / "b.html"), model, x, 0,
+                                 vocabulary=dict(enumerate(VOCAB))))
+    assert _data(html)["tokens"]["tokens"][0][:2] == ["the", "film"]
+    assert "tokens" not in _data(_read(gp.write_report(str(tmp_path / "c.html"), model, x, 0)))
+    with pytest.raises(gp.GradprobeError, match="vocabulary of 3 tokens"):
+        gp.write_report(str(tmp_path / "d.html"), model, x, 0, vocabulary=VOCAB[:3])
+    with pytest.raises(gp.GradprobeError, match="Received: vocabulary of type int"):
+        gp.write_report(str(tmp_path / "e.html"), model, x, 0, vocabulary=5)
+    with pytest.raises(gp.GradprobeError, match="no integer array"):
+        gp.write_report(str(tmp_path / "f.html"), _cnn(), np.zeros((1, 8, 8, 1), "float32"), 0,
+                        vocabulary=VOCAB)
+    assert not list(tmp_path.glob("[def].html"))
+
+
+def test_text_section_picks_the_token_ids_over_segment_ids(tmp_path):
+    keras.utils.set_random_seed(5)
+    seg = keras.Input((4,), dtype="int32", name="segment_ids")
+    ids = keras.Input((4,), dtype="int32", name="token_ids")
+    h = layers.Add()([layers.Embedding(2, 3, name="segment_embedding")(seg),
+                      layers.Embedding(len(VOCAB), 3, name="token_embedding")(ids)])
+    out = layers.Dense(2)(layers.GlobalAveragePooling1D()(h))
+    model = keras.Model({"segment_ids": seg, "token_ids": ids}, out)
+    x = {"segment_ids": np.array([[0, 0, 1, 1]], "int32"),
+         "token_ids": np.array([[1, 2, 3, 4]], "int32")}
+    data = _data(_read(gp.write_report(str(tmp_path / "s.html"), model, x, 1,
+                                       vocabulary=VOCAB)))["tokens"]
+    assert data["input"] == "inputs:token_ids" and data["layer"] == "token_embedding"
+    assert data["tokens"] == [["the", "film", "was", "great"]]

@@ -200,9 +200,13 @@ def split_spec(spec: str) -> tuple[list[str], str]:
 
 
 def read_input(spec: str, flag: str = "--input", *, images: bool = True,
-               max_pixels: int | None = None) -> np.ndarray | list[str]:
+               max_pixels: int | None = None,
+               by_name: bool = False) -> np.ndarray | list[str] | NamedArrays:
     """Reads an array file now, or checks image files (their headers only) and returns
     their paths, to be decoded by `load_images` once the model's input size is known.
+
+    With `by_name`, a `.npz` file named without `:KEY` gives all its arrays by name
+    (`NamedArrays`): `match_inputs` then picks one array per model input.
 
     Everything that can be checked without the model is checked here."""
     files, key = split_spec(spec)
@@ -214,6 +218,8 @@ def read_input(spec: str, flag: str = "--input", *, images: bool = True,
     if exts <= set(ARRAY_EXTENSIONS):
         if len(files) > 1:
             raise UserError(f"{flag} takes one .npy or .npz file; got {len(files)}")
+        if by_name and not key and files[0].lower().endswith(".npz"):
+            return read_named_arrays(files[0], flag)
         return read_array(files[0], key, flag)
     if images and exts <= set(IMAGE_EXTENSIONS):
         if key:
@@ -275,6 +281,120 @@ def read_array(path: str, key: str = "", flag: str = "--input") -> np.ndarray:
     if len(data) == 0:
         raise UserError(f"{where} is an empty batch (shape {data.shape})")
     return data
+
+
+def read_vocabulary(path: str, flag: str = "--vocabulary") -> list[str]:
+    """A vocabulary file: a `.json` list of tokens (or a `{token: id}` object, as a
+    `vocab.json` holds), else UTF-8 text with one token per line (line i: token id i;
+    only the line break is removed, so tokens may hold spaces)."""
+    import json
+
+    check_readable(path, f"{flag} file")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {path!r} is not UTF-8 text: {one_line(e)}") from e
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {path!r}: {e.strerror or one_line(e)}") from e
+    if path.lower().endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{flag} {path!r} is not valid JSON: {one_line(e)}") from e
+        if isinstance(data, dict) and data and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for v in data.values()):
+            table: list[str | None] = [None] * (max(data.values()) + 1)
+            for token, i in data.items():
+                table[i] = str(token)
+            data = [t if t is not None else "" for t in table]
+        if not isinstance(data, list) or not data or \
+                not all(isinstance(t, str) for t in data):
+            raise UserError(f"{flag} {path!r} must hold a JSON list of token strings (index = "
+                            "token id) or a {token: id} object")
+        return data
+    tokens = text.split("\n")
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # the final line break
+    tokens = [t[:-1] if t.endswith("\r") else t for t in tokens]
+    if not tokens:
+        raise UserError(f"{flag} {path!r} is empty; it needs one token per line")
+    return tokens
+
+
+class NamedArrays(dict):
+    """The arrays of a `.npz` file by name, read before the model is loaded: each
+    value an array, or the `UserError` that reading it gave (raised only if the model
+    needs that array). `path` and `flag` name the file in errors."""
+
+    def __init__(self, arrays: dict[str, Any], path: str, flag: str) -> None:
+        super().__init__(arrays)
+        self.path, self.flag = path, flag
+
+
+def read_named_arrays(path: str, flag: str = "--input") -> NamedArrays:
+    """Every array of a `.npz` file (checked as `read_array` checks one)."""
+    first = read_array(path, "", flag)  # the archive's own checks, and its first array
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+    arrays: dict[str, Any] = {names[0]: first}
+    for name in names[1:]:
+        try:
+            arrays[name] = read_array(path, name, flag)
+        except UserError as e:
+            arrays[name] = e
+    return NamedArrays(arrays, path, flag)
+
+
+def model_input_specs(model: Any) -> dict[str, Any]:
+    """A model's symbolic inputs by name, in order (the dict keys for a model built
+    on a dict, else the Input layers' names); empty when the model declares none."""
+    try:
+        struct = model.input  # public for functional models; raises for subclassed ones
+    except (AttributeError, ValueError, RuntimeError):
+        struct = None
+    if isinstance(struct, dict):  # (model.inputs lists them sorted by key, not by name)
+        return {str(k): t for k, t in struct.items()}
+    return {str(getattr(t, "name", "")): t for t in (getattr(model, "inputs", None) or [])}
+
+
+def model_input_names(model: Any) -> list[str]:
+    """The names of a model's inputs, in order (see `model_input_specs`)."""
+    return list(model_input_specs(model))
+
+
+def match_inputs(arrays: NamedArrays, model: Any) -> np.ndarray | dict[str, np.ndarray]:
+    """The model's inputs from a `.npz` file's arrays: for a model with several named
+    inputs, a dict with one array per input (the keys must be exactly the input
+    names); for a single-input model, the array named like its input, else the first."""
+    names = model_input_names(model)
+    where = f"{arrays.flag} {arrays.path!r}"
+    keys = list(arrays)
+
+    def value(key: str) -> np.ndarray:
+        v = arrays[key]
+        if isinstance(v, UserError):
+            raise v
+        return v
+
+    if len(names) <= 1:
+        return value(names[0] if names and names[0] in arrays else keys[0])
+    unknown = [k for k in keys if k not in names]
+    missing = [n for n in names if n not in arrays]
+    if unknown or missing:
+        what = "; ".join(part for part in (
+            f"no model input is named {unknown}" if unknown else "",
+            f"it lacks {missing}" if missing else "") if part)
+        raise UserError(f"{where} has arrays {keys} but the model's inputs are {names}: "
+                        f"{what}; save one array per input, named like it "
+                        "(np.savez(path, **{name: array}))")
+    out = {n: value(n) for n in names}
+    sizes = {n: len(v) for n, v in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"{where}: the arrays have different batch sizes {sizes}; each holds "
+                        "the same examples")
+    return out
 
 
 def default_max_image_pixels() -> int:

@@ -29,9 +29,11 @@ from gradprobe._cli_io import (
     import_modules,
     load_images,
     load_model,
+    match_inputs,
     model_image_shape,
     one_line,
     read_input,
+    read_vocabulary,
     unique_names,
 )
 
@@ -126,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a self-contained HTML report of a saved model's gradients",
         description="Writes one HTML file (images inlined, no executable scripts, no network requests): "
                     "the model's layers, per-layer gradient statistics and diagnosis, a "
-                    "gradient-flow chart, saliency and Grad-CAM maps for image inputs, and "
-                    "training curves from --history files.")
+                    "gradient-flow chart, saliency and Grad-CAM maps for image inputs, token "
+                    "heat maps for token-id inputs with --vocabulary, and training curves from "
+                    "--history files.")
     _request_arguments(r)
     r.add_argument("--out", default="report.html",
                    help="the HTML file, which must not exist unless --force (default report.html)")
@@ -136,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a GradientMonitor CSV (gradient norms over training) or a Keras "
                         "CSVLogger file (loss and metrics per epoch); may be repeated")
     r.add_argument("--title", help="the report's title")
+    r.add_argument("--vocabulary", metavar="FILE",
+                   help="for token-id inputs feeding an Embedding: the vocabulary, a text file "
+                        "with one token per line (line i is token id i) or a .json list; adds "
+                        "a token heat map of gradient x embedding per example")
     _force_argument(r, "an existing --out file")
     r.set_defaults(run=_report)
 
@@ -178,12 +185,14 @@ def _request_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `inspect` and `report` share: model, inputs, target, sources."""
     p.add_argument("model", help="a .keras or .h5 file, or a SavedModel directory")
     p.add_argument("--input", required=True,
-                   help="inputs: .npy, .npz (first array, or FILE.npz:KEY), or image files "
-                        "(.png/.jpg, comma-separated; resized to the model's input)")
+                   help="inputs: .npy, .npz (one array per named model input for a "
+                        "multi-input model; else the first array, or FILE.npz:KEY), or image "
+                        "files (.png/.jpg, comma-separated; resized to the model's input)")
     p.add_argument("--target", default="predicted",
                    help="a class index, or 'predicted' (default); ignored with --loss")
-    p.add_argument("--wrt", default="inputs,*,*.weights",
-                   help="comma-separated selectors (default 'inputs,*,*.weights')")
+    p.add_argument("--wrt", default=None,
+                   help="comma-separated selectors (default 'inputs,*,*.weights', without "
+                        "integer inputs such as token ids)")
     p.add_argument("--output", help="the output of a multi-output model (name or index)")
     p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
     p.add_argument("--labels", help=".npy labels for --loss (also shown in report captions)")
@@ -224,7 +233,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
     target = _parse_target(args.target)
     check_model_file(args.model)
-    x = read_input(args.input, "--input", max_pixels=args.max_image_pixels)
+    x = read_input(args.input, "--input", max_pixels=args.max_image_pixels, by_name=True)
     labels = read_input(args.labels, "--labels", images=False) if args.labels else None
     if args.loss and labels is None:
         raise UserError("--loss needs --labels")
@@ -232,23 +241,48 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
     if isinstance(x, list):
         x = load_images(x, model_image_shape(model), args.max_image_pixels)
+    elif isinstance(x, dict):
+        x = match_inputs(x, model)
     expected = getattr(model, "inputs", None)
-    if expected and len(expected) == 1:
+    if isinstance(x, dict):
+        _check_shapes(x, model)
+    elif expected and len(expected) == 1:
         want = tuple(expected[0].shape[1:])
         got = tuple(np.shape(x)[1:])
         if len(want) != len(got) or any(a is not None and a != b for a, b in zip(want, got)):
             raise UserError(f"inputs of shape {tuple(np.shape(x))} do not fit the model, "
                             f"which expects (batch, {', '.join(str(d) for d in want)})")
-    if labels is not None and len(labels) != len(x):
-        raise UserError(f"--labels has {len(labels)} entries but --input has {len(x)} examples")
+    examples = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if labels is not None and len(labels) != examples:
+        raise UserError(f"--labels has {len(labels)} entries but --input has {examples} "
+                        "examples")
     if args.loss:
         target = gp.loss(args.loss, labels)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
-    wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
+    if args.wrt is None:  # integer inputs (token ids) have no gradient: left out
+        from gradprobe.report import default_wrt
+
+        wrt = default_wrt(x)
+    else:
+        wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     return {"model": model, "inputs": x, "labels": labels, "target": target, "output": output,
             "wrt": wrt}
+
+
+def _check_shapes(x: dict[str, Any], model: Any) -> None:
+    """Each named input array against the model's declared input of that name."""
+    import numpy as np
+
+    from gradprobe._cli_io import model_input_specs
+
+    for name, tensor in model_input_specs(model).items():
+        want, got = tuple(tensor.shape[1:]), tuple(np.shape(x[name])[1:])
+        if len(want) != len(got) or any(a is not None and a != b for a, b in zip(want, got)):
+            raise UserError(f"input {name!r} of shape {tuple(np.shape(x[name]))} does not fit "
+                            f"the model, which expects (batch, "
+                            f"{', '.join(str(d) for d in want)})")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -277,13 +311,14 @@ def _report(args: argparse.Namespace) -> int:
             monitor = path
         else:
             history = path
+    vocabulary = read_vocabulary(args.vocabulary) if args.vocabulary else None
     r = _request(args)
     import gradprobe as gp
 
     path = gp.write_report(args.out, r["model"], r["inputs"], r["target"], wrt=r["wrt"],
                            output=r["output"], labels=r["labels"], attribution_layer=args.layer,
                            monitor=monitor, history=history, title=args.title,
-                           overwrite=args.force)
+                           vocabulary=vocabulary, overwrite=args.force)
     print(os.path.abspath(path))
     return 0
 

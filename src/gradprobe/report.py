@@ -1,7 +1,8 @@
 """`gp.write_report`: one self-contained HTML file (Jinja2 template, images
 inlined as data URIs, no executable scripts, no network requests) with a model's layer
 table, its per-layer gradient statistics and diagnosis, a gradient-flow chart,
-attribution maps for image inputs, and training curves."""
+attribution maps for image inputs, token heat maps for token-id inputs given a
+vocabulary, and training curves."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
                  labels: Any = None, class_names: list[str] | None = None,
                  monitor: Any = None, history: Any = None, title: str | None = None,
                  notes: dict[str, Any] | None = None, max_images: int = 8,
-                 overwrite: bool = False) -> str:
+                 vocabulary: Any = None, overwrite: bool = False) -> str:
     """Writes a self-contained HTML report of a model's gradients.
 
     Args:
@@ -38,8 +39,8 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
         model: The Keras model.
         inputs: The batch the gradients are computed on.
         target: As in `gp.gradients` (`"predicted"`, a class, `gp.loss(...)`, a callable).
-        wrt: Sources for the statistics table (default: the input, every leaf
-            layer's activation and every weight).
+        wrt: Sources for the statistics table (default: the floating inputs,
+            every leaf layer's activation and every weight).
         output: The output of a multi-output model, as in `gp.gradients`.
         gradients: A `Gradients` result to report instead of computing one.
         attribution: For image inputs `(N, H, W, C)`, draw saliency and Grad-CAM
@@ -54,7 +55,16 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
             `keras.callbacks.CSVLogger` CSV path.
         title: The page title (default: "gradprobe report: <model name>").
         notes: Extra facts for the header, e.g. `{"test accuracy": "97.5%"}`.
-        max_images: At most this many attribution rows.
+        max_images: At most this many attribution rows (images, or token rows
+            of the text section).
+        vocabulary: For models whose integer inputs are token ids feeding an
+            `Embedding`: a list (id -> token string), a dict `{id: token}`, or a
+            tokenizer with an `id_to_token(id)` method (keras-hub tokenizers) or
+            else a `detokenize(ids)` method. The report then gets a text
+            section: per example, a token heat map (`gp.plot.tokens`) of
+            gradient×input at the embedding, one score per token: the sum over
+            the embedding axis of gradient × activation of the embedding layer
+            the token ids feed.
         overwrite: Replace `path` if it exists. Without it an existing file is
             never touched: a `GradprobeError` is raised before any work.
 
@@ -71,6 +81,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     _validate.model(model)
     _validate.inputs(inputs)
     _validate.count("max_images", max_images, "the most attribution rows to draw")
+    lookup = _vocabulary_lookup(vocabulary)
     folder = os.path.dirname(os.path.abspath(path))
     blocker = folder
     while not os.path.exists(blocker):
@@ -84,6 +95,8 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     if os.path.lexists(path) and not overwrite:
         raise _exists(path)
     if gradients is None:
+        if tuple(wrt) == DEFAULT_WRT:
+            wrt = default_wrt(inputs)
         gradients = compute_gradients(model, inputs, target, list(wrt), output=output,
                                       unconnected="zero")
     stats = gradients.stats()
@@ -103,6 +116,11 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     if attribution and _is_image_batch(inputs):
         figures.append(_attribution_figure(model, inputs, target, output, attribution_layer,
                                            labels, class_names, max_images))
+    text_section = None
+    if lookup is not None:
+        text_section = token_scores(model, inputs, target, output=output,
+                                    max_rows=max_images, vocabulary=vocabulary)
+        text_section["html"] = _token_html(text_section, lookup)
     curves = _training_history(history)
     if curves:
         figures.append({"id": "training-curves", "title": "Training curves",
@@ -124,8 +142,12 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
         "rows": rows,
         "findings": [f.message for f in findings],
         "figures": figures,
+        "text": text_section,
         "data_json": _script_json({**gradients_json(gradients, findings),
-                                   "figures": [f["id"] for f in figures]}),
+                                   "figures": [f["id"] for f in figures],
+                                   **({"tokens": {k: text_section[k] for k in
+                                                  ("input", "layer", "ids", "tokens", "scores")}}
+                                      if text_section else {})}),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("gradprobe", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]),
@@ -224,6 +246,135 @@ def _attribution_figure(model, inputs, target, output, layer, labels, class_name
             "caption": f"For each image: the input, |gradient| saliency, and Grad-CAM of layer "
                        f"{layer!r} overlaid, all for {what}.",
             "src": _data_uri(buf.getvalue())}
+
+
+def _vocabulary_lookup(vocabulary: Any) -> Any:
+    """A function id -> token text for `vocabulary` (see `write_report`), or None."""
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, list | tuple | dict):
+        if not vocabulary:
+            raise GradprobeError("Expected vocabulary to hold at least one token. Received: "
+                                 f"vocabulary={vocabulary!r}")
+
+        def from_table(i: int) -> str:
+            try:
+                return str(vocabulary[i])
+            except (KeyError, IndexError):
+                raise GradprobeError(f"Expected vocabulary to hold every token id of the inputs. "
+                                     f"Received: an input token id {i}, which is not in the "
+                                     f"vocabulary of {len(vocabulary)} tokens; pass the "
+                                     "vocabulary the model was trained with.") from None
+        return from_table
+    if callable(getattr(vocabulary, "id_to_token", None)):
+        return lambda i: str(_text(vocabulary.id_to_token(i)))
+    if callable(getattr(vocabulary, "detokenize", None)):
+        return lambda i: str(_text(vocabulary.detokenize([i])))
+    raise GradprobeError("Expected vocabulary to be a list (id -> token), a dict {id: token} "
+                         "or a tokenizer with an id_to_token(id) or detokenize(ids) method. "
+                         f"Received: vocabulary of type {type(vocabulary).__name__}")
+
+
+def _text(value: Any) -> Any:
+    """A tokenizer's answer as Python text: tensors and bytes decoded."""
+    value = backend.to_numpy(value) if not isinstance(value, str | bytes) else value
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else value.tolist()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def token_scores(model: keras.Model, inputs: Any, target: Any = "predicted", *,
+                 output: Any = None, max_rows: int | None = None,
+                 vocabulary: Any = None) -> dict[str, Any]:
+    """Per-token scores of the report's text section: gradient × activation of the
+    embedding layer that the model's token-id input feeds, summed over the
+    embedding axis (one score per token).
+
+    Args:
+        model: A model with an integer input feeding a `keras.layers.Embedding`.
+        inputs: The batch (an array of token ids, or a list/dict with one).
+        target: As in `gp.gradients`.
+        output: The output of a multi-output model.
+        max_rows: Return only the first this many examples (all are computed,
+            so that a per-example target fits the batch).
+        vocabulary: Only named in errors (the argument that asked for the section).
+
+    Returns:
+        `{"input": key, "layer": selector, "ids": [[int]], "scores": [[float]]}`:
+        `key` is the result key of the token-id input (`"inputs"`,
+        `"inputs:token_ids"`), `selector` the embedding call.
+    """
+    key, selector = _token_input(model, inputs, vocabulary)
+    # The whole batch: a per-example target (classes, a loss's labels) fits it as given.
+    g = compute_gradients(model, inputs, target, [selector], output=output)
+    grad = backend.to_numpy(g[selector]).astype(np.float64)[:max_rows]
+    act = backend.to_numpy(g.activations[selector]).astype(np.float64)[:max_rows]
+    scores = (grad * act).sum(axis=-1)
+    ids = np.asarray(_by_key(inputs, key))[:max_rows]
+    if scores.shape != ids.shape:
+        raise GradprobeError(f"Expected the embedding {selector!r} to give one vector per token "
+                             f"id: its output has shape {grad.shape} for token ids of shape "
+                             f"{ids.shape}.")
+    return {"input": key, "layer": selector, "ids": ids.astype(np.int64).tolist(),
+            "scores": scores.tolist()}
+
+
+def default_wrt(inputs: Any) -> list[str]:
+    """The report's (and `gradprobe inspect`'s) default sources for `inputs`: every
+    leaf layer's activation and weight, and the floating inputs (token ids and masks
+    have no gradient; their embeddings' activations are in the table instead)."""
+    keys = _input_keys(inputs)
+    floating = [k for k in keys if np.asarray(_by_key(inputs, k)).dtype.kind == "f"]
+    return (["inputs"] if len(floating) == len(keys) else floating) + list(DEFAULT_WRT[1:])
+
+
+def _input_keys(inputs: Any) -> list[str]:
+    if isinstance(inputs, dict):
+        return [f"inputs:{k}" for k in inputs]
+    if isinstance(inputs, list | tuple):
+        return [f"inputs:{i}" for i in range(len(inputs))]
+    return ["inputs"]
+
+
+def _by_key(inputs: Any, key: str) -> Any:
+    if key == "inputs":
+        return inputs
+    part = key.split(":", 1)[1]
+    return inputs[part] if isinstance(inputs, dict) else inputs[int(part)]
+
+
+def _token_input(model: Any, inputs: Any, vocabulary: Any) -> tuple[str, str]:
+    """The integer model input that feeds an embedding (one named like `token_ids`
+    first, else the first in `inputs`' order), and that embedding's call."""
+    from gradprobe import _sequence
+
+    keys = _input_keys(inputs)
+    feeds = _sequence.embedding_feeds(model)
+    fed = {}
+    for key in keys:
+        if np.asarray(_by_key(inputs, key)).dtype.kind in "iu":
+            selectors = _sequence._fed(feeds, _sequence.input_ids(model, key, keys))
+            if selectors:
+                fed[key] = selectors[0]
+    if fed:  # token ids rather than segment ids (BERT's segment_ids feed an embedding too)
+        key = min(fed, key=lambda k: "token" not in k.split(":")[-1].lower())
+        return key, fed[key]
+    ints = [k for k in keys if np.asarray(_by_key(inputs, k)).dtype.kind in "iu"]
+    received = (f"integer inputs {ints}, none of which feeds a keras.layers.Embedding"
+                if ints else "inputs with no integer array (token ids must be an integer "
+                "array, e.g. int32)")
+    raise GradprobeError("Expected a vocabulary only for a model whose integer input (token ids) "
+                         f"feeds an Embedding layer. Received: vocabulary of type "
+                         f"{type(vocabulary).__name__} with {received}; pass the token ids as "
+                         "integers, or leave vocabulary=None.")
+
+
+def _token_html(section: dict, lookup: Any) -> str:
+    from gradprobe.plot import tokens as token_map
+
+    texts = [[lookup(i) for i in row] for row in section["ids"]]
+    section["tokens"] = texts
+    return token_map(texts, np.asarray(section["scores"], dtype=np.float64))
 
 
 def _training_history(history: Any) -> dict[str, list[float]] | None:
