@@ -134,5 +134,5 @@ def test_report_and_attribution_calls_leave_the_model_unchanged(tmp_path):
     gp.write_report(str(tmp_path / "r.html"), model, x, "predicted", labels=[0, 1, 2])
     assert_unchanged(model, x, before)
     with pytest.raises(gp.GradprobeError):
-        gp.write_report(str(tmp_path / "r.html"), model, x, 0, attribution_layer="nope")
+        gp.write_report(str(tmp_path / "r2.html"), model, x, 0, attribution_layer="nope")
     assert_unchanged(model, x, before)
