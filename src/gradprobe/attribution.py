@@ -18,6 +18,7 @@ from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.targets import (
     LossTarget,
+    PositionSpec,
     PredictedTarget,
     class_scores,
     make_target,
@@ -110,6 +111,13 @@ class Attribution:
 def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
     """The target with `"predicted"` resolved on the original inputs, so that
     noisy or interpolated copies of an example keep that example's class."""
+    if isinstance(target, PositionSpec):
+        if not (isinstance(target.target, str) and target.target == "predicted"):
+            return target
+        with keras.StatelessScope():
+            outputs = model(x, training=training)
+        return target.resolve_predicted(
+            select_output(outputs, output, output_names(model), None, PredictedTarget()))
     if not (isinstance(target, str) and target == "predicted"):
         return target
     tgt = PredictedTarget()
@@ -122,6 +130,8 @@ def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -
 
 def slice_target(target: Any, start: int, stop: int) -> Any:
     """The target for rows `start:stop` of the batch."""
+    if isinstance(target, PositionSpec):
+        return target.take(np.arange(start, stop))
     if isinstance(target, LossTarget):
         sw = target.sample_weight
         return LossTarget(target.fn, np.asarray(target.y_true)[start:stop],
@@ -271,6 +281,8 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
 
 def row_target(target: Any, idx: np.ndarray) -> Any:
     """The target for the rows of `idx` (one example index per row)."""
+    if isinstance(target, PositionSpec):
+        return target.take(idx)
     if isinstance(target, LossTarget):
         sw = target.sample_weight
         return LossTarget(target.fn, np.asarray(target.y_true)[idx],
