@@ -99,6 +99,23 @@ class Attribution:
         first = next(v for v in keras.tree.flatten(self.values) if v is not None)
         return int(first.shape[0])
 
+    def reduce(self, how: str = "sum") -> np.ndarray:
+        """One score per position: the last axis (an embedding's features, an
+        image's channels) reduced by `"sum"` (signed) or `"l2"` (its norm).
+
+        Example:
+
+        >>> ig = gp.integrated_gradients(model, ids, 1, layer="embedding")
+        >>> ig.reduce("sum")     # (batch, steps): one signed score per token
+        """
+        _validate.choice("how", how, ("sum", "l2"), "how to reduce the last axis")
+        arr = np.asarray(self._single(), dtype=np.float64)
+        if arr.ndim < 3:
+            raise GradprobeError(
+                f"result.reduce() sums the last axis of maps shaped (batch, positions, "
+                f"features); these maps are shaped {arr.shape}. Received: how={how!r}")
+        return arr.sum(axis=-1) if how == "sum" else np.sqrt((arr ** 2).sum(axis=-1))
+
     def __repr__(self) -> str:
         extra = f", layer={self.layer!r}" if self.layer else ""
         extra += f", fixed={self.fixed!r}" if self.fixed else ""

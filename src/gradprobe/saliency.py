@@ -13,8 +13,10 @@ from gradprobe.attribution import (
     ModelInputs,
     fixed_target,
     input_gradients,
+    layer_key,
     target_values,
 )
+from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
 
 
@@ -38,8 +40,9 @@ def reduce_map(g: Any, absolute: bool, reduce_channels: str | None) -> Any:
 
 def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = True,
              reduce_channels: str | None = "max", output: Any = None, training: bool = False,
-             batch_size: int | None = None) -> Attribution:
-    """Saliency map: the gradient of the target with respect to the input.
+             batch_size: int | None = None, layer: Any = None) -> Attribution:
+    """Saliency map: the gradient of the target with respect to the input (or,
+    with `layer=`, with respect to that layer's output).
 
     Args:
         model, inputs, target, output, training: As in `gp.gradients`. For a
@@ -49,17 +52,28 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
         absolute: Take the absolute value of the gradient.
         reduce_channels: Reduce the last (channel) axis of inputs of rank > 2 with
             `"max"` (default), `"mean"` or `"sum"`; `None` keeps it.
-        batch_size: Compute in chunks of this many examples.
+        batch_size: Compute in chunks of this many examples (input maps only; a
+            layer map is computed in one pass over the batch).
+        layer: Attribute to this layer's output instead of the input (any
+            selector of `gp.gradients` naming one activation, e.g. an
+            `Embedding` fed by integer token ids, or `"token_embedding@0"` for
+            the first call of a tied embedding). Integer inputs are then fine.
 
     Returns:
-        An `Attribution`: one map per example.
+        An `Attribution`: one map per example (`result.layer` names the layer).
 
     Example:
 
     >>> maps = gp.saliency(model, images, target="predicted")
     >>> np.asarray(maps).shape    # (batch, height, width)
+    >>> tokens = gp.saliency(text_model, ids, 1, layer="embedding")
+    >>> np.asarray(tokens).shape  # (batch, steps): the embedding axis reduced by max
     """
     _validate.flag("absolute", absolute)
+    if layer is not None:
+        grad, _, values, key = _layer_gradient(model, inputs, target, layer, output, training)
+        return Attribution(reduce_map(grad, absolute, reduce_channels), values, "saliency",
+                           layer=key)
     mi, grads, values = _gradient(model, inputs, target, output, training, batch_size,
                                   "saliency")
     maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in grads.items()}
@@ -67,16 +81,45 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
 
 
 def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: Any = None,
-                     training: bool = False, batch_size: int | None = None) -> Attribution:
-    """Gradient x Input: the input gradient times the input, element-wise.
+                     training: bool = False, batch_size: int | None = None,
+                     layer: Any = None) -> Attribution:
+    """Gradient x Input: the input gradient times the input, element-wise (or,
+    with `layer=`, gradient x activation at that layer's output).
+
+    Args:
+        model, inputs, target, output, training, batch_size: As in `gp.saliency`.
+        layer: Attribute to this layer's output (as in `gp.saliency`): the
+            gradient of the target with respect to the activation, times the
+            activation. For an embedding, `result.reduce("sum")` gives one score
+            per token.
 
     Returns:
-        An `Attribution` shaped like the input.
+        An `Attribution` shaped like the input (or the layer's output).
+
+    Example:
+
+    >>> gxa = gp.gradient_x_input(text_model, ids, 1, layer="embedding")
+    >>> gxa.reduce("sum").shape   # (batch, steps): one score per token
     """
+    if layer is not None:
+        grad, act, values, key = _layer_gradient(model, inputs, target, layer, output, training)
+        return Attribution(grad * tf.cast(act, grad.dtype), values, "gradient_x_input",
+                           layer=key)
     mi, grads, values = _gradient(model, inputs, target, output, training, batch_size,
                                   "gradient_x_input")
     maps = {i: g * tf.cast(mi.leaves[i], g.dtype) for i, g in grads.items()}
     return Attribution(mi.pack(maps), values, "gradient_x_input", fixed=mi.fixed)
+
+
+def _layer_gradient(model: Any, inputs: Any, target: Any, layer: Any, output: Any,
+                    training: bool) -> tuple[Any, Any, Any, str]:
+    """`(gradient, activation, target values, key)` at one layer's output."""
+    _validate.layer(layer)
+    mi = ModelInputs(model, inputs)
+    target = fixed_target(model, mi.x, target, output, training)
+    g = gradients(model, mi.x, target, layer, output=output, training=training)
+    key = layer_key(g, layer)
+    return g[key], g.activations[key], g.target, key
 
 
 def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
