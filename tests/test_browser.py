@@ -67,22 +67,34 @@ def test_demo_trains_and_writes_everything(demo):
 
 
 @pytest.mark.slow
+
+def _report_data(report):
+    """The JSON data block a report embeds."""
+    return json.loads(re.search(r'<script type="application/json" id="gradprobe-data">(.*?)'
+                                r"</script>", report.read_text(), re.S).group(1))
+
+
+def _open(context, report, console, errors, requests):
+    """A page on `report` that logs console messages, page errors and requests."""
+    page = context.new_page()
+    page.on("console", lambda m: console.append((m.type, m.text)))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(report.as_uri(), wait_until="load")
+    return page
+
+
 def test_report_renders_in_chromium_offline(demo, tmp_path):
     from playwright.sync_api import sync_playwright
 
     out, _ = demo
     report = out / "report.html"
-    data = json.loads(re.search(r'<script type="application/json" id="gradprobe-data">(.*?)'
-                                r"</script>", report.read_text(), re.S).group(1))
+    data = _report_data(report)
     console, errors, requests = [], [], []
     with sync_playwright() as p:
         context = _browser(p, tmp_path / "profile")
         try:
-            page = context.new_page()
-            page.on("console", lambda m: console.append((m.type, m.text)))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri(), wait_until="load")
+            page = _open(context, report, console, errors, requests)
             assert page.title() == "gradprobe demo: a small CNN on 8x8 digits"
             rows = page.locator("#gradient-table tbody tr")
             assert rows.count() == len(data["sources"]) > 10
@@ -135,17 +147,12 @@ def test_text_report_renders_one_element_per_token(tmp_path):
     ids[0, 0] = VOCAB.index("<b>bold</b>")  # token text must stay text
     report = tmp_path / "text-report.html"
     gp.write_report(str(report), model, ids, vocabulary=VOCAB, title="text report")
-    data = json.loads(re.search(r'<script type="application/json" id="gradprobe-data">(.*?)'
-                                r"</script>", report.read_text(), re.S).group(1))
+    data = _report_data(report)
     console, errors, requests = [], [], []
     with sync_playwright() as p:
         context = _browser(p, tmp_path / "profile")
         try:
-            page = context.new_page()
-            page.on("console", lambda m: console.append((m.type, m.text)))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri(), wait_until="load")
+            page = _open(context, report, console, errors, requests)
             assert page.title() == "text report"
             tokens = page.locator("#text .gp-token")
             assert tokens.count() == page.locator(".gp-token").count() == ids.size
