@@ -460,3 +460,60 @@ def test_readme_text_section_runs_as_written(tmp_path, monkeypatch, capsys):
     assert [html.unescape(s[4]) for s in spans] == ["the", "film", "was", "great"]
     assert (tmp_path / "next_token.html").exists()
     assert "pooled_dense.kernel" in capsys.readouterr().out
+
+
+def _hand_ig_at_token_embedding(clf, x, base_ids, cls, steps):
+    """Integrated Gradients at the token embedding's output written by hand: the
+    embedding layer's call is replaced (by this test, not gradprobe) with the
+    interpolated embeddings, and a tape gives each point's gradient."""
+    emb = clf.backbone.get_layer("token_embedding")
+    e = emb(x["token_ids"])
+    b = emb(base_ids)
+    alphas = np.linspace(0.0, 1.0, steps)
+    weights = np.full(steps, 1.0 / (steps - 1))
+    weights[[0, -1]] *= 0.5
+    total, values = 0.0, {}
+    original = emb.call
+    try:
+        for a, w in zip(alphas, weights):
+            point = tf.constant(b + a * (e - b))
+            emb.call = lambda ids, *args, _p=point, **kw: _p  # noqa: B023
+            with tf.GradientTape() as t:
+                t.watch(point)
+                y = clf(x, training=False)[:, cls]
+            total = total + w * t.gradient(y, point).numpy()
+            values[float(a)] = y.numpy()
+    finally:
+        emb.call = original
+        emb.__dict__.pop("call", None)
+    return (e - b).numpy() * total, values[1.0] - values[0.0]
+
+
+@pytest.mark.slow
+@needs_hub
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bert_embedding_integrated_gradients_against_hand_written(dtype):
+    keras.utils.set_random_seed(7)
+    bb = keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=1, num_heads=2,
+                                       hidden_dim=8, intermediate_dim=16, dropout=0.0,
+                                       max_sequence_length=8, dtype=dtype)
+    clf = keras_hub.models.BertTextClassifier(backbone=bb, num_classes=3, preprocessor=None,
+                                              dropout=0.0, dtype=dtype)
+    # [MASK]-style baseline: real tokens replaced by one id, [CLS]/[SEP]/padding kept.
+    keep = np.isin(TOKENS, [0, 1, 2])
+    base_ids = np.where(keep, TOKENS, VOCAB.index("bad")).astype("int32")
+    steps = 16 if dtype == "float32" else 300
+    ig = gp.integrated_gradients(clf, BERT_X, 1, layer="token_embedding", steps=steps,
+                                 baseline=dict(BERT_X, token_ids=base_ids), batch_size=64,
+                                 progress=False)
+    assert ig.layer == f"{bb.name}/token_embedding"
+    want, f_diff = _hand_ig_at_token_embedding(clf, BERT_X, base_ids, 1, steps)
+    tol = 1e-5 if dtype == "float32" else 1e-9
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(ig), want, rtol=0, atol=tol * scale)
+    assert np.all(np.asarray(ig)[keep] == 0.0)  # kept tokens: same embedding, no attribution
+    delta = np.asarray(ig.delta)
+    np.testing.assert_allclose(delta, want.reshape(2, -1).sum(1) - f_diff,
+                               atol=tol * np.abs(f_diff).max() * 10)
+    if dtype == "float64":  # completeness at 300 steps: |delta| < 1% of |f(x) - f(b)|
+        assert np.all(np.abs(delta) < 0.01 * np.abs(f_diff))
