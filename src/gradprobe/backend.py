@@ -22,11 +22,11 @@ import tensorflow as tf
 
 NAME = "tensorflow"
 
-if keras.backend.backend() != "tensorflow":  # pragma: no cover - environment guard
-    raise ImportError(
-        "gradprobe currently supports the TensorFlow backend of Keras 3 only; "
-        f"KERAS_BACKEND is {keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow."
-    )
+# This module holds TensorFlow's primitives and is imported on every Keras
+# backend (TensorFlow must be installed: other modules still use it). On another
+# backend its functions are never reached from a supported entry point:
+# `gp.gradients` dispatches to `gradprobe.backends` and every other public
+# function refuses the backend first (`_validate.backend_supported`).
 
 
 def new_tape(persistent: bool = False, watch_accessed_variables: bool = False) -> Any:

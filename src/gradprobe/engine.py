@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _sequence, _validate, backend, capture
+from gradprobe import _sequence, _validate, backend, backends, capture
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
 from gradprobe.selectors import (
@@ -114,6 +114,13 @@ def gradients(
     _validate.choice("compile", compile, ("auto", True, False))
     for name, value in (("training", training), ("differentiable", differentiable)):
         _validate.flag(name, value)
+    if backends.is_functional():  # JAX: the functional capture (gradprobe._functional)
+        from gradprobe import _functional  # imports this module: no top-level import
+
+        return _functional.gradients(model, inputs, target, wrt, output=output,
+                                     training=training, unconnected=unconnected,
+                                     compile=compile, differentiable=differentiable,
+                                     per_example=per_example)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))

@@ -28,6 +28,29 @@ import tensorflow as tf
 from gradprobe import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
+# The class, 'predicted', loss and callable targets compute with `keras.ops` and
+# run on every Keras backend; `gp.at` (PositionTarget) still uses TensorFlow.
+
+
+def _rank(x: Any) -> int | None:
+    """The rank of a tensor of any backend (`None` when TensorFlow does not know it)."""
+    shape = x.shape
+    return shape.rank if hasattr(shape, "rank") else len(shape)
+
+
+def _dtype(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _is_floating(x: Any) -> bool:
+    return keras.backend.is_float_dtype(_dtype(x))
+
+
+def _pick(scores: Any, idx: Any) -> Any:
+    """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor."""
+    picked = keras.ops.take_along_axis(scores, keras.ops.expand_dims(idx, 1), axis=1)
+    return keras.ops.squeeze(picked, axis=1)
+
 
 @dataclass(frozen=True, eq=False)
 class LossTarget:
@@ -106,14 +129,14 @@ class Target:
 
 
 def class_scores(out: Any, what: str, sequence_ok: bool = False,
-                 form: str = "'predicted'") -> tf.Tensor:
+                 form: str = "'predicted'") -> Any:
     """The `(batch, classes)` scores of the selected output. A rank-3 output is a
     sequence `(batch, steps, classes)`: its position must be chosen with `gp.at`
     (unless `sequence_ok`, for a slice that `gp.at` already took)."""
-    if not out.dtype.is_floating:
-        raise GradprobeError(f"{what}: the selected output has dtype {out.dtype.name}; "
+    if not _is_floating(out):
+        raise GradprobeError(f"{what}: the selected output has dtype {_dtype(out)}; "
                              "class scores must be floating point.")
-    rank = out.shape.rank
+    rank = _rank(out)
     if rank is None or rank < 2:
         raise GradprobeError(
             f"{what}: the selected output has shape {tuple(out.shape)}, with no class axis. "
@@ -122,7 +145,7 @@ def class_scores(out: Any, what: str, sequence_ok: bool = False,
     if rank == 3 and not sequence_ok:
         raise GradprobeError(sequence_error(what, tuple(out.shape), form))
     if rank > 2:
-        out = tf.reduce_sum(out, axis=list(range(1, rank - 1)))
+        out = keras.ops.sum(out, axis=tuple(range(1, rank - 1)))
     return out
 
 
@@ -148,7 +171,7 @@ class ClassTarget(Target):
     def __init__(self, classes: np.ndarray, same: bool, raw: Any = None):
         self.classes = classes
         self.raw = raw
-        super().__init__(("class",), {"classes": tf.constant(classes, tf.int32)})
+        super().__init__(("class",), {"classes": keras.ops.convert_to_tensor(classes, "int32")})
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
         self.form = str(int(classes[0])) if same else "classes"
 
@@ -157,9 +180,9 @@ class ClassTarget(Target):
         n = scores.shape[-1]
         idx = args["classes"]
         if n is not None:
-            idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
-        value = tf.gather(scores, idx, axis=1, batch_dims=1)
-        return value, tf.reduce_sum(value), {"num_classes": n}
+            idx = keras.ops.minimum(idx, n - 1)  # checked against `n` after the run
+        value = _pick(scores, idx)
+        return value, keras.ops.sum(value), {"num_classes": n}
 
     def check(self, meta):
         _validate.classes_in_range(self.classes, meta.get("num_classes"), self.raw)
@@ -175,9 +198,9 @@ class PredictedTarget(Target):
 
     def compute(self, out, args):
         scores = class_scores(out, "target='predicted'")
-        idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
-        value = tf.gather(scores, idx, axis=1, batch_dims=1)
-        return value, tf.reduce_sum(value), {"num_classes": scores.shape[-1]}
+        idx = keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
+        value = _pick(scores, idx)
+        return value, keras.ops.sum(value), {"num_classes": scores.shape[-1]}
 
 
 @dataclass(frozen=True, eq=False)
@@ -375,11 +398,11 @@ class LossValueTarget(Target):
     kind = "loss"
 
     def __init__(self, spec: LossTarget, batch_size: int):
-        args = {"y_true": tf.convert_to_tensor(spec.y_true)}
+        args = {"y_true": keras.ops.convert_to_tensor(spec.y_true)}
         if spec.sample_weight is not None:
-            args["sample_weight"] = tf.convert_to_tensor(spec.sample_weight)
+            args["sample_weight"] = keras.ops.convert_to_tensor(spec.sample_weight)
         for name, value in args.items():
-            if value.shape.rank and value.shape[0] != batch_size:
+            if _rank(value) and value.shape[0] != batch_size:
                 raise GradprobeError(
                     f"Expected `{name}` of gp.loss to have one entry per example: it has "
                     f"{value.shape[0]} entries but the inputs have {batch_size} examples. "
@@ -393,24 +416,25 @@ class LossValueTarget(Target):
         y_true = args["y_true"]
         sw = args.get("sample_weight")
         meta = {}
-        n = out.shape[-1] if self.sparse and out.shape.rank else None
+        n = out.shape[-1] if self.sparse and _rank(out) else None
         if n is not None:
             # Labels are checked against `n` after the run (`check`); clipping keeps the
             # loss op from failing (or returning NaN on GPU) before that.
             meta["num_classes"] = int(n)
             # (Negative labels were refused by gp.loss, except Keras' `ignore_class`.)
-            y_true = tf.minimum(y_true, tf.cast(n - 1, y_true.dtype))
-        if out.dtype.is_floating and y_true.dtype.is_floating and y_true.dtype != out.dtype:
-            y_true = tf.cast(y_true, out.dtype)
+            y_true = keras.ops.minimum(y_true, keras.ops.cast(n - 1, _dtype(y_true)))
+        if _is_floating(out) and _is_floating(y_true) and _dtype(y_true) != _dtype(out):
+            y_true = keras.ops.cast(y_true, _dtype(out))
         if isinstance(self.fn, keras.losses.Loss):
             value = self.fn(y_true, out, sample_weight=sw)
         else:
             value = self.fn(y_true, out)
-            if value.shape.rank and value.shape.rank > 1:
-                value = tf.reduce_mean(value, axis=list(range(1, value.shape.rank)))
+            rank = _rank(value)
+            if rank and rank > 1:
+                value = keras.ops.mean(value, axis=tuple(range(1, rank)))
             if sw is not None:
-                value = value * tf.cast(tf.reshape(sw, [-1]), value.dtype)
-        return value, tf.reduce_sum(value), meta
+                value = value * keras.ops.cast(keras.ops.reshape(sw, (-1,)), _dtype(value))
+        return value, keras.ops.sum(value), meta
 
     def check(self, meta):
         if meta.get("num_classes") is not None:
@@ -427,15 +451,15 @@ class CallableTarget(Target):
         super().__init__(("callable", fn), {})
 
     def compute(self, out, args):
-        batch_size = tf.nest.flatten(out)[0].shape[0]
+        batch_size = keras.tree.flatten(out)[0].shape[0]
         value = self.fn(out)
-        if value is None or not (tf.is_tensor(value) or np.isscalar(value)
+        if value is None or not (keras.ops.is_tensor(value) or np.isscalar(value)
                                  or isinstance(value, np.ndarray)):
             raise GradprobeError(
                 f"The target callable returned {type(value).__name__}; it must return a "
                 "tensor: a scalar, or one value per example."
             )
-        value = tf.convert_to_tensor(value)
+        value = keras.ops.convert_to_tensor(value)
         shape = tuple(value.shape)
         if shape not in ((), (batch_size,)):
             raise GradprobeError(
@@ -443,12 +467,12 @@ class CallableTarget(Target):
                 f"scalar or one value per example, shape ({batch_size},). Reduce it, "
                 "e.g. lambda y: tf.reduce_sum(y[:, 3]) or lambda y: y[:, 3]."
             )
-        if not value.dtype.is_floating:
+        if not _is_floating(value):
             raise GradprobeError(
-                f"The target callable returned dtype {value.dtype.name}; a gradient needs a "
+                f"The target callable returned dtype {_dtype(value)}; a gradient needs a "
                 "floating-point target."
             )
-        return value, tf.reduce_sum(value), {}
+        return value, keras.ops.sum(value), {}
 
 
 def make_target(target: Any, batch_size: int) -> Target:
@@ -477,7 +501,7 @@ def make_target(target: Any, batch_size: int) -> Target:
             "needs labels, so pass it through gp.loss instead of the bare loss.")
     if callable(target) and not isinstance(target, (np.ndarray, tf.Tensor)):
         return CallableTarget(target)
-    if isinstance(target, (Sequence, np.ndarray, tf.Tensor)):
+    if isinstance(target, (Sequence, np.ndarray, tf.Tensor)) or keras.ops.is_tensor(target):
         try:
             arr = np.asarray(target)
         except (ValueError, TypeError):
@@ -548,7 +572,7 @@ def pattern_unconnected(model: Any, output: Any, sources: list, unconnected: str
 def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
                   target: Target) -> Any:
     """The tensor (or structure) the target is computed from."""
-    leaves = tf.nest.flatten(outputs)
+    leaves = keras.tree.flatten(outputs)
     if output is None:
         if len(leaves) == 1:
             return leaves[0]

@@ -1,0 +1,482 @@
+"""`gp.gradients` on backends without a tape (JAX): the capture as a pure function.
+
+The forward pass is a function of its differentiable sources,
+
+    forward(diff, trainable_values, non_trainable_values, inputs, args) -> (objective, aux)
+
+where `diff = {"probes": {key: zeros}, "vars": {key: value}}`: the model's own
+`stateless_call` runs with a hook (`_patch.wrapped_calls`, as on TensorFlow)
+that adds `probes[key]` to each requested layer output as the layer produces it
+(`key` names the layer and, for a layer called several times, the call), the
+requested variables' values replace theirs, and input probes are added to the
+inputs. The backend differentiates `forward` once with respect to `diff`
+(`jax.value_and_grad`), compiled and cached per request and input signature.
+
+Before the first run for a given input signature, two passes on abstract values
+(nothing is computed) learn what the TensorFlow capture learns while it runs:
+a discovery pass records which layers ran, in which order, how often, with
+which output shapes and dtypes, which of them produced the selected output and
+which ran inside backend control flow (a `lax.scan` body: never probed, since a
+probe there would be summed over the steps); then a dependency pass finds the
+sources the objective does not depend on at all (`unconnected`). The result
+has the same keys, order, kinds, aliases and diagnostics as on TensorFlow
+(`capture._collect` builds the entries for both).
+
+Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradprobe import _patch, _sequence, _validate, backends, capture, engine
+from gradprobe.errors import GradprobeError
+from gradprobe.result import Gradients
+from gradprobe.targets import PositionTarget, make_target, select_output
+
+_SIGNATURES = 8  # input signatures kept per cached request
+
+
+def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
+              training: bool, unconnected: str, compile: bool | str,
+              differentiable: bool, per_example: bool | str) -> Gradients:
+    """`gp.gradients` on a functional backend (arguments validated by the caller)."""
+    bk = backends.get()
+    if per_example is not False:
+        raise GradprobeError(
+            f"Expected per_example=False on the {bk.NAME} backend: per-example gradients are "
+            f"not supported there yet ({backends.SUPPORTED_ELSEWHERE}, per_example=False). "
+            f"Received: per_example={per_example!r}")
+    x = prepare_inputs(model, inputs)
+    engine.ensure_built(model, x)
+    tgt = make_target(target, engine.batch_size(x))
+    if isinstance(tgt, PositionTarget):
+        raise GradprobeError(
+            f"target=gp.at(...) is not supported on the {bk.NAME} backend yet; use an int "
+            "class, a sequence of ints, 'predicted', gp.loss(...) or a callable that picks "
+            f"the position itself ({backends.SUPPORTED_ELSEWHERE}).")
+    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, False)
+    _refuse_float16(model, entry.plan, bk.NAME)
+    _check_input_dtypes(model, x, entry.plan)
+    with _lock:
+        if not isinstance(entry.fn, _Request):
+            entry.fn = _Request(model, entry.plan)
+        request = entry.fn
+    tensors, meta = request.run(model, x, tgt.args, compile)
+    tgt.check(meta["target"])
+    grads = tensors["grads"]
+    if not differentiable:
+        grads = bk.stop_gradient(grads)
+    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
+                     {v.key: v.var for v in entry.plan.vars})
+
+
+_lock = threading.Lock()
+
+
+def trace_count() -> int:
+    """How many times the backend traced a compiled gradient function (for tests)."""
+    return backends.get().trace_count
+
+
+# --------------------------------------------------------------------- inputs
+def prepare_inputs(model: Any, inputs: Any) -> Any:
+    """Arrays as backend tensors; floating arrays take the model's input dtype
+    (as `engine.prepare_inputs` does on TensorFlow)."""
+    _validate.inputs(inputs)
+    specs = getattr(model, "inputs", None) or []
+    spec_dtypes = [getattr(s, "dtype", None) for s in specs]
+    leaves = keras.tree.flatten(inputs)
+    converted = []
+    for i, leaf in enumerate(leaves):
+        if keras.ops.is_tensor(leaf):
+            converted.append(leaf)
+            continue
+        arr = np.asarray(leaf)
+        if arr.dtype == object:
+            raise GradprobeError(f"Input {i} is an object array; pass numeric arrays or tensors.")
+        dtype = None
+        if np.issubdtype(arr.dtype, np.floating):
+            dtype = spec_dtypes[i] if len(spec_dtypes) == len(leaves) and spec_dtypes[i] else \
+                getattr(model, "compute_dtype", None)
+        converted.append(keras.ops.convert_to_tensor(arr, dtype))
+    _validate.batch(converted, [getattr(d, "name", d) for d in spec_dtypes],
+                    exact_count=not isinstance(inputs, dict))
+    if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
+        return converted[0]
+    return keras.tree.pack_sequence_as(inputs, converted)
+
+
+def _dtype(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _is_floating(x: Any) -> bool:
+    return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(_dtype(x))
+
+
+def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
+    if not plan.inputs:
+        return
+    keys = capture.input_keys(x)
+    wanted = {k for spec in plan.inputs for k in keys
+              if spec.index is None or k == f"inputs:{spec.index}"
+              or (k == "inputs" and spec.index == 0)}
+    leaves = dict(zip(keys, keras.tree.flatten(x)))
+    bad = [k for k in keys if k in wanted and not _is_floating(leaves[k])]
+    if bad:
+        key, hint = _sequence.integer_input_hint(model, keys, bad)
+        _validate.differentiable_input(key, leaves[key], hint)
+
+
+def _refuse_float16(model: Any, plan: capture.Plan, name: str) -> None:
+    layers = [model, *plan.probe_layers, *plan.order_layers]
+    dtypes = {getattr(layer, "compute_dtype", None) for layer in layers}
+    low = sorted(d for d in dtypes if d in ("float16", "bfloat16"))
+    if low:
+        raise GradprobeError(
+            f"Model {model.name!r} computes in {low[0]}; gradients of float16/bfloat16 "
+            f"models are not supported on the {name} backend yet (no loss scaling there: "
+            "small gradients would silently flush to zero). Use a float32 model.")
+
+
+# ------------------------------------------------------------------ recording
+class _Recorder:
+    """Sees every call of the hooked layers during one trace of the forward pass.
+
+    Discovery (`table is None`): records each call (shapes and dtypes of its
+    output leaves, its clock) and returns outputs unchanged. Probing: adds
+    `probes[key]` to the output leaves the table names and keeps the probed
+    values (the activations) under their keys.
+    """
+
+    def __init__(self, bk: Any, probe_ids: set[int], table: dict | None = None,
+                 probes: dict | None = None):
+        self.bk = bk
+        self.probe_ids = probe_ids
+        self.table = table
+        self.probes = probes
+        self.origin = backends.Origin()
+        self.calls: list[capture._Call] = []
+        self.counts: dict[int, int] = {}
+        self.first_clock: dict[int, int] = {}
+        self.returned: list[tuple[int, list[int]]] = []
+        self.leaves_of: dict[int, list[list[Any]]] = {}
+        self.in_control_flow: dict[int, str] = {}
+        self.values: dict[str, Any] = {}
+        self.clock = 0
+        self.target_meta: dict = {}
+        self.producers: set[int] = set()
+
+    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        flow = self.bk.control_flow(self.origin)
+        if flow is not None:
+            # A loop or branch body traced by the backend (lax.scan for RNN cells):
+            # never probed; `capture._collect` reports it.
+            self.in_control_flow.setdefault(id(layer), flow)
+            return outputs
+        lid = id(layer)
+        index = self.counts.get(lid, 0)
+        self.counts[lid] = index + 1
+        self.first_clock.setdefault(lid, self.clock)
+        clock, self.clock = self.clock, self.clock + 1
+        leaves = keras.tree.flatten(outputs)
+        if lid not in self.probe_ids:
+            self.returned.append((lid, [id(t) for t in leaves]))
+            return outputs
+        if self.table is None:
+            recorded = [(_Abstract(leaf), (lid, index, j) if _is_floating(leaf) else None)
+                        for j, leaf in enumerate(leaves)]
+            self.calls.append(capture._Call(lid, index, recorded, clock))
+            new = leaves
+        else:
+            new = []
+            for j, leaf in enumerate(leaves):
+                key = self.table.get((lid, index, j))
+                if key is not None:
+                    leaf = self.bk.add_probe(leaf, self.probes[key])
+                    self.values[key] = leaf
+                new.append(leaf)
+        self.returned.append((lid, [id(t) for t in new]))
+        self.leaves_of.setdefault(lid, []).append(new)
+        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
+            return new[0]
+        return keras.tree.pack_sequence_as(outputs, new)
+
+    def calls_of(self, layer: Any) -> list[capture._Call]:
+        return [c for c in self.calls if c.layer_id == id(layer)]
+
+    def output_layer_value(self, plan: capture.Plan) -> Any:
+        if plan.output_layer is None:
+            return None
+        calls = self.leaves_of.get(id(plan.output_layer), [])
+        if not calls:
+            return None
+        if len(calls) > 1:
+            raise GradprobeError(
+                f"output={plan.output!r} names a layer the forward pass calls {len(calls)} "
+                "times; the target would be ambiguous. Use a callable target on the model "
+                "output.")
+        return calls[0][0] if len(calls[0]) == 1 else calls[0]
+
+    def close(self) -> None:
+        self.origin.close()
+
+
+@dataclass(frozen=True)
+class _Abstract:
+    """The shape and dtype of a traced value (what `capture._collect` reads)."""
+
+    shape: tuple
+    dtype: Any
+
+    def __init__(self, leaf: Any):
+        object.__setattr__(self, "shape", tuple(leaf.shape))
+        object.__setattr__(self, "dtype", getattr(leaf, "dtype", None))
+
+
+# ------------------------------------------------------------------- request
+@dataclass
+class _Prepared:
+    """What one input signature of a request needs: the probe table, the ordered
+    entries, the static part of `meta`, and the compiled step."""
+
+    table: dict
+    probe_specs: dict[str, tuple[tuple, Any]]
+    entries: list
+    var_keys: dict[str, int]  # key -> position in the flat variable list
+    meta: dict
+    unconnected: list[str]
+    step: Any = None
+    eager_only: bool = False
+    compiled: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Request:
+    """The compiled gradient function of one cached request (`engine._Entry.fn`):
+    one `_Prepared` per input signature. Holds the model weakly (the engine's
+    cache must not keep models alive)."""
+
+    def __init__(self, model: Any, plan: capture.Plan):
+        self.model_ref = weakref.ref(model)
+        self.plan = plan
+        self.prepared: dict[Any, _Prepared] = {}
+        self.lock = threading.Lock()
+
+    # -- the pure forward pass ------------------------------------------------
+    def forward(self, prep: _Prepared | None, diff: dict, trainable: list, non_trainable: list,
+                x: Any, args: dict, recorder: _Recorder) -> tuple[Any, dict]:
+        model, plan = self.model_ref(), self.plan
+        n_train = len(trainable)
+        values = list(trainable) + list(non_trainable)
+        if prep is not None:
+            for key, pos in prep.var_keys.items():
+                values[pos] = diff["vars"][key]
+            x = self._probe_inputs(x, diff["probes"], recorder)
+        layers = plan.probe_layers + plan.order_layers
+        try:
+            with _patch.wrapped_calls(layers, recorder.hook):
+                outputs, _ = model.stateless_call(values[:n_train], values[n_train:], x,
+                                                  training=plan.training)
+        except GradprobeError:
+            raise
+        except Exception as e:
+            raise capture.call_error(model, x, e) from e
+        finally:
+            recorder.close()
+        selected = select_output(outputs, plan.output, plan.output_names,
+                                 recorder.output_layer_value(plan), plan.target)
+        value, objective, target_meta = plan.target.compute(selected, args)
+        recorder.target_meta = target_meta
+        wanted = {id(t) for t in keras.tree.flatten(selected)}
+        recorder.producers = {lid for lid, ids in recorder.returned
+                              if any(i in wanted for i in ids)}
+        aux = {"values": recorder.values, "outputs": outputs, "target": value}
+        return objective, aux
+
+    def _probe_inputs(self, x: Any, probes: dict, recorder: _Recorder) -> Any:
+        keys = capture.input_keys(x)
+        flat = keras.tree.flatten(x)
+        new = []
+        for k, leaf in zip(keys, flat):
+            if k in probes:
+                leaf = recorder.bk.add_probe(leaf, probes[k])
+                recorder.values[k] = leaf
+            new.append(leaf)
+        if len(flat) == 1 and not isinstance(x, (list, tuple, dict)):
+            return new[0]
+        return keras.tree.pack_sequence_as(x, new)
+
+    # -- preparing a signature -----------------------------------------------
+    def _prepare(self, bk: Any, model: Any, x: Any, args: dict) -> _Prepared:
+        plan = self.plan
+        variables = list(model.trainable_variables) + list(model.non_trainable_variables)
+        n_train = len(model.trainable_variables)
+        trainable = [bk.abstract(v.value) for v in variables[:n_train]]
+        non_trainable = [bk.abstract(v.value) for v in variables[n_train:]]
+        ax, aargs = _tree_abstract(bk, x), _tree_abstract(bk, args)
+        probe_ids = {id(layer) for layer in plan.probe_layers}
+
+        found = _Recorder(bk, probe_ids)
+
+        def discover(trainable: list, non_trainable: list, x: Any, args: dict) -> Any:
+            return self.forward(None, {}, trainable, non_trainable, x, args, found)[0]
+
+        bk.eval_shape(discover, trainable, non_trainable, ax, aargs)
+        entries, skipped, extra_aliases = capture._collect(found, plan)
+        input_entries, input_aliases = _input_entries(x, plan)
+        entries = sorted(input_entries + entries,
+                         key=lambda e: (e.clock, e.kind != "activation"))
+        table, probe_specs, var_keys = {}, {}, {}
+        positions = {id(v): i for i, v in enumerate(variables)}
+        for e in entries:
+            if e.kind == "activation":
+                lid, index, j = e.source
+                table[(lid, index, j)] = e.key
+                leaf = next(c for c in found.calls
+                            if c.layer_id == lid and c.index == index).leaves[j][0]
+                probe_specs[e.key] = (leaf.shape, leaf.dtype)
+            elif e.kind == "input":
+                leaf = dict(zip(capture.input_keys(x), keras.tree.flatten(x)))[e.key]
+                probe_specs[e.key] = (tuple(leaf.shape), leaf.dtype)
+            else:
+                pos = positions.get(id(e.source))
+                if pos is None:
+                    raise GradprobeError(
+                        f"Variable {e.key!r} is not one of model {model.name!r}'s variables "
+                        "(model.trainable_variables + model.non_trainable_variables), so the "
+                        "functional capture cannot differentiate it.")
+                var_keys[e.key] = pos
+        aliases: dict[str, list[str]] = {}
+        pairs = [(e.requested, e.key) for e in entries] + input_aliases + extra_aliases
+        for requested, key in pairs:
+            keys = aliases.setdefault(requested, [])
+            if key not in keys:
+                keys.append(key)
+        meta = {
+            "order": [e.key for e in entries],
+            "kinds": {e.key: e.kind for e in entries},
+            "aliases": aliases,
+            "unconnected": [],
+            "skipped": skipped,
+            "target": found.target_meta,
+            "output_keys": [e.key for e in entries if e.layer_id in found.producers],
+        }
+        prep = _Prepared(table, probe_specs, entries, var_keys, meta, [])
+
+        diff = {"probes": {k: bk.zeros(s, d) for k, (s, d) in probe_specs.items()},
+                "vars": {k: variables[pos].value for k, pos in var_keys.items()}}
+
+        def objective(diff: dict, trainable: list, non_trainable: list, x: Any,
+                      args: dict) -> tuple[Any, dict]:
+            recorder = _Recorder(bk, probe_ids, table, diff["probes"])
+            return self.forward(prep, diff, trainable, non_trainable, x, args, recorder)
+
+        flags = bk.connected(objective, diff, trainable, non_trainable, ax, aargs)
+        missing = [e for e in entries
+                   if not (flags["vars"][e.key] if e.kind == "weight" else flags["probes"][e.key])]
+        if missing and plan.unconnected == "raise":
+            capture._raise_unconnected(missing, plan)
+        prep.unconnected = [e.key for e in missing]
+        prep.meta["unconnected"] = prep.unconnected
+
+        grad_fn = bk.value_and_grad(objective)
+
+        def step(var_values: dict, trainable: list, non_trainable: list, x: Any,
+                 args: dict) -> tuple[Any, Any]:
+            probes = {k: bk.zeros(s, d) for k, (s, d) in probe_specs.items()}
+            (_, aux), grads = grad_fn({"probes": probes, "vars": var_values}, trainable,
+                                      non_trainable, x, args)
+            return aux, grads
+
+        prep.step = step
+        return prep
+
+    # -- running ---------------------------------------------------------------
+    def run(self, model: Any, x: Any, args: dict, compile: bool | str) -> tuple[dict, dict]:
+        bk = backends.get()
+        signature = _signature(x, args)
+        with self.lock:
+            prep = self.prepared.get(signature)
+        if prep is None:
+            prep = self._prepare(bk, model, x, args)
+            with self.lock:
+                self.prepared[signature] = prep
+                while len(self.prepared) > _SIGNATURES:
+                    self.prepared.pop(next(iter(self.prepared)))
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        variables = trainable + non_trainable
+        var_values = {k: variables[pos] for k, pos in prep.var_keys.items()}
+        call_args = (var_values, trainable, non_trainable, x, args)
+        if compile is False or (compile == "auto" and prep.eager_only):
+            aux, grads = prep.step(*call_args)
+        else:
+            with prep.lock:
+                if prep.compiled is None:
+                    prep.compiled = bk.jit(prep.step)
+            try:
+                aux, grads = prep.compiled(*call_args)
+            except GradprobeError:
+                raise
+            except Exception as e:
+                if compile is True:
+                    raise
+                aux, grads = prep.step(*call_args)
+                prep.eager_only = True
+                warnings.warn(
+                    f"gradprobe: model {model.name!r} could not be compiled with {bk.NAME}.jit "
+                    f"({type(e).__name__}: {engine._last_line(e)}); running eagerly from now "
+                    "on. Pass compile=False to silence this.", RuntimeWarning, stacklevel=4)
+        out_grads = {}
+        for e in prep.entries:
+            g = grads["vars"][e.key] if e.kind == "weight" else grads["probes"][e.key]
+            out_grads[e.key] = g
+        tensors = {"grads": out_grads, "values": dict(aux["values"]),
+                   "outputs": aux["outputs"], "target": aux["target"]}
+        meta = {k: (list(v) if isinstance(v, list) else
+                    {a: list(b) for a, b in v.items()} if k == "aliases" else
+                    dict(v) if isinstance(v, dict) else v)
+                for k, v in prep.meta.items()}
+        return tensors, meta
+
+
+def _input_entries(x: Any, plan: capture.Plan) -> tuple[list, list[tuple[str, str]]]:
+    """Entries and (selector, key) aliases for the requested inputs (as
+    `capture._probe_inputs` makes them on TensorFlow)."""
+    if not plan.inputs:
+        return [], []
+    keys = capture.input_keys(x)
+    wanted: dict[str, str] = {}
+    aliases: list[tuple[str, str]] = []
+    for spec in plan.inputs:
+        chosen = keys if spec.index is None else [capture._input_key(keys, spec.index, x)]
+        for k in chosen:
+            wanted.setdefault(k, spec.requested)
+            aliases.append((spec.requested, k))
+    entries = [capture._Entry(k, "input", ("input", k), None, -1, wanted[k],
+                              "the target does not depend on this input")
+               for k in keys if k in wanted]
+    return entries, aliases
+
+
+def _tree_abstract(bk: Any, tree: Any) -> Any:
+    return keras.tree.map_structure(bk.abstract, tree)
+
+
+def _signature(x: Any, args: dict) -> tuple:
+    """What a compiled step depends on besides values: structure, shapes, dtypes."""
+    def describe(tree: Any) -> tuple:
+        leaves = keras.tree.flatten(tree)
+        return (str(keras.tree.map_structure(lambda _: 0, tree)),
+                tuple((tuple(leaf.shape), _dtype(leaf)) for leaf in leaves))
+
+    return describe(x), describe(args)

@@ -1,0 +1,77 @@
+"""The Keras backend gradprobe computes on, behind one small interface.
+
+`keras.backend.backend()` chooses the implementation. A backend module
+provides these primitives, which the functional capture (`gradprobe._functional`)
+uses and nothing else:
+
+* `NAME`: the Keras backend name.
+* `value_and_grad(fn)`: for `fn(diff, *rest) -> (objective, aux)`, a function
+  `(diff, *rest) -> ((objective, aux), grads)`, `grads` shaped like `diff` (a
+  pytree of floating arrays).
+* `connected(fn, diff, *rest)`: for each leaf of `diff`, whether the objective
+  of `fn` depends on it at all (a structural test, on abstract values: a
+  gradient that is zero only because of the numbers, such as a dead ReLU,
+  counts as connected, as on TensorFlow's tape).
+* `eval_shape(fn, *args)`: runs `fn` on abstract values (shapes and dtypes
+  only), for discovery passes that must not compute.
+* `jit(fn)`: a compiled, cached version of `fn`; `trace_count` counts how many
+  times functions compiled by it were traced.
+* `zeros(shape, dtype)`, `add_probe(x, probe)` (keeps a Keras mask),
+  `stop_gradient(tree)`, `to_numpy(x)`, `is_array(x)`.
+* `control_flow(origin)`: the backend control-flow function (`"scan"`,
+  `"while_loop"`, `"cond"`, ...) the calling code runs inside, below the frames
+  in `origin` (an `Origin`), or `None`. A layer called there runs once per loop
+  step in a traced body: a probe added there would be summed over steps.
+
+TensorFlow's primitives are still in `gradprobe.backend` (the tape-based capture
+of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax`, the only
+module that imports `jax`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+import keras
+
+from gradprobe.errors import GradprobeError
+
+FUNCTIONAL = ("jax",)  # backends whose `gp.gradients` runs through `gradprobe._functional`
+SUPPORTED_ELSEWHERE = "supported on JAX so far: gp.gradients"
+
+
+def name() -> str:
+    """The Keras backend in use (`"tensorflow"`, `"jax"`, `"torch"`, ...)."""
+    return keras.backend.backend()
+
+
+def is_functional() -> bool:
+    """True when `gp.gradients` runs through the functional capture."""
+    return name() in FUNCTIONAL
+
+
+def get() -> ModuleType:
+    """The primitives module of the functional capture for the current backend."""
+    current = name()
+    if current not in FUNCTIONAL:
+        raise GradprobeError(
+            f"gradprobe has no functional backend for Keras backend {current!r}; "
+            f"{SUPPORTED_ELSEWHERE} (and everything on 'tensorflow').")
+    return importlib.import_module(f"gradprobe.backends.{current}")
+
+
+class Origin:
+    """The frames active when a capture starts (its own callers). The frames are
+    held, so that their ids cannot be reused by new frames while it lasts."""
+
+    def __init__(self) -> None:
+        self.frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            self.frames.append(frame)
+            frame = frame.f_back
+        self.ids = frozenset(id(f) for f in self.frames)
+
+    def close(self) -> None:
+        self.frames, self.ids = [], frozenset()

@@ -1,0 +1,177 @@
+"""JAX's primitives for the functional capture (see `gradprobe.backends`).
+
+The only gradprobe module that imports `jax`. Private Keras access: the Keras
+mask of a JAX array (which cannot carry attributes) lives in a Keras-internal
+table, read and written with `keras.src.backend.common.masking` (see `add_probe`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+NAME = "jax"
+
+_traces = itertools.count()
+trace_count = 0  # how many times functions compiled by `jit` were traced
+
+
+def value_and_grad(fn: Any) -> Any:
+    """`(diff, *rest) -> ((objective, aux), grads)` for `fn(diff, *rest) -> (objective, aux)`."""
+    return jax.value_and_grad(fn, argnums=0, has_aux=True)
+
+
+def jit(fn: Any) -> Any:
+    """`jax.jit(fn)`, counting its traces in `trace_count` (for tests: a cache
+    hit runs no Python, so the count only grows when JAX traces again)."""
+
+    def counted(*args: Any) -> Any:
+        global trace_count
+        trace_count = next(_traces) + 1
+        return fn(*args)
+
+    return jax.jit(counted)
+
+
+def eval_shape(fn: Any, *args: Any) -> Any:
+    """`fn` run on shapes and dtypes only (no computation)."""
+    return jax.eval_shape(fn, *args)
+
+
+def abstract(x: Any) -> Any:
+    """The shape and dtype of an array, as an argument for `eval_shape`/`connected`."""
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
+def connected(fn: Any, diff: Any, *rest: Any) -> Any:
+    """For each leaf of `diff`: whether the objective of `fn(diff, *rest)`
+    depends on it, structurally.
+
+    The forward-mode derivative of the objective is traced (on abstract values,
+    nothing is computed); JAX propagates symbolic zeros, so a source the
+    objective does not depend on (not on the path, behind a `stop_gradient`, or
+    only through integer operations such as an arg-max) contributes no equation
+    to the output tangent. Which tangent inputs the output tangent reaches is
+    read from the jaxpr, descending into sub-jaxprs (`jit`, `custom_jvp`...)
+    whose inputs and outputs correspond one to one, and otherwise counting
+    every input of an equation as used by each of its outputs (which errs
+    towards "connected", as TensorFlow's tape does).
+    """
+    leaves, treedef = jax.tree.flatten(diff)
+    if not leaves:
+        return diff
+
+    def tangent_out(primals: Any, tangents: Any, *others: Any) -> Any:
+        _, t = jax.jvp(lambda d: fn(d, *others)[0], (primals,), (tangents,))
+        return t
+
+    args = (diff, diff, *rest)
+    abstract_args = jax.tree.map(abstract, args)
+    closed = jax.make_jaxpr(tangent_out)(*abstract_args)
+    jaxpr = closed.jaxpr
+    n = len(leaves)
+    tangent_vars = jaxpr.invars[n:2 * n]
+    needed = _needed_inputs(jaxpr, [True] * len(jaxpr.outvars))
+    used = [needed[n + i] for i in range(n)]
+    del tangent_vars
+    return jax.tree.unflatten(treedef, used)
+
+
+def _is_var(v: Any) -> bool:
+    return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
+
+
+def _needed_inputs(jaxpr: Any, wanted_out: list[bool]) -> list[bool]:
+    """Which `jaxpr.invars` the outputs flagged in `wanted_out` depend on."""
+    needed: set = {v for v, w in zip(jaxpr.outvars, wanted_out) if w and _is_var(v)}
+    for eqn in reversed(jaxpr.eqns):
+        outs = [_is_var(o) and o in needed for o in eqn.outvars]
+        if not any(outs):
+            continue
+        inner = _one_to_one(eqn)
+        if inner is not None:
+            ins = _needed_inputs(inner, outs)
+            needed.update(v for v, use in zip(eqn.invars, ins) if use and _is_var(v))
+        else:
+            needed.update(v for v in eqn.invars if _is_var(v))
+    return [v in needed for v in jaxpr.invars]
+
+
+def _one_to_one(eqn: Any) -> Any:
+    """The sub-jaxpr of a call-like equation (`jit`, `custom_jvp_call`...) whose
+    inputs and outputs are the equation's own, else `None`."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is None:
+            continue
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+        if isinstance(sub, jcore.Jaxpr) and len(sub.invars) == len(eqn.invars) \
+                and len(sub.outvars) == len(eqn.outvars):
+            return sub
+    return None
+
+
+def zeros(shape: tuple, dtype: Any) -> Any:
+    return jnp.zeros(shape, dtype)
+
+
+def add_probe(x: Any, probe: Any) -> Any:
+    """`x + probe`, with `x`'s Keras mask carried over to the result."""
+    # Keras keeps the mask of a JAX array (which takes no attributes) in a table
+    # keyed by the array's id (keras.src.backend.common.tensor_attributes).
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+    y = x + probe
+    mask = get_keras_mask(x)
+    if mask is not None:
+        set_keras_mask(y, mask)
+    return y
+
+
+def stop_gradient(tree: Any) -> Any:
+    return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return np.asarray(x)
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array)
+
+
+def is_floating(x: Any) -> bool:
+    return is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+# JAX's control-flow entry points, by (file, function): a layer called from one
+# runs in a traced loop or branch body.
+_CONTROL_FLOW = {
+    ("loops.py", "scan"), ("loops.py", "while_loop"), ("loops.py", "fori_loop"),
+    ("loops.py", "map"), ("loops.py", "associative_scan"),
+    ("conditionals.py", "cond"), ("conditionals.py", "switch"),
+}
+
+
+def control_flow(origin: Any) -> str | None:
+    """The JAX control-flow function the calling code runs inside, below the
+    frames of `origin`; `None` if none."""
+    frame = sys._getframe(1)
+    while frame is not None and id(frame) not in origin.ids:
+        code = frame.f_code
+        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
+                "jax" in code.co_filename and "control_flow" in code.co_filename:
+            return code.co_name
+        frame = frame.f_back
+    return None
+
+
+def version() -> str:
+    return jax.__version__
