@@ -5,7 +5,8 @@ The forward pass is a function of its differentiable sources,
     forward(diff, trainable_values, non_trainable_values, inputs, args) -> (objective, aux)
 
 where `diff = {"probes": {key: zeros}, "vars": {key: value}}`: the model's own
-`stateless_call` runs with a hook (`_patch.wrapped_calls`, as on TensorFlow)
+call runs statelessly (as `model.stateless_call`: every variable's value
+comes from the arguments, state updates are discarded) with a hook (`_patch.wrapped_calls`, as on TensorFlow)
 that adds `probes[key]` to each requested layer output as the layer produces it
 (`key` names the layer and, for a layer called several times, the call), the
 requested variables' values replace theirs, and input probes are added to the
@@ -275,17 +276,21 @@ class _Request:
     def forward(self, prep: _Prepared | None, diff: dict, trainable: list, non_trainable: list,
                 x: Any, args: dict, recorder: _Recorder) -> tuple[Any, dict]:
         model, plan = self.model_ref(), self.plan
-        n_train = len(trainable)
         values = list(trainable) + list(non_trainable)
         if prep is not None:
             for key, pos in prep.var_keys.items():
                 values[pos] = diff["vars"][key]
             x = self._probe_inputs(x, diff["probes"], recorder)
         layers = plan.probe_layers + plan.order_layers
+        variables = list(model.trainable_variables) + list(model.non_trainable_variables)
         try:
-            with _patch.wrapped_calls(layers, recorder.hook):
-                outputs, _ = model.stateless_call(values[:n_train], values[n_train:], x,
-                                                  training=plan.training)
+            # `model.stateless_call` without its `call(x, training=...)`: the model's
+            # own `__call__` passes `training` only to a `call` that takes it, and
+            # sets it for the layers inside. Updated state (moving statistics, seed
+            # generators) stays in the scope, which is discarded.
+            with _patch.wrapped_calls(layers, recorder.hook), \
+                    keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                outputs = model(x, training=plan.training)
         except GradprobeError:
             raise
         except Exception as e:

@@ -73,6 +73,18 @@ def model(value: Any, name: str = "model") -> Any:
     return value
 
 
+def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
+    """Refuses a Keras backend that `function` does not run on yet: everything
+    runs on TensorFlow; `functional` names the other backends it runs on."""
+    current = keras.backend.backend()
+    if current == "tensorflow" or current in functional:
+        return
+    raise GradprobeError(
+        f"{function} is not supported on the {current!r} backend of Keras yet; it runs on "
+        "TensorFlow (set KERAS_BACKEND=tensorflow before importing keras). Supported on JAX "
+        "so far: gp.gradients.")
+
+
 # --------------------------------------------------------------------- inputs
 def _leaf_problem(leaf: Any) -> str | None:
     """Why a leaf of `inputs` cannot be fed to the model, or `None`."""

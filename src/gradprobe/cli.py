@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        from gradprobe import _validate
+
+        _validate.backend_supported("The gradprobe command")
         return args.run(args)
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)

@@ -114,6 +114,7 @@ def gradients(
     _validate.choice("compile", compile, ("auto", True, False))
     for name, value in (("training", training), ("differentiable", differentiable)):
         _validate.flag(name, value)
+    _validate.backend_supported("gp.gradients", backends.FUNCTIONAL)
     if backends.is_functional():  # JAX: the functional capture (gradprobe._functional)
         from gradprobe import _functional  # imports this module: no top-level import
 

@@ -42,6 +42,7 @@ def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channe
 
     >>> cams = gp.grad_cam(model, images, "predicted", layer="conv5_block3_out")
     """
+    _validate.backend_supported("gp.grad_cam")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=False)
 
@@ -56,6 +57,7 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 
     Arguments and result as in `gp.grad_cam`.
     """
+    _validate.backend_supported("gp.grad_cam_plus_plus")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=True)
 
@@ -147,6 +149,7 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     >>> layer = gp.grad_cam_layer(model, images[:1])
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
+    _validate.backend_supported("gp.grad_cam_layer")
     if not tf.executing_eagerly():
         raise GradprobeError("gp.grad_cam_layer runs eagerly; call it outside tf.function.")
     x = prepare_inputs(model, inputs)

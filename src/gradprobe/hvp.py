@@ -36,6 +36,7 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
     >>> v = tf.random.normal(model.get_layer("dense").kernel.shape)
     >>> gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
     """
+    _validate.backend_supported("gp.hvp")
     _validate.model(model)
     g = gradients(model, inputs, target, wrt, output=output, training=training,
                   unconnected="zero", compile=False, differentiable=False)

@@ -117,6 +117,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     ...                              batch_size=32)
     >>> np.abs(ig.delta).max()    # small when the integral is well approximated
     """
+    _validate.backend_supported("gp.integrated_gradients")
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)
     mi = ModelInputs(model, inputs)

@@ -37,6 +37,7 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
 
     >>> J = gp.jacobian(model, x, of="dense_2", wrt="dense_1")   # (batch, 10, 64)
     """
+    _validate.backend_supported("gp.jacobian")
     _validate.model(model)
     _validate.flag("training", training)
     max_bytes = _validate.count("max_bytes", max_bytes, "the largest Jacobian to build, in "

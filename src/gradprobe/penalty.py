@@ -31,6 +31,7 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     Returns:
         A tensor of shape `(batch,)`.
     """
+    _validate.backend_supported("gp.gradient_penalty")
     _validate.model(model)
     if isinstance(norm, (bool, np.bool_)) or norm not in (1, 2, "inf", float("inf")):
         raise _validate.fail("norm", norm, "1, 2 (default) or 'inf', the norm taken over each "

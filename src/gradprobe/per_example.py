@@ -125,6 +125,7 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     >>> n = gp.per_example_norms(model, x, gp.loss("sparse_categorical_crossentropy", y))
     >>> n.total            # (batch,): clip or weight examples by it (DP-SGD)
     """
+    _validate.backend_supported("gp.per_example_norms")
     _validate.choice("method", method, ("auto", "ghost", "vectorized"))
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)

@@ -76,6 +76,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     >>> gp.write_report("report.html", model, x_test[:32], gp.loss("sparse_categorical_crossentropy", y_test[:32]),
     ...                 labels=y_test[:32], monitor=monitor, history=fit_history)
     """
+    _validate.backend_supported("gp.write_report")
     import jinja2
 
     _validate.model(model)

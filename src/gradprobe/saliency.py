@@ -69,6 +69,7 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     >>> tokens = gp.saliency(text_model, ids, 1, layer="embedding")
     >>> np.asarray(tokens).shape  # (batch, steps): the embedding axis reduced by max
     """
+    _validate.backend_supported("gp.saliency")
     _validate.flag("absolute", absolute)
     if layer is not None:
         grad, _, values, key = _layer_gradient(model, inputs, target, layer, output, training)
@@ -101,6 +102,7 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
     >>> gxa = gp.gradient_x_input(text_model, ids, 1, layer="embedding")
     >>> gxa.reduce("sum").shape   # (batch, steps): one score per token
     """
+    _validate.backend_supported("gp.gradient_x_input")
     if layer is not None:
         grad, act, values, key = _layer_gradient(model, inputs, target, layer, output, training)
         return Attribution(grad * tf.cast(act, grad.dtype), values, "gradient_x_input",

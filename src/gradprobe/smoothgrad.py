@@ -68,6 +68,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0)
     >>> np.asarray(maps).shape    # (batch, height, width)
     """
+    _validate.backend_supported("gp.smoothgrad")
     samples = _validate.count("samples", samples, "the number of noisy copies per example")
     noise = _validate.nonnegative("noise", noise, "the noise standard deviation as a fraction "
                                   "of each example's value range")

@@ -46,6 +46,7 @@ class Tape:
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
+        _validate.backend_supported("gp.Tape")
         _validate.model(model)
         _validate.flag("persistent", persistent, "whether several gradients can be taken")
         self.model = model

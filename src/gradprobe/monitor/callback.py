@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _patch, backend
+from gradprobe import _patch, _validate, backend
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor import hooks
 from gradprobe.monitor.layout import Skip, Status
@@ -88,6 +88,7 @@ class GradientMonitor(keras.callbacks.Callback):
                  histograms: bool = False, log_dir: str | os.PathLike | None = None,
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
                  print_every: int | None = None):
+        _validate.backend_supported("gp.GradientMonitor")
         super().__init__()
         self.layers = _check_layers(layers)
         self.every = _positive_int("every", every)
