@@ -90,8 +90,13 @@ def trace_count() -> int:
 # --------------------------------------------------------------------- inputs
 def prepare_inputs(model: Any, inputs: Any) -> Any:
     """Arrays as backend tensors; floating arrays take the model's input dtype
-    (as `engine.prepare_inputs` does on TensorFlow)."""
-    _validate.inputs(inputs)
+    (as `engine.prepare_inputs` does on TensorFlow). Backend tensors are kept as
+    they are, traced ones included (a call under the caller's own `jax.grad`)."""
+    # Validated through a stand-in of each backend tensor with its shape and dtype
+    # (np.empty allocates no pages), since a traced value cannot become an array.
+    _validate.inputs(keras.tree.map_structure(
+        lambda leaf: np.empty(tuple(leaf.shape), np.dtype(_dtype(leaf)))
+        if keras.ops.is_tensor(leaf) else leaf, inputs))
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
     leaves = keras.tree.flatten(inputs)

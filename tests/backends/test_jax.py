@@ -484,6 +484,27 @@ def test_differentiable_false_and_per_example_refused():
         gp.gradients(model, x, 0, "out.kernel", per_example=True)
 
 
+def test_differentiable_under_the_callers_jax_grad():
+    """Second order: the caller's jax.grad through gp.gradients (an input-gradient
+    penalty), against jax.grad of hand-written jax.grad."""
+    model = keras.Sequential([keras.Input((5,)), layers.Dense(4, activation="sigmoid", name="d1"),
+                              layers.Dense(3, name="d2")])
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 5)).astype("float32"))
+    tv, ntv = values(model)
+
+    def penalty(xx):
+        return jnp.sum(gp.gradients(model, xx, 1, "inputs")["inputs"] ** 2)
+
+    def hand(xx):
+        gi = jax.grad(lambda z: jnp.sum(model.stateless_call(tv, ntv, z)[0][:, 1]))(xx)
+        return jnp.sum(gi ** 2)
+
+    close(jax.grad(penalty)(x), jax.grad(hand)(x), 1e-5)
+    frozen = jax.grad(lambda xx: jnp.sum(gp.gradients(model, xx, 1, "inputs",
+                                                      differentiable=False)["inputs"] ** 2))(x)
+    assert not np.any(np.asarray(frozen))
+
+
 def test_other_functions_refuse_jax_with_a_clear_error():
     model = mlp()
     x = np.ones((2, 5), "float32")

@@ -76,12 +76,9 @@ def connected(fn: Any, diff: Any, *rest: Any) -> Any:
     abstract_args = jax.tree.map(abstract, args)
     closed = jax.make_jaxpr(tangent_out)(*abstract_args)
     jaxpr = closed.jaxpr
-    n = len(leaves)
-    tangent_vars = jaxpr.invars[n:2 * n]
+    n = len(leaves)  # invars: the n primals, the n tangents, then `rest`
     needed = _needed_inputs(jaxpr, [True] * len(jaxpr.outvars))
-    used = [needed[n + i] for i in range(n)]
-    del tangent_vars
-    return jax.tree.unflatten(treedef, used)
+    return jax.tree.unflatten(treedef, [needed[n + i] for i in range(n)])
 
 
 def _is_var(v: Any) -> bool:
