@@ -154,7 +154,7 @@ def main() -> None:
         table.add_row(r["model"], r["task"], str(r["activations"]), f"{r['hand_ms']:.2f}",
                       f"{r['ours_ms']:.2f}", f"{r['ratio']:.3f}", f"{r['hand_cpu_ms']:.1f}",
                       f"{r['ours_cpu_ms']:.1f}", f"{r['cpu_ratio']:.3f}")
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -64,12 +64,15 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
             "class, a sequence of ints, 'predicted', gp.loss(...) or a callable that picks "
             f"the position itself ({backends.SUPPORTED_ELSEWHERE}).")
     entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, False)
-    _refuse_float16(model, entry.plan, bk.NAME)
     _check_input_dtypes(model, x, entry.plan)
     with _lock:
-        if not isinstance(entry.fn, _Request):
-            entry.fn = _Request(model, entry.plan)
         request = entry.fn
+    if not isinstance(request, _Request):
+        _refuse_float16(model, entry.plan, bk.NAME)
+        with _lock:
+            if not isinstance(entry.fn, _Request):
+                entry.fn = _Request(model, entry.plan)
+            request = entry.fn
     tensors, meta = request.run(model, x, tgt.args, compile)
     tgt.check(meta["target"])
     grads = tensors["grads"]
@@ -92,11 +95,12 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     """Arrays as backend tensors; floating arrays take the model's input dtype
     (as `engine.prepare_inputs` does on TensorFlow). Backend tensors are kept as
     they are, traced ones included (a call under the caller's own `jax.grad`)."""
-    # Validated through a stand-in of each backend tensor with its shape and dtype
-    # (np.empty allocates no pages), since a traced value cannot become an array.
-    _validate.inputs(keras.tree.map_structure(
-        lambda leaf: np.empty(tuple(leaf.shape), np.dtype(_dtype(leaf)))
-        if keras.ops.is_tensor(leaf) else leaf, inputs))
+    if not (keras.ops.is_tensor(inputs) and _dtype(inputs) in _REAL):
+        # Validated through a stand-in of each backend tensor with its shape and dtype
+        # (np.empty allocates no pages), since a traced value cannot become an array.
+        _validate.inputs(keras.tree.map_structure(
+            lambda leaf: np.empty(tuple(leaf.shape), np.dtype(_dtype(leaf)))
+            if keras.ops.is_tensor(leaf) else leaf, inputs))
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
     leaves = keras.tree.flatten(inputs)
@@ -118,6 +122,10 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
         return converted[0]
     return keras.tree.pack_sequence_as(inputs, converted)
+
+
+_REAL = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+         "uint8", "uint16", "uint32", "uint64", "bool"}
 
 
 def _dtype(x: Any) -> str:
@@ -400,8 +408,11 @@ class _Request:
 
         grad_fn = bk.value_and_grad(objective)
 
-        def step(var_values: dict, trainable: list, non_trainable: list, x: Any,
-                 args: dict) -> tuple[Any, Any]:
+        def step(trainable: list, non_trainable: list, x: Any, args: dict) -> tuple[Any, Any]:
+            # (the requested variables' values are taken from the lists here, inside
+            # the compiled function, rather than passed twice)
+            variables = list(trainable) + list(non_trainable)
+            var_values = {k: variables[pos] for k, pos in var_keys.items()}
             probes = {k: bk.zeros(s, d) for k, (s, d) in probe_specs.items()}
             (_, aux), grads = grad_fn({"probes": probes, "vars": var_values}, trainable,
                                       non_trainable, x, args)
@@ -424,9 +435,7 @@ class _Request:
                     self.prepared.pop(next(iter(self.prepared)))
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        variables = trainable + non_trainable
-        var_values = {k: variables[pos] for k, pos in prep.var_keys.items()}
-        call_args = (var_values, trainable, non_trainable, x, args)
+        call_args = (trainable, non_trainable, x, args)
         if compile is False or (compile == "auto" and prep.eager_only):
             aux, grads = prep.step(*call_args)
         else:
@@ -485,8 +494,10 @@ def _tree_abstract(bk: Any, tree: Any) -> Any:
 def _signature(x: Any, args: dict) -> tuple:
     """What a compiled step depends on besides values: structure, shapes, dtypes."""
     def describe(tree: Any) -> tuple:
+        if keras.ops.is_tensor(tree):
+            return (tuple(tree.shape), str(tree.dtype))
         leaves = keras.tree.flatten(tree)
         return (str(keras.tree.map_structure(lambda _: 0, tree)),
-                tuple((tuple(leaf.shape), _dtype(leaf)) for leaf in leaves))
+                tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves))
 
     return describe(x), describe(args)

@@ -46,6 +46,18 @@ def _is_floating(x: Any) -> bool:
     return keras.backend.is_float_dtype(_dtype(x))
 
 
+def _argument(value: Any) -> Any:
+    """A target argument (classes, labels, weights) as the compiled gradient function
+    takes it: a tensor on TensorFlow (a `tf.function` would trace again for each new
+    NumPy value), a NumPy array on JAX (`jax.jit` takes it as it is; converting it
+    first costs an extra dispatch per call). A tensor stays as it is."""
+    if keras.ops.is_tensor(value):
+        return value
+    if keras.backend.backend() == "jax":
+        return np.asarray(value)
+    return keras.ops.convert_to_tensor(value)
+
+
 def _pick(scores: Any, idx: Any) -> Any:
     """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor."""
     picked = keras.ops.take_along_axis(scores, keras.ops.expand_dims(idx, 1), axis=1)
@@ -171,7 +183,7 @@ class ClassTarget(Target):
     def __init__(self, classes: np.ndarray, same: bool, raw: Any = None):
         self.classes = classes
         self.raw = raw
-        super().__init__(("class",), {"classes": keras.ops.convert_to_tensor(classes, "int32")})
+        super().__init__(("class",), {"classes": _argument(np.asarray(classes, np.int32))})
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
         self.form = str(int(classes[0])) if same else "classes"
 
@@ -398,9 +410,9 @@ class LossValueTarget(Target):
     kind = "loss"
 
     def __init__(self, spec: LossTarget, batch_size: int):
-        args = {"y_true": keras.ops.convert_to_tensor(spec.y_true)}
+        args = {"y_true": _argument(spec.y_true)}
         if spec.sample_weight is not None:
-            args["sample_weight"] = keras.ops.convert_to_tensor(spec.sample_weight)
+            args["sample_weight"] = _argument(spec.sample_weight)
         for name, value in args.items():
             if _rank(value) and value.shape[0] != batch_size:
                 raise GradprobeError(
