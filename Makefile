@@ -27,6 +27,7 @@ test: $(STAMP_TEST)
 	$(PY) -m ruff check src tests benchmarks
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends
+	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends
 
 lint: $(STAMP_TEST)
 	$(PY) -m ruff check src tests benchmarks

@@ -32,6 +32,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -117,7 +118,8 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
             dtype = spec_dtypes[i] if len(spec_dtypes) == len(leaves) and spec_dtypes[i] else \
                 getattr(model, "compute_dtype", None)
         converted.append(keras.ops.convert_to_tensor(arr, dtype))
-    _validate.batch(converted, [getattr(d, "name", d) for d in spec_dtypes],
+    _validate.batch([_stand_in(leaf) for leaf in converted],
+                    [getattr(d, "name", d) for d in spec_dtypes],
                     exact_count=not isinstance(inputs, dict))
     if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
         return converted[0]
@@ -130,6 +132,12 @@ _REAL = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", 
 
 def _dtype(x: Any) -> str:
     return keras.backend.standardize_dtype(x.dtype)
+
+
+def _stand_in(leaf: Any) -> Any:
+    """A backend tensor's shape and dtype name, for the checks of `_validate`
+    (written for TensorFlow dtypes, which take dtype names)."""
+    return SimpleNamespace(shape=tuple(leaf.shape), dtype=_dtype(leaf))
 
 
 def _is_floating(x: Any) -> bool:
@@ -147,7 +155,7 @@ def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
     bad = [k for k in keys if k in wanted and not _is_floating(leaves[k])]
     if bad:
         key, hint = _sequence.integer_input_hint(model, keys, bad)
-        _validate.differentiable_input(key, leaves[key], hint)
+        _validate.differentiable_input(key, _stand_in(leaves[key]), hint)
 
 
 def _refuse_float16(model: Any, plan: capture.Plan, name: str) -> None:
@@ -338,8 +346,8 @@ class _Request:
         plan = self.plan
         variables = list(model.trainable_variables) + list(model.non_trainable_variables)
         n_train = len(model.trainable_variables)
-        trainable = [bk.abstract(v.value) for v in variables[:n_train]]
-        non_trainable = [bk.abstract(v.value) for v in variables[n_train:]]
+        trainable = [bk.abstract(bk.value_of(v)) for v in variables[:n_train]]
+        non_trainable = [bk.abstract(bk.value_of(v)) for v in variables[n_train:]]
         ax, aargs = _tree_abstract(bk, x), _tree_abstract(bk, args)
         probe_ids = {id(layer) for layer in plan.probe_layers}
 
@@ -391,7 +399,7 @@ class _Request:
         prep = _Prepared(table, probe_specs, entries, var_keys, meta, [])
 
         diff = {"probes": {k: bk.zeros(s, d) for k, (s, d) in probe_specs.items()},
-                "vars": {k: variables[pos].value for k, pos in var_keys.items()}}
+                "vars": {k: bk.value_of(variables[pos]) for k, pos in var_keys.items()}}
 
         def objective(diff: dict, trainable: list, non_trainable: list, x: Any,
                       args: dict) -> tuple[Any, dict]:
@@ -433,8 +441,8 @@ class _Request:
                 self.prepared[signature] = prep
                 while len(self.prepared) > _SIGNATURES:
                     self.prepared.pop(next(iter(self.prepared)))
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
+        trainable = [bk.value_of(v) for v in model.trainable_variables]
+        non_trainable = [bk.value_of(v) for v in model.non_trainable_variables]
         call_args = (trainable, non_trainable, x, args)
         if compile is False or (compile == "auto" and prep.eager_only):
             aux, grads = prep.step(*call_args)

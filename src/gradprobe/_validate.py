@@ -82,7 +82,7 @@ def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
     raise GradprobeError(
         f"{function} is not supported on the {current!r} backend of Keras yet; it runs on "
         "TensorFlow (set KERAS_BACKEND=tensorflow before importing keras). Supported on JAX "
-        "so far: gp.gradients.")
+        "and PyTorch so far: gp.gradients.")
 
 
 # --------------------------------------------------------------------- inputs

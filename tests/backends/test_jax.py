@@ -312,6 +312,26 @@ def test_lstm_output_and_cell_weights():
                                                   lambda y: jnp.sum(y[:, 1])))
 
 
+def test_keras_mask_survives_the_probe():
+    """A probe on a masked Embedding keeps its mask for the LSTM after it: padding
+    steps get exactly zero gradient, as without gradprobe."""
+    keras.utils.set_random_seed(29)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"),
+                              layers.Embedding(9, 3, mask_zero=True, name="emb"),
+                              layers.LSTM(4, name="lstm"), layers.Dense(2, name="out")])
+    ids = np.array([[3, 1, 4, 0, 0], [2, 7, 1, 8, 2]], "int32")
+    g = gp.gradients(model, ids, 0, "emb")
+    e = model.get_layer("emb")(ids)
+    mask = jnp.asarray(ids != 0)
+
+    def rest(v):
+        return jnp.sum(model.get_layer("out")(model.get_layer("lstm")(v, mask=mask))[:, 0])
+
+    close(g["emb"], jax.grad(rest)(e))
+    assert not np.any(np.asarray(g["emb"])[0, 3:])  # padding: exactly zero
+    assert np.all(np.abs(np.asarray(g["emb"])[1]).sum(axis=-1) > 0)
+
+
 class Looped(keras.Model):
     """A layer called in a loop body (keras.ops.fori_loop: a lax loop on JAX)."""
 

@@ -16,7 +16,10 @@ uses and nothing else:
   only), for discovery passes that must not compute.
 * `jit(fn)`: a compiled, cached version of `fn`; `trace_count` counts how many
   times functions compiled by it were traced.
-* `zeros(shape, dtype)`, `add_probe(x, probe)` (keeps a Keras mask),
+* `value_of(variable)`: a Keras variable's current value, as the forward pass
+  takes it (outside autograd on PyTorch).
+* `zeros(shape, dtype)`: a probe (a zero array on JAX; on PyTorch a slot that
+  `add_probe` fills with a `view_as` view), `add_probe(x, probe)` (keeps a Keras mask),
   `stop_gradient(tree)`, `to_numpy(x)`, `is_array(x)`.
 * `control_flow(origin)`: the backend control-flow function (`"scan"`,
   `"while_loop"`, `"cond"`, ...) the calling code runs inside, below the frames
@@ -24,8 +27,8 @@ uses and nothing else:
   step in a traced body: a probe added there would be summed over steps.
 
 TensorFlow's primitives are still in `gradprobe.backend` (the tape-based capture
-of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax`, the only
-module that imports `jax`.
+of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and PyTorch's in
+`gradprobe.backends.torch`, the only modules that import `jax` and `torch`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import keras
 
 from gradprobe.errors import GradprobeError
 
-FUNCTIONAL = ("jax",)  # backends whose `gp.gradients` runs through `gradprobe._functional`
-SUPPORTED_ELSEWHERE = "supported on JAX so far: gp.gradients"
+FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe._functional
+SUPPORTED_ELSEWHERE = "supported on JAX and PyTorch so far: gp.gradients"
 
 
 def name() -> str:

@@ -115,6 +115,11 @@ def _one_to_one(eqn: Any) -> Any:
     return None
 
 
+def value_of(variable: Any) -> Any:
+    """A Keras variable's current value."""
+    return variable.value
+
+
 def zeros(shape: tuple, dtype: Any) -> Any:
     return jnp.zeros(shape, dtype)
 

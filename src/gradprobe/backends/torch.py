@@ -1,0 +1,171 @@
+"""PyTorch's primitives for the functional capture (see `gradprobe.backends`).
+
+The only gradprobe module that imports `torch`. PyTorch differentiates eagerly
+with its autograd graph, so the "probes" are not zero tensors added to the
+activations (an addition per probe cost 21-28% in a study) but `view_as` views,
+made as each layer output appears (`add_probe`): one `torch.autograd.grad` with
+respect to those views gives the gradient of each use of an activation. The
+discovery and dependency passes run the forward pass for real (PyTorch has no
+abstract evaluation of a Keras model): once per request and input signature.
+Private Keras access: the Keras mask of a tensor is read and written with
+`keras.src.backend.common.masking` (see `add_probe`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+NAME = "torch"
+
+trace_count = 0  # nothing is compiled on PyTorch: calls run eagerly
+
+
+class Probe:
+    """A probe slot: `add_probe` fills it with the view that the rest of the
+    forward pass consumes; the gradient is taken with respect to that view."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self) -> None:
+        self.tensor: Any = None
+
+
+def value_and_grad(fn: Any) -> Any:
+    """`(diff, *rest) -> ((objective, aux), grads)` for `fn(diff, *rest) -> (objective, aux)`.
+
+    Leaves of `diff` are `Probe` slots (filled during the call) or tensors (a
+    variable's value, differentiated as a fresh leaf). A source the objective
+    does not depend on gets zeros (`connected` tells which). The returned
+    objective, auxiliary tensors and gradients are detached.
+    """
+
+    def run(diff: Any, *rest: Any) -> tuple[tuple[Any, Any], Any]:
+        (objective, aux), grads, _ = _differentiate(fn, diff, rest)
+        return (objective, aux), grads
+
+    return run
+
+
+def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], Any, list[bool]]:
+    leaves = keras.tree.flatten(diff)
+    fresh = [leaf if isinstance(leaf, Probe) else leaf.detach().requires_grad_(True)
+             for leaf in leaves]
+    with torch.enable_grad():
+        objective, aux = fn(keras.tree.pack_sequence_as(diff, fresh), *rest)
+        sources = [s.tensor if isinstance(s, Probe) else s for s in fresh]
+        missing = [i for i, s in enumerate(sources) if s is None]
+        if missing:  # pragma: no cover - discovery found every probed call
+            raise RuntimeError(f"probe slots {missing} were not filled by the forward pass")
+        wanted = [i for i, s in enumerate(sources) if s.requires_grad]
+        found = torch.autograd.grad(objective, [sources[i] for i in wanted],
+                                    allow_unused=True) if wanted and \
+            objective.requires_grad else [None] * len(wanted)
+    grads: list[Any] = [None] * len(sources)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    used = [g is not None for g in grads]
+    grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
+    aux = keras.tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+    return (objective.detach(), aux), keras.tree.pack_sequence_as(diff, grads), used
+
+
+def jit(fn: Any) -> Any:
+    """Eager on PyTorch: the function itself."""
+    return fn
+
+
+def eval_shape(fn: Any, *args: Any) -> Any:
+    """Runs `fn` (for real: PyTorch has no abstract evaluation), without autograd."""
+    with torch.no_grad():
+        return fn(*args)
+
+
+def abstract(x: Any) -> Any:
+    """The value itself (the discovery pass runs on real values on PyTorch)."""
+    return x
+
+
+def connected(fn: Any, diff: Any, *rest: Any) -> Any:
+    """For each leaf of `diff`: whether the objective of `fn(diff, *rest)`
+    depends on it, from the autograd graph of one real pass (an unused source
+    gets no gradient at all, as on TensorFlow's tape)."""
+    _, _, used = _differentiate(fn, diff, rest)
+    return keras.tree.pack_sequence_as(diff, used)
+
+
+def value_of(variable: Any) -> Any:
+    """A variable's current value, outside autograd (Keras' torch variables are
+    `nn.Parameter`s: differentiating all of them would cost a graph per weight)."""
+    return variable.value.detach()
+
+
+def zeros(shape: tuple, dtype: Any) -> Probe:
+    """A fresh probe slot (the view is made in `add_probe`)."""
+    return Probe()
+
+
+def add_probe(x: Any, probe: Any) -> Any:
+    """`x` as the rest of the forward pass sees it, with its gradient for this use
+    recorded in `probe`: a view of `x` when `x` is in the autograd graph, else a
+    new leaf that requires a gradient (nothing before it needs one). `x`'s Keras
+    mask is carried over."""
+    # Keras keeps masks in a table keyed by tensor id when a tensor takes no
+    # attribute (keras.src.backend.common.tensor_attributes).
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+    if not isinstance(probe, Probe):  # a zero tensor (not made by this backend)
+        y = x + probe
+    else:
+        y = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        probe.tensor = y
+    mask = get_keras_mask(x)
+    if mask is not None:
+        set_keras_mask(y, mask)
+    return y
+
+
+def stop_gradient(tree: Any) -> Any:
+    return keras.tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+# Keras' control flow on PyTorch (keras/src/backend/torch/core.py, rnn.py): Python
+# loops and branches. A layer called there is reported as on TensorFlow and JAX,
+# where its per-step outputs cannot be probed, so that results agree across backends.
+_CONTROL_FLOW = {
+    ("core.py", "scan"), ("core.py", "while_loop"), ("core.py", "fori_loop"),
+    ("core.py", "map"), ("core.py", "associative_scan"), ("core.py", "cond"),
+    ("core.py", "switch"), ("rnn.py", "rnn"),
+}
+
+
+def control_flow(origin: Any) -> str | None:
+    """The Keras control-flow function the calling code runs inside, below the
+    frames of `origin`; `None` if none."""
+    frame = sys._getframe(1)
+    while frame is not None and id(frame) not in origin.ids:
+        code = frame.f_code
+        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
+                os.path.join("backend", "torch") in code.co_filename:
+            return code.co_name
+        frame = frame.f_back
+    return None
+
+
+def version() -> str:
+    return torch.__version__
