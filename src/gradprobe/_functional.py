@@ -1,4 +1,4 @@
-"""`gp.gradients` on backends without a tape (JAX): the capture as a pure function.
+"""`gp.gradients` on JAX and PyTorch: the capture as a function of its sources.
 
 The forward pass is a function of its differentiable sources,
 
@@ -11,10 +11,12 @@ that adds `probes[key]` to each requested layer output as the layer produces it
 (`key` names the layer and, for a layer called several times, the call), the
 requested variables' values replace theirs, and input probes are added to the
 inputs. The backend differentiates `forward` once with respect to `diff`
-(`jax.value_and_grad`), compiled and cached per request and input signature.
+(`jax.value_and_grad`, compiled with `jax.jit` and cached per request and input
+signature; on PyTorch the probes are `view_as` views made as the layers run and
+one `torch.autograd.grad`, eagerly: see `gradprobe.backends.torch`).
 
 Before the first run for a given input signature, two passes on abstract values
-(nothing is computed) learn what the TensorFlow capture learns while it runs:
+(nothing is computed on JAX; PyTorch runs them for real) learn what the TensorFlow capture learns while it runs:
 a discovery pass records which layers ran, in which order, how often, with
 which output shapes and dtypes, which of them produced the selected output and
 which ran inside backend control flow (a `lax.scan` body: never probed, since a
