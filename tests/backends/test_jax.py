@@ -555,3 +555,61 @@ def test_input_errors_are_gradprobe_errors():
     with pytest.raises(gp.GradprobeError, match="nope"):
         gp.gradients(model, np.ones((2, 5), "float32"), 0, "nope")
     assert _patch.active_wrappers() == 0
+
+
+def test_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = mlp("short_lived")
+    gp.gradients(model, np.ones((2, 5), "float32"), 0, ["h", "h.kernel", "inputs"])
+    gp.gradients(model, np.ones((2, 5), "float32"), 0, "h", compile=False)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_output_layer_aliases_and_objects():
+    model = mlp()
+    x = np.random.default_rng(12).normal(size=(3, 5)).astype("float32")
+    g = gp.gradients(model, x, lambda a: keras.ops.sum(a[:, 0]), "inputs", output="h")
+    close(g["inputs"], jax.grad(lambda v: jnp.sum(model.get_layer("h")(v)[:, 0]))(
+        jnp.asarray(x)))
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d1")], name="inner")
+    inp = keras.Input((4,))
+    outer = keras.Model(inp, layers.Dense(2, name="o")(inner(inp)))
+    g = gp.gradients(outer, np.ones((2, 4), "float32"), 0, ["inner/d1", "d1"])
+    assert list(g) == ["inner/d1"]
+    np.testing.assert_array_equal(g["d1"], g["inner/d1"])  # the second selector: an alias
+    o = outer.get_layer("o")
+    g = gp.gradients(outer, np.ones((2, 4), "float32"), 0, [o, o.kernel])
+    assert list(g) == ["o", "o.kernel"]
+
+
+def test_threads_get_their_own_results():
+    import threading
+
+    model = mlp("threads")
+    rng = np.random.default_rng(13)
+    xs = [rng.normal(size=(3, 5)).astype("float32") for _ in range(4)]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = np.asarray(gp.gradients(model, xs[i], i, ["h", "out.kernel"])["h"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        h = model.get_layer("h")(xs[i])
+        close(results[i], jax.grad(lambda v, i=i: jnp.sum(model.get_layer("out")(v)[:, i]))(h))
+    assert _patch.active_wrappers() == 0
+    assert not any("call" in vars(layer) for layer in model.layers)
