@@ -469,6 +469,32 @@ def test_stop_gradient_and_argmax_count_as_unconnected():
                                                         "float32"), "d2")
 
 
+class TwoCarries(keras.layers.Layer):
+    """A loop whose weight `w` reaches the output only through another carry, one
+    step later: a dependency that no single loop step shows."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        def body(i, carry):
+            a, b = carry
+            return b * 1.5, x * self.w
+        a, _ = keras.ops.fori_loop(0, 3, body, (keras.ops.zeros_like(x), keras.ops.zeros_like(x)))
+        return a
+
+
+def test_a_weight_reaching_the_output_through_a_loop_carry_is_connected():
+    inp = keras.Input((3,))
+    model = keras.Model(inp, layers.Dense(2, name="out")(TwoCarries(name="loop")(inp)))
+    x = np.random.default_rng(14).normal(size=(2, 3)).astype("float32")
+    g = gp.gradients(model, x, 0, "loop.w")
+    assert g.unconnected == ()
+    w = model.get_layer("loop").w
+    close(g["loop.w"], weight_grad(model, w, x, lambda y: jnp.sum(y[:, 0])))
+    assert np.any(np.asarray(g["loop.w"]))
+
+
 # -------------------------------------------------------------- options, cache
 def test_compile_true_false_auto_agree_and_jit_cache_hits():
     model = mlp("cached")

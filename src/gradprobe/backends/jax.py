@@ -59,10 +59,10 @@ def connected(fn: Any, diff: Any, *rest: Any) -> Any:
     objective does not depend on (not on the path, behind a `stop_gradient`, or
     only through integer operations such as an arg-max) contributes no equation
     to the output tangent. Which tangent inputs the output tangent reaches is
-    read from the jaxpr, descending into sub-jaxprs (`jit`, `custom_jvp`...)
-    whose inputs and outputs correspond one to one, and otherwise counting
-    every input of an equation as used by each of its outputs (which errs
-    towards "connected", as TensorFlow's tape does).
+    read from the jaxpr, descending into the sub-jaxprs of call-like equations
+    (`jit`, `custom_jvp`...), and otherwise (loops, branches, every primitive)
+    counting every input of an equation as used by each of its outputs (which
+    errs towards "connected", as TensorFlow's tape does).
     """
     leaves, treedef = jax.tree.flatten(diff)
     if not leaves:
@@ -101,9 +101,18 @@ def _needed_inputs(jaxpr: Any, wanted_out: list[bool]) -> list[bool]:
     return [v in needed for v in jaxpr.invars]
 
 
+# Call-like primitives: their sub-jaxpr runs once, its inputs and outputs are the
+# equation's own. (Not loops: a scan or while body runs many times, and an input
+# can reach an output only through the carry of a later step.)
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+
+
 def _one_to_one(eqn: Any) -> Any:
     """The sub-jaxpr of a call-like equation (`jit`, `custom_jvp_call`...) whose
     inputs and outputs are the equation's own, else `None`."""
+    if eqn.primitive.name not in _CALLS:
+        return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         sub = eqn.params.get(key)
         if sub is None:
