@@ -317,6 +317,15 @@ class _Request:
         except GradprobeError:
             raise
         except Exception as e:
+            traced = recorder.bk.trace_error(e)
+            if traced is not None:
+                raise GradprobeError(
+                    f"Model {model.name!r} cannot be traced by {recorder.bk.NAME} "
+                    f"({traced}): its call needs concrete values (a Python `if` on a tensor, "
+                    "or a conversion to NumPy). gradprobe traces the model on this backend "
+                    "even with compile=False, to learn which layers run and which sources "
+                    "the target depends on. Use keras.ops.cond / keras.ops.where for "
+                    "branches on values, or the TensorFlow backend.") from e
             raise capture.call_error(model, x, e) from e
         finally:
             recorder.close()

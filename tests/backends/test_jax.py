@@ -639,3 +639,26 @@ def test_threads_get_their_own_results():
         close(results[i], jax.grad(lambda v, i=i: jnp.sum(model.get_layer("out")(v)[:, i]))(h))
     assert _patch.active_wrappers() == 0
     assert not any("call" in vars(layer) for layer in model.layers)
+
+
+class Branchy(keras.Model):
+    """A Python branch on a tensor's value: runs eagerly, cannot be traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.d = layers.Dense(2, name="d")
+
+    def call(self, x):
+        if float(keras.ops.convert_to_numpy(keras.ops.sum(x))) > 0:
+            return self.d(x)
+        return self.d(-x)
+
+
+@pytest.mark.parametrize("compile", ["auto", False])
+def test_untraceable_model_gets_a_clear_error(compile):
+    model = Branchy()
+    x = np.ones((2, 3), "float32")
+    model(x)
+    with pytest.raises(gp.GradprobeError, match=r"cannot be traced by jax.*keras.ops.cond"):
+        gp.gradients(model, x, 0, "d", compile=compile)
+    assert _patch.active_wrappers() == 0

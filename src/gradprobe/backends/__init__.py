@@ -21,6 +21,8 @@ uses and nothing else:
 * `zeros(shape, dtype)`: a probe (a zero array on JAX; on PyTorch a slot that
   `add_probe` fills with a `view_as` view), `add_probe(x, probe)` (keeps a Keras mask),
   `stop_gradient(tree)`, `to_numpy(x)`, `is_array(x)`.
+* `trace_error(e)`: the name of the tracing error behind exception `e` (a
+  model whose call needs concrete values), or `None`.
 * `control_flow(origin)`: the backend control-flow function (`"scan"`,
   `"while_loop"`, `"cond"`, ...) the calling code runs inside, below the frames
   in `origin` (an `Origin`), or `None`. A layer called there runs once per loop

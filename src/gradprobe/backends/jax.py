@@ -184,5 +184,22 @@ def control_flow(origin: Any) -> str | None:
     return None
 
 
+_TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                 jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError,
+                 jax.errors.NonConcreteBooleanIndexError)
+
+
+def trace_error(e: BaseException) -> str | None:
+    """The name of the JAX tracing error behind `e` (a model call that needs
+    concrete values: a Python branch or a NumPy conversion), else `None`."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _TRACE_ERRORS):
+            return type(e).__name__
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def version() -> str:
     return jax.__version__

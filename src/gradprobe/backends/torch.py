@@ -167,5 +167,10 @@ def control_flow(origin: Any) -> str | None:
     return None
 
 
+def trace_error(e: BaseException) -> str | None:
+    """Nothing is traced on PyTorch."""
+    return None
+
+
 def version() -> str:
     return torch.__version__
