@@ -316,3 +316,24 @@ def test_options_and_refusals():
     assert "gp.saliency" in str(info.value) and "'torch'" in str(info.value)
     model.get_layer("out").kernel.assign(np.zeros((6, 4), "float32"))  # weights read per call
     assert not np.any(arr(gp.gradients(model, x, 0, "h")["h"]))
+
+
+class Stopped(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d1 = layers.Dense(3, name="d1")
+        self.d2 = layers.Dense(2, name="d2")
+
+    def call(self, x):
+        return self.d2(keras.ops.stop_gradient(self.d1(x)))
+
+
+def test_stop_gradient_counts_as_unconnected():
+    model = Stopped()
+    x = np.ones((2, 4), "float32")
+    model(x)
+    with pytest.raises(gp.GradprobeError, match="d1"):
+        gp.gradients(model, x, 0, ["d1", "d2"])
+    g = gp.gradients(model, x, 0, ["d1.kernel", "d2.kernel"], unconnected="zero")
+    assert g.unconnected == ("d1.kernel",)
+    assert not np.any(arr(g["d1.kernel"])) and np.any(arr(g["d2.kernel"]))
