@@ -81,8 +81,11 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
     grads = tensors["grads"]
     if not differentiable:
         grads = bk.stop_gradient(grads)
-    return Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
-                     {v.key: v.var for v in entry.plan.vars})
+    result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
+                       {v.key: v.var for v in entry.plan.vars})
+    from gradprobe.per_example import annotate  # imports the engine: no top-level import
+
+    return annotate(result, meta)  # (empty per_example_method / _fallbacks, as on TF)
 
 
 _lock = threading.Lock()

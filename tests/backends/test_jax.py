@@ -118,6 +118,7 @@ def test_sequential_activation_weight_input_against_hand_written_jax():
     close(g.target, np.asarray(model(x))[:, 2], what="target value")
     close(g.outputs, out_before, what="outputs")
     assert g.unconnected == () and g.skipped == ()
+    assert dict(g.per_example_method) == {} and dict(g.per_example_fallbacks) == {}
     assert_sacred(model, before, x, out_before)
 
 
