@@ -15,7 +15,10 @@ $(STAMP_BASE): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# PyTorch first, pinned to the CPU build that lies on this project's machines (a bare
+# "torch" would pull a CUDA build of several GB); the test extras then find it installed.
 $(STAMP_TEST): pyproject.toml $(STAMP_BASE)
+	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
