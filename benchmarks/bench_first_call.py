@@ -2,6 +2,9 @@
 a hand-written `tf.function` doing the same work (tape gradient of the summed
 class scores with respect to the input and two kernels), each in a fresh
 Python process, on ResNet50(weights=None), in interleaved repetitions (medians).
+The hand-written function is timed as users write it (`@tf.function`, AutoGraph
+on) and with `autograph=False` (what gradprobe compiles with, as Keras 3's own
+train and predict steps do).
 
 Each child process imports TensorFlow, Keras and gradprobe and builds the model
 before its clock starts (the same for both sides), then times one call, the
@@ -49,13 +52,13 @@ def _setup(size: int, batch: int):
     return model, x, classes
 
 
-def _hand(model, classes):
+def _hand(model, classes, autograph: bool = True):
     import tensorflow as tf
 
     kernels = [model.get_layer(k.split(".")[0]).kernel for k in KERNELS]
     idx = tf.constant(classes)
 
-    @tf.function
+    @tf.function(autograph=autograph)
     def grads(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -78,7 +81,7 @@ def child(kind: str, size: int, batch: int) -> dict:
         g = gp.gradients(model, x, classes, wrt)
         np.asarray(g["inputs"])
     else:
-        np.asarray(_hand(model, classes)(x)[0])
+        np.asarray(_hand(model, classes, autograph=kind == "hand")(x)[0])
     return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}
 
 
@@ -123,7 +126,7 @@ def breakdown(size: int, batch: int) -> dict:
 
         def call(xx, args):
             marks["pre"] = time.perf_counter()
-            fn.get_concrete_function(xx, args)
+            getattr(fn, "fn", fn).get_concrete_function(xx, args)  # the tf.function
             marks["traced"] = time.perf_counter()
             out = fn(xx, args)
             marks["first_run"] = time.perf_counter()
@@ -185,11 +188,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--breakdowns", type=int, default=3)
-    parser.add_argument("--child", choices=["gp", "hand", "breakdown", "hand_breakdown"])
+    parser.add_argument("--child", choices=["gp", "hand", "hand_noag", "breakdown",
+                                            "hand_breakdown"])
     args = parser.parse_args()
     if args.child:
         fn = {"gp": lambda: child("gp", args.size, args.batch),
               "hand": lambda: child("hand", args.size, args.batch),
+              "hand_noag": lambda: child("hand_noag", args.size, args.batch),
               "breakdown": lambda: breakdown(args.size, args.batch),
               "hand_breakdown": lambda: hand_breakdown(args.size, args.batch)}[args.child]
         print("RESULT " + json.dumps(fn()), flush=True)
@@ -200,13 +205,13 @@ def main() -> None:
 
     console = Console(width=150) if not Console().is_terminal else Console()
     load0 = os.getloadavg()[0]
-    runs: dict[str, list[dict]] = {"gp": [], "hand": []}
+    kinds = ("gp", "hand", "hand_noag")
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(args.reps):
-        for kind in (("gp", "hand") if r % 2 == 0 else ("hand", "gp")):
+        for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotated: no side always first
             runs[kind].append(spawn(kind, args.size, args.batch))
-        console.print(f"  repetition {r + 1}/{args.reps}: gradprobe "
-                      f"{runs['gp'][-1]['wall']:.2f} s, hand-written "
-                      f"{runs['hand'][-1]['wall']:.2f} s", style="dim")
+        console.print(f"  repetition {r + 1}/{args.reps}: " + ", ".join(
+            f"{k} {runs[k][-1]['wall']:.2f} s" for k in kinds), style="dim")
     parts = [spawn("breakdown", args.size, args.batch) for _ in range(args.breakdowns)]
     hand_parts = [spawn("hand_breakdown", args.size, args.batch)
                   for _ in range(args.breakdowns)]
@@ -217,11 +222,13 @@ def main() -> None:
     table = Table(title=f"First call, ResNet50(weights=None) {args.size}x{args.size}, batch "
                         f"{args.batch}, wrt=inputs + {len(KERNELS)} kernels: median over "
                         f"{args.reps} fresh processes each (interleaved)")
-    for col in ["", "gradprobe", "hand-written tf.function", "ratio"]:
+    for col in ["", "gradprobe", "hand tf.function", "ratio", "hand, autograph=False",
+                "ratio "]:
         table.add_column(col, justify="left" if not col else "right")
     for m in ("wall", "cpu"):
-        table.add_row(f"first call, {m} s", f"{med['gp'][m]:.3f}", f"{med['hand'][m]:.3f}",
-                      f"{med['gp'][m] / med['hand'][m]:.3f}")
+        g, h, h2 = med["gp"][m], med["hand"][m], med["hand_noag"][m]
+        table.add_row(f"first call, {m} s", f"{g:.3f}", f"{h:.3f}", f"{g / h:.3f}",
+                      f"{h2:.3f}", f"{g / h2:.3f}")
     console.print(table)
 
     table = Table(title=f"Where the first call goes (median of {args.breakdowns} instrumented "
