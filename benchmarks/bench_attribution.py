@@ -120,10 +120,11 @@ def tf_keras_vis(model, classes):
 
 
 def _time(fn, x, reps=1):
-    t0 = time.perf_counter()
+    """(wall, CPU) seconds per call; CPU counts every thread of the process."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(reps):
         np.asarray(fn(x))
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
 
 
 def main() -> None:
@@ -180,30 +181,38 @@ def main() -> None:
         theirs = np.asarray(ig_base(xs))
         np.testing.assert_allclose(ours, theirs, atol=1e-4 * float(np.abs(theirs).max()))
     rows = []
+    load0 = os.getloadavg()[0]
     for task, (fns, x) in tasks.items():
         fns = {k: f for k, f in fns.items() if f is not None}
         for f in fns.values():
             _time(f, x)
             _time(f, x)
         times = {k: [] for k in fns}
+        cpu = {k: [] for k in fns}
         for _ in range(args.rounds):
             for k, f in fns.items():
-                times[k].append(_time(f, x))
-        rows.append((task, {k: statistics.median(v) for k, v in times.items()}))
+                wall, c = _time(f, x)
+                times[k].append(wall)
+                cpu[k].append(c)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med.update({f"{k} cpu": statistics.median(v) for k, v in cpu.items()})
+        rows.append((task, med))
         console.print(f"  {task} done", style="dim")
     table = Table(title=f"ResNet50(weights=None), {args.size}x{args.size}, Grad-CAM/saliency "
                         f"on 8 images, IG/SmoothGrad on {n} in chunks of {chunk}: median "
                         f"seconds per call over {args.rounds} rounds")
     for col in ["task", "gradprobe", "compiled", "tf-keras-vis", "gradprobe/compiled",
-                "tf-keras-vis/gradprobe"]:
+                "gradprobe/compiled CPU", "tf-keras-vis/gradprobe"]:
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, med in rows:
         vis = med.get("tf-keras-vis")
         table.add_row(task, f"{med['gradprobe']:.3f}", f"{med['compiled']:.3f}",
                       f"{vis:.3f}" if vis else (why or "-"), f"{med['gradprobe'] / med['compiled']:.3f}",
+                      f"{med['gradprobe cpu'] / med['compiled cpu']:.3f}",
                       f"{vis / med['gradprobe']:.2f}x" if vis else "-")
     console.print(table)
-    console.print("target: gradprobe/compiled <= 1.15.")
+    console.print(f"load average (1 min) {load0:.2f} before, {os.getloadavg()[0]:.2f} after, "
+                  f"{os.cpu_count()} CPUs. target: gradprobe/compiled <= 1.15.")
 
 
 if __name__ == "__main__":

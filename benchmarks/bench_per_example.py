@@ -103,25 +103,31 @@ def baselines(model):
 
 
 def _time(fn, reps):
-    t0 = time.perf_counter()
+    """(wall, CPU) seconds per call; CPU counts every thread of the process."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(reps):
         out = fn()
         for v in (out.values() if hasattr(out, "values") and callable(out.values)
                   else tf.nest.flatten(out)):
             np.asarray(v)
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
 
 
 def _medians(fns, rounds):
     for fn in fns.values():  # trace and warm up
         _time(fn, 1)
     # About 0.3 s per measurement for each method (one call for the slow ones).
-    reps = {k: max(1, int(0.3 / max(_time(fn, 1), 1e-4))) for k, fn in fns.items()}
+    reps = {k: max(1, int(0.3 / max(_time(fn, 1)[0], 1e-4))) for k, fn in fns.items()}
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(rounds):  # interleaved: every method once per round
         for k, fn in fns.items():
-            times[k].append(_time(fn, reps[k]))
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall, c = _time(fn, reps[k])
+            times[k].append(wall)
+            cpu[k].append(c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med.update({f"{k} cpu": statistics.median(v) for k, v in cpu.items()})
+    return med
 
 
 def main() -> None:
@@ -142,6 +148,7 @@ def main() -> None:
         bench(model, args, console)
         if args.norms:
             bench_norms(model, args, console)
+    console.print(f"load average (1 min) now {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs.")
     console.print("target: gradprobe/vmap <= 1.1 at every batch, time per example not "
                   "growing. 'floor' is one compiled forward+backward of the summed loss "
                   "(batch gradients only).")
@@ -181,14 +188,15 @@ def bench(model, args, console) -> None:
     table = Table(title=f"{model.name}: per-example weight gradients, "
                         "gp.gradients(per_example=True) (median seconds per call)")
     for col in ["batch", "gradprobe", "vectorized_map", "jacobian", "floor",
-                "gradprobe/vmap", "jacobian/gradprobe", "gradprobe/floor",
-                "gradprobe per example"]:
+                "gradprobe/vmap", "gradprobe/vmap CPU", "jacobian/gradprobe",
+                "gradprobe/floor", "gradprobe per example"]:
         table.add_column(col, justify="right")
     for b, med in rows:
         jac_s = med.get("jacobian")
         table.add_row(str(b), f"{med['gradprobe']:.4f}", f"{med['vectorized_map']:.4f}",
                       f"{jac_s:.4f}" if jac_s else "skipped", f"{med['floor']:.4f}",
                       f"{med['gradprobe'] / med['vectorized_map']:.2f}",
+                      f"{med['gradprobe cpu'] / med['vectorized_map cpu']:.2f}",
                       f"{jac_s / med['gradprobe']:.1f}x" if jac_s else "-",
                       f"{med['gradprobe'] / med['floor']:.2f}",
                       f"{med['gradprobe'] / b * 1e6:.0f} us")

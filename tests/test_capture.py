@@ -364,3 +364,64 @@ def test_requests_differing_only_in_batch_size_share_a_trace():
                 np.testing.assert_allclose(g[key], want[key], rtol=1e-5, atol=1e-7)
     counts = sorted(e.fn.experimental_get_tracing_count() for e in engine._cache[model].values())
     assert counts == [2, 2]  # class targets share an entry; the lambda has its own
+
+
+def _traces(model):
+    return sorted(e.fn.experimental_get_tracing_count() for e in engine._cache[model].values())
+
+
+def test_loss_labels_of_every_batch_size_share_a_trace():
+    model = _nested()
+    rng = np.random.default_rng(15)
+    engine.clear_cache()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    out = model.get_layer("out")
+    for n in (2, 3, 5, 8, 13, 4):
+        x = rng.normal(size=(n, 4)).astype("float32")
+        y = rng.integers(0, 2, n)
+        g = gp.gradients(model, x, gp.loss(loss_fn, y), ["inputs", "out.kernel"])
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            obj = loss_fn(y, model(xt))
+        want = tape.gradient(obj, [xt, out.kernel])
+        np.testing.assert_allclose(g["inputs"], want[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g["out.kernel"], want[1], rtol=1e-5, atol=1e-7)
+    assert _traces(model) == [2]  # the first shape, then one with the batch axis relaxed
+
+
+def test_per_example_class_targets_of_every_batch_size_share_a_trace():
+    model = _nested()
+    rng = np.random.default_rng(16)
+    engine.clear_cache()
+    d1 = model.get_layer("inner").get_layer("d1")
+    for n in (2, 3, 5, 8, 13, 4):
+        x = rng.normal(size=(n, 4)).astype("float32")
+        classes = rng.integers(0, 2, n)
+        g = gp.gradients(model, x, classes, "d1.kernel", per_example=True)
+        assert g["d1.kernel"].shape == (n, 4, 5)
+        for i in (0, n - 1):  # hand-written single-example tapes
+            with tf.GradientTape() as tape:
+                obj = model(x[i:i + 1])[0, classes[i]]
+            want = tape.gradient(obj, d1.kernel)
+            np.testing.assert_allclose(g["d1.kernel"][i], want, rtol=1e-5, atol=1e-7)
+    assert _traces(model) == [2]
+
+
+def test_meta_is_decoded_once_per_trace_not_per_call(monkeypatch):
+    """Keys, order and aliases are known when the trace runs: repeated calls
+    reuse them without fetching and decoding the shipped JSON."""
+    from gradprobe import backend
+
+    model = _nested()
+    engine.clear_cache()
+    x = np.random.default_rng(17).normal(size=(3, 4)).astype("float32")
+    first = gp.gradients(model, x, 1, ["d1", "inner/d1", "out.kernel"])
+    decoded = []
+    original = backend.decode_string
+    monkeypatch.setattr(backend, "decode_string", lambda t: decoded.append(1) or original(t))
+    for n in (3, 5, 7):
+        g = gp.gradients(model, np.resize(x, (n, 4)), 1, ["d1", "inner/d1", "out.kernel"])
+        assert list(g) == list(first) == ["inner/d1", "out.kernel"]
+        np.testing.assert_array_equal(g["d1"], g["inner/d1"])
+    assert decoded == []

@@ -265,7 +265,12 @@ def compile_function(fn: Any) -> Any:
     # reduce_retracing: after a second input shape, TensorFlow traces a shape with
     # the differing dimensions unknown, so requests that differ only in batch size
     # share one trace from then on (two traces in all, not one per batch size).
-    return tf.function(fn, reduce_retracing=True)
+    # autograph=False: as Keras 3's own compiled train/predict steps
+    # (`do_not_convert`), the model's Python runs as written. AutoGraph would
+    # otherwise convert, source to AST and back, every function of gradprobe and
+    # of the model that the trace enters: most of the first-call time
+    # (about 19 s of a profiled 27 s on ResNet50), for nothing a Keras model needs.
+    return tf.function(fn, reduce_retracing=True, autograph=False)
 
 
 def is_tensor(x: Any) -> bool:

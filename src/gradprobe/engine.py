@@ -416,8 +416,7 @@ def _execute(model: Any, x: Any, args: dict, entry: _Entry,
             f"({type(e).__name__}: {_last_line(e)}); running eagerly from now on. "
             "Pass compile=False to silence this.",
             RuntimeWarning, stacklevel=3)
-        return tensors, meta
-    return tensors, json.loads(backend.decode_string(meta))
+    return tensors, meta
 
 
 def _last_line(e: BaseException) -> str:
@@ -425,17 +424,44 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else ""
 
 
-def compiled(model: Any, plan: capture.Plan, run: Callable) -> Any:
-    """A `tf.function` computing `run(model, x, args, plan) -> (tensors, meta)`,
-    with `meta` shipped out of the trace as a JSON string. The model is held
-    weakly: the cache must not keep models alive."""
-    model_ref = weakref.ref(model)
+class Compiled:
+    """A compiled `run(model, x, args, plan) -> (tensors, meta)`: calling it
+    returns `(tensors, meta)` as `run` does.
 
-    def traced(x: Any, args: dict) -> tuple[dict, Any]:
-        tensors, meta = run(model_ref(), x, args, plan)
-        return tensors, backend.constant_string(json.dumps(meta))
+    `meta` (keys, order, aliases...) is plain Python, known once the trace has
+    run: every trace records it here, so a call needs no host round-trip and no
+    decoding for it. It also leaves the trace as a JSON string tensor, decoded
+    only when two traces of one request (two input shapes) disagree on it. The
+    returned `meta` is shared between calls: read it, never modify it.
+    """
 
-    return backend.compile_function(traced)
+    def __init__(self, model: Any, plan: capture.Plan, run: Callable):
+        model_ref = weakref.ref(model)  # the cache must not keep models alive
+        metas = self._metas = {}  # JSON text -> its decoded meta, one per distinct trace meta
+
+        def traced(x: Any, args: dict) -> tuple[dict, Any]:
+            tensors, meta = run(model_ref(), x, args, plan)
+            text = json.dumps(meta)
+            metas.setdefault(text, json.loads(text))
+            return tensors, backend.constant_string(text)
+
+        self.fn = backend.compile_function(traced)
+
+    def __call__(self, x: Any, args: dict) -> tuple[dict, dict]:
+        tensors, text = self.fn(x, args)
+        metas = list(self._metas.values())  # (traces run in the call, before this line)
+        if len(metas) == 1:
+            return tensors, metas[0]
+        return tensors, json.loads(backend.decode_string(text))
+
+    def experimental_get_tracing_count(self) -> int:
+        """How many times the request was traced (`tf.function`'s count)."""
+        return self.fn.experimental_get_tracing_count()
+
+
+def compiled(model: Any, plan: capture.Plan, run: Callable) -> Compiled:
+    """The compiled function of one request (see `Compiled`)."""
+    return Compiled(model, plan, run)
 
 
 def clear_cache() -> None:

@@ -39,7 +39,6 @@ vectorised Jacobian of the per-example targets (`"vectorized"`), and say so.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
@@ -135,7 +134,6 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
         if entry.fn is None:
             entry.fn = compiled(model, entry.plan, _run)
         norms, meta = entry.fn(x, tgt.args)
-        meta = json.loads(backend.decode_string(meta))
     else:
         norms, meta = _run(model, x, tgt.args, entry.plan)
     tgt.check(meta["target"])

@@ -59,7 +59,10 @@ def _argument(value: Any) -> Any:
 
 
 def _pick(scores: Any, idx: Any) -> Any:
-    """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor."""
+    """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor
+    (`per_row` on TensorFlow: faster to trace, and `tf.vectorized_map` converts it)."""
+    if keras.backend.backend() == "tensorflow":
+        return per_row(scores, idx)
     picked = keras.ops.take_along_axis(scores, keras.ops.expand_dims(idx, 1), axis=1)
     return keras.ops.squeeze(picked, axis=1)
 
@@ -159,6 +162,17 @@ def class_scores(out: Any, what: str, sequence_ok: bool = False,
     if rank > 2:
         out = keras.ops.sum(out, axis=tuple(range(1, rank - 1)))
     return out
+
+
+def per_row(x: Any, idx: Any) -> tf.Tensor:
+    """`x[i, idx[i]]` for every row `i`: `tf.gather(x, idx, axis=1, batch_dims=1)`,
+    written as a plain gather on the first two axes merged, whose gradient traces
+    about 2x faster than the batched gather's chain of reshapes and that
+    `tf.vectorized_map` still converts (a `gather_nd`, faster yet, would not:
+    pfor has no converter for its gradient, `ScatterNd`)."""
+    shape = tf.shape(x)
+    rows = tf.range(shape[0], dtype=idx.dtype) * tf.cast(shape[1], idx.dtype)
+    return tf.gather(tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0)), rows + idx)
 
 
 def sequence_error(what: str, shape: tuple, form: str = "'predicted'") -> str:
@@ -373,7 +387,7 @@ class PositionTarget(Target):
         # clipping keeps the gather from failing before that.
         pos = tf.clip_by_value(pos, -steps, steps - 1)
         pos = tf.where(pos < 0, pos + steps, pos)
-        picked = tf.gather(out, pos, axis=1, batch_dims=1)
+        picked = per_row(out, pos)
         scores = class_scores(picked, what, sequence_ok=True)
         if self.spec.log_prob:
             scores = tf.nn.log_softmax(scores, axis=-1)
@@ -384,7 +398,7 @@ class PositionTarget(Target):
             idx = args["classes"]
             if n is not None:
                 idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
-        value = tf.gather(scores, idx, axis=1, batch_dims=1)
+        value = per_row(scores, idx)
         return value, tf.reduce_sum(value), {"num_classes": n, "steps": out.shape[1]}
 
     def check(self, meta):
