@@ -58,6 +58,15 @@ def _argument(value: Any) -> Any:
     return keras.ops.convert_to_tensor(value)
 
 
+def _argmax(scores: Any) -> Any:
+    """Each row's arg-max class, int32 (`tf.argmax` on TensorFlow: Keras' `argmax`
+    adds ops that `tf.vectorized_map` cannot convert, which would force the
+    Jacobian fallback of `per_example=True`)."""
+    if keras.backend.backend() == "tensorflow":
+        return tf.argmax(scores, axis=-1, output_type=tf.int32)
+    return keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
+
+
 def _pick(scores: Any, idx: Any) -> Any:
     """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor
     (`per_row` on TensorFlow: faster to trace, and `tf.vectorized_map` converts it)."""
@@ -224,8 +233,7 @@ class PredictedTarget(Target):
 
     def compute(self, out, args):
         scores = class_scores(out, "target='predicted'")
-        idx = keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
-        value = _pick(scores, idx)
+        value = _pick(scores, _argmax(scores))
         return value, keras.ops.sum(value), {"num_classes": scores.shape[-1]}
 
 
