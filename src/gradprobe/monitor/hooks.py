@@ -122,6 +122,8 @@ class StepProbe:
         self.every = int(every)
         self.slots = max(int(model.steps_per_execution or 1), 1)
         self.distributed = is_distributed(model)
+        # `jit_compile` is public; "auto" is resolved by `compile` (False on CPU).
+        self.jit = bool(getattr(model, "jit_compile", False))
         self.layout = StatusLayout(len(variables), len(layers), self.slots)
         n, k = len(variables), self.slots
         with model.distribute_strategy.scope():
@@ -317,10 +319,16 @@ class StepProbe:
             tracked = [i for i, v in enumerate(values) if id(v) in self._index]
             step = tf.convert_to_tensor(self.step)
             slot, recording = self._slot(step), self._recording(step)
-            # Snapshots on recorded steps (XLA needs both branches shaped alike).
+            # Snapshots on recorded steps only. XLA needs both branches shaped
+            # alike; elsewhere the other branch holds one scalar per variable
+            # (no full-size zeros written on the steps that are not recorded).
+            if self.jit:
+                skip = lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())]  # noqa: E731
+            else:
+                skip = lambda: [tf.zeros((), values[i].dtype) for i in tracked] or [tf.zeros(())]  # noqa: E731
             before = tf.cond(recording,
                              lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
-                             lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())])
+                             skip)
             result = original(grads, trainable_variables, learning_rate)
 
             def ratios() -> Any:
