@@ -53,7 +53,7 @@ def loop(model, x, value_of, training=False, jit=False):
     kw = {"training": True} if training else {}
     rows = []
     for i in range(len(x)):
-        xi = jax.tree.map(lambda t: t[i:i + 1], x)
+        xi = jax.tree.map(lambda t, i=i: t[i:i + 1], x)
 
         def f(tv, xi=xi, i=i):
             return jnp.sum(value_of(model.stateless_call(tv, ntv, xi, **kw)[0], i))
