@@ -86,23 +86,21 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
 
 _lock = threading.Lock()
 
-# The per-example methods of the functional backends (see `_per_example_step`).
-PER_EXAMPLE_METHODS = ("vmap", "jacobian")
-
-
 def _check_per_example(per_example: Any, bk: Any) -> bool | str:
     """The validated `per_example` argument: `False`, `True` (the fastest correct
-    method), `"vmap"` or `"jacobian"`. TensorFlow's `"vectorized_map"` means the
-    vectorised method here too (`"vmap"`), so that code runs on every backend."""
+    method), the backend's single-example method (`"vmap"` on JAX, `"loop"` on
+    PyTorch) or `"jacobian"`. TensorFlow's `"vectorized_map"` means the
+    single-example method here too, so that code runs on every backend."""
     raw = per_example
     if isinstance(per_example, (bool, np.bool_)):
         per_example = bool(per_example)
     else:
+        single = getattr(bk, "PER_EXAMPLE_METHOD", "vmap")
         per_example = _validate.choice(
-            "per_example", per_example, (*PER_EXAMPLE_METHODS, "vectorized_map"),
+            "per_example", per_example, (single, "jacobian", "vectorized_map"),
             "or True (the fastest correct method) or False")
         if per_example == "vectorized_map":
-            per_example = "vmap"
+            per_example = single
     if per_example is not False and not getattr(bk, "PER_EXAMPLE", False):
         raise GradprobeError(
             f"Expected per_example=False on the {bk.NAME} backend: per-example gradients are "
@@ -472,9 +470,10 @@ class _Request:
                           batched: Any, abstract_args: tuple) -> None:
         """Replaces `prep.step` by a step whose weight gradients are per example.
 
-        `"vmap"` (the default): `jax.vmap` over the examples of one single-example
-        pass (each example a batch of one through the same forward pass, then one
-        gradient), so every layer runs as in the batch. `"jacobian"`: the Jacobian
+        `"vmap"` (the default on JAX): `jax.vmap` over the examples of one
+        single-example pass (each example a batch of one through the same forward
+        pass, then one gradient), so every layer runs as in the batch; `"loop"` on
+        PyTorch: the same single-example passes one after the other. `"jacobian"`: the Jacobian
         of the per-example target values over one batched pass with respect to
         the weights; used when examples interact (BatchNormalization with
         `training=True`) or a random layer runs in training mode (a mapped pass
@@ -491,6 +490,7 @@ class _Request:
         var_keys = prep.var_keys
         others = bool(plan.acts or plan.inputs)
         requested = plan.per_example if isinstance(plan.per_example, str) else "auto"
+        single = bk.PER_EXAMPLE_METHOD
 
         def forward_plain(diff: dict, trainable: list, non_trainable: list, x: Any,
                           args: dict) -> tuple[Any, dict]:
@@ -549,17 +549,17 @@ class _Request:
         if requested == "jacobian":
             why = "per_example='jacobian' was requested"
         else:
-            coupled = _coupling(model, plan, bk.NAME)
+            coupled = _coupling(model, plan)
             if coupled and requested == "auto":
                 why = coupled
-            else:
+            elif single == "vmap":
                 try:  # traced on abstract values: nothing is computed
                     bk.eval_shape(vmap_step, *abstract_args)
                 except GradprobeError:
                     raise
                 except Exception as e:
                     reason = f"{type(e).__name__}: {engine._last_line(e)}"
-                    if requested == "vmap":
+                    if requested == single:
                         raise GradprobeError(
                             f"per_example='vmap': {bk.NAME} could not map the single-example "
                             f"pass over the examples ({reason}). Use per_example=True to "
@@ -571,7 +571,7 @@ class _Request:
                              per_example_fallbacks=dict.fromkeys(weights, why))
         else:
             prep.step = vmap_step
-            prep.meta.update(per_example_method=dict.fromkeys(weights, "vmap"),
+            prep.meta.update(per_example_method=dict.fromkeys(weights, single),
                              per_example_fallbacks={})
 
     # -- running ---------------------------------------------------------------
@@ -629,7 +629,7 @@ def _unstack_one(t: Any) -> Any:
     return t
 
 
-def _coupling(model: Any, plan: capture.Plan, name: str) -> str:
+def _coupling(model: Any, plan: capture.Plan) -> str:
     """Why examples interact in this forward pass ('' when they do not), as
     `per_example._coupling` decides on TensorFlow."""
     if not plan.training:
@@ -644,7 +644,8 @@ def _coupling(model: Any, plan: capture.Plan, name: str) -> str:
                     "batched pass is exact")
         if isinstance(node.layer, RANDOM_TYPES):
             return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
-                    f"random noise, which {name}.vmap would draw once for all examples; "
+                    "random noise, which the single-example passes would draw once for "
+                    "all examples (one seed state); "
                     "the Jacobian of the batched pass keeps one draw per example")
     return ""
 

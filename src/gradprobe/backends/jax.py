@@ -29,6 +29,7 @@ def value_and_grad(fn: Any) -> Any:
 
 
 PER_EXAMPLE = True  # `vmap` and `jacobian` below: per-example gradients are supported
+PER_EXAMPLE_METHOD = "vmap"  # the single-example passes are mapped with `jax.vmap`
 
 
 def vmap(fn: Any, in_axes: tuple) -> Any:
