@@ -15,7 +15,8 @@ Rows, per model:
   hand-written batch gradient (one gradient for the whole batch): the price of
   per-example gradients (target: within 2x), at batch 16 and 64 (ResNet50 at
   batch 16 only unless `--pe-resnet-batches` says otherwise: its per-example
-  gradients take 64 x 94 MiB at batch 64).
+  gradients take 64 x 94 MiB at batch 64). A second table compares the same
+  rows with hand-written `jax.jit(jax.vmap(jax.grad))` (the same work).
 
 Both read the variables' current values on every call (as a training loop's
 weights change) and wait for the results (`block_until_ready`). Calls are
@@ -91,6 +92,26 @@ def handwritten(model: keras.Model):
     return run
 
 
+def handwritten_per_example(model: keras.Model):
+    """Hand-written per-example gradients: jax.vmap of the single-example
+    jax.grad, jitted (the same work as per_example=True)."""
+
+    @jax.jit
+    def step(trainable, non_trainable, x):
+        def score(tv, xi):
+            y, _ = model.stateless_call(tv, non_trainable, xi[None], training=False)
+            return y[0, CLASS]
+
+        return jax.vmap(jax.grad(score), in_axes=(None, 0))(trainable, x)
+
+    def run(x):
+        out = step([v.value for v in model.trainable_variables],
+                   [v.value for v in model.non_trainable_variables], x)
+        return jax.block_until_ready(out)
+
+    return run
+
+
 def gradprobe_fn(model: keras.Model, wrt, per_example: bool = False):
     def run(x):
         g = gp.gradients(model, x, CLASS, wrt, per_example=per_example)
@@ -124,14 +145,15 @@ def bench(name: str, model: keras.Model, x, rounds: int,
             assert set(g.per_example_method.values()) == {"vmap"}, dict(g.per_example_method)
         n_acts = sum(1 for k in g if g.kinds[k] == "activation")
         del g
+        fns = [("hand", hand), ("ours", ours)]
+        if per_example:  # also the hand-written vmap: the same work as gradprobe
+            fns.append(("hand_pe", handwritten_per_example(model)))
         for _ in range(3):  # warm-up (compilation)
-            hand(x)
-            ours(x)
-        times = {"hand": [], "ours": []}
+            for _, fn in fns:
+                fn(x)
+        times = {label: [] for label, _ in fns}
         for i in range(rounds):
-            order = (("hand", hand), ("ours", ours)) if i % 2 == 0 else \
-                (("ours", ours), ("hand", hand))
-            for label, fn in order:
+            for label, fn in fns if i % 2 == 0 else fns[::-1]:
                 times[label].append(timed(fn, x))
         med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
                for k, v in times.items()}
@@ -141,6 +163,11 @@ def bench(name: str, model: keras.Model, x, rounds: int,
                      "hand_cpu_ms": med["hand"][1] * 1e3, "ours_cpu_ms": med["ours"][1] * 1e3,
                      "ratio": med["ours"][0] / med["hand"][0],
                      "cpu_ratio": med["ours"][1] / med["hand"][1]})
+        if per_example:
+            rows[-1].update(hand_pe_ms=med["hand_pe"][0] * 1e3,
+                            hand_pe_cpu_ms=med["hand_pe"][1] * 1e3,
+                            pe_ratio=med["ours"][0] / med["hand_pe"][0],
+                            pe_cpu_ratio=med["ours"][1] / med["hand_pe"][1])
     return rows
 
 
@@ -195,6 +222,18 @@ def main() -> None:
                       f"{r['ours_ms']:.2f}", f"{r['ratio']:.3f}", f"{r['hand_cpu_ms']:.1f}",
                       f"{r['ours_cpu_ms']:.1f}", f"{r['cpu_ratio']:.3f}")
     Console(width=200).print(table)
+    pe = [r for r in rows if "pe_ratio" in r]
+    if pe:
+        t2 = Table(title="per_example=True against hand-written jit(vmap(grad)) (same work)")
+        for col in ("model", "batch", "hand vmap ms", "gradprobe ms", "ratio",
+                    "hand vmap CPU ms", "gradprobe CPU ms", "CPU ratio"):
+            t2.add_column(col, justify="left" if col == "model" else "right")
+        for r in pe:
+            t2.add_row(r["model"], str(r["batch"]), f"{r['hand_pe_ms']:.2f}",
+                       f"{r['ours_ms']:.2f}", f"{r['pe_ratio']:.3f}",
+                       f"{r['hand_pe_cpu_ms']:.1f}", f"{r['ours_cpu_ms']:.1f}",
+                       f"{r['pe_cpu_ratio']:.3f}")
+        Console(width=200).print(t2)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
