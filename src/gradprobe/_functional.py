@@ -555,10 +555,17 @@ class _Request:
             elif single == "vmap":
                 try:  # traced on abstract values: nothing is computed
                     bk.eval_shape(vmap_step, *abstract_args)
-                except GradprobeError:
-                    raise
                 except Exception as e:
-                    reason = f"{type(e).__name__}: {engine._last_line(e)}"
+                    # The batched pass traced: what fails here is the mapping (a model
+                    # call error comes wrapped by `capture.call_error`: report its cause).
+                    cause = e.__cause__ if isinstance(e, GradprobeError) and \
+                        e.__cause__ is not None else e
+                    # (Keras frames the message: "Exception encountered when calling
+                    # ...", the message, "Arguments received by ...", "• x=...")
+                    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()
+                             and not ln.strip().startswith(("Exception encountered",
+                                                            "Arguments received", "•"))]
+                    reason = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
                     if requested == single:
                         raise GradprobeError(
                             f"per_example='vmap': {bk.NAME} could not map the single-example "

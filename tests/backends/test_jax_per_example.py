@@ -295,3 +295,30 @@ def test_model_is_untouched_and_plain_requests_unchanged():
     for b, v in zip(before, model.variables):
         assert np.array_equal(b, np.asarray(v.value))
     assert "call" not in vars(model)
+
+
+class HostSide(layers.Layer):
+    """Adds a host computation (`jax.pure_callback` without a `vmap_method`,
+    which `jax.vmap` refuses) of the stopped input: no gradient through it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        side = jax.pure_callback(np.cos, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 jax.lax.stop_gradient(x))
+        return x * self.w + side
+
+
+def test_a_pass_vmap_cannot_map_falls_back_to_the_jacobian_and_says_so(x64):
+    keras.utils.set_random_seed(17)
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d"),
+                              HostSide(name="host"), layers.Dense(3, name="o")])
+    x = np.random.default_rng(10).normal(size=(3, 4))
+    g = gp.gradients(model, x, [0, 1, 2], "*.weights", per_example=True)
+    assert set(g.per_example_method.values()) == {"jacobian"}
+    why = g.per_example_fallbacks["host.w"]
+    assert "jax.vmap could not map" in why and "vmap_method" in why
+    check(g, loop(model, x, lambda out, i: out[:, [0, 1, 2][i]], jit=True))
+    with pytest.raises(gp.GradprobeError, match="per_example='vmap'.*vmap_method"):
+        gp.gradients(model, x, [0, 1, 2], "*.weights", per_example="vmap")
