@@ -25,6 +25,11 @@ sources the objective does not depend on at all (`unconnected`). The result
 has the same keys, order, kinds, aliases and diagnostics as on TensorFlow
 (`capture._collect` builds the entries for both).
 
+With `per_example=True` the weight gradients come from single-example passes
+of the same forward pass mapped over the batch (`jax.vmap` on JAX, a loop on
+PyTorch), or from the Jacobian of the batched pass's per-example targets where
+examples interact (see `_Request._per_example_step`).
+
 Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
 """
 
