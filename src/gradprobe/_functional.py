@@ -25,6 +25,11 @@ sources the objective does not depend on at all (`unconnected`). The result
 has the same keys, order, kinds, aliases and diagnostics as on TensorFlow
 (`capture._collect` builds the entries for both).
 
+With `per_example=True` the weight gradients come from single-example passes
+of the same forward pass mapped over the batch (`jax.vmap` on JAX, a loop on
+PyTorch), or from the Jacobian of the batched pass's per-example targets where
+examples interact (see `_Request._per_example_step`).
+
 Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
 """
 
@@ -53,11 +58,7 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
               differentiable: bool, per_example: bool | str) -> Gradients:
     """`gp.gradients` on a functional backend (arguments validated by the caller)."""
     bk = backends.get()
-    if per_example is not False:
-        raise GradprobeError(
-            f"Expected per_example=False on the {bk.NAME} backend: per-example gradients are "
-            f"not supported there yet ({backends.SUPPORTED_ELSEWHERE}, per_example=False). "
-            f"Received: per_example={per_example!r}")
+    per_example = _check_per_example(per_example, bk)
     x = prepare_inputs(model, inputs)
     engine.ensure_built(model, x)
     tgt = make_target(target, engine.batch_size(x))
@@ -66,7 +67,7 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
             f"target=gp.at(...) is not supported on the {bk.NAME} backend yet; use an int "
             "class, a sequence of ints, 'predicted', gp.loss(...) or a callable that picks "
             f"the position itself ({backends.SUPPORTED_ELSEWHERE}).")
-    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, False)
+    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
     _check_input_dtypes(model, x, entry.plan)
     with _lock:
         request = entry.fn
@@ -89,6 +90,28 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
 
 
 _lock = threading.Lock()
+
+def _check_per_example(per_example: Any, bk: Any) -> bool | str:
+    """The validated `per_example` argument: `False`, `True` (the fastest correct
+    method), the backend's single-example method (`"vmap"` on JAX, `"loop"` on
+    PyTorch) or `"jacobian"`. TensorFlow's `"vectorized_map"` means the
+    single-example method here too, so that code runs on every backend."""
+    raw = per_example
+    if isinstance(per_example, (bool, np.bool_)):
+        per_example = bool(per_example)
+    else:
+        single = getattr(bk, "PER_EXAMPLE_METHOD", "vmap")
+        per_example = _validate.choice(
+            "per_example", per_example, (single, "jacobian", "vectorized_map"),
+            "or True (the fastest correct method) or False")
+        if per_example == "vectorized_map":
+            per_example = single
+    if per_example is not False and not getattr(bk, "PER_EXAMPLE", False):
+        raise GradprobeError(
+            f"Expected per_example=False on the {bk.NAME} backend: per-example gradients are "
+            f"not supported there yet (they are on TensorFlow and JAX; here, loop over "
+            f"single examples with per_example=False). Received: per_example={raw!r}")
+    return per_example
 
 
 def trace_count() -> int:
@@ -368,9 +391,11 @@ class _Request:
         found = _Recorder(bk, probe_ids)
 
         def discover(trainable: list, non_trainable: list, x: Any, args: dict) -> Any:
-            return self.forward(None, {}, trainable, non_trainable, x, args, found)[0]
+            return self.forward(None, {}, trainable, non_trainable, x, args, found)[1]["target"]
 
-        bk.eval_shape(discover, trainable, non_trainable, ax, aargs)
+        target_shape = bk.eval_shape(discover, trainable, non_trainable, ax, aargs)
+        if plan.per_example:
+            capture.per_example_values(target_shape, "per_example=True")
         entries, skipped, extra_aliases = capture._collect(found, plan)
         input_entries, input_aliases = _input_entries(x, plan)
         entries = sorted(input_entries + entries,
@@ -441,7 +466,125 @@ class _Request:
             return aux, grads
 
         prep.step = step
+        if plan.per_example:
+            self._per_example_step(bk, model, prep, probe_ids, step,
+                                   (trainable, non_trainable, ax, aargs))
         return prep
+
+    def _per_example_step(self, bk: Any, model: Any, prep: _Prepared, probe_ids: set[int],
+                          batched: Any, abstract_args: tuple) -> None:
+        """Replaces `prep.step` by a step whose weight gradients are per example.
+
+        `"vmap"` (the default on JAX): `jax.vmap` over the examples of one
+        single-example pass (each example a batch of one through the same forward
+        pass, then one gradient), so every layer runs as in the batch; `"loop"` on
+        PyTorch: the same single-example passes one after the other. `"jacobian"`: the Jacobian
+        of the per-example target values over one batched pass with respect to
+        the weights; used when examples interact (BatchNormalization with
+        `training=True`) or a random layer runs in training mode (a mapped pass
+        would draw one noise for all examples), as on TensorFlow, and when the
+        pass cannot be mapped. Activation and input gradients (and the values,
+        outputs and target) come from the batched pass, as with
+        `per_example=False`; the compiled step computes both.
+        """
+        plan = self.plan
+        weights = [e.key for e in prep.entries if e.kind == "weight"]
+        if not weights:  # activations and inputs only: per example by nature
+            prep.meta.update(per_example_method={}, per_example_fallbacks={})
+            return
+        var_keys = prep.var_keys
+        others = bool(plan.acts or plan.inputs)
+        requested = plan.per_example if isinstance(plan.per_example, str) else "auto"
+        single = bk.PER_EXAMPLE_METHOD
+
+        def forward_plain(diff: dict, trainable: list, non_trainable: list, x: Any,
+                          args: dict) -> tuple[Any, dict]:
+            # The forward pass with the requested variables from `diff` and no probes.
+            recorder = _Recorder(bk, probe_ids, {}, {})
+            return self.forward(prep, {"probes": {}, "vars": diff}, trainable, non_trainable,
+                                x, args, recorder)
+
+        def var_values(trainable: list, non_trainable: list) -> dict:
+            variables = list(trainable) + list(non_trainable)
+            return {k: variables[pos] for k, pos in var_keys.items()}
+
+        def combine(per_weight: Any, trainable: list, non_trainable: list, x: Any, args: dict,
+                    plain: dict) -> tuple[dict, dict]:
+            if others:
+                # (under jit, XLA drops the batched weight gradients this also computes)
+                aux, grads = batched(trainable, non_trainable, x, args)
+                return aux, {"probes": grads["probes"], "vars": per_weight}
+            return dict(plain, values={}), {"probes": {}, "vars": per_weight}
+
+        single_grad = bk.value_and_grad(forward_plain)
+
+        def one(trainable: list, non_trainable: list, xi: Any, mapped: dict,
+                fixed: dict) -> tuple[dict, Any, Any]:
+            xi = keras.tree.map_structure(lambda t: t[None], xi)
+            ai = dict({k: v[None] for k, v in mapped.items()}, **fixed)
+            (_, aux), grads = single_grad(var_values(trainable, non_trainable), trainable,
+                                          non_trainable, xi, ai)
+            return grads, aux["outputs"], aux["target"]
+
+        mapped_one = bk.vmap(one, (None, None, 0, 0, None))
+
+        def vmap_step(trainable: list, non_trainable: list, x: Any, args: dict
+                      ) -> tuple[dict, dict]:
+            mapped = {k: v for k, v in args.items() if len(getattr(v, "shape", ())) > 0}
+            fixed = {k: v for k, v in args.items() if k not in mapped}
+            grads, outputs, target = mapped_one(trainable, non_trainable, x, mapped, fixed)
+            plain = {"outputs": keras.tree.map_structure(_unstack_one, outputs),
+                     "target": keras.ops.reshape(target, (-1,))}
+            return combine(grads, trainable, non_trainable, x, args, plain)
+
+        def target_of(diff: dict, trainable: list, non_trainable: list, x: Any,
+                      args: dict) -> tuple[Any, dict]:
+            _, aux = forward_plain(diff, trainable, non_trainable, x, args)
+            return aux["target"], aux
+
+        jacobian = bk.jacobian(target_of)
+
+        def jacobian_step(trainable: list, non_trainable: list, x: Any, args: dict
+                          ) -> tuple[dict, dict]:
+            grads, aux = jacobian(var_values(trainable, non_trainable), trainable,
+                                  non_trainable, x, args)
+            return combine(grads, trainable, non_trainable, x, args, aux)
+
+        why = ""
+        if requested == "jacobian":
+            why = "per_example='jacobian' was requested"
+        else:
+            coupled = _coupling(model, plan)
+            if coupled and requested == "auto":
+                why = coupled
+            elif single == "vmap":
+                try:  # traced on abstract values: nothing is computed
+                    bk.eval_shape(vmap_step, *abstract_args)
+                except Exception as e:
+                    # The batched pass traced: what fails here is the mapping (a model
+                    # call error comes wrapped by `capture.call_error`: report its cause).
+                    cause = e.__cause__ if isinstance(e, GradprobeError) and \
+                        e.__cause__ is not None else e
+                    # (Keras frames the message: "Exception encountered when calling
+                    # ...", the message, "Arguments received by ...", "• x=...")
+                    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()
+                             and not ln.strip().startswith(("Exception encountered",
+                                                            "Arguments received", "•"))]
+                    reason = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+                    if requested == single:
+                        raise GradprobeError(
+                            f"per_example='vmap': {bk.NAME} could not map the single-example "
+                            f"pass over the examples ({reason}). Use per_example=True to "
+                            "fall back to the Jacobian of the batched pass.") from e
+                    why = f"{bk.NAME}.vmap could not map the single-example pass ({reason})"
+        if why:
+            prep.step = jacobian_step
+            prep.meta.update(per_example_method=dict.fromkeys(weights, "jacobian"),
+                             per_example_fallbacks=dict.fromkeys(weights, why))
+        else:
+            prep.step = vmap_step
+            prep.meta.update(per_example_method=dict.fromkeys(weights, single),
+                             per_example_fallbacks={})
 
     # -- running ---------------------------------------------------------------
     def run(self, model: Any, x: Any, args: dict, compile: bool | str) -> tuple[dict, dict]:
@@ -488,6 +631,35 @@ class _Request:
                     dict(v) if isinstance(v, dict) else v)
                 for k, v in prep.meta.items()}
         return tensors, meta
+
+
+def _unstack_one(t: Any) -> Any:
+    """`(batch, 1, ...)` -> `(batch, ...)`: a mapped single-example output."""
+    shape = tuple(t.shape)
+    if len(shape) > 1 and shape[1] == 1:
+        return keras.ops.reshape(t, (shape[0], *shape[2:]))
+    return t
+
+
+def _coupling(model: Any, plan: capture.Plan) -> str:
+    """Why examples interact in this forward pass ('' when they do not), as
+    `per_example._coupling` decides on TensorFlow."""
+    if not plan.training:
+        return ""
+    from gradprobe.per_example import RANDOM_TYPES  # imports the engine: no top-level import
+    from gradprobe.selectors import LayerTree
+
+    for node in LayerTree(model).nodes:
+        if isinstance(node.layer, keras.layers.BatchNormalization):
+            return (f"training=True: BatchNormalization layer {node.path!r} normalises with "
+                    "batch statistics, so examples interact and only the Jacobian of the "
+                    "batched pass is exact")
+        if isinstance(node.layer, RANDOM_TYPES):
+            return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
+                    "random noise, which the single-example passes would draw once for "
+                    "all examples (one seed state); "
+                    "the Jacobian of the batched pass keeps one draw per example")
+    return ""
 
 
 def _input_entries(x: Any, plan: capture.Plan) -> tuple[list, list[tuple[str, str]]]:

@@ -309,8 +309,6 @@ def test_options_and_refusals():
         g = gp.gradients(model, x, 0, ["h", "out.kernel"], compile=compile)
         for k in ref:
             close(g[k], ref[k], 0.0, k)
-    with pytest.raises(gp.GradprobeError, match="per_example"):
-        gp.gradients(model, x, 0, "out.kernel", per_example=True)
     with pytest.raises(gp.GradprobeError) as info:
         gp.saliency(model, x, 0)
     assert "gp.saliency" in str(info.value) and "'torch'" in str(info.value)

@@ -14,6 +14,13 @@ uses and nothing else:
   counts as connected, as on TensorFlow's tape).
 * `eval_shape(fn, *args)`: runs `fn` on abstract values (shapes and dtypes
   only), for discovery passes that must not compute.
+* `PER_EXAMPLE_METHOD`: how per-example gradients (`per_example=True`) are
+  computed from single-example passes (`"vmap"` on JAX, `"loop"` on PyTorch);
+  `vmap(fn, in_axes)`: `fn` mapped over the leading axis of the arguments whose
+  axis is 0 (`jax.vmap`; a Python loop that stacks the results on PyTorch);
+  `jacobian(fn)`: for `fn(diff, *rest) -> (value, aux)` with `value` shaped
+  `(batch,)`, `(diff, *rest) -> (jacobian, aux)` with leaves shaped
+  `(batch, *leaf_shape)` (`jax.jacrev`; one backward per example on PyTorch).
 * `jit(fn)`: a compiled, cached version of `fn`; `trace_count` counts how many
   times functions compiled by it were traced.
 * `value_of(variable)`: a Keras variable's current value, as the forward pass

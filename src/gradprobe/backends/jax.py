@@ -28,6 +28,23 @@ def value_and_grad(fn: Any) -> Any:
     return jax.value_and_grad(fn, argnums=0, has_aux=True)
 
 
+PER_EXAMPLE = True  # `vmap` and `jacobian` below: per-example gradients are supported
+PER_EXAMPLE_METHOD = "vmap"  # the single-example passes are mapped with `jax.vmap`
+
+
+def vmap(fn: Any, in_axes: tuple) -> Any:
+    """`jax.vmap(fn, in_axes)`: `fn` mapped over the leading axis of the
+    arguments whose axis is 0 (`None`: the same value for every example)."""
+    return jax.vmap(fn, in_axes=in_axes)
+
+
+def jacobian(fn: Any) -> Any:
+    """For `fn(diff, *rest) -> (value, aux)` with `value` shaped `(batch,)`: a
+    function `(diff, *rest) -> (jacobian, aux)`, each leaf of `jacobian` shaped
+    `(batch, *leaf_shape)` (`jax.jacrev`: one backward pass per example, batched)."""
+    return jax.jacrev(fn, argnums=0, has_aux=True)
+
+
 def jit(fn: Any) -> Any:
     """`jax.jit(fn)`, counting its traces in `trace_count` (for tests: a cache
     hit runs no Python, so the count only grows when JAX traces again)."""

@@ -76,6 +76,55 @@ def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], An
     return (objective.detach(), aux), keras.tree.pack_sequence_as(diff, grads), used
 
 
+PER_EXAMPLE = True
+PER_EXAMPLE_METHOD = "loop"  # the single-example passes run one after the other
+
+
+def vmap(fn: Any, in_axes: tuple) -> Any:
+    """`fn` run on each example in turn (the arguments whose axis is 0 sliced,
+    the others passed whole), the results stacked: a Python loop, since Keras
+    layers on PyTorch are not written for `torch.func.vmap` (they read
+    `.shape`, call `.item()`, draw from the global generator)."""
+
+    def run(*args: Any) -> Any:
+        mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+        leaves = keras.tree.flatten(mapped)
+        n = int(leaves[0].shape[0])
+        rows = []
+        for i in range(n):
+            call = [keras.tree.map_structure(lambda t, i=i: t[i], a) if axis == 0 else a
+                    for a, axis in zip(args, in_axes)]
+            rows.append(fn(*call))
+        return keras.tree.map_structure(lambda *xs: torch.stack(xs), *rows)
+
+    return run
+
+
+def jacobian(fn: Any) -> Any:
+    """For `fn(diff, *rest) -> (value, aux)` with `value` shaped `(batch,)`: a
+    function `(diff, *rest) -> (jacobian, aux)`, each leaf of `jacobian` shaped
+    `(batch, *leaf_shape)`: one forward pass, one backward pass per example."""
+
+    def run(diff: Any, *rest: Any) -> tuple[Any, Any]:
+        leaves = keras.tree.flatten(diff)
+        fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
+        with torch.enable_grad():
+            value, aux = fn(keras.tree.pack_sequence_as(diff, fresh), *rest)
+            rows = []
+            for i in range(int(value.shape[0])):
+                found = torch.autograd.grad(value[i], fresh, retain_graph=True,
+                                            allow_unused=True) if value.requires_grad                     else [None] * len(fresh)
+                rows.append([torch.zeros_like(f) if g is None else g
+                             for f, g in zip(fresh, found)])
+        stacked = [torch.stack(col) for col in zip(*rows)] if rows else \
+            [torch.zeros((0, *f.shape), dtype=f.dtype) for f in fresh]
+        aux = keras.tree.map_structure(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+        return keras.tree.pack_sequence_as(diff, stacked), aux
+
+    return run
+
+
 def jit(fn: Any) -> Any:
     """Eager on PyTorch: the function itself."""
     return fn
