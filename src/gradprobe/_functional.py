@@ -45,7 +45,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _patch, _sequence, _validate, backends, capture, engine
+from gradprobe import _patch, _validate, backends, capture, engine
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
 from gradprobe.targets import PositionTarget, make_target, select_output
@@ -68,7 +68,7 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
             "class, a sequence of ints, 'predicted', gp.loss(...) or a callable that picks "
             f"the position itself ({backends.SUPPORTED_ELSEWHERE}).")
     entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
-    _check_input_dtypes(model, x, entry.plan)
+    engine._check_input_dtypes(model, x, entry.plan, _is_floating, _stand_in)
     with _lock:
         request = entry.fn
     if not isinstance(request, _Request):
@@ -170,20 +170,6 @@ def _stand_in(leaf: Any) -> Any:
 
 def _is_floating(x: Any) -> bool:
     return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(_dtype(x))
-
-
-def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
-    if not plan.inputs:
-        return
-    keys = capture.input_keys(x)
-    wanted = {k for spec in plan.inputs for k in keys
-              if spec.index is None or k == f"inputs:{spec.index}"
-              or (k == "inputs" and spec.index == 0)}
-    leaves = dict(zip(keys, keras.tree.flatten(x)))
-    bad = [k for k in keys if k in wanted and not _is_floating(leaves[k])]
-    if bad:
-        key, hint = _sequence.integer_input_hint(model, keys, bad)
-        _validate.differentiable_input(key, _stand_in(leaves[key]), hint)
 
 
 def _refuse_float16(model: Any, plan: capture.Plan, name: str) -> None:

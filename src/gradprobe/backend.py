@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
-import sys
 import types
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from gradprobe.backends import Origin  # noqa: F401 (capture uses backend.Origin)
 
 NAME = "tensorflow"
 
@@ -209,35 +209,10 @@ _CONTROL_FLOW = {
 }
 
 
-class Origin:
-    """The frames active when a capture starts (its own callers). The frames are
-    held, so that their ids cannot be reused by new frames while it lasts."""
-
-    def __init__(self) -> None:
-        self.frames, frame = [], sys._getframe(1)
-        while frame is not None:
-            self.frames.append(frame)
-            frame = frame.f_back
-        self.ids = frozenset(id(f) for f in self.frames)
-
-    @classmethod
-    def empty(cls) -> Origin:
-        origin = cls.__new__(cls)
-        origin.frames, origin.ids = [], frozenset()
-        return origin
-
-
 def control_flow(origin: Origin) -> str | None:
     """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the
     current code runs inside, below the capture's `origin`; `None` if none."""
-    frame = sys._getframe(1)
-    while frame is not None and id(frame) not in origin.ids:
-        code = frame.f_code
-        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
-                "tensorflow" in code.co_filename:
-            return code.co_name
-        frame = frame.f_back
-    return None
+    return origin.control_flow(_CONTROL_FLOW, "tensorflow")
 
 
 def executing_eagerly() -> bool:

@@ -520,7 +520,12 @@ def ensure_built(model: Any, x: Any) -> None:
         raise capture.call_error(model, x, e) from e
 
 
-def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
+def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan,
+                        is_floating: Callable[[Any], bool] = backend.is_floating,
+                        shown: Callable[[Any], Any] = lambda leaf: leaf) -> None:
+    """Refuses an input source that is not floating (token ids, masks), with a
+    hint naming the layer to take instead. `is_floating` and `shown` (what the
+    error is given for the leaf) are the backend's."""
     if not plan.inputs:
         return
     keys = capture.input_keys(x)
@@ -528,7 +533,7 @@ def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan) -> None:
               if spec.index is None or k == f"inputs:{spec.index}"
               or (k == "inputs" and spec.index == 0)}
     leaves = dict(zip(keys, keras.tree.flatten(x)))
-    bad = [k for k in keys if k in wanted and not backend.is_floating(leaves[k])]
+    bad = [k for k in keys if k in wanted and not is_floating(leaves[k])]
     if bad:
         key, hint = _sequence.integer_input_hint(model, keys, bad)
-        _validate.differentiable_input(key, leaves[key], hint)
+        _validate.differentiable_input(key, shown(leaves[key]), hint)

@@ -43,6 +43,7 @@ of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and PyTorch's in
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -85,5 +86,26 @@ class Origin:
             frame = frame.f_back
         self.ids = frozenset(id(f) for f in self.frames)
 
+    @classmethod
+    def empty(cls) -> Origin:
+        """An origin with no frames (a recording that has ended)."""
+        origin = cls.__new__(cls)
+        origin.frames, origin.ids = [], frozenset()
+        return origin
+
     def close(self) -> None:
         self.frames, self.ids = [], frozenset()
+
+    def control_flow(self, entry_points: set[tuple[str, str]], path_part: str) -> str | None:
+        """The backend control-flow function (one of `entry_points`, by file name
+        and function name, in a file whose path contains `path_part`) that the
+        caller of the backend's `control_flow` runs inside, below these frames;
+        `None` if none. Each backend names its own entry points."""
+        frame = sys._getframe(2)
+        while frame is not None and id(frame) not in self.ids:
+            code = frame.f_code
+            if (os.path.basename(code.co_filename), code.co_name) in entry_points and \
+                    path_part in code.co_filename:
+                return code.co_name
+            frame = frame.f_back
+        return None

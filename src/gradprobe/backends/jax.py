@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from typing import Any
 
 import jax
@@ -191,14 +190,7 @@ _CONTROL_FLOW = {
 def control_flow(origin: Any) -> str | None:
     """The JAX control-flow function the calling code runs inside, below the
     frames of `origin`; `None` if none."""
-    frame = sys._getframe(1)
-    while frame is not None and id(frame) not in origin.ids:
-        code = frame.f_code
-        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
-                "jax" in code.co_filename and "control_flow" in code.co_filename:
-            return code.co_name
-        frame = frame.f_back
-    return None
+    return origin.control_flow(_CONTROL_FLOW, os.path.join("jax", "_src", "lax", "control_flow"))
 
 
 _TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,

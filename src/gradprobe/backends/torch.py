@@ -14,7 +14,6 @@ Private Keras access: the Keras mask of a tensor is read and written with
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import keras
@@ -206,14 +205,7 @@ _CONTROL_FLOW = {
 def control_flow(origin: Any) -> str | None:
     """The Keras control-flow function the calling code runs inside, below the
     frames of `origin`; `None` if none."""
-    frame = sys._getframe(1)
-    while frame is not None and id(frame) not in origin.ids:
-        code = frame.f_code
-        if (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW and \
-                os.path.join("backend", "torch") in code.co_filename:
-            return code.co_name
-        frame = frame.f_back
-    return None
+    return origin.control_flow(_CONTROL_FLOW, os.path.join("backend", "torch"))
 
 
 def trace_error(e: BaseException) -> str | None:
