@@ -629,23 +629,11 @@ def _unstack_one(t: Any) -> Any:
 
 def _coupling(model: Any, plan: capture.Plan) -> str:
     """Why examples interact in this forward pass ('' when they do not), as
-    `per_example._coupling` decides on TensorFlow."""
-    if not plan.training:
-        return ""
-    from gradprobe.per_example import RANDOM_TYPES  # imports the engine: no top-level import
-    from gradprobe.selectors import LayerTree
+    on TensorFlow."""
+    from gradprobe.per_example import _coupling  # imports the engine: no top-level import
 
-    for node in LayerTree(model).nodes:
-        if isinstance(node.layer, keras.layers.BatchNormalization):
-            return (f"training=True: BatchNormalization layer {node.path!r} normalises with "
-                    "batch statistics, so examples interact and only the Jacobian of the "
-                    "batched pass is exact")
-        if isinstance(node.layer, RANDOM_TYPES):
-            return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
-                    "random noise, which the single-example passes would draw once for "
-                    "all examples (one seed state); "
-                    "the Jacobian of the batched pass keeps one draw per example")
-    return ""
+    return _coupling(model, plan, "the single-example passes would draw once for all "
+                     "examples (one seed state)")
 
 
 def _input_entries(x: Any, plan: capture.Plan) -> tuple[list, list[tuple[str, str]]]:

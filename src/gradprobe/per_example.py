@@ -441,8 +441,11 @@ def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
     return _jacobian(model, inputs, args, single, wrap_errors, why)
 
 
-def _coupling(model: Any, plan: capture.Plan) -> str:
-    """Why examples interact in this forward pass ('' when they do not)."""
+def _coupling(model: Any, plan: capture.Plan,
+              mapped: str = "tf.vectorized_map would draw once for all examples") -> str:
+    """Why examples interact in this forward pass ('' when they do not);
+    `mapped` says what the single-example method would do with random noise.
+    The functional backends use it too."""
     if not plan.training:
         return ""
     for node in LayerTree(model).nodes:
@@ -452,7 +455,7 @@ def _coupling(model: Any, plan: capture.Plan) -> str:
                     "batched pass is exact")
         if isinstance(node.layer, RANDOM_TYPES):
             return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
-                    "random noise, which tf.vectorized_map would draw once for all examples; "
+                    f"random noise, which {mapped}; "
                     "the Jacobian of the batched pass keeps one draw per example")
     return ""
 
