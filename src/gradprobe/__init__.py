@@ -10,6 +10,7 @@ Keras 3 model.
 """
 
 from gradprobe import plot
+from gradprobe._functional_form import FunctionalForm, functional
 from gradprobe.attribution import Attribution
 from gradprobe.engine import clear_cache, gradients
 from gradprobe.errors import GradprobeError
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution",
     "Finding",
+    "FunctionalForm",
     "GradientMonitor",
     "GradprobeError",
     "Gradients",
@@ -40,6 +42,7 @@ __all__ = [
     "Tape",
     "at",
     "clear_cache",
+    "functional",
     "grad_cam",
     "grad_cam_layer",
     "grad_cam_plus_plus",

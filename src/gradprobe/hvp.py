@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _validate, backend
+from gradprobe import _functional_form, _validate, backend, backends
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.tape import Tape
@@ -18,9 +18,14 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
         output: Any = None, training: bool = False) -> dict[str, Any]:
     """Hessian-vector products `H v` of a scalar target.
 
-    With respect to weights, forward-over-backward (`tf.autodiff.ForwardAccumulator`
-    around one backward pass); with respect to activations or inputs, double
-    backward through two nested `gp.Tape`s.
+    On TensorFlow: with respect to weights, forward-over-backward
+    (`tf.autodiff.ForwardAccumulator` around one backward pass); with respect to
+    activations or inputs, double backward through two nested `gp.Tape`s. On
+    JAX: forward over reverse (`jax.jvp` of `jax.grad` of the forward pass of
+    `gp.functional`); on PyTorch: double backward (`torch.autograd.grad` with
+    `create_graph=True`, then again). On JAX and PyTorch, weights and
+    activations/inputs can be mixed in one call (the product with the joint
+    Hessian).
 
     Args:
         model, inputs, target, output, training: As in `gp.gradients`.
@@ -36,8 +41,10 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
     >>> v = tf.random.normal(model.get_layer("dense").kernel.shape)
     >>> gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
     """
-    _validate.backend_supported("gp.hvp")
+    _validate.backend_supported("gp.hvp", backends.FUNCTIONAL)
     _validate.model(model)
+    if backends.is_functional():
+        return _functional_hvp(model, inputs, target, wrt, vector, output, training)
     g = gradients(model, inputs, target, wrt, output=output, training=training,
                   unconnected="zero", compile=False, differentiable=False)
     keys = list(g)
@@ -58,6 +65,29 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
             f"gp.hvp takes weights or activations/inputs, not a mix; got {quoted(keys)}. "
             "Call it once for each.")
     return _double_backward(model, inputs, target, wrt, keys, vectors, output, training)
+
+
+def _functional_hvp(model: Any, inputs: Any, target: Any, wrt: Any, vector: Any, output: Any,
+                    training: bool) -> dict[str, Any]:
+    """`gp.hvp` on JAX and PyTorch: the backend's Hessian-vector product of the
+    objective of `gp.functional`'s forward pass, at zero probes and the current
+    weights."""
+    form = _functional_form.build(model, inputs, target, wrt, output=output, training=training,
+                                  unconnected="zero", live=False, what="gp.hvp")
+    keys = form.keys
+    primal = _functional_form.split(form)
+    refs = dict(primal["probes"], **primal["vars"])
+    vectors = [_functional_form.like("vector", v, refs[k], f"the gradient of {k!r}")
+               for k, v in zip(keys, _vectors(keys, vector))]
+    tangent = {"probes": {}, "vars": {}}
+    for k, v in zip(keys, vectors):
+        tangent["vars" if form.kinds[k] == "weight" else "probes"][k] = v
+
+    def objective(diff: dict, x: Any) -> Any:
+        return form.objective(diff["probes"], diff["vars"], x)
+
+    products = backends.get().hvp(objective, primal, tangent, form.inputs)
+    return {k: products["vars" if form.kinds[k] == "weight" else "probes"][k] for k in keys}
 
 
 def _vectors(keys: list[str], vector: Any) -> list[Any]:

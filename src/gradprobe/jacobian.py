@@ -6,8 +6,9 @@ import math
 from typing import Any
 
 import keras
+import numpy as np
 
-from gradprobe import _validate, backend
+from gradprobe import _functional_form, _validate, backend, backends
 from gradprobe.engine import ensure_built, prepare_inputs
 from gradprobe.errors import GradprobeError
 from gradprobe.selectors import LayerTree
@@ -37,7 +38,7 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
 
     >>> J = gp.jacobian(model, x, of="dense_2", wrt="dense_1")   # (batch, 10, 64)
     """
-    _validate.backend_supported("gp.jacobian")
+    _validate.backend_supported("gp.jacobian", backends.FUNCTIONAL)
     _validate.model(model)
     _validate.flag("training", training)
     max_bytes = _validate.count("max_bytes", max_bytes, "the largest Jacobian to build, in "
@@ -50,6 +51,8 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
         if isinstance(value, keras.layers.Layer):
             known = known if known is not None else LayerTree(model).by_id
             _validate.part_of_model(value, model, name, known=id(value) in known)
+    if backends.is_functional():
+        return _functional_jacobian(model, inputs, of, wrt, training, max_bytes)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
@@ -61,22 +64,83 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     source = tape.activation(wrt)
     t_shape = backend.static_shape(target)
     s_shape = backend.static_shape(source)
+    _check_size(of, wrt, t_shape, s_shape, target.dtype.size, max_bytes)
+    if backend.gradient(tape._tape, target, [source])[0] is None:
+        swapped = backend.gradient(tape._tape, source, [target])[0] is not None
+        _raise_not_connected(of, wrt, swapped)
+    return backend.batch_jacobian(tape._tape, target, source)
+
+
+def _check_size(of: Any, wrt: Any, t_shape: tuple, s_shape: tuple, itemsize: int,
+                max_bytes: int) -> None:
     if t_shape[0] != s_shape[0]:
         raise GradprobeError(
             f"{of!r} and {wrt!r} have different batch sizes ({t_shape[0]} and {s_shape[0]}).")
-    size = t_shape[0] * math.prod(t_shape[1:]) * math.prod(s_shape[1:]) * target.dtype.size
+    size = t_shape[0] * math.prod(t_shape[1:]) * math.prod(s_shape[1:]) * itemsize
     if size > max_bytes:
         raise GradprobeError(
             f"The Jacobian of {of!r} (per-example shape {t_shape[1:]}) with respect to "
             f"{wrt!r} ({s_shape[1:]}) for {t_shape[0]} examples needs {size:,} bytes "
             f"({size / 2**30:.2f} GiB), more than max_bytes={max_bytes:,}. Use fewer "
             "examples, a smaller layer, or raise max_bytes.")
-    if backend.gradient(tape._tape, target, [source])[0] is None:
-        swapped = backend.gradient(tape._tape, source, [target])[0] is not None
-        hint = (" The arguments look swapped: `of` is the later layer, `wrt` the earlier one."
-                if swapped else "")
-        raise GradprobeError(
-            f"Expected `of` to depend on `wrt`: the activation of {of!r} is not computed from "
-            f"{wrt!r}, so its Jacobian would be all zeros.{hint} "
-            f"Received: of={of!r}, wrt={wrt!r}")
-    return backend.batch_jacobian(tape._tape, target, source)
+
+
+def _raise_not_connected(of: Any, wrt: Any, swapped: bool) -> None:
+    hint = (" The arguments look swapped: `of` is the later layer, `wrt` the earlier one."
+            if swapped else "")
+    raise GradprobeError(
+        f"Expected `of` to depend on `wrt`: the activation of {of!r} is not computed from "
+        f"{wrt!r}, so its Jacobian would be all zeros.{hint} "
+        f"Received: of={of!r}, wrt={wrt!r}")
+
+
+def _no_target(outputs: Any) -> Any:
+    """The target of the forward pass `gp.jacobian` reads activations from (unused:
+    a module-level function, so that the cached request is found again)."""
+    return keras.ops.sum(keras.ops.convert_to_tensor(0.0))
+
+
+def _functional_jacobian(model: Any, inputs: Any, of: Any, wrt: Any, training: bool,
+                         max_bytes: int) -> Any:
+    """`gp.jacobian` on JAX and PyTorch: the backend's per-example Jacobian
+    (`jax.jacrev` of the batch sum; one backward pass per output element on
+    PyTorch) of `of`'s probed activation in `gp.functional`'s forward pass,
+    with respect to `wrt`'s probe."""
+    tree = LayerTree(model)
+
+    def label(value: Any) -> str:
+        return value if isinstance(value, str) else tree.node_of(value).path
+
+    form = _functional_form.build(model, inputs, _no_target, [of, wrt], training=training,
+                                  unconnected="zero", live=False, what="gp.jacobian")
+    keys = {}
+    for name, value in (("of", of), ("wrt", wrt)):
+        found = [k for k in form.aliases.get(label(value), []) if form.kinds[k] != "weight"]
+        if len(found) != 1:
+            raise GradprobeError(
+                f"Expected `{name}` to name one activation: {label(value)!r} has "
+                f"{len(found)} ({', '.join(map(repr, found)) or 'none'}); pick one call with "
+                f"'name@i'. Received: {name}={value!r}")
+        keys[name] = found[0]
+    of_key, wrt_key = keys["of"], keys["wrt"]
+    t_shape = tuple(form.probes[of_key].shape)
+    s_shape = tuple(form.probes[wrt_key].shape)
+    itemsize = np.dtype(keras.backend.standardize_dtype(form.probes[of_key].dtype)).itemsize
+    _check_size(of, wrt, t_shape, s_shape, itemsize, max_bytes)
+    bk = backends.get()
+
+    def read(source: str, value_key: str):
+        def fn(probe: Any, x: Any) -> Any:
+            probes = dict(form.probes, **{source: probe})
+            return form(probes, form.variables, x)[1]["activations"][value_key]
+        return fn
+
+    def depends(source: str, value_key: str) -> bool:
+        fn = read(source, value_key)
+        flags = bk.connected(lambda d, x: (keras.ops.sum(fn(d["p"], x)), {}),
+                             {"p": form.probes[source]}, form.inputs)
+        return bool(flags["p"])
+
+    if not depends(wrt_key, of_key):
+        _raise_not_connected(of, wrt, depends(of_key, wrt_key))
+    return bk.batch_jacobian(read(wrt_key, of_key), form.probes[wrt_key], form.inputs)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _validate
+from gradprobe import _functional_form, _validate, backends
 from gradprobe.engine import gradients
 from gradprobe.errors import GradprobeError
 
@@ -23,6 +23,13 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     weights, under your tape), as a gradient penalty needs: for WGAN-GP,
     `lam * tf.reduce_mean((gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0]) - 1) ** 2)`.
 
+    On PyTorch the result is in the autograd graph (the input gradient is taken
+    with `create_graph=True`), so `loss.backward()` reaches the weights through
+    it. On JAX it is differentiable with respect to the weights when your loss
+    supplies them as arguments: inside the function you give to `jax.grad`,
+    call it under `keras.StatelessScope(state_mapping=zip(model.trainable_variables,
+    weights))` (the Example below), or write the penalty with `gp.functional`.
+
     Args:
         model, inputs, target, output, training: As in `gp.gradients`.
         wrt: Activation or input selectors (default `"inputs"`): per-example sources.
@@ -30,12 +37,28 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
 
     Returns:
         A tensor of shape `(batch,)`.
+
+    Example:
+
+    >>> # TensorFlow (and PyTorch: loss.backward())
+    >>> with tf.GradientTape() as tape:
+    ...     norms = gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0])
+    ...     loss = w_loss + 10.0 * tf.reduce_mean((norms - 1.0) ** 2)
+    >>> # JAX: the weights as the argument of the differentiated loss
+    >>> def loss_fn(weights):
+    ...     with keras.StatelessScope(state_mapping=list(zip(critic.trainable_variables,
+    ...                                                      weights))):
+    ...         norms = gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0])
+    ...     return 10.0 * jnp.mean((norms - 1.0) ** 2)
+    >>> grads = jax.grad(loss_fn)([v.value for v in critic.trainable_variables])
     """
-    _validate.backend_supported("gp.gradient_penalty")
+    _validate.backend_supported("gp.gradient_penalty", backends.FUNCTIONAL)
     _validate.model(model)
     if isinstance(norm, (bool, np.bool_)) or norm not in (1, 2, "inf", float("inf")):
         raise _validate.fail("norm", norm, "1, 2 (default) or 'inf', the norm taken over each "
                                            "example's gradient.")
+    if backends.is_functional():
+        return _functional_penalty(model, inputs, target, wrt, norm, output, training)
     g = gradients(model, inputs, target, wrt, output=output, training=training)
     weights = [k for k in g if g.kinds[k] == "weight"]
     if weights:
@@ -48,3 +71,36 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     if norm == 1:
         return tf.reduce_sum(tf.abs(flat), axis=1)
     return tf.reduce_max(tf.abs(flat), axis=1)
+
+
+def _functional_penalty(model: Any, inputs: Any, target: Any, wrt: Any, norm: Any,
+                        output: Any, training: bool) -> Any:
+    """`gp.gradient_penalty` on JAX and PyTorch. JAX: `gp.gradients` (compiled,
+    and differentiable when traced under the caller's `jax.grad`); PyTorch: the
+    gradient of `gp.functional`'s objective with respect to its probes, kept in
+    the autograd graph of the model's parameters."""
+    if backends.name() == "jax":
+        g = gradients(model, inputs, target, wrt, output=output, training=training)
+        grads, kinds = [g[k] for k in g], dict(g.kinds)
+    else:
+        form = _functional_form.build(model, inputs, target, wrt, output=output,
+                                      training=training, live=True,
+                                      what="gp.gradient_penalty")
+        kinds = form.kinds
+        if not any(kinds[k] == "weight" for k in form.keys):
+            found = backends.get().grad(
+                lambda probes, x: form.objective(probes, form.variables, x), form.probes,
+                form.inputs)
+            grads = [found[k] for k in form.keys]
+    weights = [k for k in kinds if kinds[k] == "weight"]
+    if weights:
+        raise GradprobeError(
+            f"gradient_penalty needs per-example sources (activations or inputs); "
+            f"{weights[0]!r} is a weight. Use gp.per_example_norms for weights.")
+    ops = keras.ops
+    flat = ops.concatenate([ops.reshape(v, (v.shape[0], -1)) for v in grads], axis=1)
+    if norm == 2:
+        return ops.sqrt(ops.sum(ops.square(flat), axis=1))
+    if norm == 1:
+        return ops.sum(ops.abs(flat), axis=1)
+    return ops.max(ops.abs(flat), axis=1)

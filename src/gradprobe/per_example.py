@@ -48,13 +48,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _patch, _validate, backend, capture
+from gradprobe import _patch, _validate, backend, backends, capture
 from gradprobe.engine import (
     _Entry,
     batch_size,
     cached_entry,
     compiled,
     ensure_built,
+    gradients,
     make_plan,
     prepare_inputs,
 )
@@ -72,7 +73,9 @@ class PerExampleNorms(Mapping):
 
     Attributes:
         total: `(batch,)` norm of each example's whole gradient (all keys together).
-        method: key -> `"ghost"`, `"outer"` or `"vectorized"` (see the module doc).
+        method: key -> `"ghost"`, `"outer"` or `"vectorized"` (see the module doc);
+            on JAX and PyTorch, the per-example method of `gp.gradients`
+            (`"vmap"`, `"loop"` or `"jacobian"`).
         fallbacks: key -> why the vectorised fallback was used.
         target: The per-example target values.
     """
@@ -83,7 +86,10 @@ class PerExampleNorms(Mapping):
         self.method = MappingProxyType(method)
         self.fallbacks = MappingProxyType(fallbacks)
         self.target = target
-        self.total = tf.sqrt(tf.add_n([tf.square(n) for n in norms.values()]))
+        if backends.is_functional():
+            self.total = keras.ops.sqrt(sum(keras.ops.square(n) for n in norms.values()))
+        else:
+            self.total = tf.sqrt(tf.add_n([tf.square(n) for n in norms.values()]))
 
     def __getitem__(self, key: str) -> Any:
         return self._norms[key]
@@ -116,6 +122,11 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
             `"ghost"` (never materialise a per-example gradient), or
             `"vectorized"` (the Jacobian fallback for every weight; a reference).
 
+    On JAX and PyTorch the norms are those of the per-example gradients of
+    `gp.gradients(..., per_example=True)` (`jax.vmap` over single-example passes
+    on JAX, a loop on PyTorch; `method="vectorized"` uses the Jacobian of the
+    batched pass); the ghost-norm identities are TensorFlow's only so far.
+
     Returns:
         A `PerExampleNorms` mapping, with `.total`, `.method` and `.fallbacks`.
 
@@ -124,8 +135,10 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     >>> n = gp.per_example_norms(model, x, gp.loss("sparse_categorical_crossentropy", y))
     >>> n.total            # (batch,): clip or weight examples by it (DP-SGD)
     """
-    _validate.backend_supported("gp.per_example_norms")
+    _validate.backend_supported("gp.per_example_norms", backends.FUNCTIONAL)
     _validate.choice("method", method, ("auto", "ghost", "vectorized"))
+    if backends.is_functional():
+        return _functional_norms(model, inputs, target, wrt, output, training, method)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
@@ -141,6 +154,32 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     order = meta["order"]
     return PerExampleNorms({k: norms[k] for k in order}, meta["method"], meta["fallbacks"],
                            value)
+
+
+def _functional_norms(model: Any, inputs: Any, target: Any, wrt: Any, output: Any,
+                      training: bool, method: str) -> PerExampleNorms:
+    """`gp.per_example_norms` on JAX and PyTorch: norms of the per-example
+    gradients of the functional capture."""
+    if method == "ghost":
+        raise GradprobeError(
+            f"Expected method='auto' or 'vectorized' on the {backends.name()} backend: the "
+            "ghost-norm identities run on TensorFlow only so far (here 'auto' maps "
+            "single-example passes). Received: method='ghost'")
+    g = gradients(model, inputs, target, wrt, output=output, training=training,
+                  unconnected="zero", differentiable=False,
+                  per_example="jacobian" if method == "vectorized" else True)
+    others = [k for k in g if g.kinds[k] != "weight"]
+    if others or not len(g):
+        raise GradprobeError(
+            "gp.per_example_norms takes weight selectors ('dense.kernel', "
+            "'conv*.weights', '*.weights'); for activations and inputs the gradients are "
+            f"already per example (use gp.gradient_penalty for their norms). Received: "
+            f"wrt={wrt!r}")
+    ops = keras.ops
+    norms = {k: ops.sqrt(ops.sum(ops.square(ops.reshape(g[k], (g[k].shape[0], -1))), axis=1))
+             for k in g}
+    return PerExampleNorms(norms, dict(g.per_example_method), dict(g.per_example_fallbacks),
+                           g.target)
 
 
 def _plan(model, wrt, tgt, output, training, method) -> _Entry:

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch, _validate, backend, capture
+from gradprobe import _patch, _validate, backend, backends, capture
 from gradprobe.engine import to_specs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree, resolve
@@ -46,7 +46,14 @@ class Tape:
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
-        _validate.backend_supported("gp.Tape")
+        if backends.name() == "jax":
+            raise GradprobeError(
+                "gp.Tape needs a tape, and JAX has none: on the JAX backend, write chained "
+                "and second-order gradients with gp.functional(model, x, target, wrt=...), "
+                "which returns the probed forward pass as a pure function of (probes, "
+                "variables, inputs) to compose with jax.grad / jax.jvp. gp.Tape runs on "
+                "TensorFlow and PyTorch.")
+        _validate.backend_supported("gp.Tape", ("torch",))
         _validate.model(model)
         _validate.flag("persistent", persistent, "whether several gradients can be taken")
         self.model = model

@@ -212,3 +212,26 @@ def trace_error(e: BaseException) -> str | None:
 
 def version() -> str:
     return jax.__version__
+
+
+# ------------------------------------------- higher order (gp.hvp, gp.jacobian, ...)
+def grad(fn: Any, diff: Any, *rest: Any) -> Any:
+    """The gradient of the scalar `fn(diff, *rest)` with respect to `diff`,
+    itself differentiable (by an enclosing `jax.grad`, `jax.jvp`...)."""
+    return jax.grad(fn)(diff, *rest)
+
+
+def hvp(fn: Any, primal: Any, tangent: Any, *rest: Any) -> Any:
+    """The Hessian-vector product of the scalar `fn(primal, *rest)`: forward over
+    reverse, `jax.jvp` of `jax.grad` (shaped like `primal`)."""
+    return jax.jvp(lambda p: jax.grad(fn)(p, *rest), (primal,), (tangent,))[1]
+
+
+def batch_jacobian(fn: Any, source: Any, *rest: Any) -> Any:
+    """For `fn(source, *rest)` shaped `(batch, *out)` with examples independent:
+    the per-example Jacobian, shaped `(batch, *out, *source.shape[1:])`
+    (`jax.jacrev` of the sum over the batch, which keeps each example's block)."""
+    value = jax.eval_shape(lambda s: fn(s, *rest), source)
+    out_rank = len(value.shape) - 1
+    j = jax.jacrev(lambda s: jnp.sum(fn(s, *rest), axis=0))(source)  # (*out, batch, *src)
+    return jnp.moveaxis(j, out_rank, 0)

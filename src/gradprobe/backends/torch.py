@@ -215,3 +215,105 @@ def trace_error(e: BaseException) -> str | None:
 
 def version() -> str:
     return torch.__version__
+
+
+# ------------------------------------------- higher order (gp.hvp, gp.jacobian, gp.Tape)
+def _fresh(tree: Any) -> Any:
+    """`tree`'s tensors as new autograd leaves (detached copies that require a gradient)."""
+    return keras.tree.map_structure(lambda t: t.detach().requires_grad_(True), tree)
+
+
+def _zeros_for_none(grads: Any, like: list) -> list:
+    return [torch.zeros_like(s) if g is None else g for s, g in zip(like, grads)]
+
+
+def grad(fn: Any, diff: Any, *rest: Any) -> Any:
+    """The gradient of the scalar `fn(diff, *rest)` with respect to `diff`,
+    kept in the autograd graph (`create_graph=True`), so that it is
+    differentiable with respect to anything the forward pass used (the model's
+    parameters). A source the value does not depend on gets zeros."""
+    leaves = keras.tree.flatten(diff)
+    fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        value = fn(keras.tree.pack_sequence_as(diff, fresh), *rest)
+        found = torch.autograd.grad(value, fresh, create_graph=True, allow_unused=True) \
+            if value.requires_grad else [None] * len(fresh)
+    return keras.tree.pack_sequence_as(diff, _zeros_for_none(found, fresh))
+
+
+def hvp(fn: Any, primal: Any, tangent: Any, *rest: Any) -> Any:
+    """The Hessian-vector product of the scalar `fn(primal, *rest)`: double
+    backward (the gradient kept in the graph, its dot product with `tangent`
+    differentiated again). Returned detached."""
+    leaves = keras.tree.flatten(primal)
+    vectors = keras.tree.flatten(tangent)
+    fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        value = fn(keras.tree.pack_sequence_as(primal, fresh), *rest)
+        first = torch.autograd.grad(value, fresh, create_graph=True, allow_unused=True) \
+            if value.requires_grad else [None] * len(fresh)
+        terms = [torch.sum(g * v.to(g.dtype)) for g, v in zip(first, vectors)
+                 if g is not None and g.requires_grad]
+        second = [None] * len(fresh)
+        if terms:
+            second = torch.autograd.grad(torch.stack(terms).sum(), fresh, allow_unused=True)
+    out = [g.detach() for g in _zeros_for_none(second, fresh)]
+    return keras.tree.pack_sequence_as(primal, out)
+
+
+def batch_jacobian(fn: Any, source: Any, *rest: Any) -> Any:
+    """For `fn(source, *rest)` shaped `(batch, *out)` with examples independent:
+    the per-example Jacobian, shaped `(batch, *out, *source.shape[1:])`: one
+    backward pass of the batch sum per output element. Returned detached."""
+    fresh = source.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = fn(fresh, *rest)
+        summed = value.sum(dim=0).reshape(-1)
+        rows = []
+        for i in range(summed.shape[0]):
+            g = torch.autograd.grad(summed[i], fresh, retain_graph=True, allow_unused=True)[0] \
+                if summed.requires_grad else None
+            rows.append(torch.zeros_like(fresh) if g is None else g.detach())
+    j = torch.stack(rows, dim=1) if rows else torch.zeros((fresh.shape[0], 0, *fresh.shape[1:]),
+                                                          dtype=fresh.dtype)
+    return j.reshape((fresh.shape[0], *value.shape[1:], *fresh.shape[1:]))
+
+
+def tape_gradient(target: Any, sources: list, create_graph: bool) -> list:
+    """`torch.autograd.grad` of `target` (summed) for `gp.Tape`: `None` for a
+    source `target` does not depend on. The graph is kept (a tape may be
+    persistent, and an outer tape differentiates through the same forward pass)."""
+    wanted = [i for i, s in enumerate(sources) if s.requires_grad]
+    out: list = [None] * len(sources)
+    if not wanted or not target.requires_grad:
+        return out
+    with torch.enable_grad():
+        found = torch.autograd.grad(target.sum(), [sources[i] for i in wanted],
+                                    retain_graph=True, create_graph=create_graph,
+                                    allow_unused=True)
+    for i, g in zip(wanted, found):
+        out[i] = g
+    return out
+
+
+def enable_grad() -> Any:
+    """A context in which autograd records (`torch.enable_grad()`)."""
+    return torch.enable_grad()
+
+
+def watch(tensor: Any) -> Any:
+    """Makes a leaf tensor require a gradient (a non-leaf is already recorded);
+    returns it."""
+    if not tensor.requires_grad:
+        if tensor.grad_fn is not None or not tensor.is_leaf:
+            return tensor
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def tape_probe(x: Any) -> Any:
+    """`x` as the rest of the forward pass sees it, differentiable by `gp.Tape`:
+    a view of `x` in the autograd graph, or a new leaf when nothing before `x`
+    required a gradient. `x`'s Keras mask is carried over."""
+    probe = Probe()
+    return add_probe(x, probe)
