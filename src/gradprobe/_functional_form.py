@@ -50,7 +50,11 @@ class FunctionalForm:
             `unconnected="zero"`).
     """
 
-    def __init__(self, model: Any, request: Any, prep: Any, x: Any, args: dict, live: bool):
+    def __init__(self, model: Any, request: Any, prep: Any, x: Any, args: dict, live: bool,
+                 keep: tuple = ()):
+        # The cached plan calls the target through a weak proxy: the form holds the
+        # user's target (and its `Target`) for as long as it lives.
+        self._keep = keep
         self._bk = backends.get()
         self._model = model
         self._request = request
@@ -154,7 +158,7 @@ def build(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any = None,
             request.prepared[signature] = prep
             while len(request.prepared) > _functional._SIGNATURES:
                 request.prepared.pop(next(iter(request.prepared)))
-    return FunctionalForm(model, request, prep, x, tgt.args, live)
+    return FunctionalForm(model, request, prep, x, tgt.args, live, keep=(target, tgt))
 
 
 def functional(model: keras.Model, inputs: Any, target: Any, wrt: Any = "*", *,
