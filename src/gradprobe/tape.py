@@ -29,6 +29,14 @@ class Tape:
     Nested tapes give exact higher-order gradients: a gradient taken by an inner
     tape inside an outer tape's block is differentiable by the outer tape.
 
+    On PyTorch the tape is autograd's graph: the captured activations are views
+    of the layer outputs, `tape.gradient` is `torch.autograd.grad` (with
+    `create_graph=True` when `differentiable=True`, keeping the graph so that
+    an outer tape, or a persistent one, can differentiate again), and write the
+    loss with `torch` or `keras.ops`. Autograd records outside the block as
+    well, so a value computed after the block from the captured activations is
+    differentiable there. On JAX, which has no tape, use `gp.functional`.
+
     Args:
         model: The Keras model whose layers are watched.
         watch: Selectors as in `gp.gradients(wrt=...)`; default `"*"` (every leaf
@@ -66,11 +74,14 @@ class Tape:
         self._inputs: list[list[tuple[str, Any]]] = []  # per model call: (key, probe)
         self._state = "new"
         self._used = False
+        self._bk: Any = None  # the PyTorch primitives, on that backend
 
     # ------------------------------------------------------------------ block
     def __enter__(self) -> Tape:
         if self._state != "new":
             raise GradprobeError("A gp.Tape can be entered once; create a new one.")
+        if backends.name() == "torch":
+            return self._enter_torch()
         self._tree = LayerTree(self.model)
         empty = self._watch is None or (isinstance(self._watch, (list, tuple))
                                         and not self._watch)
@@ -94,6 +105,32 @@ class Tape:
         self._state = "recording"
         return self
 
+    def _resolve_watch(self) -> tuple[list, list, list]:
+        self._tree = LayerTree(self.model)
+        empty = self._watch is None or (isinstance(self._watch, (list, tuple))
+                                        and not self._watch)
+        return ([], [], []) if empty else to_specs(self._tree, resolve(self._tree, self._watch))
+
+    def _enter_torch(self) -> Tape:
+        """PyTorch: autograd records; the hooks make each watched layer output (and
+        input) a view whose gradient `torch.autograd.grad` can take."""
+        self._bk = backends.get()
+        acts, _, inputs = self._resolve_watch()
+        self._acts = acts
+        self._recorder = _TorchRecorder(self._bk, {id(a.layer) for a in acts})
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self._bk.enable_grad())
+        try:
+            self._stack.enter_context(
+                _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
+            if inputs:
+                self._stack.enter_context(_patch.wrapped_inputs(self.model, self._probe_inputs))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._state = "recording"
+        return self
+
     def __exit__(self, *exc: Any) -> None:
         self._state = "closed"
         assert self._stack is not None
@@ -102,13 +139,20 @@ class Tape:
             self._recorder.close()
 
     def _probe_inputs(self, inputs: Any) -> Any:
-        if not backend.in_capture_context(self._recorder.context):
+        torch_mode = self._bk is not None
+        if not torch_mode and not backend.in_capture_context(self._recorder.context):
             return inputs
         keys = capture.input_keys(inputs)
         leaves = keras.tree.flatten(inputs)
         call, new = [], []
         for key, leaf in zip(keys, leaves):
-            if backend.is_floating(leaf):
+            if torch_mode:
+                if _is_floating(leaf):
+                    value = self._bk.tape_probe(leaf)
+                    call.append((key, value))
+                    leaf = value
+                new.append(leaf)
+            elif backend.is_floating(leaf):
                 value, probe = backend.probe(self._tape, leaf)
                 call.append((key, probe))
                 new.append(value)
@@ -123,6 +167,9 @@ class Tape:
         """Watches a plain tensor, like `tf.GradientTape.watch`."""
         if self._state != "recording":
             raise GradprobeError("tape.watch must be called inside the `with` block.")
+        if self._bk is not None:
+            self._bk.watch(tensor)
+            return
         backend.watch(self._tape, tensor)
 
     # ------------------------------------------------------------- captured
@@ -242,7 +289,11 @@ class Tape:
         _validate.choice("unconnected", unconnected, ("raise", "zero"))
         _validate.flag("differentiable", differentiable)
         for t in keras.tree.flatten(target):
-            _validate.tensor("target", t, "computed inside the `with` block")
+            if self._bk is None:
+                _validate.tensor("target", t, "computed inside the `with` block")
+            elif not _is_floating(t):
+                raise _validate.fail("target", t, "a floating-point tensor, computed from the "
+                                                  "recorded forward pass.")
         self._used = True
         if isinstance(sources, dict):
             items = list(sources.values())
@@ -252,15 +303,24 @@ class Tape:
             items = [sources]
         groups = [self._expand(item) for item in items]
         flat = [t for group in groups for _, t in group]
-        grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
-        grads = [backend.densify(g) for g in grads]
+        if self._bk is not None:
+            flat = [t.value if isinstance(t, keras.Variable) else t for t in flat]
+            grads = self._bk.tape_gradient(_summed(target), flat, differentiable)
+        else:
+            grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
+            grads = [backend.densify(g) for g in grads]
         missing = [(key, t) for (key, t), g in zip([kt for grp in groups for kt in grp], grads)
                    if g is None]
         if missing and unconnected == "raise":
             self._raise_unconnected(target, [k for k, _ in missing])
-        grads = [backend.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
-        if not differentiable:
-            grads = [backend.stop_gradient(g) for g in grads]
+        if self._bk is not None:
+            grads = [keras.ops.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+            if not differentiable:
+                grads = self._bk.stop_gradient(grads)
+        else:
+            grads = [backend.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+            if not differentiable:
+                grads = [backend.stop_gradient(g) for g in grads]
         it = iter(grads)
         results = []
         for group in groups:
@@ -274,7 +334,8 @@ class Tape:
 
     def _expand(self, item: Any) -> list[tuple[str, Any]]:
         """(key, tensor or variable) pairs that one source item stands for."""
-        if backend.is_tensor(item) and not isinstance(item, keras.Variable):
+        is_tensor = keras.ops.is_tensor if self._bk is not None else backend.is_tensor
+        if is_tensor(item) and not isinstance(item, keras.Variable):
             return [(getattr(item, "name", "tensor"), item)]
         if isinstance(item, keras.Variable):
             return [(self._tree.variable_key(item), item)]
@@ -299,6 +360,19 @@ class Tape:
 
     def _raise_unconnected(self, target: Any, keys: list[str]) -> None:
         recorded = [p for p, _ in self._captured().values()]
+        if self._bk is not None:
+            params = [v.value for v in self.model.trainable_variables]
+            if all(g is None for g in self._bk.tape_gradient(_summed(target), recorded + params,
+                                                             False)):
+                raise GradprobeError(
+                    f"The target does not depend on anything this gp.Tape recorded (asked for "
+                    f"{quoted(keys)}), nor on the model's weights: compute it from the "
+                    "forward pass run inside the `with gp.Tape(model) as tape:` block.")
+            raise GradprobeError(
+                f"The target does not depend on {quoted(keys)}: those sources are not on the "
+                "path from the recorded computation to the target (on PyTorch, a model call "
+                "made after the block is not captured). Remove them, or pass "
+                "unconnected='zero'.")
         watched = [v for v in getattr(self._tape, "watched_variables", lambda: [])()]
         probe = self._tape.gradient(target, recorded + list(watched)) if recorded or watched \
             else []
@@ -312,3 +386,61 @@ class Tape:
             f"The target does not depend on {quoted(keys)}: those sources are not on the "
             "path from the recorded computation to the target. Remove them, or pass "
             "unconnected='zero'.")
+
+
+def _is_floating(x: Any) -> bool:
+    return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(
+        keras.backend.standardize_dtype(x.dtype))
+
+
+def _summed(target: Any) -> Any:
+    """The sum of every element of `target` (a tensor or a structure of them), as
+    `tf.GradientTape.gradient` differentiates it."""
+    leaves = keras.tree.flatten(target)
+    total = keras.ops.sum(leaves[0])
+    for t in leaves[1:]:
+        total = total + keras.ops.sum(t)
+    return total
+
+
+class _TorchRecorder:
+    """The watched layer calls of a `gp.Tape` block on PyTorch: each floating
+    output leaf replaced by a view (`backends.torch.tape_probe`) that is both the
+    value the rest of the pass consumes and the tensor differentiated. Calls in
+    Keras' control flow (an RNN's step loop) are left alone, as on the other
+    backends."""
+
+    def __init__(self, bk: Any, probe_ids: set[int]):
+        self.bk = bk
+        self.probe_ids = probe_ids
+        self.origin = backends.Origin()
+        self.calls: list[capture._Call] = []
+        self.counts: dict[int, int] = {}
+        self.clock = 0
+
+    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if id(layer) not in self.probe_ids or self.bk.control_flow(self.origin) is not None:
+            return outputs
+        lid = id(layer)
+        index = self.counts.get(lid, 0)
+        self.counts[lid] = index + 1
+        leaves = keras.tree.flatten(outputs)
+        recorded, new = [], []
+        for leaf in leaves:
+            if _is_floating(leaf):
+                leaf = self.bk.tape_probe(leaf)
+                recorded.append((leaf, leaf))
+            else:
+                recorded.append((leaf, None))
+            new.append(leaf)
+        self.calls.append(capture._Call(lid, index, recorded, self.clock))
+        self.clock += 1
+        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
+            return new[0]
+        return keras.tree.pack_sequence_as(outputs, new)
+
+    def calls_of(self, layer: Any) -> list[capture._Call]:
+        return [c for c in self.calls if c.layer_id == id(layer)]
+
+    def close(self) -> None:
+        self.origin.close()

@@ -1,0 +1,318 @@
+"""gp.Tape (chained and second-order gradients), gp.hvp, gp.jacobian,
+gp.gradient_penalty, gp.per_example_norms and gp.functional on the PyTorch
+backend of Keras 3.
+
+Run with `KERAS_BACKEND=torch python -m pytest tests/backends`. Under any other
+backend the module is skipped before `torch` is imported.
+
+Oracles: hand-written `torch.autograd` code of the same model (double backward,
+`torch.autograd.functional.hessian` / `jacobian`, loops over single examples)
+and float64 central finite differences of the model's function written in
+NumPy. Keras' matmul and tanh on PyTorch are about 4e-8 off in float64
+(measured; see test_torch.py), so oracles that run the model through Keras
+again compare at 1e-6, and the finite differences are of NumPy code.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+if keras.backend.backend() != "torch":
+    pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
+
+import torch  # noqa: E402
+from keras import layers  # noqa: E402
+
+import gradprobe as gp  # noqa: E402
+from gradprobe import _patch  # noqa: E402
+
+
+def arr(t):
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def close(a, b, tol=1e-5, what=""):
+    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
+    err = float(np.abs(a - b).max()) if a.size else 0.0
+    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
+
+
+@pytest.fixture
+def x64():
+    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(old)
+        keras.config.set_dtype_policy(old_policy)
+
+
+def _mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((3,))
+    h = layers.Dense(4, activation="sigmoid", name="l1")(inp)
+    return keras.Model(inp, layers.Dense(2, activation="sigmoid", name="l2")(h))
+
+
+def _t(x):
+    return torch.as_tensor(np.asarray(x))
+
+
+# ------------------------------------------------------------------------ Tape
+def test_tape_activation_is_differentiable_and_structures(x64):
+    model = _mlp()
+    x = _t(np.random.default_rng(0).normal(size=(5, 3)))
+    before = [np.array(w) for w in model.get_weights()]
+    with gp.Tape(model, watch=["l1", "inputs"], persistent=True) as tape:
+        y = model(x)
+        a1 = tape.activation("l1")
+        loss = torch.sum(y) + torch.sum(a1 ** 2)
+    l1, l2 = model.get_layer("l1"), model.get_layer("l2")
+    xr = x.clone().requires_grad_(True)
+    h = l1(xr)
+    ref_loss = torch.sum(l2(h)) + torch.sum(h ** 2)
+    close(loss, ref_loss, 1e-12)
+    ref = torch.autograd.grad(ref_loss, [h, l2.kernel.value, xr, l1.kernel.value])
+    g = tape.gradient(loss, ["l1", "l2.kernel", "inputs", l1.kernel])
+    assert isinstance(g, list) and len(g) == 4
+    for got, want, what in zip(g, ref, ("l1", "l2.kernel", "inputs", "l1.kernel")):
+        close(got, want, 1e-10, what)
+    d = tape.gradient(loss, {"w": "l2.weights", "a": l1})
+    assert set(d) == {"w", "a"} and set(d["w"]) == {"l2.kernel", "l2.bias"}
+    close(tape.gradient(loss, a1), g[0], 1e-12)  # a plain tensor works too
+    assert tape.keys() == ["l1", "inputs"]
+    assert "call" not in vars(l1) and "call" not in vars(model)
+    assert _patch.active_wrappers() == 0
+    for b, w in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(b, w)
+
+
+def test_tape_shared_calls_and_errors():
+    model = _mlp()
+    x = torch.ones((2, 3))
+    with gp.Tape(model, watch="l1") as tape:
+        y1 = model(x)
+        y2 = model(2 * x)
+        loss = torch.sum(y1 * y2)
+    assert tape.keys() == ["l1@0", "l1@1"]
+    with pytest.raises(gp.GradprobeError, match="2 captured values"):
+        tape.activation("l1")
+    g = tape.gradient(loss, "l1")
+    assert set(g) == {"l1@0", "l1@1"}
+    l2 = model.get_layer("l2")
+    a0, a1 = (model.get_layer("l1")(x), model.get_layer("l1")(2 * x))
+    a0, a1 = a0.detach().requires_grad_(True), a1.detach().requires_grad_(True)
+    ref = torch.autograd.grad(torch.sum(l2(a0) * l2(a1)), [a0, a1])
+    close(g["l1@0"], ref[0], 1e-6)
+    close(g["l1@1"], ref[1], 1e-6)
+    with pytest.raises(gp.GradprobeError, match="not persistent"):
+        tape.gradient(loss, "l1@0")
+
+    with gp.Tape(model, watch="l1", persistent=True) as tape:
+        model(x)
+    after = torch.sum(model(x))  # a model call after the block is not captured
+    with pytest.raises(gp.GradprobeError, match="not on the path"):
+        tape.gradient(after, "l1")
+    with pytest.raises(gp.GradprobeError, match="not watched by this tape"):
+        tape.gradient(after, "l2")
+    with pytest.raises(gp.GradprobeError, match="before the tape has recorded"):
+        gp.Tape(model).gradient(after, "l1")
+    with pytest.raises(gp.GradprobeError, match="Expected `target`"):
+        tape.gradient("loss", "l1")
+    assert tape.gradient(after, "l1", unconnected="zero").abs().sum() == 0
+
+
+def test_nested_tapes_second_order_matches_fd_of_first_order(x64):
+    """d/dW2 of ||d loss / d a1||^2 through nested gp.Tapes, against finite
+    differences in W2 and hand-written double backward."""
+    model = _mlp(1)
+    x = _t(np.random.default_rng(1).normal(size=(4, 3)))
+    k2 = model.get_layer("l2").kernel
+
+    def inner_norm():
+        with gp.Tape(model, watch="l1") as inner:
+            loss = torch.sum(model(x) ** 2)
+        return torch.sum(inner.gradient(loss, "l1") ** 2)
+
+    with gp.Tape(model, watch=[]) as outer:
+        penalty = inner_norm()
+    second = arr(outer.gradient(penalty, k2))
+
+    l1, l2 = model.get_layer("l1"), model.get_layer("l2")
+    a = l1(x).detach().requires_grad_(True)
+    ga = torch.autograd.grad(torch.sum(l2(a) ** 2), a, create_graph=True)[0]
+    close(second, torch.autograd.grad(torch.sum(ga ** 2), k2.value)[0], 1e-6, "double backward")
+
+    w1, b1, w2, b2 = (arr(v.value) for v in model.trainable_variables)
+    a_np = 1 / (1 + np.exp(-(arr(x) @ w1 + b1)))
+
+    def penalty_np(k):  # ||d sum(sigmoid(a k + b2)^2) / da||^2 in float64 NumPy
+        s_ = 1 / (1 + np.exp(-(a_np @ k + b2)))
+        return float(np.sum(((2 * s_ * s_ * (1 - s_)) @ k.T) ** 2))
+
+    close(float(penalty.detach()), penalty_np(w2), 1e-6, "penalty value")
+    eps = 1e-6
+    fd = np.zeros_like(second)
+    for idx in np.ndindex(*second.shape):
+        for sign in (1, -1):
+            w = w2.copy()
+            w[idx] += sign * eps
+            fd[idx] += sign * penalty_np(w) / (2 * eps)
+    close(second, fd, 1e-6, "finite differences")
+
+    # differentiable=False: the inner gradient is a constant for the outer tape.
+    with gp.Tape(model, watch=[]) as outer:
+        with gp.Tape(model, watch="l1") as inner:
+            loss = torch.sum(model(x) ** 2)
+        const = torch.sum(inner.gradient(loss, "l1", differentiable=False) ** 2)
+    assert not const.requires_grad
+    with pytest.raises(gp.GradprobeError, match="does not depend on anything"):
+        outer.gradient(const, k2)
+
+
+# ------------------------------------------------------------------------ hvp
+def test_hvp_weights_activations_inputs_against_double_backward(x64):
+    model = _mlp(2)
+    x = _t(np.random.default_rng(2).normal(size=(5, 3)))
+    rng = np.random.default_rng(3)
+    l1, l2 = model.get_layer("l1"), model.get_layer("l2")
+    k1 = l1.kernel
+    v = rng.normal(size=tuple(k1.shape))
+    h = gp.hvp(model, x, 0, "l1.kernel", v)["l1.kernel"]
+    H = torch.autograd.functional.hessian(
+        lambda w: torch.sum(model.stateless_call([w, *[u.value.detach() for u in
+                                                       model.trainable_variables[1:]]],
+                                                 [], x)[0][:, 0]), k1.value.detach())
+    close(h, torch.einsum("ijkl,kl->ij", H, _t(v)), 1e-6, "l1.kernel")
+
+    names = ["l1.kernel", "l1.bias", "l2.kernel", "l2.bias"]
+    vs = {k: rng.normal(size=tuple(w.shape)) for k, w in zip(names, model.trainable_variables)}
+    hs = gp.hvp(model, x, 0, "*.weights", vs)
+    assert list(hs) == names
+    ws = [w.value.detach().clone().requires_grad_(True) for w in model.trainable_variables]
+    s = torch.sum(model.stateless_call(ws, [], x)[0][:, 0])
+    gs = torch.autograd.grad(s, ws, create_graph=True)
+    dot = sum(torch.sum(g * _t(vs[k])) for g, k in zip(gs, names))
+    for k, r in zip(names, torch.autograd.grad(dot, ws)):
+        close(hs[k], r, 1e-6, k)
+
+    a = l1(x).detach()
+    va = rng.normal(size=tuple(a.shape))
+    ha = gp.hvp(model, x, 0, "l1", va)["l1"]
+    Ha = torch.autograd.functional.hessian(lambda a_: torch.sum(l2(a_)[:, 0]), a)
+    close(ha, torch.einsum("ijkl,kl->ij", Ha, _t(va)), 1e-6, "activation")
+    vx = rng.normal(size=tuple(x.shape))
+    hx = gp.hvp(model, x, 0, "inputs", vx)["inputs"]
+    Hx = torch.autograd.functional.hessian(lambda xx: torch.sum(model(xx)[:, 0]), x)
+    close(hx, torch.einsum("ijkl,kl->ij", Hx, _t(vx)), 1e-6, "inputs")
+    with pytest.raises(gp.GradprobeError, match="same shape as the gradient of 'l1'"):
+        gp.hvp(model, x, 0, "l1", np.ones((4, 4)))
+
+
+# ------------------------------------------------------------------- jacobian
+def test_jacobian_matches_autograd_jacobian(x64):
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((4, 3))
+    h = layers.Conv1D(5, 2, activation="sigmoid", name="conv")(inp)
+    h = layers.Flatten(name="flat")(h)
+    model = keras.Model(inp, layers.Dense(2, name="out")(
+        layers.Dense(6, activation="sigmoid", name="mid")(h)))
+    x = _t(np.random.default_rng(4).normal(size=(3, 4, 3)))
+    conv, flat, mid = (model.get_layer(n) for n in ("conv", "flat", "mid"))
+    c = conv(x).detach()
+    J = gp.jacobian(model, x, of="mid", wrt="conv")
+    assert tuple(J.shape) == (3, 6, 3, 5)
+    for i in range(3):
+        ref = torch.autograd.functional.jacobian(lambda ci: mid(flat(ci[None]))[0], c[i])
+        close(J[i], ref, 1e-6, f"conv {i}")
+    J = gp.jacobian(model, x, of=mid)
+    assert tuple(J.shape) == (3, 6, 4, 3)
+    ref = torch.autograd.functional.jacobian(lambda xi: mid(flat(conv(xi[None])))[0], x[1])
+    close(J[1], ref, 1e-6, "inputs")
+    with pytest.raises(gp.GradprobeError, match="look swapped"):
+        gp.jacobian(model, x, of="conv", wrt="mid")
+
+
+# ------------------------------------------------------------ gradient penalty
+class Critic(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d1 = layers.Dense(8, activation="sigmoid")
+        self.d2 = layers.Dense(1)
+
+    def call(self, x):
+        return self.d2(self.d1(x))
+
+
+def test_wgan_gp_backward_matches_double_backward(x64):
+    keras.utils.set_random_seed(7)
+    critic = Critic()
+    rng = np.random.default_rng(7)
+    real, fake = _t(rng.normal(size=(6, 4))), _t(rng.normal(size=(6, 4)))
+    critic(real)
+    eps = _t(rng.random(size=(6, 1)))
+    x_hat = eps * real + (1 - eps) * fake
+    params = [v.value for v in critic.trainable_variables]
+
+    norms = gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0])
+    assert norms.requires_grad
+    loss = torch.mean(critic(fake)) - torch.mean(critic(real)) + 10 * torch.mean((norms - 1) ** 2)
+    grads = torch.autograd.grad(loss, params)
+
+    xr = x_hat.clone().requires_grad_(True)
+    g = torch.autograd.grad(torch.sum(critic(xr)[:, 0]), xr, create_graph=True)[0]
+    ref_norms = torch.sqrt(torch.sum(g ** 2, dim=1))
+    ref_loss = (torch.mean(critic(fake)) - torch.mean(critic(real))
+                + 10 * torch.mean((ref_norms - 1) ** 2))
+    close(norms, ref_norms, 1e-12)
+    for a, b in zip(grads, torch.autograd.grad(ref_loss, params)):
+        close(a, b, 1e-10)
+    close(gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0], norm=1), g.abs().sum(1), 1e-12)
+    with pytest.raises(gp.GradprobeError, match="is a weight"):
+        gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0], wrt="*.kernel")
+
+
+# ------------------------------------------------------------ per-example norms
+def test_per_example_norms_match_loop(x64):
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((6, 2))
+    h = layers.Conv1D(3, 2, activation="sigmoid", name="conv")(inp)
+    h = layers.Flatten()(h)
+    model = keras.Model(inp, layers.Dense(3, name="logits")(h))
+    rng = np.random.default_rng(5)
+    x = _t(rng.normal(size=(4, 6, 2)))
+    labels = np.array([0, 2, 1, 2])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    params = [v.value for v in model.trainable_variables]
+    ref = np.array([[float(torch.linalg.norm(g)) for g in torch.autograd.grad(
+        torch.sum(loss_fn(_t(labels[i:i + 1]), model(x[i:i + 1]))), params)]
+        for i in range(4)])
+    for method in ("auto", "vectorized"):
+        n = gp.per_example_norms(model, x, gp.loss(loss_fn, labels), method=method)
+        assert list(n) == ["conv.kernel", "conv.bias", "logits.kernel", "logits.bias"]
+        for j, k in enumerate(n):
+            close(n[k], ref[:, j], 1e-6, f"{method} {k}")
+        close(n.total, np.sqrt((ref ** 2).sum(1)), 1e-6)
+        assert set(n.method.values()) == {"loop" if method == "auto" else "jacobian"}
+    with pytest.raises(gp.GradprobeError, match="weight selectors"):
+        gp.per_example_norms(model, x, 0, "conv")
+
+
+# -------------------------------------------------------------- functional form
+def test_functional_form_with_autograd(x64):
+    model = _mlp(3)
+    x = np.random.default_rng(3).normal(size=(4, 3))
+    form = gp.functional(model, x, 1, ["l1", "l2.kernel"])
+    probes, variables, inputs = form.args
+    p = {k: v.clone().requires_grad_(True) for k, v in probes.items()}
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in variables.items()}
+    objective, aux = form(p, w, inputs)
+    dp, dw = torch.autograd.grad(objective, [p["l1"], w["l2.kernel"]])
+    g = gp.gradients(model, x, 1, ["l1", "l2.kernel"])
+    close(dp, g["l1"], 1e-12)
+    close(dw, g["l2.kernel"], 1e-12)
+    close(aux["activations"]["l1"], model.get_layer("l1")(_t(x)), 1e-12)
