@@ -56,11 +56,11 @@ class Tape:
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
         if backends.name() == "jax":
             raise GradprobeError(
-                "gp.Tape needs a tape, and JAX has none: on the JAX backend, write chained "
-                "and second-order gradients with gp.functional(model, x, target, wrt=...), "
-                "which returns the probed forward pass as a pure function of (probes, "
-                "variables, inputs) to compose with jax.grad / jax.jvp. gp.Tape runs on "
-                "TensorFlow and PyTorch.")
+                "gp.Tape is not available on the 'jax' backend of Keras: JAX has no tape. "
+                "Write chained and second-order gradients with gp.functional(model, x, "
+                "target, wrt=...), the probed forward pass as a pure function of (probes, "
+                "variables, inputs) to compose with jax.grad / jax.jvp (gp.gradients, too, "
+                "is differentiable under jax.grad). gp.Tape runs on TensorFlow and PyTorch.")
         _validate.backend_supported("gp.Tape", ("torch",))
         _validate.model(model)
         _validate.flag("persistent", persistent, "whether several gradients can be taken")
