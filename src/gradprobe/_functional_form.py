@@ -61,7 +61,7 @@ class FunctionalForm:
         self._prep = prep
         self._args = args
         self._live = live
-        self._probe_ids = {id(layer) for layer in request.plan.probe_layers}
+        self._objective = objective_fn(request, prep)
         self.keys = list(prep.meta["order"])
         self.kinds = dict(prep.meta["kinds"])
         self.aliases = {k: list(v) for k, v in prep.meta["aliases"].items()}
@@ -88,15 +88,31 @@ class FunctionalForm:
         self._check("probes", probes, self._prep.probe_specs)
         self._check("variables", variables, {k: (tuple(v.shape), None)
                                              for k, v in self.variables.items()})
-        model = self._model
-        n_train = len(model.trainable_variables)
-        values = [self._value(v) for v in self._all_variables()]
-        recorder = _functional._Recorder(self._bk, self._probe_ids, self._prep.table, probes)
-        objective, aux = self._request.forward(
-            self._prep, {"probes": probes, "vars": variables}, values[:n_train],
-            values[n_train:], inputs, self._args, recorder)
+        trainable, non_trainable = self.values()
+        objective, aux = self._objective({"probes": probes, "vars": variables}, trainable,
+                                         non_trainable, inputs, self._args)
         return objective, {"target": aux["target"], "outputs": aux["outputs"],
                            "activations": dict(aux["values"])}
+
+    def values(self) -> tuple[list, list]:
+        """The current values of the model's trainable and non-trainable variables
+        (the arguments of the compiled functions of `cached`)."""
+        n_train = len(self._model.trainable_variables)
+        values = [self._value(v) for v in self._all_variables()]
+        return values[:n_train], values[n_train:]
+
+    def cached(self, name: Any, make: Any) -> Any:
+        """`make()` once per request and input signature: a compiled function of
+        `gp.hvp` or `gp.jacobian` (built from `objective_fn`, never from the form,
+        which holds the model and the target strongly)."""
+        prep = self._prep
+        with prep.lock:
+            # (stored on the prepared signature of the cached request, which lives
+            # as long as the request does)
+            store = prep.__dict__.setdefault("_higher", {})
+            if name not in store:
+                store[name] = make(self._request, prep)
+            return store[name]
 
     def objective(self, probes: dict, variables: dict, inputs: Any) -> Any:
         """The scalar objective alone (for `jax.grad` without `has_aux`)."""
@@ -117,6 +133,22 @@ class FunctionalForm:
 
     def __repr__(self) -> str:
         return f"FunctionalForm({self._model.name!r}, keys={self.keys!r})"
+
+
+def objective_fn(request: Any, prep: Any) -> Any:
+    """`(diff, trainable, non_trainable, x, args) -> (objective, aux)`: the
+    forward pass of a prepared request, `diff = {"probes": ..., "vars": ...}`
+    (`aux["values"]` holds the probed activations). Holds the request (which
+    holds the model weakly) and the prepared signature, nothing else."""
+    bk = backends.get()
+    probe_ids = {id(layer) for layer in request.plan.probe_layers}
+
+    def objective(diff: dict, trainable: list, non_trainable: list, x: Any,
+                  args: dict) -> tuple[Any, dict]:
+        recorder = _functional._Recorder(bk, probe_ids, prep.table, diff["probes"])
+        return request.forward(prep, diff, trainable, non_trainable, x, args, recorder)
+
+    return objective
 
 
 def build(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any = None,

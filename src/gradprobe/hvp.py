@@ -83,10 +83,20 @@ def _functional_hvp(model: Any, inputs: Any, target: Any, wrt: Any, vector: Any,
     for k, v in zip(keys, vectors):
         tangent["vars" if form.kinds[k] == "weight" else "probes"][k] = v
 
-    def objective(diff: dict, x: Any) -> Any:
-        return form.objective(diff["probes"], diff["vars"], x)
+    bk = backends.get()
 
-    products = backends.get().hvp(objective, primal, tangent, form.inputs)
+    def make(request: Any, prep: Any) -> Any:
+        objective = _functional_form.objective_fn(request, prep)
+
+        def products(primal: dict, tangent: dict, trainable: list, non_trainable: list,
+                     x: Any, args: dict) -> dict:
+            return bk.hvp(lambda d, *rest: objective(d, *rest)[0], primal, tangent,
+                          trainable, non_trainable, x, args)
+
+        return bk.jit(products)  # jax.jit on JAX (cached per request and signature)
+
+    products = form.cached("hvp", make)(primal, tangent, *form.values(), form.inputs,
+                                        form._args)
     return {k: products["vars" if form.kinds[k] == "weight" else "probes"][k] for k in keys}
 
 

@@ -129,18 +129,32 @@ def _functional_jacobian(model: Any, inputs: Any, of: Any, wrt: Any, training: b
     _check_size(of, wrt, t_shape, s_shape, itemsize, max_bytes)
     bk = backends.get()
 
-    def read(source: str, value_key: str):
-        def fn(probe: Any, x: Any) -> Any:
-            probes = dict(form.probes, **{source: probe})
-            return form(probes, form.variables, x)[1]["activations"][value_key]
-        return fn
+    def make_value(request: Any, prep: Any, source: str, value_key: str) -> Any:
+        objective = _functional_form.objective_fn(request, prep)
+
+        def value(probe: Any, probes: dict, variables: dict, trainable: list,
+                  non_trainable: list, x: Any, args: dict) -> Any:
+            diff = {"probes": dict(probes, **{source: probe}), "vars": variables}
+            return objective(diff, trainable, non_trainable, x, args)[1]["values"][value_key]
+
+        return value
+
+    rest = (form.probes, form.variables, *form.values(), form.inputs, form._args)
 
     def depends(source: str, value_key: str) -> bool:
-        fn = read(source, value_key)
-        flags = bk.connected(lambda d, x: (keras.ops.sum(fn(d["p"], x)), {}),
-                             {"p": form.probes[source]}, form.inputs)
-        return bool(flags["p"])
+        def make(request: Any, prep: Any) -> bool:
+            value = make_value(request, prep, source, value_key)
+            flags = bk.connected(lambda d, *r: (keras.ops.sum(value(d["p"], *r)), {}),
+                                 {"p": form.probes[source]}, *rest)
+            return bool(flags["p"])
+
+        return form.cached(("depends", source, value_key), make)
 
     if not depends(wrt_key, of_key):
         _raise_not_connected(of, wrt, depends(of_key, wrt_key))
-    return bk.batch_jacobian(read(wrt_key, of_key), form.probes[wrt_key], form.inputs)
+
+    def make_jacobian(request: Any, prep: Any) -> Any:
+        value = make_value(request, prep, wrt_key, of_key)
+        return bk.jit(lambda probe, *r: bk.batch_jacobian(value, probe, *r))
+
+    return form.cached(("jacobian", wrt_key, of_key), make_jacobian)(form.probes[wrt_key], *rest)

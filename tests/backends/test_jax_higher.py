@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _patch  # noqa: E402
+from gradprobe import _functional, _patch  # noqa: E402
 
 
 def close(a, b, tol=1e-5, what=""):
@@ -118,8 +118,15 @@ def test_hvp_matches_finite_differences_of_gradients(x64):
     x = np.random.default_rng(4).normal(size=(4, 3))
     k1 = model.get_layer("l1").kernel
     v = np.random.default_rng(5).normal(size=k1.shape)
-    h = np.asarray(gp.hvp(model, x, gp.loss("mse", np.ones((4, 2))), "l1.kernel", v)["l1.kernel"])
+    target = gp.loss("mse", np.ones((4, 2)))
     base = np.asarray(k1.value).copy()
+    k1.assign(base + 0.5)
+    before = np.asarray(gp.hvp(model, x, target, "l1.kernel", v)["l1.kernel"])
+    traces = _functional.trace_count()
+    k1.assign(base)  # the weights are arguments of the compiled product, not constants
+    h = np.asarray(gp.hvp(model, x, target, "l1.kernel", v)["l1.kernel"])
+    assert _functional.trace_count() == traces  # cached jax.jit: no new trace
+    assert not np.allclose(before, h)
     eps = 1e-5
     grads = []
     for sign in (1, -1):
