@@ -222,6 +222,24 @@ def test_wgan_gp_inside_jax_grad_matches_nested_jax_grad(x64):
     for a, b in zip(grads, ref_grads):
         close(a, b, 1e-10, "weight gradient")
     assert any(float(jnp.abs(g).max()) > 0 for g in grads[:2])  # the penalty reaches d1
+
+    # The same penalty written with the functional form, the weights as its variables.
+    form = gp.functional(critic, x_hat, lambda y: y[:, 0], ["inputs", "*.weights"])
+    keys = [f"{layer.name}.{w.name}" for layer in (critic.d1, critic.d2)
+            for w in layer.trainable_weights]
+    assert sorted(form.variables) == sorted(keys)
+
+    def penalty(variables):
+        g = jax.grad(form.objective)(form.probes, variables, form.inputs)["inputs"]
+        return 10.0 * jnp.mean((jnp.sqrt(jnp.sum(g ** 2, axis=1)) - 1.0) ** 2)
+
+    def ref_penalty(ws):
+        g = jax.grad(lambda xx: jnp.sum(critic.stateless_call(ws, [], xx)[0][:, 0]))(x_hat)
+        return 10.0 * jnp.mean((jnp.sqrt(jnp.sum(g ** 2, axis=1)) - 1.0) ** 2)
+
+    got = jax.grad(penalty)(form.variables)
+    for k, r in zip(keys, jax.grad(ref_penalty)(weights)):
+        close(got[k], r, 1e-10, f"functional form {k}")
     # the other norms, outside any jax.grad
     g = np.asarray(jax.grad(lambda xx: jnp.sum(critic(xx)[:, 0]))(x_hat))
     close(gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0], norm=1), np.abs(g).sum(1), 1e-12)
