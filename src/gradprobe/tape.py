@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 import keras
+import numpy as np
 
 from gradprobe import _patch, _validate, backend, backends, capture
 from gradprobe.engine import to_specs
@@ -147,6 +148,8 @@ class Tape:
         call, new = [], []
         for key, leaf in zip(keys, leaves):
             if torch_mode:
+                if isinstance(leaf, np.ndarray) and leaf.dtype.kind == "f":
+                    leaf = keras.ops.convert_to_tensor(leaf)  # (as the model would)
                 if _is_floating(leaf):
                     value = self._bk.tape_probe(leaf)
                     call.append((key, value))
@@ -305,7 +308,7 @@ class Tape:
         flat = [t for group in groups for _, t in group]
         if self._bk is not None:
             flat = [t.value if isinstance(t, keras.Variable) else t for t in flat]
-            grads = self._bk.tape_gradient(_summed(target), flat, differentiable)
+            grads = self._bk.tape_gradient(_summed(target, self._bk), flat, differentiable)
         else:
             grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
             grads = [backend.densify(g) for g in grads]
@@ -362,7 +365,7 @@ class Tape:
         recorded = [p for p, _ in self._captured().values()]
         if self._bk is not None:
             params = [v.value for v in self.model.trainable_variables]
-            if all(g is None for g in self._bk.tape_gradient(_summed(target), recorded + params,
+            if all(g is None for g in self._bk.tape_gradient(_summed(target, self._bk), recorded + params,
                                                              False)):
                 raise GradprobeError(
                     f"The target does not depend on anything this gp.Tape recorded (asked for "
@@ -393,13 +396,15 @@ def _is_floating(x: Any) -> bool:
         keras.backend.standardize_dtype(x.dtype))
 
 
-def _summed(target: Any) -> Any:
+def _summed(target: Any, bk: Any) -> Any:
     """The sum of every element of `target` (a tensor or a structure of them), as
-    `tf.GradientTape.gradient` differentiates it."""
+    `tf.GradientTape.gradient` differentiates it (recorded even under the
+    caller's `torch.no_grad()`)."""
     leaves = keras.tree.flatten(target)
-    total = keras.ops.sum(leaves[0])
-    for t in leaves[1:]:
-        total = total + keras.ops.sum(t)
+    with bk.enable_grad():
+        total = keras.ops.sum(leaves[0])
+        for t in leaves[1:]:
+            total = total + keras.ops.sum(t)
     return total
 
 

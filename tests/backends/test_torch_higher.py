@@ -316,3 +316,22 @@ def test_functional_form_with_autograd(x64):
     close(dp, g["l1"], 1e-12)
     close(dw, g["l2.kernel"], 1e-12)
     close(aux["activations"]["l1"], model.get_layer("l1")(_t(x)), 1e-12)
+
+
+def test_tape_numpy_inputs_parameter_free_layer_and_no_grad_context():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,))
+    r = layers.Rescaling(2.0, name="r")(inp)
+    model = keras.Model(inp, layers.Dense(2, name="d")(r))
+    x = np.random.default_rng(9).normal(size=(2, 3)).astype("float32")
+    dense = model.get_layer("d")
+    xr = _t(x).clone().requires_grad_(True)
+    a = (2.0 * xr).detach().requires_grad_(True)
+    ref_a = torch.autograd.grad(torch.sum(dense(a) ** 2), a)[0]
+    ref_x = torch.autograd.grad(torch.sum(dense(2.0 * xr) ** 2), xr)[0]
+    with torch.no_grad():  # the tape records all the same
+        with gp.Tape(model, watch=["r", "inputs"]) as tape:
+            loss = torch.sum(model(x) ** 2)  # NumPy input, as Keras accepts it
+        g_r, g_x = tape.gradient(loss, ["r", "inputs"])
+    close(g_r, ref_a, 1e-6, "parameter-free layer")
+    close(g_x, ref_x, 1e-6, "numpy inputs")
