@@ -70,7 +70,9 @@ class FunctionalForm:
         self.probes = {k: keras.ops.zeros(shape, dtype)
                        for k, (shape, dtype) in prep.probe_specs.items()}
         variables = self._all_variables()
-        self.variables = {k: self._value(variables[pos]) for k, pos in prep.var_keys.items()}
+        # (outside autograd on PyTorch: the initial values are not the model's parameters)
+        self.variables = {k: self._bk.value_of(variables[pos])
+                          for k, pos in prep.var_keys.items()}
 
     @property
     def args(self) -> tuple[dict, dict, Any]:

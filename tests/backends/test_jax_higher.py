@@ -76,7 +76,7 @@ def test_hvp_weights_activations_inputs_against_jax_hessian(x64):
 
     v = rng.normal(size=tv[0].shape)
     h = gp.hvp(model, x, 0, "l1.kernel", v)["l1.kernel"]
-    H = jax.hessian(lambda w: f([w, *tv[1:]]))(tv[0])
+    H = jax.jit(jax.hessian(lambda w: f([w, *tv[1:]])))(tv[0])
     close(h, jnp.einsum("ijkl,kl->ij", H, v), 1e-10, "l1.kernel")
 
     vs = {k: rng.normal(size=w.shape) for k, w in zip(names, tv)}
@@ -97,7 +97,7 @@ def test_hvp_weights_activations_inputs_against_jax_hessian(x64):
 
     vx = rng.normal(size=x.shape)
     hx = gp.hvp(model, x, 0, "inputs", vx)["inputs"]
-    Hx = jax.hessian(lambda xx: jnp.sum(model(xx)[:, 0]))(x)
+    Hx = jax.jit(jax.hessian(lambda xx: jnp.sum(model(xx)[:, 0])))(x)
     close(hx, jnp.einsum("ijkl,kl->ij", Hx, vx), 1e-10, "inputs")
 
     # Weights and an activation together: the product with the joint Hessian.
@@ -167,10 +167,11 @@ def test_jacobian_matches_per_example_jacrev(x64):
 
     J = gp.jacobian(model, x, of="mid", wrt="conv")
     assert J.shape == (3, 6, 3, 5)
-    close(J, jax.vmap(jax.jacrev(after_conv))(c), 1e-12, "conv")
+    close(J, jax.jit(jax.vmap(jax.jacrev(after_conv)))(c), 1e-12, "conv")
     J = gp.jacobian(model, x, of=mid)
     assert J.shape == (3, 6, 4, 3)
-    close(J, jax.vmap(jax.jacrev(lambda xi: mid(flat(conv(xi[None])))[0]))(x), 1e-12, "inputs")
+    close(J, jax.jit(jax.vmap(jax.jacrev(lambda xi: mid(flat(conv(xi[None])))[0])))(x), 1e-12,
+          "inputs")
     with pytest.raises(gp.GradprobeError, match=r"needs 1,728 bytes.*max_bytes=100"):
         gp.jacobian(model, x, of="mid", max_bytes=100)
     with pytest.raises(gp.GradprobeError, match="look swapped"):
@@ -262,10 +263,11 @@ def test_per_example_norms_match_loop_of_jax_grad(x64):
     labels = np.array([0, 2, 1, 2])
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     tv = _values(model)
+    one = jax.jit(jax.grad(lambda ws, xi, yi: jnp.sum(loss_fn(yi, model.stateless_call(
+        ws, [], xi)[0]))))
     rows = []
     for i in range(4):
-        g = jax.grad(lambda ws, i=i: jnp.sum(loss_fn(labels[i:i + 1], model.stateless_call(
-            ws, [], x[i:i + 1])[0])))(tv)
+        g = one(tv, x[i:i + 1], labels[i:i + 1])
         rows.append([float(jnp.linalg.norm(gi)) for gi in g])
     ref = np.array(rows)
     for method in ("auto", "vectorized"):
@@ -323,11 +325,12 @@ def test_functional_form_first_and_second_order(x64):
     close(second, jax.grad(ref)(l2.kernel.value), 1e-12, "nested jax.grad")
     eps, k2 = 1e-6, np.asarray(variables["l2.kernel"])
     fd = np.zeros_like(k2)
+    compiled = jax.jit(penalty)
     for idx in np.ndindex(*k2.shape):
         for sign in (1, -1):
             w = k2.copy()
             w[idx] += sign * eps
-            fd[idx] += sign * float(penalty({"l2.kernel": jnp.asarray(w)})) / (2 * eps)
+            fd[idx] += sign * float(compiled({"l2.kernel": jnp.asarray(w)})) / (2 * eps)
     close(second, fd, 1e-7, "finite differences")
     # jit-compatible, and the model is untouched.
     close(jax.jit(jax.grad(penalty))(variables)["l2.kernel"], second, 1e-12)
