@@ -171,6 +171,8 @@ class Tape:
         if self._state != "recording":
             raise GradprobeError("tape.watch must be called inside the `with` block.")
         if self._bk is not None:
+            if not _is_floating(tensor):
+                raise _validate.fail("tensor", tensor, "a floating-point tensor to watch.")
             self._bk.watch(tensor)
             return
         backend.watch(self._tape, tensor)

@@ -335,3 +335,11 @@ def test_tape_numpy_inputs_parameter_free_layer_and_no_grad_context():
         g_r, g_x = tape.gradient(loss, ["r", "inputs"])
     close(g_r, ref_a, 1e-6, "parameter-free layer")
     close(g_x, ref_x, 1e-6, "numpy inputs")
+    # tape.watch on a plain tensor, like tf.GradientTape.watch
+    scale = torch.tensor(3.0, dtype=torch.float32)
+    with gp.Tape(model, watch=[]) as tape:
+        tape.watch(scale)
+        loss = torch.sum(model(_t(x)) * scale)
+        with pytest.raises(gp.GradprobeError, match="Expected `tensor`"):
+            tape.watch(np.ones(3))
+    close(tape.gradient(loss, scale), torch.sum(model(_t(x))), 1e-6, "watched tensor")
