@@ -111,6 +111,9 @@ def test_hvp_weights_activations_inputs_against_jax_hessian(x64):
                             (jnp.asarray(va), jnp.asarray(vs["l2.kernel"])))
     close(mixed["l1"], r_a, 1e-10, "mixed activation")
     close(mixed["l2.kernel"], r_k, 1e-10, "mixed kernel")
+    for w, b in zip(model.trainable_variables, tv):  # the model is untouched
+        np.testing.assert_array_equal(np.asarray(w.value), np.asarray(b))
+    assert "call" not in vars(model.get_layer("l1")) and _patch.active_wrappers() == 0
 
 
 def test_hvp_matches_finite_differences_of_gradients(x64):

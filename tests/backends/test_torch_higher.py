@@ -181,6 +181,7 @@ def test_hvp_weights_activations_inputs_against_double_backward(x64):
     rng = np.random.default_rng(3)
     l1, l2 = model.get_layer("l1"), model.get_layer("l2")
     k1 = l1.kernel
+    before = arr(k1.value).copy()
     v = rng.normal(size=tuple(k1.shape))
     h = gp.hvp(model, x, 0, "l1.kernel", v)["l1.kernel"]
     H = torch.autograd.functional.hessian(
@@ -211,6 +212,9 @@ def test_hvp_weights_activations_inputs_against_double_backward(x64):
     close(hx, torch.einsum("ijkl,kl->ij", Hx, _t(vx)), 1e-6, "inputs")
     with pytest.raises(gp.GradprobeError, match="same shape as the gradient of 'l1'"):
         gp.hvp(model, x, 0, "l1", np.ones((4, 4)))
+    # the model is untouched: weights, no instance-level `call`, no hook left
+    np.testing.assert_array_equal(arr(k1.value), before)
+    assert "call" not in vars(l1) and _patch.active_wrappers() == 0
 
 
 # ------------------------------------------------------------------- jacobian
