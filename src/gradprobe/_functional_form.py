@@ -20,6 +20,7 @@ Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -28,6 +29,8 @@ import numpy as np
 from gradprobe import _functional, _validate, backends, engine
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.targets import PositionTarget, make_target
+
+_COMPILED: dict[int, dict] = {}  # id(prepared signature) -> name -> compiled function
 
 
 class FunctionalForm:
@@ -109,9 +112,11 @@ class FunctionalForm:
         which holds the model and the target strongly)."""
         prep = self._prep
         with prep.lock:
-            # (stored on the prepared signature of the cached request, which lives
-            # as long as the request does)
-            store = prep.__dict__.setdefault("_higher", {})
+            # Kept as long as the prepared signature of the cached request lives.
+            store = _COMPILED.get(id(prep))
+            if store is None:
+                store = _COMPILED[id(prep)] = {}
+                weakref.finalize(prep, _COMPILED.pop, id(prep), None)
             if name not in store:
                 store[name] = make(self._request, prep)
             return store[name]
