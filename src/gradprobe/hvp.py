@@ -7,7 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _validate, backend
+from gradprobe import _validate
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.tape import Tape

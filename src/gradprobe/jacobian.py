@@ -7,7 +7,8 @@ from typing import Any
 
 import keras
 
-from gradprobe import _validate, backend
+from gradprobe import _validate
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import ensure_built, prepare_inputs
 from gradprobe.errors import GradprobeError
 from gradprobe.selectors import LayerTree

@@ -16,7 +16,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backend
+from gradprobe import _validate
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import gradients as compute_gradients
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients

@@ -7,7 +7,8 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch, _validate, backend, capture
+from gradprobe import _patch, _validate, capture
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import to_specs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree, resolve
