@@ -17,33 +17,11 @@ if keras.backend.backend() != "jax":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backend_helpers import Twice, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _functional, _patch  # noqa: E402
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
-
-
-@pytest.fixture
-def x64():
-    """float64 Keras models on JAX (JAX truncates float64 to float32 without x64)."""
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        jax.config.update("jax_enable_x64", False)
 
 
 def values(model):
@@ -190,18 +168,6 @@ def test_functional_multi_input_with_nested_model():
         jnp.asarray(x[1]))
     close(g["inputs:1"], x1)
     close(g["pa.kernel"], weight_grad(model, model.get_layer("pa").kernel, x, objective))
-
-
-class Twice(keras.Model):
-    """A subclassed model calling one Dense layer twice."""
-
-    def __init__(self):
-        super().__init__(name="twice")
-        self.shared = layers.Dense(3, activation="tanh", name="shared")
-        self.head = layers.Dense(2, name="head")
-
-    def call(self, x):
-        return self.head(self.shared(self.shared(x)) * 2.0)
 
 
 def test_shared_layer_one_result_per_call_subclassed():

@@ -16,22 +16,11 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
+from backend_helpers import Twice, arr, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _patch  # noqa: E402
-
-
-def arr(t):
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
 
 
 def values(model):
@@ -155,16 +144,6 @@ def test_functional_multi_input_nested_model():
     close(g["inputs:1"], grad_at(
         lambda v: objective(model.stateless_call(tv, ntv, [torch.as_tensor(x[0]), v])[0]), x[1]))
     close(g["pa.kernel"], weight_grad(model, model.get_layer("pa").kernel, x, objective))
-
-
-class Twice(keras.Model):
-    def __init__(self):
-        super().__init__(name="twice")
-        self.shared = layers.Dense(3, activation="tanh", name="shared")
-        self.head = layers.Dense(2, name="head")
-
-    def call(self, x):
-        return self.head(self.shared(self.shared(x)) * 2.0)
 
 
 def test_shared_layer_one_result_per_call():
