@@ -45,6 +45,7 @@ Keras API gradprobe uses is in `gradprobe.backends._keras_private`.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 from types import ModuleType
@@ -75,6 +76,20 @@ def get() -> ModuleType:
             f"gradprobe has no functional backend for Keras backend {current!r}; "
             f"{SUPPORTED_ELSEWHERE} (and everything on 'tensorflow').")
     return importlib.import_module(f"gradprobe.backends.{current}")
+
+
+_LIBRARIES = {"tensorflow": ("TensorFlow", "tensorflow"), "jax": ("JAX", "jax"),
+              "torch": ("PyTorch", "torch")}
+
+
+def version() -> str:
+    """The backend library and its version, for reports (`"TensorFlow 2.21.0"`)."""
+    current = name()
+    label, dist = _LIBRARIES.get(current, (current, current))
+    try:
+        return f"{label} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return label
 
 
 def composite_kind(x: object) -> str | None:
