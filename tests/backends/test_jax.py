@@ -715,3 +715,18 @@ def test_float16_models_are_refused_not_underflowed():
         keras.config.set_dtype_policy(old)
     with pytest.raises(gp.GradprobeError, match="float16.*not supported on the jax backend"):
         gp.gradients(model, np.ones((2, 3), "float32"), 0, "d")
+
+
+def test_write_report_without_attribution(tmp_path):
+    # The report itself runs on JAX (its attribution maps need gp.saliency/gp.grad_cam).
+    model = mlp()
+    x = np.random.default_rng(21).normal(size=(4, 5)).astype("float32")
+    before = snapshot(model)
+    path = gp.write_report(str(tmp_path / "report.html"), model, x, 1, attribution=False)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"JAX {jax.__version__}" in text and "TensorFlow" not in text
+    for key in ("h.kernel", "out.bias"):
+        assert key in text
+    with pytest.raises(gp.GradprobeError, match="exists"):
+        gp.write_report(path, model, x, 1, attribution=False)
+    assert_sacred(model, before)

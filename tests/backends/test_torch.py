@@ -383,3 +383,18 @@ def test_stop_gradient_counts_as_unconnected():
     g = gp.gradients(model, x, 0, ["d1.kernel", "d2.kernel"], unconnected="zero")
     assert g.unconnected == ("d1.kernel",)
     assert not np.any(arr(g["d1.kernel"])) and np.any(arr(g["d2.kernel"]))
+
+
+def test_write_report_without_attribution(tmp_path):
+    # The report itself runs on PyTorch (its attribution maps need gp.saliency/gp.grad_cam).
+    model = mlp()
+    x = np.random.default_rng(21).normal(size=(4, 5)).astype("float32")
+    before = snapshot(model)
+    path = gp.write_report(str(tmp_path / "report.html"), model, x, 1, attribution=False)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"PyTorch {torch.__version__}" in text and "TensorFlow" not in text
+    for key in ("h.kernel", "out.bias"):
+        assert key in text
+    with pytest.raises(gp.GradprobeError, match="exists"):
+        gp.write_report(path, model, x, 1, attribution=False)
+    assert_sacred(model, before)
