@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -30,6 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
+from _common import timed  # noqa: E402
 from gradprobe import engine  # noqa: E402
 
 WRT = ["inputs", "conv2.kernel", "fc.kernel"]
@@ -70,12 +70,6 @@ def run_gp(model, batches):
 def run_hand(fn, batches):
     for x, c in batches:
         np.asarray(fn(x, c)[0])
-
-
-def timed(fn, *args) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn(*args)
-    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def gp_traces(model) -> int:

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,26 +49,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-
-CLASS = 0
-
-
-def small_cnn() -> keras.Model:
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((32, 32, 3))
-    h = inp
-    for i, f in enumerate([16, 32, 64]):
-        h = keras.layers.Conv2D(f, 3, padding="same", activation="relu", name=f"conv{i}")(h)
-        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
-        h = keras.layers.MaxPooling2D(name=f"pool{i}")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    h = keras.layers.Dense(64, activation="relu", name="fc")(h)
-    return keras.Model(inp, keras.layers.Dense(10, name="logits")(h), name="small_cnn")
-
-
-def resnet50(size: int) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    return keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+from _common import CLASS, resnet50, small_cnn, timed  # noqa: E402
 
 
 def handwritten(model: keras.Model):
@@ -118,12 +98,6 @@ def gradprobe_fn(model: keras.Model, wrt, per_example: bool = False):
         return jax.block_until_ready((dict(g), dict(g.activations), g.outputs))
 
     return run
-
-
-def timed(fn, x) -> tuple[float, float]:
-    w, c = time.perf_counter(), time.process_time()
-    fn(x)
-    return time.perf_counter() - w, time.process_time() - c
 
 
 def bench(name: str, model: keras.Model, x, rounds: int,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -30,6 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
+from _common import timed  # noqa: E402
 
 
 def cnn() -> keras.Model:
@@ -104,13 +104,15 @@ def baselines(model):
 
 def _time(fn, reps):
     """(wall, CPU) seconds per call; CPU counts every thread of the process."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        out = fn()
-        for v in (out.values() if hasattr(out, "values") and callable(out.values)
-                  else tf.nest.flatten(out)):
-            np.asarray(v)
-    return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
+    def run():
+        for _ in range(reps):
+            out = fn()
+            for v in (out.values() if hasattr(out, "values") and callable(out.values)
+                      else tf.nest.flatten(out)):
+                np.asarray(v)
+
+    wall, cpu = timed(run)
+    return wall / reps, cpu / reps
 
 
 def _medians(fns, rounds):

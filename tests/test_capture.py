@@ -411,7 +411,7 @@ def test_per_example_class_targets_of_every_batch_size_share_a_trace():
 def test_meta_is_decoded_once_per_trace_not_per_call(monkeypatch):
     """Keys, order and aliases are known when the trace runs: repeated calls
     reuse them without fetching and decoding the shipped JSON."""
-    from gradprobe import backend
+    from gradprobe.backends import tensorflow as backend
 
     model = _nested()
     engine.clear_cache()

@@ -10,7 +10,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe import backend
+from gradprobe.backends import tensorflow as backend
 from gradprobe.stats import diagnose, tensor_stats
 
 

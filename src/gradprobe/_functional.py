@@ -48,7 +48,7 @@ import numpy as np
 from gradprobe import _patch, _validate, backends, capture, engine
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
-from gradprobe.targets import PositionTarget, make_target, select_output
+from gradprobe.targets import make_target, select_output
 
 _SIGNATURES = 8  # input signatures kept per cached request
 
@@ -62,11 +62,6 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
     x = prepare_inputs(model, inputs)
     engine.ensure_built(model, x)
     tgt = make_target(target, engine.batch_size(x))
-    if isinstance(tgt, PositionTarget):
-        raise GradprobeError(
-            f"target=gp.at(...) is not supported on the {bk.NAME} backend yet; use an int "
-            "class, a sequence of ints, 'predicted', gp.loss(...) or a callable that picks "
-            f"the position itself ({backends.SUPPORTED_ELSEWHERE}).")
     entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
     engine._check_input_dtypes(model, x, entry.plan, _is_floating, _stand_in)
     with _lock:

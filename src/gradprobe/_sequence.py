@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 
+from gradprobe.backends import _keras_private
 from gradprobe.errors import quoted
 from gradprobe.selectors import LayerTree
 
@@ -15,9 +16,8 @@ from gradprobe.selectors import LayerTree
 def _input_names(tensor: Any) -> set[Any]:
     """The Input layers a symbolic tensor is computed from: each by its name, its
     tensor's name and its tensor's id (models name their inputs differently)."""
-    # Private Keras API: a KerasTensor's `_keras_history` (operation, node_index,
-    # tensor_index) and an operation's `_inbound_nodes[i].input_tensors` are how
-    # Keras 3 records the functional graph; there is no public way to walk it back.
+    # Private Keras API (gradprobe.backends._keras_private): a KerasTensor's history
+    # and an operation's recorded calls are how Keras 3 records the functional graph.
     names: set[str] = set()
     stack, seen = [tensor], set()
     while stack:
@@ -25,14 +25,14 @@ def _input_names(tensor: Any) -> set[Any]:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        history = getattr(t, "_keras_history", None)
+        history = _keras_private.keras_history(t)
         if history is None:
             continue
         op = history[0]
         if isinstance(op, keras.layers.InputLayer):
             names.update((op.name, getattr(t, "name", None), id(t)))
             continue
-        nodes = getattr(op, "_inbound_nodes", None) or []
+        nodes = _keras_private.inbound_nodes(op)
         if history[1] < len(nodes):
             stack.extend(keras.tree.flatten(nodes[history[1]].input_tensors))
     return names
@@ -54,7 +54,7 @@ def embedding_feeds(model: Any) -> dict[Any, list[str]]:
         except Exception:  # an ambiguous bare name: the full path is unique
             name = node.path
         # Private Keras API (see `_input_names`): the layer's recorded symbolic calls.
-        calls = getattr(node.layer, "_inbound_nodes", None) or []
+        calls = _keras_private.inbound_nodes(node.layer)
         lookups = [keras.tree.flatten(c.input_tensors) for c in calls]
         lookups = [t[0] for t in lookups
                    if t and "int" in str(getattr(t[0], "dtype", ""))]  # not a tied reverse call

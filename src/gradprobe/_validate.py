@@ -15,19 +15,43 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from gradprobe import backends
 from gradprobe.errors import GradprobeError
 
 INT32_MAX = 2**31 - 1
 
 
+def _is_tensor(value: Any) -> bool:
+    """A tensor (or variable) of the Keras backend in use."""
+    return keras.ops.is_tensor(value) or isinstance(value, keras.Variable)
+
+
+def _dtype_name(value: Any) -> str:
+    """The standard dtype name of a tensor or array (`"float32"`, `"string"`...)."""
+    dtype = getattr(value, "dtype", value)
+    try:
+        return keras.backend.standardize_dtype(dtype)
+    except (ValueError, TypeError, AttributeError):
+        return str(getattr(dtype, "name", dtype))
+
+
+def _is_float(value: Any) -> bool:
+    return keras.backend.is_float_dtype(_dtype_name(value))
+
+
+def _is_int(value: Any) -> bool:
+    return keras.backend.is_int_dtype(_dtype_name(value))
+
+
 def shown(value: Any, limit: int = 80) -> str:
     """`repr(value)`, shortened for arrays and long values (small arrays show their values)."""
-    if isinstance(value, (np.ndarray, tf.Tensor, tf.Variable)) or tf.is_tensor(value):
+    if isinstance(value, np.ndarray) or _is_tensor(value):
         size = getattr(value, "size", None)
         if size is None and hasattr(value, "shape") and hasattr(value.shape, "num_elements"):
-            size = value.shape.num_elements()
+            size = value.shape.num_elements()  # a TensorFlow shape
+        if callable(size):  # torch.Tensor.size()
+            size = math.prod(value.shape)
         ndim = len(getattr(value, "shape", ()) or ())
         if size is not None and 0 < size <= 16 and ndim <= 1 and (isinstance(value, np.ndarray)
                                                 or hasattr(value, "numpy")):
@@ -88,18 +112,19 @@ def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
 # --------------------------------------------------------------------- inputs
 def _leaf_problem(leaf: Any) -> str | None:
     """Why a leaf of `inputs` cannot be fed to the model, or `None`."""
-    if isinstance(leaf, (tf.SparseTensor, tf.compat.v1.SparseTensorValue)):
+    composite = backends.composite_kind(leaf)
+    if composite == "sparse":
         return ("a SparseTensor: gradprobe needs dense inputs. Convert it with "
                 "tf.sparse.to_dense(x) (or keras.ops.convert_to_tensor).")
-    if isinstance(leaf, (tf.RaggedTensor, tf.compat.v1.ragged.RaggedTensorValue)):
+    if composite == "ragged":
         return ("a RaggedTensor: gradprobe needs dense inputs with a leading batch axis. Pad it "
                 "with x.to_tensor() (and mask the padding in the model if needed).")
     if leaf is None:
         return "None: every input of the model needs a value."
-    if tf.is_tensor(leaf) or isinstance(leaf, tf.Variable):
-        dtype = tf.as_dtype(leaf.dtype)
-        if dtype.is_complex:
-            return (f"complex ({dtype.name}): Keras layers compute in real dtypes and "
+    if _is_tensor(leaf):
+        dtype = _dtype_name(leaf)
+        if dtype.startswith("complex"):
+            return (f"complex ({dtype}): Keras layers compute in real dtypes and "
                     "gradients of complex inputs are not defined here. Pass the real and "
                     "imaginary parts as two real inputs (or channels).")
         return None
@@ -138,8 +163,8 @@ def _leaves(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [leaf for k in value for leaf in _leaves(value[k])]
     if isinstance(value, (list, tuple)) and any(
-            isinstance(v, (list, tuple, dict)) or tf.is_tensor(v)
-            or isinstance(v, (np.ndarray, tf.SparseTensor, tf.RaggedTensor)) for v in value):
+            isinstance(v, (list, tuple, dict, np.ndarray)) or _is_tensor(v)
+            or backends.composite_kind(v) is not None for v in value):
         return [leaf for v in value for leaf in _leaves(v)]
     return [value]
 
@@ -153,7 +178,7 @@ def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
     sizes = []
     specs = spec_dtypes if spec_dtypes and len(spec_dtypes) == len(leaves) else [None] * len(leaves)
     for leaf, spec in zip(leaves, specs):
-        if spec is not None and tf.as_dtype(leaf.dtype) == tf.string and spec != "string":
+        if spec is not None and _dtype_name(leaf) == "string" and spec != "string":
             raise GradprobeError(
                 f"Expected `{name}` to be numeric: the model takes {spec} inputs, and got "
                 f"strings. Preprocess the text first (e.g. a keras.layers.TextVectorization "
@@ -185,14 +210,14 @@ def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
 def differentiable_input(key: str, leaf: Any, hint: str) -> None:
     """A gradient with respect to the input `key` needs a floating dtype."""
     dtype = getattr(leaf, "dtype", None)
-    dtype = tf.as_dtype(dtype) if dtype is not None else None
-    if dtype is not None and dtype.is_floating:
+    dtype = _dtype_name(dtype) if dtype is not None else None
+    if dtype is not None and keras.backend.is_float_dtype(dtype):
         return
-    if dtype is not None and dtype == tf.string:
+    if dtype == "string":
         raise GradprobeError(
             f"{key!r} has dtype string: text has no gradient. Differentiate with respect to "
             "the first layer that turns it into floats (an embedding's output).")
-    if dtype is not None and dtype == tf.bool:
+    if dtype == "bool":
         raise GradprobeError(
             f"{key!r} has dtype bool: boolean inputs have no gradient. Pass them as floats "
             f"(x.astype('float32')) to differentiate with respect to them.{hint}")
@@ -310,7 +335,7 @@ def numeric_array(name: str, value: Any, meaning: str) -> np.ndarray:
     """A real-valued (int, float or bool) array-like."""
     if value is None:
         raise fail(name, value, f"{meaning}, not None.")
-    if isinstance(value, (tf.SparseTensor, tf.RaggedTensor)):
+    if backends.composite_kind(value) is not None:
         raise fail(name, value, f"{meaning}, as a dense array.")
     try:
         arr = np.asarray(value)
@@ -325,8 +350,7 @@ def tensor(name: str, value: Any, meaning: str) -> Any:
     """A tensor (or variable) of a real floating dtype."""
     if isinstance(value, keras.Variable):
         value = value.value
-    if not (tf.is_tensor(value) or isinstance(value, tf.Variable)) or \
-            not tf.as_dtype(value.dtype).is_floating:
+    if not _is_tensor(value) or not _is_float(value):
         raise fail(name, value, f"a floating-point tensor, {meaning}.")
     return value
 
@@ -340,9 +364,9 @@ def baseline(value: Any, x: Any, name: str = "baseline") -> None:
     """A baseline the same shape as the inputs `x`, or broadcastable to it, and real."""
     if value is None:
         return
-    arr = value if tf.is_tensor(value) else numeric_array(name, value, "the reference input")
-    if tf.is_tensor(arr) and not (arr.dtype.is_floating or arr.dtype.is_integer):
-        raise fail(name, value, f"a real-valued array like the inputs ({x.dtype.name}).")
+    arr = value if _is_tensor(value) else numeric_array(name, value, "the reference input")
+    if _is_tensor(arr) and not (_is_float(arr) or _is_int(arr)):
+        raise fail(name, value, f"a real-valued array like the inputs ({_dtype_name(x)}).")
     try:
         out = np.broadcast_shapes(_shape(arr), _shape(x))
     except ValueError:
@@ -357,15 +381,16 @@ def like(name: str, value: Any, ref: Any, what: str) -> Any:
     """`value` as a tensor with `ref`'s shape and dtype (real values only)."""
     if isinstance(value, keras.Variable):
         value = value.value
-    if tf.is_tensor(value):
-        if not (value.dtype.is_floating or value.dtype.is_integer):
+    if _is_tensor(value):
+        if not (_is_float(value) or _is_int(value)):
             raise fail(name, value, f"a real-valued tensor shaped like {what} {_shape(ref)}.")
         tensor = value
     else:
-        tensor = tf.convert_to_tensor(numeric_array(name, value, f"a tensor shaped like {what}"))
+        tensor = keras.ops.convert_to_tensor(
+            numeric_array(name, value, f"a tensor shaped like {what}"))
     if _shape(tensor) != _shape(ref):
         raise fail(name, value, f"a tensor of the same shape as {what}, {_shape(ref)}.")
-    return tf.cast(tensor, ref.dtype)
+    return keras.ops.cast(tensor, _dtype_name(ref))
 
 
 def channel_axis(value: Any, rank: int | None = None, layer: str = "the layer") -> int:

@@ -15,7 +15,9 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch, backend
+from gradprobe import _patch
+from gradprobe.backends import _keras_private
+from gradprobe.backends import tensorflow as backend
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.targets import Target, select_output
 
@@ -496,7 +498,7 @@ def expected_inputs(model: Any) -> str:
     if specs:
         shapes = [tuple(s.shape) for s in specs]
         return f"input shape {shapes[0] if len(shapes) == 1 else shapes}"
-    shapes = getattr(model, "_build_shapes_dict", None)
+    shapes = _keras_private.build_shapes(model)  # private Keras API, see there
     if shapes:
         return "input shape " + ", ".join(f"{v}" for v in shapes.values())
     return "inputs of the shape it was built with"

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        from gradprobe import _validate
+        from gradprobe import _validate, backends
 
-        _validate.backend_supported("The gradprobe command")
+        # On JAX and PyTorch each command runs as far as the functions it calls do;
+        # one that is not supported there yet says so (a one-line GradprobeError).
+        _validate.backend_supported("The gradprobe command", backends.FUNCTIONAL)
         return args.run(args)
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)

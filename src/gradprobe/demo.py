@@ -138,9 +138,18 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
+    # The GradientMonitor runs on TensorFlow only so far: elsewhere the demo trains
+    # without it and says so (no gradients.csv, gradient_history.png).
+    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"]) \
+        if keras.backend.backend() == "tensorflow" else None
+    if monitor is None:
+        for name in ("gradients.csv", "gradient_history.png"):
+            del files[name]
     console.print(f"[bold]gradprobe demo[/bold]: training {model.name} on {len(x_train)} bundled "
-                  f"8x8 digits ({len(x_test)} held out), GradientMonitor attached")
-    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"])
+                  f"8x8 digits ({len(x_test)} held out), " + (
+                      "GradientMonitor attached" if monitor is not None else
+                      f"on {keras.backend.backend()}: without the GradientMonitor "
+                      "(TensorFlow only so far)"))
     batch = 32
     steps = -(-len(x_train) // batch)
     start = time.perf_counter()
@@ -148,7 +157,8 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as bar:
         history = model.fit(x_train, y_train, batch_size=batch, epochs=epochs, verbose=0,
                             validation_data=(x_test, y_test),
-                            callbacks=[monitor, _Progress(bar, epochs, steps)])
+                            callbacks=[c for c in (monitor, _Progress(bar, epochs, steps))
+                                       if c is not None])
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0, batch_size=256)
     console.print(f"trained in {seconds:.1f} s; test accuracy {accuracy:.1%} on {len(x_test)} "
@@ -163,7 +173,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     if not findings:
         console.print("[green]No findings[/green]: no vanishing, exploding, non-finite or "
                       "dead gradients.")
-    for f in monitor.diagnose():
+    for f in monitor.diagnose() if monitor is not None else []:
         console.print(f"[yellow]during training[/yellow] {f.message}", highlight=False)
 
     images, labels = x_test[:8], y_test[:8]
@@ -173,7 +183,8 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     titles = [f"predicted {p}, label {t}" for p, t in zip(predicted, labels)]
     gp.plot.save_maps(files["gradcam.png"], images, maps, titles=titles)
     gp.plot.gradient_flow(g.stats(), g.kinds, files["gradient_flow.png"])
-    monitor.plot(files["gradient_history.png"])
+    if monitor is not None:
+        monitor.plot(files["gradient_history.png"])
     model.save(files["model.keras"])
     np.save(files["test_images.npy"], xb)
     np.save(files["test_labels.npy"], yb)
@@ -187,9 +198,11 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
                            "data": "8x8 optical handwritten digits (Alpaydin & Kaynak, "
                                    "UCI, CC BY 4.0), bundled"})
     console.print(f"\nReport: {os.path.abspath(files['report.html'])}")
+    during = "gradients during training (gradient_history.png, gradients.csv), " \
+        if monitor is not None else ""
     console.print(f"Also written to {os.path.abspath(out_dir)}: Grad-CAM overlays "
-                  "(gradcam.png), gradient flow (gradient_flow.png), gradients during training "
-                  "(gradient_history.png, gradients.csv), the trained model (model.keras) and "
-                  "a held-out batch (test_images.npy, test_labels.npy).")
+                  f"(gradcam.png), gradient flow (gradient_flow.png), {during}the trained "
+                  "model (model.keras) and a held-out batch (test_images.npy, "
+                  "test_labels.npy).")
     return {"test_accuracy": float(accuracy), "findings": findings, "files": files,
             "seconds": seconds}

@@ -17,7 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _sequence, _validate, backend, backends, capture
+from gradprobe import _sequence, _validate, backends, capture
+from gradprobe.backends import tensorflow as backend
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
 from gradprobe.selectors import (

@@ -9,8 +9,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _patch, _validate, backend
+from gradprobe import _patch, _validate
 from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree

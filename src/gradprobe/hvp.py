@@ -7,7 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _functional_form, _validate, backend, backends
+from gradprobe import _functional_form, _validate, backends
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.tape import Tape

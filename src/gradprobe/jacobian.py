@@ -8,7 +8,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _functional_form, _validate, backend, backends
+from gradprobe import _functional_form, _validate, backends
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import ensure_built, prepare_inputs
 from gradprobe.errors import GradprobeError
 from gradprobe.selectors import LayerTree

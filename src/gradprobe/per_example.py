@@ -48,7 +48,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _patch, _validate, backend, backends, capture
+from gradprobe import _patch, _validate, backends, capture
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import (
     _Entry,
     batch_size,

@@ -16,13 +16,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backend
+from gradprobe import _validate, backends
 from gradprobe.engine import gradients as compute_gradients
 from gradprobe.errors import GradprobeError
 from gradprobe.result import Gradients
 from gradprobe.selectors import LayerTree
 
 DEFAULT_WRT = ("inputs", "*", "*.weights")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor of any backend (or a variable, or an array) as a NumPy array."""
+    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "predicted", *,
@@ -76,7 +81,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
     >>> gp.write_report("report.html", model, x_test[:32], gp.loss("sparse_categorical_crossentropy", y_test[:32]),
     ...                 labels=y_test[:32], monitor=monitor, history=fit_history)
     """
-    _validate.backend_supported("gp.write_report")
+    _validate.backend_supported("gp.write_report", backends.FUNCTIONAL)
     import jinja2
 
     _validate.model(model)
@@ -182,7 +187,7 @@ def gradients_json(g: Gradients, findings: list | None = None) -> dict:
         g: The result.
         findings: `g.diagnose()` if already computed.
     """
-    target = backend.to_numpy(g.target)
+    target = _numpy(g.target)
     findings = g.diagnose() if findings is None else findings
     return {
         "target": target.tolist() if target.ndim else [float(target)],
@@ -201,7 +206,7 @@ def _facts(model: Any, inputs: Any, target: Any, g: Gradients, notes: dict | Non
              ("inputs", ", ".join(_shape(np.shape(t)) for t in _flat(inputs))),
              ("target", _target_text(target, g)),
              ("versions", f"gradprobe {_version()}, Keras {keras.__version__}, "
-                          f"TensorFlow {backend.version()}")]
+                          f"{backends.version()}")]
     return facts + [(str(k), str(v)) for k, v in (notes or {}).items()]
 
 
@@ -278,7 +283,7 @@ def _vocabulary_lookup(vocabulary: Any) -> Any:
 
 def _text(value: Any) -> Any:
     """A tokenizer's answer as Python text: tensors and bytes decoded."""
-    value = backend.to_numpy(value) if not isinstance(value, str | bytes) else value
+    value = _numpy(value) if not isinstance(value, str | bytes) else value
     if isinstance(value, np.ndarray):
         value = value.item() if value.size == 1 else value.tolist()
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
@@ -308,8 +313,8 @@ def token_scores(model: keras.Model, inputs: Any, target: Any = "predicted", *,
     key, selector = _token_input(model, inputs, vocabulary)
     # The whole batch: a per-example target (classes, a loss's labels) fits it as given.
     g = compute_gradients(model, inputs, target, [selector], output=output)
-    grad = backend.to_numpy(g[selector]).astype(np.float64)[:max_rows]
-    act = backend.to_numpy(g.activations[selector]).astype(np.float64)[:max_rows]
+    grad = _numpy(g[selector]).astype(np.float64)[:max_rows]
+    act = _numpy(g.activations[selector]).astype(np.float64)[:max_rows]
     scores = (grad * act).sum(axis=-1)
     ids = np.asarray(_by_key(inputs, key))[:max_rows]
     if scores.shape != ids.shape:
@@ -470,7 +475,7 @@ def describe_target(target: Any) -> str:
 
 
 def _target_text(target: Any, g: Gradients) -> str:
-    t = np.asarray(backend.to_numpy(g.target), dtype=np.float64)
+    t = np.asarray(_numpy(g.target), dtype=np.float64)
     value = f"{float(t.ravel()[0]):.4g}" if t.size == 1 else \
         f"mean {t.mean():.4g} over {t.size} values"
     return f"{describe_target(target)} ({value})"

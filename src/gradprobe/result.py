@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe import _validate, backend
+from gradprobe import _validate
+from gradprobe.backends import tensorflow as backend
 from gradprobe.errors import GradprobeError, closest, quoted
 from gradprobe.stats import Finding, diagnose, tensor_stats
 

@@ -34,6 +34,7 @@ from typing import Any
 import keras
 
 from gradprobe import _validate
+from gradprobe.backends import _keras_private
 from gradprobe.errors import GradprobeError, closest, quoted
 
 _CALL_INDEX = re.compile(r"^(?P<layer>.+)@(?P<call>\d+)$")
@@ -84,10 +85,7 @@ def _is_builtin(layer: Any) -> bool:
 
 
 def _children(layer: Any) -> list[Any]:
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is not None:
-        return list(flatten(include_self=False, recursive=False))
-    return list(getattr(layer, "_layers", []))  # pragma: no cover - older Keras
+    return _keras_private.child_layers(layer)  # private Keras API, see there
 
 
 class LayerTree:

@@ -8,7 +8,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _patch, _validate, backend, backends, capture
+from gradprobe import _patch, _validate, backends, capture
+from gradprobe.backends import tensorflow as backend
 from gradprobe.engine import to_specs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree, resolve

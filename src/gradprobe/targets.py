@@ -23,13 +23,20 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradprobe import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
-# The class, 'predicted', loss and callable targets compute with `keras.ops` and
-# run on every Keras backend; `gp.at` (PositionTarget) still uses TensorFlow.
+# Every target computes with `keras.ops` and runs on every Keras backend; on
+# TensorFlow, the row gather and arg-max go to `gradprobe.backends.tensorflow`
+# (`_pick`, `_argmax`), written so that `tf.vectorized_map` converts them.
+
+
+def _tf() -> Any:
+    """`gradprobe.backends.tensorflow` (imported on the TensorFlow backend only)."""
+    from gradprobe.backends import tensorflow
+
+    return tensorflow
 
 
 def _rank(x: Any) -> int | None:
@@ -59,20 +66,27 @@ def _argument(value: Any) -> Any:
 
 
 def _argmax(scores: Any) -> Any:
-    """Each row's arg-max class, int32 (`tf.argmax` on TensorFlow: Keras' `argmax`
-    adds ops that `tf.vectorized_map` cannot convert, which would force the
-    Jacobian fallback of `per_example=True`)."""
+    """Each row's arg-max class, int32 (on TensorFlow, `argmax_int32`: Keras'
+    `argmax` adds ops that `tf.vectorized_map` cannot convert, which would force
+    the Jacobian fallback of `per_example=True`)."""
     if keras.backend.backend() == "tensorflow":
-        return tf.argmax(scores, axis=-1, output_type=tf.int32)
+        return _tf().argmax_int32(scores)
     return keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
 
 
-def _pick(scores: Any, idx: Any) -> Any:
-    """`scores[i, idx[i]]` for each example `i` of a `(batch, classes)` tensor
-    (`per_row` on TensorFlow: faster to trace, and `tf.vectorized_map` converts it)."""
+def _pick(x: Any, idx: Any) -> Any:
+    """`x[i, idx[i]]` for each example `i` of a `(batch, n, ...)` tensor: a class
+    score of `(batch, classes)` scores, or a position of a `(batch, steps, classes)`
+    sequence (on TensorFlow, `per_row`: faster to trace, and `tf.vectorized_map`
+    converts it)."""
     if keras.backend.backend() == "tensorflow":
-        return per_row(scores, idx)
-    picked = keras.ops.take_along_axis(scores, keras.ops.expand_dims(idx, 1), axis=1)
+        return _tf().per_row(x, idx)
+    idx = keras.ops.expand_dims(idx, 1)
+    rank = _rank(x)
+    if rank > 2:  # one index per row, broadcast over the trailing axes
+        idx = keras.ops.reshape(idx, (-1,) + (1,) * (rank - 1))
+        idx = keras.ops.broadcast_to(idx, (keras.ops.shape(x)[0], 1, *keras.ops.shape(x)[2:]))
+    picked = keras.ops.take_along_axis(x, idx, axis=1)
     return keras.ops.squeeze(picked, axis=1)
 
 
@@ -171,17 +185,6 @@ def class_scores(out: Any, what: str, sequence_ok: bool = False,
     if rank > 2:
         out = keras.ops.sum(out, axis=tuple(range(1, rank - 1)))
     return out
-
-
-def per_row(x: Any, idx: Any) -> tf.Tensor:
-    """`x[i, idx[i]]` for every row `i`: `tf.gather(x, idx, axis=1, batch_dims=1)`,
-    written as a plain gather on the first two axes merged, whose gradient traces
-    about 2x faster than the batched gather's chain of reshapes and that
-    `tf.vectorized_map` still converts (a `gather_nd`, faster yet, would not:
-    pfor has no converter for its gradient, `ScatterNd`)."""
-    shape = tf.shape(x)
-    rows = tf.range(shape[0], dtype=idx.dtype) * tf.cast(shape[1], idx.dtype)
-    return tf.gather(tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0)), rows + idx)
 
 
 def sequence_error(what: str, shape: tuple, form: str = "'predicted'") -> str:
@@ -364,14 +367,14 @@ class PositionTarget(Target):
         args: dict[str, Any] = {}
         if spec.kind == "each":
             _per_example("position", spec.positions, batch_size, spec.position)
-            args["positions"] = tf.constant(spec.positions, tf.int32)
+            args["positions"] = _argument(np.asarray(spec.positions, np.int32))
         if isinstance(spec.target, (int, np.integer)) and not isinstance(spec.target, str):
             self.classes = np.full((batch_size,), int(spec.target), np.int64)
         elif not isinstance(spec.target, str):
             self.classes = np.asarray(spec.target, np.int64)
             _per_example("target", self.classes, batch_size, spec.target)
         if self.classes is not None:
-            args["classes"] = tf.constant(self.classes, tf.int32)
+            args["classes"] = _argument(self.classes.astype(np.int32))
         fixed = spec.positions if spec.kind == "fixed" else None
         super().__init__(("position", spec.kind, fixed, self.classes is None, spec.log_prob),
                          args)
@@ -380,34 +383,36 @@ class PositionTarget(Target):
         # Only what the cache key fixes may be read from `self` here: a cached plan
         # keeps the first target of its key, and later calls only change `args`.
         what = "target=gp.at(...)"
-        if not out.dtype.is_floating or out.shape.rank is None or out.shape.rank < 3:
+        rank = _rank(out)
+        if not _is_floating(out) or rank is None or rank < 3:
             raise GradprobeError(
                 f"{what}: gp.at picks a position on axis 1 of a sequence output (batch, steps, "
                 f"classes); the selected output has shape {tuple(out.shape)} and dtype "
-                f"{out.dtype.name}. Use an int class or 'predicted' directly for a "
+                f"{_dtype(out)}. Use an int class or 'predicted' directly for a "
                 "(batch, classes) output.")
-        steps = tf.shape(out)[1]
+        shape = keras.ops.shape(out)  # static where known; on TensorFlow, a tensor if not
+        steps = shape[1]
         if self.spec.kind == "fixed":
-            pos = tf.fill([tf.shape(out)[0]], tf.constant(self.spec.positions, tf.int32))
+            pos = keras.ops.full((shape[0],), self.spec.positions, "int32")
         else:
             pos = args["positions"]
         # Positions are checked against the output's length after the run (`check`);
         # clipping keeps the gather from failing before that.
-        pos = tf.clip_by_value(pos, -steps, steps - 1)
-        pos = tf.where(pos < 0, pos + steps, pos)
-        picked = per_row(out, pos)
+        pos = keras.ops.clip(pos, -steps, steps - 1)
+        pos = keras.ops.where(pos < 0, pos + steps, pos)
+        picked = _pick(out, pos)
         scores = class_scores(picked, what, sequence_ok=True)
         if self.spec.log_prob:
-            scores = tf.nn.log_softmax(scores, axis=-1)
+            scores = keras.ops.log_softmax(scores, axis=-1)
         n = scores.shape[-1]
         if self.classes is None:
-            idx = tf.argmax(scores, axis=-1, output_type=tf.int32)
+            idx = _argmax(scores)
         else:
             idx = args["classes"]
             if n is not None:
-                idx = tf.minimum(idx, n - 1)  # checked against `n` after the run
-        value = per_row(scores, idx)
-        return value, tf.reduce_sum(value), {"num_classes": n, "steps": out.shape[1]}
+                idx = keras.ops.minimum(idx, n - 1)  # checked against `n` after the run
+        value = _pick(scores, idx)
+        return value, keras.ops.sum(value), {"num_classes": n, "steps": out.shape[1]}
 
     def check(self, meta):
         steps = meta.get("steps")
@@ -499,7 +504,7 @@ class CallableTarget(Target):
             raise GradprobeError(
                 f"The target callable returned a tensor of shape {shape}; it must be a "
                 f"scalar or one value per example, shape ({batch_size},). Reduce it, "
-                "e.g. lambda y: tf.reduce_sum(y[:, 3]) or lambda y: y[:, 3]."
+                "e.g. lambda y: keras.ops.sum(y[:, 3]) or lambda y: y[:, 3]."
             )
         if not _is_floating(value):
             raise GradprobeError(
@@ -533,9 +538,9 @@ def make_target(target: Any, batch_size: int) -> Target:
         raise _validate.fail(
             "target", target, f"gp.loss({type(target).__name__}(...), y_true): a loss object "
             "needs labels, so pass it through gp.loss instead of the bare loss.")
-    if callable(target) and not isinstance(target, (np.ndarray, tf.Tensor)):
+    if callable(target) and not (isinstance(target, np.ndarray) or keras.ops.is_tensor(target)):
         return CallableTarget(target)
-    if isinstance(target, (Sequence, np.ndarray, tf.Tensor)) or keras.ops.is_tensor(target):
+    if isinstance(target, (Sequence, np.ndarray)) or keras.ops.is_tensor(target):
         try:
             arr = np.asarray(target)
         except (ValueError, TypeError):

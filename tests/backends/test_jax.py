@@ -17,33 +17,11 @@ if keras.backend.backend() != "jax":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backend_helpers import Twice, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _functional, _patch  # noqa: E402
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
-
-
-@pytest.fixture
-def x64():
-    """float64 Keras models on JAX (JAX truncates float64 to float32 without x64)."""
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        jax.config.update("jax_enable_x64", False)
 
 
 def values(model):
@@ -190,18 +168,6 @@ def test_functional_multi_input_with_nested_model():
         jnp.asarray(x[1]))
     close(g["inputs:1"], x1)
     close(g["pa.kernel"], weight_grad(model, model.get_layer("pa").kernel, x, objective))
-
-
-class Twice(keras.Model):
-    """A subclassed model calling one Dense layer twice."""
-
-    def __init__(self):
-        super().__init__(name="twice")
-        self.shared = layers.Dense(3, activation="tanh", name="shared")
-        self.head = layers.Dense(2, name="head")
-
-    def call(self, x):
-        return self.head(self.shared(self.shared(x)) * 2.0)
 
 
 def test_shared_layer_one_result_per_call_subclassed():
@@ -420,6 +386,83 @@ def test_target_errors_are_gradprobe_errors():
         gp.gradients(model, x, lambda o: o, "h")  # not scalar / per example
     with pytest.raises(gp.GradprobeError, match="gp.at"):
         gp.gradients(model, x, gp.at(0, 1), "h")
+
+
+# ------------------------------------------------------------ gp.at positions
+def sequence_model():
+    """A token classifier: (batch, 5 steps, 3 features) -> (batch, 5, 4 classes)."""
+    keras.utils.set_random_seed(12)
+    return keras.Sequential([keras.Input((5, 3)), layers.Dense(6, activation="tanh", name="h"),
+                             layers.Dense(4, name="out")], name="tagger")
+
+
+POSITION_FORMS = ["fixed_last", "each_position_each_class", "predicted", "predicted_log_prob",
+                  "last_with_mask", "position_out_of_range"]
+
+
+def position_case(form, out):
+    """`(gp.at target, the positions and classes it picks, whether log-softmax)`; the
+    classes of "predicted" are read off the concrete output (an arg-max has no gradient)."""
+    rows = np.arange(out.shape[0])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], "int32")
+    if form == "fixed_last":
+        return gp.at(-1, 2), np.full(3, 4), np.full(3, 2), False
+    if form == "each_position_each_class":
+        return gp.at([0, 3, 4], [1, 0, 3]), np.array([0, 3, 4]), np.array([1, 0, 3]), False
+    if form == "predicted":
+        return gp.at(2), np.full(3, 2), out[rows, 2].argmax(-1), False
+    if form == "predicted_log_prob":
+        return gp.at(1, "predicted", log_prob=True), np.full(3, 1), out[rows, 1].argmax(-1), True
+    if form == "last_with_mask":
+        return gp.at("last", [3, 1, 0], mask=mask), np.array([4, 2, 0]), np.array([3, 1, 0]), \
+            False
+    raise AssertionError(form)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("form", POSITION_FORMS[:-1])
+def test_position_targets_against_hand_written_jax(form, compile):
+    model = sequence_model()
+    x = np.random.default_rng(13).normal(size=(3, 5, 3)).astype("float32")
+    out = np.asarray(model(x))
+    before = snapshot(model)
+    target, pos, cls, log_prob = position_case(form, out)
+
+    def objective(y):
+        scores = y[jnp.arange(3), jnp.asarray(pos)]
+        if log_prob:
+            scores = jax.nn.log_softmax(scores, axis=-1)
+        return jnp.sum(scores[jnp.arange(3), jnp.asarray(cls)])
+
+    g = gp.gradients(model, x, target, ["h", "out.kernel", "inputs"], compile=compile)
+    h = model.get_layer("h")(x)
+    close(g["h"], jax.grad(lambda v: objective(model.get_layer("out")(v)))(h), 1e-5, form)
+    close(g["out.kernel"], weight_grad(model, model.get_layer("out").kernel, x, objective),
+          1e-5, form)
+    close(g["inputs"], input_grad(model, jnp.asarray(x), objective), 1e-5, form)
+    scores = out[np.arange(3), pos]
+    if log_prob:
+        scores = np.asarray(jax.nn.log_softmax(scores, axis=-1))
+    close(g.target, scores[np.arange(3), cls], 1e-6, form)
+    assert_sacred(model, before)
+
+
+def test_position_target_errors_and_per_example():
+    model = sequence_model()
+    x = np.random.default_rng(14).normal(size=(3, 5, 3)).astype("float32")
+    with pytest.raises(gp.GradprobeError, match="position"):
+        gp.gradients(model, x, gp.at(5, 0), "h")  # 5 steps: positions -5..4
+    with pytest.raises(gp.GradprobeError, match="target"):
+        gp.gradients(model, x, gp.at(0, 4), "h")  # 4 classes
+    with pytest.raises(gp.GradprobeError, match="sequence output"):
+        gp.gradients(mlp(), np.ones((2, 5), "float32"), gp.at(0, 1), "h")
+    # One value per example: per-example weight gradients sum to the batch gradient.
+    g = gp.gradients(model, x, gp.at([4, 0, 2], 1), "out.kernel", per_example=True)
+    batch = gp.gradients(model, x, gp.at([4, 0, 2], 1), "out.kernel")
+    assert np.asarray(g["out.kernel"]).shape == (3, 6, 4)
+    close(np.asarray(g["out.kernel"]).sum(axis=0), batch["out.kernel"], 1e-5)
+    one = gp.gradients(model, x[1:2], gp.at([0], 1), "out.kernel")
+    close(np.asarray(g["out.kernel"])[1], one["out.kernel"], 1e-5)
 
 
 # ----------------------------------------------------------------- unconnected
@@ -672,3 +715,18 @@ def test_float16_models_are_refused_not_underflowed():
         keras.config.set_dtype_policy(old)
     with pytest.raises(gp.GradprobeError, match="float16.*not supported on the jax backend"):
         gp.gradients(model, np.ones((2, 3), "float32"), 0, "d")
+
+
+def test_write_report_without_attribution(tmp_path):
+    # The report itself runs on JAX (its attribution maps need gp.saliency/gp.grad_cam).
+    model = mlp()
+    x = np.random.default_rng(21).normal(size=(4, 5)).astype("float32")
+    before = snapshot(model)
+    path = gp.write_report(str(tmp_path / "report.html"), model, x, 1, attribution=False)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"JAX {jax.__version__}" in text and "TensorFlow" not in text
+    for key in ("h.kernel", "out.bias"):
+        assert key in text
+    with pytest.raises(gp.GradprobeError, match="exists"):
+        gp.write_report(path, model, x, 1, attribution=False)
+    assert_sacred(model, before)

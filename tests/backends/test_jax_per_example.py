@@ -17,32 +17,11 @@ if keras.backend.backend() != "jax":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backend_helpers import rel_close as close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _functional  # noqa: E402
-
-
-@pytest.fixture
-def x64():
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        jax.config.update("jax_enable_x64", False)
-
-
-def close(a, b, rtol=1e-6, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(float(np.abs(b).max()), 1e-12)
-    err = float(np.abs(a - b).max())
-    assert err <= rtol * scale, f"{what}: max error {err} (scale {scale})"
 
 
 def loop(model, x, value_of, training=False, jit=False):

@@ -16,22 +16,11 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
+from backend_helpers import Twice, arr, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _patch  # noqa: E402
-
-
-def arr(t):
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
 
 
 def values(model):
@@ -157,16 +146,6 @@ def test_functional_multi_input_nested_model():
     close(g["pa.kernel"], weight_grad(model, model.get_layer("pa").kernel, x, objective))
 
 
-class Twice(keras.Model):
-    def __init__(self):
-        super().__init__(name="twice")
-        self.shared = layers.Dense(3, activation="tanh", name="shared")
-        self.head = layers.Dense(2, name="head")
-
-    def call(self, x):
-        return self.head(self.shared(self.shared(x)) * 2.0)
-
-
 def test_shared_layer_one_result_per_call():
     keras.utils.set_random_seed(11)
     model = Twice()
@@ -284,6 +263,75 @@ def test_target_forms(form):
         close(g.target, out[:, 3])
 
 
+# ------------------------------------------------------------ gp.at positions
+def sequence_model():
+    """A token classifier: (batch, 5 steps, 3 features) -> (batch, 5, 4 classes)."""
+    keras.utils.set_random_seed(12)
+    return keras.Sequential([keras.Input((5, 3)), layers.Dense(6, activation="tanh", name="h"),
+                             layers.Dense(4, name="out")])
+
+
+def position_case(form, out):
+    """`(gp.at target, the positions and classes it picks, whether log-softmax)`; the
+    classes of "predicted" are read off the concrete output (an arg-max has no gradient)."""
+    rows = np.arange(out.shape[0])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], "int32")
+    if form == "fixed_last":
+        return gp.at(-1, 2), np.full(3, 4), np.full(3, 2), False
+    if form == "each_position_each_class":
+        return gp.at([0, 3, 4], [1, 0, 3]), np.array([0, 3, 4]), np.array([1, 0, 3]), False
+    if form == "predicted":
+        return gp.at(2), np.full(3, 2), out[rows, 2].argmax(-1), False
+    if form == "predicted_log_prob":
+        return gp.at(1, "predicted", log_prob=True), np.full(3, 1), out[rows, 1].argmax(-1), True
+    if form == "last_with_mask":
+        return gp.at("last", [3, 1, 0], mask=mask), np.array([4, 2, 0]), np.array([3, 1, 0]), \
+            False
+    raise AssertionError(form)
+
+
+@pytest.mark.parametrize("form", ["fixed_last", "each_position_each_class", "predicted",
+                                  "predicted_log_prob", "last_with_mask"])
+def test_position_targets_against_autograd(form):
+    model = sequence_model()
+    x = np.random.default_rng(13).normal(size=(3, 5, 3)).astype("float32")
+    out = arr(model(x))
+    before = snapshot(model)
+    target, pos, cls, log_prob = position_case(form, out)
+    rows = torch.arange(3)
+
+    def objective(y):
+        scores = y[rows, torch.as_tensor(pos)]
+        if log_prob:
+            scores = torch.log_softmax(scores, dim=-1)
+        return scores[rows, torch.as_tensor(cls)].sum()
+
+    g = gp.gradients(model, x, target, ["h", "out.kernel", "inputs"])
+    close(g["h"], grad_at(lambda v: objective(model.get_layer("out")(v)),
+                          model.get_layer("h")(x)), 1e-5, form)
+    close(g["out.kernel"], weight_grad(model, model.get_layer("out").kernel, x, objective),
+          1e-5, form)
+    tv, ntv = values(model)
+    close(g["inputs"], grad_at(lambda v: objective(model.stateless_call(tv, ntv, v)[0]), x),
+          1e-5, form)
+    scores = torch.as_tensor(out[np.arange(3), pos])
+    if log_prob:
+        scores = torch.log_softmax(scores, dim=-1)
+    close(g.target, arr(scores)[np.arange(3), cls], 1e-6, form)
+    assert_sacred(model, before)
+
+
+def test_position_target_errors():
+    model = sequence_model()
+    x = np.random.default_rng(14).normal(size=(3, 5, 3)).astype("float32")
+    with pytest.raises(gp.GradprobeError, match="position"):
+        gp.gradients(model, x, gp.at(5, 0), "h")  # 5 steps: positions -5..4
+    with pytest.raises(gp.GradprobeError, match="target"):
+        gp.gradients(model, x, gp.at(0, 4), "h")  # 4 classes
+    with pytest.raises(gp.GradprobeError, match="sequence output"):
+        gp.gradients(mlp(), np.ones((2, 5), "float32"), gp.at(0, 1), "h")
+
+
 def test_unconnected_raise_and_zero():
     keras.utils.set_random_seed(23)
     inp = keras.Input((4,))
@@ -335,3 +383,18 @@ def test_stop_gradient_counts_as_unconnected():
     g = gp.gradients(model, x, 0, ["d1.kernel", "d2.kernel"], unconnected="zero")
     assert g.unconnected == ("d1.kernel",)
     assert not np.any(arr(g["d1.kernel"])) and np.any(arr(g["d2.kernel"]))
+
+
+def test_write_report_without_attribution(tmp_path):
+    # The report itself runs on PyTorch (its attribution maps need gp.saliency/gp.grad_cam).
+    model = mlp()
+    x = np.random.default_rng(21).normal(size=(4, 5)).astype("float32")
+    before = snapshot(model)
+    path = gp.write_report(str(tmp_path / "report.html"), model, x, 1, attribution=False)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"PyTorch {torch.__version__}" in text and "TensorFlow" not in text
+    for key in ("h.kernel", "out.bias"):
+        assert key in text
+    with pytest.raises(gp.GradprobeError, match="exists"):
+        gp.write_report(path, model, x, 1, attribution=False)
+    assert_sacred(model, before)

@@ -15,32 +15,11 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
+from backend_helpers import arr  # noqa: E402
+from backend_helpers import rel_close as close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-
-
-@pytest.fixture
-def float64():
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-
-
-def arr(t):
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-
-
-def close(a, b, rtol=1e-6, what=""):
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    err = float(np.abs(a - b).max())
-    assert err <= rtol * max(float(np.abs(b).max()), 1e-12), f"{what}: max error {err}"
 
 
 def loop(model, x, value_of):

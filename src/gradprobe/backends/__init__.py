@@ -35,14 +35,17 @@ uses and nothing else:
   in `origin` (an `Origin`), or `None`. A layer called there runs once per loop
   step in a traced body: a probe added there would be summed over steps.
 
-TensorFlow's primitives are still in `gradprobe.backend` (the tape-based capture
-of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and PyTorch's in
-`gradprobe.backends.torch`, the only modules that import `jax` and `torch`.
+TensorFlow's primitives are in `gradprobe.backends.tensorflow` (the tape-based
+capture of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and
+PyTorch's in `gradprobe.backends.torch`: the only modules that import
+`tensorflow`, `jax` and `torch` (a ruff rule keeps them there). Every private
+Keras API gradprobe uses is in `gradprobe.backends._keras_private`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 from types import ModuleType
@@ -73,6 +76,31 @@ def get() -> ModuleType:
             f"gradprobe has no functional backend for Keras backend {current!r}; "
             f"{SUPPORTED_ELSEWHERE} (and everything on 'tensorflow').")
     return importlib.import_module(f"gradprobe.backends.{current}")
+
+
+_LIBRARIES = {"tensorflow": ("TensorFlow", "tensorflow"), "jax": ("JAX", "jax"),
+              "torch": ("PyTorch", "torch")}
+
+
+def version() -> str:
+    """The backend library and its version, for reports (`"TensorFlow 2.21.0"`)."""
+    current = name()
+    label, dist = _LIBRARIES.get(current, (current, current))
+    try:
+        return f"{label} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return label
+
+
+def composite_kind(x: object) -> str | None:
+    """`"sparse"` or `"ragged"` for TensorFlow's sparse and ragged tensors, which
+    no gradprobe function takes; `None` for anything else (and always when
+    TensorFlow is not imported: no such tensor can exist then)."""
+    if "tensorflow" not in sys.modules:
+        return None
+    from gradprobe.backends import tensorflow
+
+    return tensorflow.composite_kind(x)
 
 
 class Origin:

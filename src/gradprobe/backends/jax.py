@@ -153,7 +153,7 @@ def add_probe(x: Any, probe: Any) -> Any:
     """`x + probe`, with `x`'s Keras mask carried over to the result."""
     # Keras keeps the mask of a JAX array (which takes no attributes) in a table
     # keyed by the array's id (keras.src.backend.common.tensor_attributes).
-    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+    from gradprobe.backends._keras_private import get_keras_mask, set_keras_mask
 
     y = x + probe
     mask = get_keras_mask(x)

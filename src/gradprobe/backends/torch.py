@@ -166,7 +166,7 @@ def add_probe(x: Any, probe: Any) -> Any:
     mask is carried over."""
     # Keras keeps masks in a table keyed by tensor id when a tensor takes no
     # attribute (keras.src.backend.common.tensor_attributes).
-    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+    from gradprobe.backends._keras_private import get_keras_mask, set_keras_mask
 
     if not isinstance(probe, Probe):  # a zero tensor (not made by this backend)
         y = x + probe

@@ -25,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _patch, _validate, backend
+from gradprobe import _patch, _validate
+from gradprobe.backends import tensorflow as backend
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor import hooks
 from gradprobe.monitor.layout import Skip, Status

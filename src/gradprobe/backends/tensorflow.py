@@ -1,15 +1,18 @@
-"""Everything that depends on the TensorFlow backend, in one place.
+"""TensorFlow's primitives: the only module of gradprobe that imports TensorFlow.
 
-The capture mechanism needs only a handful of primitives: a tape that records
-operations, a way to add a watched zero "probe" to a tensor, the gradient call,
-compilation, and a test for "are we in the same trace as the capture started
-in". JAX (`jax.grad` over the probes) and PyTorch (`requires_grad` probes) can
-provide the same primitives later without changes elsewhere.
+The tape-based capture (`gradprobe.capture`, `gradprobe.engine`) needs only a
+handful of primitives: a tape that records operations, a way to watch a fresh
+"probe" tensor, the gradient call, compilation, and a test for "are we in the
+same trace as the capture started in". The JAX and PyTorch backends
+(`gradprobe.backends.jax`, `gradprobe.backends.torch`) provide the functional
+capture's primitives (`gradprobe._functional`). Besides those, this module holds
+the few TensorFlow-specific pieces other modules dispatch to: the row gather and
+arg-max that `tf.vectorized_map` converts (`per_row`, `argmax_int32`) and the
+recognition of TensorFlow's sparse and ragged tensors (`composite_kind`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import types
 from typing import Any
@@ -18,7 +21,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe.backends import Origin  # noqa: F401 (capture uses backend.Origin)
+from gradprobe.backends import (
+    Origin,  # noqa: F401 (capture uses backend.Origin)
+    _keras_private,
+)
 
 NAME = "tensorflow"
 
@@ -69,10 +75,9 @@ def probe(tape: tf.GradientTape, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     y = tf.identity(x)
     tape.watch(y)
     p = y
-    mask = getattr(x, "_keras_mask", None)
+    mask = _keras_private.get_keras_mask(x)
     if mask is not None:
-        with contextlib.suppress(AttributeError):
-            y._keras_mask = mask
+        _keras_private.set_keras_mask(y, mask)
     return y, p
 
 
@@ -181,9 +186,7 @@ def in_capture_context(token: Any) -> bool:
     Calls on symbolic tensors (Keras building a model), inside a scratch graph,
     or in the body of a control-flow loop run elsewhere and are not captured.
     """
-    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
-
-    if in_symbolic_scope():
+    if _keras_private.in_symbolic_scope():
         return False
     if token is None:
         return tf.executing_eagerly()
@@ -283,3 +286,32 @@ def static_shape(x: Any) -> tuple:
 def version() -> str:
     """The backend's version, for reports."""
     return tf.__version__
+
+
+# ------------------------------------------------ pieces other modules dispatch to
+def per_row(x: Any, idx: Any) -> tf.Tensor:
+    """`x[i, idx[i]]` for every row `i`: `tf.gather(x, idx, axis=1, batch_dims=1)`,
+    written as a plain gather on the first two axes merged, whose gradient traces
+    about 2x faster than the batched gather's chain of reshapes and that
+    `tf.vectorized_map` still converts (a `gather_nd`, faster yet, would not:
+    pfor has no converter for its gradient, `ScatterNd`)."""
+    shape = tf.shape(x)
+    rows = tf.range(shape[0], dtype=idx.dtype) * tf.cast(shape[1], idx.dtype)
+    return tf.gather(tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0)), rows + idx)
+
+
+def argmax_int32(scores: Any) -> tf.Tensor:
+    """Each row's arg-max class, int32 (Keras' `argmax` adds ops that
+    `tf.vectorized_map` cannot convert, which would force the Jacobian fallback
+    of `per_example=True`)."""
+    return tf.argmax(scores, axis=-1, output_type=tf.int32)
+
+
+def composite_kind(x: Any) -> str | None:
+    """`"sparse"` for a TensorFlow sparse tensor, `"ragged"` for a ragged one
+    (TensorFlow 1's value classes included), else `None`."""
+    if isinstance(x, (tf.SparseTensor, tf.compat.v1.SparseTensorValue)):
+        return "sparse"
+    if isinstance(x, (tf.RaggedTensor, tf.compat.v1.ragged.RaggedTensorValue)):
+        return "ragged"
+    return None

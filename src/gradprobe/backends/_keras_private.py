@@ -1,0 +1,87 @@
+"""Every use of a private Keras API in gradprobe, in one place.
+
+Keras 3 has no public way to do the few things below; each function says which
+private name it relies on (checked against Keras 3.15), so that a Keras upgrade
+that moves one breaks here and nowhere else. Nothing outside this module
+imports `keras.src` or reads a private attribute of a Keras object (a ruff rule
+bans `keras.src` outside `gradprobe/backends/`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def in_symbolic_scope() -> bool:
+    """True while Keras builds a model on symbolic tensors (a layer call there is
+    not a real forward pass).
+
+    Relies on `keras.src.backend.common.symbolic_scope.in_symbolic_scope` (the
+    global `"symbolic_scope"` attribute that `keras.SymbolicScope` sets).
+    """
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as inside
+
+    return inside()
+
+
+def get_keras_mask(x: Any) -> Any:
+    """The Keras mask attached to tensor `x`, or `None`.
+
+    Relies on `keras.src.backend.common.masking.get_keras_mask`: the mask is the
+    tensor's `_keras_mask` attribute, or, for tensors that take no attributes
+    (JAX arrays), an entry of a global table keyed by the tensor's id.
+    """
+    from keras.src.backend.common.masking import get_keras_mask as get
+
+    return get(x)
+
+
+def set_keras_mask(x: Any, mask: Any) -> None:
+    """Attaches the Keras mask `mask` to tensor `x` (the counterpart of
+    `get_keras_mask`; relies on `keras.src.backend.common.masking.set_keras_mask`)."""
+    from keras.src.backend.common.masking import set_keras_mask as put
+
+    put(x, mask)
+
+
+def build_shapes(model: Any) -> dict | None:
+    """The input shapes a built subclassed model was built with, by argument name
+    (`None` if unknown).
+
+    Relies on `Layer._build_shapes_dict`, which Keras 3 fills when `build` runs
+    from the first call (used for error messages only).
+    """
+    return getattr(model, "_build_shapes_dict", None)
+
+
+def child_layers(layer: Any) -> list[Any]:
+    """The layers directly inside `layer` (a model's layers, a wrapper's layer,
+    the layers tracked as attributes of a subclassed layer), in tracking order.
+
+    Relies on `Layer._flatten_layers(include_self=False, recursive=False)`, Keras'
+    own walk of tracked sublayers (`Layer._layers` before it existed).
+    """
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=False))
+    return list(getattr(layer, "_layers", []))  # pragma: no cover - older Keras
+
+
+def keras_history(tensor: Any) -> Any:
+    """`(operation, node_index, tensor_index)` that produced a symbolic tensor
+    (`None` for other tensors).
+
+    Relies on `KerasTensor._keras_history`, how Keras 3 records the functional
+    graph; there is no public way to walk it back.
+    """
+    return getattr(tensor, "_keras_history", None)
+
+
+def inbound_nodes(operation: Any) -> list[Any]:
+    """The symbolic calls of a layer (or operation), each a `Node` with
+    `input_tensors`, in call order.
+
+    Relies on `Operation._inbound_nodes`, the other half of Keras 3's record of
+    the functional graph (see `keras_history`).
+    """
+    return list(getattr(operation, "_inbound_nodes", None) or [])
