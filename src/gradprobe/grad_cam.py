@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from gradprobe import _patch, _validate, backend
 from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
@@ -42,7 +43,6 @@ def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channe
 
     >>> cams = gp.grad_cam(model, images, "predicted", layer="conv5_block3_out")
     """
-    _validate.backend_supported("gp.grad_cam")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=False)
 
@@ -57,7 +57,6 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 
     Arguments and result as in `gp.grad_cam`.
     """
-    _validate.backend_supported("gp.grad_cam_plus_plus")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=True)
 
@@ -73,49 +72,55 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
     g = gradients(model, x, target, layer, output=output, training=training)
     key = layer_key(g, layer)
     A, dA = g.activations[key], g[key]
-    if A.shape.rank < 3:
+    rank = len(A.shape)
+    if rank < 3:
         raise GradprobeError(
             f"Layer {key!r} outputs shape {tuple(A.shape)}: Grad-CAM needs spatial feature "
             "maps (batch, ..., channels). Choose a convolutional layer.")
-    channel_axis = _validate.channel_axis(channel_axis, A.shape.rank, f"layer {key!r}")
-    if channel_axis not in (-1, A.shape.rank - 1):
-        perm = [0] + [i for i in range(1, A.shape.rank) if i != channel_axis % A.shape.rank] \
-            + [channel_axis % A.shape.rank]
-        A, dA = tf.transpose(A, perm), tf.transpose(dA, perm)
-    spatial = list(range(1, A.shape.rank - 1))
+    channel_axis = _validate.channel_axis(channel_axis, rank, f"layer {key!r}")
+    if channel_axis not in (-1, rank - 1):
+        perm = [0] + [i for i in range(1, rank) if i != channel_axis % rank] \
+            + [channel_axis % rank]
+        A, dA = ops.transpose(A, perm), ops.transpose(dA, perm)
+    spatial = tuple(range(1, rank - 1))
     if plus_plus:
-        g2, g3 = tf.square(dA), dA * tf.square(dA)
-        denom = 2.0 * g2 + tf.reduce_sum(A, axis=spatial, keepdims=True) * g3
-        alpha = tf.math.divide_no_nan(g2, denom)
-        weights = tf.reduce_sum(alpha * tf.nn.relu(dA), axis=spatial, keepdims=True)
+        g2, g3 = ops.square(dA), dA * ops.square(dA)
+        denom = 2.0 * g2 + ops.sum(A, axis=spatial, keepdims=True) * g3
+        alpha = ops.divide_no_nan(g2, denom)
+        weights = ops.sum(alpha * ops.relu(dA), axis=spatial, keepdims=True)
     else:
-        weights = tf.reduce_mean(dA, axis=spatial, keepdims=True)
-    cam = tf.reduce_sum(weights * A, axis=-1)
+        weights = ops.mean(dA, axis=spatial, keepdims=True)
+    cam = ops.sum(weights * A, axis=-1)
     if relu:
-        cam = tf.nn.relu(cam)
+        cam = ops.relu(cam)
     if upsample:
         cam = _upsample(cam, x, channel_axis)
     if normalize:
-        axes = list(range(1, cam.shape.rank))
-        lo = tf.reduce_min(cam, axis=axes, keepdims=True)
-        hi = tf.reduce_max(cam, axis=axes, keepdims=True)
-        cam = tf.math.divide_no_nan(cam - lo, hi - lo)
+        axes = tuple(range(1, len(cam.shape)))
+        lo = ops.min(cam, axis=axes, keepdims=True)
+        hi = ops.max(cam, axis=axes, keepdims=True)
+        cam = ops.divide_no_nan(cam - lo, hi - lo)
     return Attribution(cam, g.target, "grad_cam_plus_plus" if plus_plus else "grad_cam",
                        layer=key)
 
 
 def _upsample(cam: Any, x: Any, channel_axis: int) -> Any:
-    rank = x.shape.rank
+    """`cam` resized (bilinear, half-pixel centers, no antialiasing:
+    `keras.ops.image.resize`) to the input's spatial size."""
+    rank = len(x.shape)
     c = channel_axis % rank
-    size = [x.shape[i] for i in range(1, rank) if i != c]
-    if cam.shape.rank - 1 != len(size):
+    size = tuple(int(x.shape[i]) for i in range(1, rank) if i != c)
+    if len(cam.shape) - 1 != len(size):
         raise GradprobeError(
-            f"Cannot upsample a {cam.shape.rank - 1}-D map to an input with spatial shape "
-            f"{tuple(size)}; pass upsample=False.")
+            f"Cannot upsample a {len(cam.shape) - 1}-D map to an input with spatial shape "
+            f"{size}; pass upsample=False.")
+    resize = ops.image.resize
     if len(size) == 1:
-        return tf.image.resize(cam[:, None, :, None], [1, size[0]], "bilinear")[:, 0, :, 0]
+        return resize(cam[:, None, :, None], (1, size[0]), interpolation="bilinear",
+                      data_format="channels_last")[:, 0, :, 0]
     if len(size) == 2:
-        return tf.image.resize(cam[..., None], size, "bilinear")[..., 0]
+        return resize(cam[..., None], size, interpolation="bilinear",
+                      data_format="channels_last")[..., 0]
     raise GradprobeError("upsample=True supports 1-D and 2-D maps; pass upsample=False.")
 
 
