@@ -343,6 +343,16 @@ def on_tensorflow() -> bool:
     return not backends.is_functional()
 
 
+def mean(x: Any, axis: int | tuple[int, ...], keepdims: bool = False) -> Any:
+    """`keras.ops.mean`, except that on JAX and PyTorch it is a sum divided by
+    the count, since Keras' JAX `mean` computes float64 values in float32."""
+    if on_tensorflow():
+        return ops.mean(x, axis=axis, keepdims=keepdims)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    return ops.sum(x, axis=axes, keepdims=keepdims) / count
+
+
 def _index(idx: np.ndarray) -> Any:
     return ops.convert_to_tensor(np.asarray(idx, np.int32))
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from gradprobe import _patch, _validate, backend
-from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
+from gradprobe.attribution import Attribution, fixed_target, layer_key, mean, single_input
 from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree
@@ -89,7 +89,7 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
         alpha = ops.divide_no_nan(g2, denom)
         weights = ops.sum(alpha * ops.relu(dA), axis=spatial, keepdims=True)
     else:
-        weights = ops.mean(dA, axis=spatial, keepdims=True)
+        weights = mean(dA, axis=spatial, keepdims=True)
     cam = ops.sum(weights * A, axis=-1)
     if relu:
         cam = ops.relu(cam)

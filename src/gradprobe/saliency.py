@@ -14,6 +14,7 @@ from gradprobe.attribution import (
     fixed_target,
     input_gradients,
     layer_key,
+    mean,
     target_values,
 )
 from gradprobe.engine import gradients
@@ -30,7 +31,7 @@ def reduce_map(g: Any, absolute: bool, reduce_channels: str | None) -> Any:
     if reduce_channels == "max":
         return ops.max(g, axis=-1)
     if reduce_channels == "mean":
-        return ops.mean(g, axis=-1)
+        return mean(g, axis=-1)
     if reduce_channels == "sum":
         return ops.sum(g, axis=-1)
     raise GradprobeError(
