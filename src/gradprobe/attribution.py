@@ -186,7 +186,8 @@ def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) 
     selected = select_output(outputs, output, output_names(model), None, tgt)
     value, _, meta = tgt.compute(selected, tgt.args)
     tgt.check(meta)
-    return value
+    # (outside a capture PyTorch still records the graph of the weights: cut it)
+    return value if on_tensorflow() else ops.stop_gradient(value)
 
 
 # ---------------------------------------------------------------- batching
