@@ -1,5 +1,6 @@
 """TensorFlow's compiled helpers for the streamed attribution methods
-(`gradprobe.attribution.stream`: Integrated Gradients and SmoothGrad).
+(`gradprobe.attribution.stream`: Integrated Gradients and SmoothGrad), and the
+tape that `gp.grad_cam_layer` asks on TensorFlow (`grad_cam_records`).
 
 On TensorFlow each chunk of modified inputs is built and summed by these
 `tf.function`s (one trace per chunk shape, no eager per-op overhead); on JAX
@@ -9,8 +10,10 @@ Imported only when the Keras backend is TensorFlow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 
@@ -77,3 +80,62 @@ def gather(x: Any, idx: Any) -> Any:
 
 def executing_eagerly() -> bool:
     return tf.executing_eagerly()
+
+
+def _is_floating(x: Any) -> bool:
+    return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
+
+
+def grad_cam_records(model: Any, x: Any, output: Any,
+                     any_output: Any) -> tuple[list, Callable[[int], bool]]:
+    """`gp.grad_cam_layer`'s records on TensorFlow: `(records, depends)`,
+    `records` the (node, key, output) of each call of a leaf layer with one
+    floating output, in forward order, and `depends(i)` whether the selected
+    output (`any_output`: a stand-in target that takes any output) depends on
+    record `i`, asked of a persistent tape (a backward pass only over the layers
+    after that record)."""
+    from gradprobe import _patch
+    from gradprobe.errors import GradprobeError
+    from gradprobe.selectors import LayerTree
+    from gradprobe.targets import output_names, select_output
+
+    if not tf.executing_eagerly():
+        raise GradprobeError("gp.grad_cam_layer runs eagerly; call it outside tf.function.")
+    tree = LayerTree(model)
+    nodes = {id(n.layer): n for n in tree.leaves()}
+    output_node = None
+    if isinstance(output, str) and output not in output_names(model):
+        output_node = tree.find(output)
+        nodes.setdefault(id(output_node.layer), output_node)
+    records: list[tuple[Any, int, Any]] = []  # (node, call index, the one output leaf)
+    counts: dict[int, int] = {}
+
+    def hook(layer: Any, out: Any, args: tuple, kwargs: dict) -> Any:
+        leaves = keras.tree.flatten(out)
+        index = counts.get(id(layer), 0)
+        counts[id(layer)] = index + 1
+        if len(leaves) == 1 and _is_floating(leaves[0]) and hasattr(leaves[0], "numpy"):
+            tape.watch(leaves[0])
+            records.append((nodes[id(layer)], index, leaves[0]))
+        return out
+
+    with tf.GradientTape(persistent=True) as tape:
+        with _patch.wrapped_calls([n.layer for n in nodes.values()], hook), \
+                keras.StatelessScope():
+            outputs = model(x, training=False)
+        layer_value = None
+        if output_node is not None:
+            layer_value = next((t for n, _, t in records if n is output_node), None)
+        selected = select_output(outputs, output, output_names(model), layer_value, any_output)
+        floats = [t for t in keras.tree.flatten(selected) if _is_floating(t)]
+        if not floats:
+            raise GradprobeError("The selected output is not floating point: nothing to explain.")
+        objective = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in floats])
+
+    def key(node: Any, index: int) -> str:
+        return f"{node.path}@{index}" if counts[id(node.layer)] > 1 else node.path
+
+    def depends(i: int) -> bool:
+        return tape.gradient(objective, records[i][2]) is not None
+
+    return [(n, key(n, c), t) for n, c, t in records], depends
