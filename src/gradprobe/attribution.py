@@ -340,6 +340,14 @@ def _tf() -> Any:
     return tensorflow_attribution
 
 
+def __getattr__(name: str) -> Any:
+    """TensorFlow's compiled helpers, importable from here as before
+    (`from gradprobe.attribution import interpolate`; TensorFlow only)."""
+    if name in ("interpolate", "noisy", "accumulate"):
+        return getattr(_tf(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def on_tensorflow() -> bool:
     return not backends.is_functional()
 
@@ -370,7 +378,7 @@ def take_rows(x: Any, idx: np.ndarray) -> Any:
     return ops.take(x, _index(idx), axis=0)
 
 
-def interpolate(x: Any, base: Any, idx: np.ndarray, alpha: np.ndarray) -> Any:
+def interpolate_rows(x: Any, base: Any, idx: np.ndarray, alpha: np.ndarray) -> Any:
     """Rows `(1 - alpha) * base[idx] + alpha * x[idx]` (exactly `x` at alpha 1
     and `base` at 0), computed in float32 or wider and returned in `x`'s dtype."""
     if on_tensorflow():
@@ -383,7 +391,7 @@ def interpolate(x: Any, base: Any, idx: np.ndarray, alpha: np.ndarray) -> Any:
     return ops.cast((1 - a) * bs + a * xs, x.dtype)
 
 
-def noise_rows(shape: tuple, seed: int, j: int, rows: np.ndarray, dtype: str) -> np.ndarray:
+def numpy_noise(shape: tuple, seed: int, j: int, rows: np.ndarray, dtype: str) -> np.ndarray:
     """The SmoothGrad noise of rows `rows` of floating input number `j` on JAX and
     PyTorch: row `r` is `np.random.default_rng((seed, j, r)).standard_normal(shape)`
     (the same for a row whatever the chunking, and on both backends)."""
@@ -393,21 +401,21 @@ def noise_rows(shape: tuple, seed: int, j: int, rows: np.ndarray, dtype: str) ->
     return out
 
 
-def noisy(x: Any, scale: Any, idx: np.ndarray, rows: np.ndarray, seed: int, j: int) -> Any:
+def noisy_rows(x: Any, scale: Any, idx: np.ndarray, rows: np.ndarray, seed: int, j: int) -> Any:
     """Rows `x[idx] + scale[idx] * eps` for floating input number `j`: on
     TensorFlow, the noise of row `r` is `tf.random.stateless_normal(x.shape[1:],
-    seed=(seed + j, r))`; on JAX and PyTorch it is `noise_rows`."""
+    seed=(seed + j, r))`; on JAX and PyTorch it is `numpy_noise`."""
     if on_tensorflow():
         tf_ = _tf()
         return tf_.noisy(x, scale, tf_.constant(idx), tf_.constant(rows),
                          tf_.constant(np.int64(int(seed) + j)))
     wide = accumulator_dtype(x.dtype)
-    eps = ops.convert_to_tensor(noise_rows(tuple(x.shape)[1:], seed, j, rows, wide))
+    eps = ops.convert_to_tensor(numpy_noise(tuple(x.shape)[1:], seed, j, rows, wide))
     xs = ops.cast(take_rows(x, idx), wide)
     return ops.cast(xs + ops.cast(take_rows(scale, idx), wide) * eps, x.dtype)
 
 
-def accumulate(acc: list[Any], grads: list[Any], idx: np.ndarray, w: np.ndarray,
+def accumulate_rows(acc: list[Any], grads: list[Any], idx: np.ndarray, w: np.ndarray,
                n: int) -> list[Any]:
     """`acc[k][idx[j]] += w[j] * grads[k][j]` for every row `j` (in `acc`'s dtype)."""
     if on_tensorflow():
@@ -457,7 +465,7 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 idx, rep = r % n, r // n
                 w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
                 g, values = step(idx, rep, r)
-                acc = accumulate(acc, g, idx, w, n)
+                acc = accumulate_rows(acc, g, idx, w, n)
                 for k in keep:
                     at = np.nonzero(valid & (rep == k))[0]
                     if at.size:

@@ -17,7 +17,7 @@ from gradprobe.attribution import (
     chunk_rows,
     compiled_target_values,
     fixed_target,
-    interpolate,
+    interpolate_rows,
     layer_key,
     row_bytes,
     row_target,
@@ -139,7 +139,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
 
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             alphas = rule.alphas(k)
-            path = {i: interpolate(mi.leaves[i], bases[i], idx, alphas) for i in floating}
+            path = {i: interpolate_rows(mi.leaves[i], bases[i], idx, alphas) for i in floating}
             g = gradients(model, mi.rows(idx, path), row_target(target, idx), keys,
                           output=output, training=training)
             return [g[key] for key in keys], g.target
@@ -168,7 +168,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         at = _gradients_at()
 
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
-            path = interpolate(a_x, a_b, idx, rule.alphas(k))
+            path = interpolate_rows(a_x, a_b, idx, rule.alphas(k))
             g = at(model, mi.rows(idx), row_target(target, idx), key, path,
                    output=output, training=training)
             return [g[key]], g.target

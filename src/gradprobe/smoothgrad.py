@@ -17,7 +17,7 @@ from gradprobe.attribution import (
     chunk_rows,
     compiled_target_values,
     fixed_target,
-    noisy,
+    noisy_rows,
     row_bytes,
     row_target,
     stream,
@@ -98,7 +98,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
         seed = int(np.random.randint(0, 2**31 - 1))
 
     def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
-        new = {i: noisy(mi.leaves[i], scales[i], idx, r, int(seed), j)
+        new = {i: noisy_rows(mi.leaves[i], scales[i], idx, r, int(seed), j)
                for j, i in enumerate(floating)}
         g = gradients(model, mi.rows(idx, new), row_target(target, idx), keys, output=output,
                       training=training)
