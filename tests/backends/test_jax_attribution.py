@@ -216,6 +216,16 @@ def test_functional_gradients_at_replaces_the_activation(x64):
     close(g.target, np.asarray(model.get_layer("out")(v))[:, 2], what="target on the replacement")
     with pytest.raises(GradprobeError, match="replacement"):
         _functional.gradients_at(model, x, 2, "h", np.zeros((2, 6)))
+    # a shared layer: one call replaced ("d@1"); both calls at once is refused
+    keras.utils.set_random_seed(6)
+    d, out2 = layers.Dense(4, activation="sigmoid", name="d"), layers.Dense(2, name="out2")
+    inp = keras.Input((4,))
+    shared = keras.Model(inp, out2(d(d(inp))))
+    v2 = np.random.default_rng(7).normal(size=(2, 4))
+    expect2 = jax.grad(lambda a: jnp.sum(out2(a)[:, 1]))(jnp.asarray(v2))
+    close(_functional.gradients_at(shared, x, 1, "d@1", v2)["d@1"], expect2, what="d@1")
+    with pytest.raises(GradprobeError, match="replaced"):
+        _functional.gradients_at(shared, x, 1, "d", v2)
 
 
 # ------------------------------------------------------------------- SmoothGrad
