@@ -95,8 +95,10 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         batch_size: Evaluate this many interpolated inputs at a time (default:
             all `steps x batch` at once). Each chunk is built only when it is
             needed, so memory is bounded by `batch_size`, not by `steps`; every
-            chunk runs through one compiled function, and a progress bar shows
-            when there are several chunks.
+            chunk runs through one compiled function (a `tf.function` on
+            TensorFlow, one cached `jax.jit` trace per chunk shape on JAX,
+            eager autograd on PyTorch), and a progress bar shows when there
+            are several chunks.
         max_bytes: Refuse (with the numbers and the fix) a request whose chunk
             of interpolated inputs and their gradients would need more than this
             many bytes; default: the memory available now. The model's own
