@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.attribution import accumulate, interpolate, noisy
+from gradprobe.backends.tensorflow_attribution import accumulate, interpolate, noisy
 from oracle import assert_close
 
 CHUNKINGS = [1, 7, None, 10_000]

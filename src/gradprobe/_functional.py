@@ -205,6 +205,7 @@ class _Recorder:
         self.clock = 0
         self.target_meta: dict = {}
         self.producers: set[int] = set()
+        self.replace: tuple | None = None  # (layer id, call or None, values): see gradients_at
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         flow = self.bk.control_flow(self.origin)
@@ -216,6 +217,8 @@ class _Recorder:
         lid = id(layer)
         index = self.counts.get(lid, 0)
         self.counts[lid] = index + 1
+        if self.replace is not None and lid == self.replace[0]:
+            outputs = _replaced(layer, index, outputs, *self.replace[1:])
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         leaves = keras.tree.flatten(outputs)
@@ -313,6 +316,8 @@ class _Request:
             x = self._probe_inputs(x, diff["probes"], recorder)
         layers = plan.probe_layers + plan.order_layers
         variables = list(model.trainable_variables) + list(model.non_trainable_variables)
+        if plan.replace is not None:
+            recorder.replace = (id(plan.replace), plan.replace_call, args["replacement"])
         try:
             # `model.stateless_call` without its `call(x, training=...)`: the model's
             # own `__call__` passes `training` only to a `call` that takes it, and
@@ -612,6 +617,54 @@ class _Request:
                     dict(v) if isinstance(v, dict) else v)
                 for k, v in prep.meta.items()}
         return tensors, meta
+
+
+def gradients_at(model: Any, inputs: Any, target: Any, layer: Any, values: Any, *,
+                 output: Any = None, training: bool = False) -> Gradients:
+    """Gradients with respect to `layer`'s activation when that activation is
+    replaced by `values` in the forward pass (the layers before it still run on
+    `inputs`, whose batch must match `values`), on a functional backend: as
+    `engine.gradients_at` on TensorFlow. Used by layer Integrated Gradients.
+
+    The replacement is an argument of the compiled step (`args["replacement"]`),
+    so that new values reuse the compiled function of their shape; the probe is
+    added to the replacing values, and the gradient is taken with respect to it.
+    """
+    x = prepare_inputs(model, inputs)
+    engine.ensure_built(model, x)
+    tgt = make_target(target, engine.batch_size(x))
+    entry = engine._entry(model, layer, tgt, output, bool(training), "raise", replace=True)
+    with _lock:
+        request = entry.fn
+    if not isinstance(request, _Request):
+        _refuse_float16(model, entry.plan, backends.get().NAME)
+        with _lock:
+            if not isinstance(entry.fn, _Request):
+                entry.fn = _Request(model, entry.plan)
+            request = entry.fn
+    args = dict(tgt.args, replacement=keras.ops.convert_to_tensor(values))
+    tensors, meta = request.run(model, x, args, "auto")
+    tgt.check(meta["target"])
+    return Gradients(tensors["grads"], meta, tensors["values"], tensors["outputs"],
+                     tensors["target"])
+
+
+def _replaced(layer: Any, index: int, outputs: Any, call: int | None, values: Any) -> Any:
+    """`values` in place of the output of call `index` of `layer` when it is the
+    replaced call (`call`; `None`: its only call), in the output's dtype."""
+    if call is None and index:
+        raise GradprobeError(
+            f"Layer {layer.name!r} is called more than once; its activation cannot be "
+            f"replaced unambiguously. Choose one call: '{layer.name}@0', "
+            f"'{layer.name}@1', ...")
+    if call is not None and index != call:
+        return outputs
+    leaves = keras.tree.flatten(outputs)
+    if len(leaves) != 1 or tuple(leaves[0].shape) != tuple(values.shape):
+        raise GradprobeError(
+            f"The replacement for layer {layer.name!r}'s output must have its shape "
+            f"{[tuple(t.shape) for t in leaves]}; got {tuple(values.shape)}.")
+    return keras.ops.cast(values, leaves[0].dtype)
 
 
 def _unstack_one(t: Any) -> Any:

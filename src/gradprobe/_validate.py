@@ -105,8 +105,7 @@ def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
         return
     raise GradprobeError(
         f"{function} is not supported on the {current!r} backend of Keras yet; it runs on "
-        "TensorFlow (set KERAS_BACKEND=tensorflow before importing keras). Supported on JAX "
-        "and PyTorch so far: gp.gradients.")
+        f"TensorFlow (set KERAS_BACKEND=tensorflow before importing keras); {backends.SUPPORTED_ELSEWHERE}.")
 
 
 # --------------------------------------------------------------------- inputs

@@ -11,10 +11,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from gradprobe import _validate
-from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe import _validate, backends
+from gradprobe.engine import batch_size, ensure_built, gradients
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.targets import (
     LossTarget,
@@ -85,11 +85,11 @@ class Attribution:
         return value
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = np.asarray(self._single())
+        arr = to_numpy(self._single())
         return arr.astype(dtype) if dtype is not None else arr
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self._single())
+        return to_numpy(self._single())
 
     @property
     def shape(self) -> tuple:
@@ -109,7 +109,7 @@ class Attribution:
         >>> ig.reduce("sum")     # (batch, steps): one signed score per token
         """
         _validate.choice("how", how, ("sum", "l2"), "how to reduce the last axis")
-        arr = np.asarray(self._single(), dtype=np.float64)
+        arr = to_numpy(self._single()).astype(np.float64)
         if arr.ndim < 3:
             raise GradprobeError(
                 f"result.reduce() sums the last axis of maps shaped (batch, positions, "
@@ -142,7 +142,7 @@ def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -
         outputs = model(x, training=training)
     scores = class_scores(select_output(outputs, output, output_names(model), None, tgt),
                           "target='predicted'")
-    return np.argmax(np.asarray(scores), axis=-1)
+    return np.argmax(to_numpy(scores), axis=-1)
 
 
 def slice_target(target: Any, start: int, stop: int) -> Any:
@@ -151,10 +151,10 @@ def slice_target(target: Any, start: int, stop: int) -> Any:
         return target.take(np.arange(start, stop))
     if isinstance(target, LossTarget):
         sw = target.sample_weight
-        return LossTarget(target.fn, np.asarray(target.y_true)[start:stop],
-                          None if sw is None else np.asarray(sw)[start:stop])
-    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
-        arr = np.asarray(target)
+        return LossTarget(target.fn, to_numpy(target.y_true)[start:stop],
+                          None if sw is None else to_numpy(sw)[start:stop])
+    if isinstance(target, (list, tuple, np.ndarray)) or ops.is_tensor(target):
+        arr = to_numpy(target)
         if arr.ndim == 1:
             return arr[start:stop]
     return target
@@ -167,7 +167,8 @@ def compiled_target_values(model: Any, x: Any, target: Any, output: Any,
     eager per-layer Python overhead on repeated calls."""
     last = (getattr(model, "layers", None) or [None])[-1]
     names = output_names(model)
-    if last is not None and tf.executing_eagerly() and (
+    eager = backends.is_functional() or _tf().executing_eagerly()
+    if last is not None and eager and (
             output is None or isinstance(output, int) or output in names):
         try:
             return gradients(model, x, target, last, output=output, training=training,
@@ -185,7 +186,8 @@ def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) 
     selected = select_output(outputs, output, output_names(model), None, tgt)
     value, _, meta = tgt.compute(selected, tgt.args)
     tgt.check(meta)
-    return value
+    # (outside a capture PyTorch still records the graph of the weights: cut it)
+    return value if on_tensorflow() else ops.stop_gradient(value)
 
 
 # ---------------------------------------------------------------- batching
@@ -243,9 +245,16 @@ def row_bytes(tensors: list[Any]) -> int:
     """Bytes of one row (example) of each tensor, summed."""
     total = 0
     for t in tensors:
-        shape = t.shape.as_list()[1:]
-        total += int(np.prod(shape, dtype=np.int64)) * t.dtype.size
+        shape = tuple(t.shape)[1:]
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize(t.dtype)
     return total
+
+
+def itemsize(dtype: Any) -> int:
+    """Bytes per element of a dtype of any backend (`"float32"` -> 4, `"bool"` -> 1)."""
+    name = keras.backend.standardize_dtype(dtype)
+    bits = "".join(c for c in name if c.isdigit())
+    return max(1, int(bits) // 8) if bits else 1
 
 
 def available_memory() -> int | None:
@@ -302,57 +311,124 @@ def row_target(target: Any, idx: np.ndarray) -> Any:
         return target.take(idx)
     if isinstance(target, LossTarget):
         sw = target.sample_weight
-        return LossTarget(target.fn, np.asarray(target.y_true)[idx],
-                          None if sw is None else np.asarray(sw)[idx])
-    if isinstance(target, (list, tuple, np.ndarray, tf.Tensor)):
-        arr = np.asarray(target)
+        return LossTarget(target.fn, to_numpy(target.y_true)[idx],
+                          None if sw is None else to_numpy(sw)[idx])
+    if isinstance(target, (list, tuple, np.ndarray)) or ops.is_tensor(target):
+        arr = to_numpy(target)
         if arr.ndim == 1:
             return arr[idx]
     return target
 
 
-def accumulator_dtype(dtype: Any) -> tf.DType:
+def accumulator_dtype(dtype: Any) -> str:
     """Sums of gradients are kept in float32 at least (float64 stays float64)."""
-    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
-def _column(x: Any) -> Any:
-    """The shape `[-1, 1, ..., 1]` that broadcasts one value per row over `x`
-    (dynamic: these functions are traced with relaxed shapes)."""
-    return tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor of any backend (or an array) as a NumPy array."""
+    return x if isinstance(x, np.ndarray) else keras.ops.convert_to_numpy(x)
 
 
-@tf.function(reduce_retracing=True)
-def interpolate(x: Any, base: Any, idx: Any, alpha: Any) -> Any:
+# The rows of a chunk are built and summed by TensorFlow's compiled helpers
+# (`gradprobe.backends.tensorflow_attribution`) on TensorFlow, and by the
+# `keras.ops` code below on JAX and PyTorch. Indices, interpolation points and
+# weights come in as NumPy arrays.
+def _tf() -> Any:
+    from gradprobe.backends import tensorflow_attribution
+
+    return tensorflow_attribution
+
+
+def on_tensorflow() -> bool:
+    return not backends.is_functional()
+
+
+def mean(x: Any, axis: int | tuple[int, ...], keepdims: bool = False) -> Any:
+    """`keras.ops.mean`, except that on JAX and PyTorch it is a sum divided by
+    the count, since Keras' JAX `mean` computes float64 values in float32."""
+    if on_tensorflow():
+        return ops.mean(x, axis=axis, keepdims=keepdims)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    return ops.sum(x, axis=axes, keepdims=keepdims) / count
+
+
+def _index(idx: np.ndarray) -> Any:
+    return ops.convert_to_tensor(np.asarray(idx, np.int32))
+
+
+def _column(x: Any) -> tuple[int, ...]:
+    """The shape `(-1, 1, ..., 1)` that broadcasts one value per row over `x`."""
+    return (-1,) + (1,) * (len(x.shape) - 1)
+
+
+def take_rows(x: Any, idx: np.ndarray) -> Any:
+    """Rows `x[idx]`."""
+    if on_tensorflow():
+        return _tf().gather(x, _tf().constant(idx))
+    return ops.take(x, _index(idx), axis=0)
+
+
+def interpolate_rows(x: Any, base: Any, idx: np.ndarray, alpha: np.ndarray) -> Any:
     """Rows `(1 - alpha) * base[idx] + alpha * x[idx]` (exactly `x` at alpha 1
     and `base` at 0), computed in float32 or wider and returned in `x`'s dtype."""
+    if on_tensorflow():
+        tf_ = _tf()
+        return tf_.interpolate(x, base, tf_.constant(idx), tf_.constant(alpha))
     wide = accumulator_dtype(x.dtype)
-    xs = tf.cast(tf.gather(x, idx), wide)
-    bs = tf.cast(tf.gather(base, idx), wide)
-    a = tf.reshape(tf.cast(alpha, wide), _column(x))
-    return tf.cast((1 - a) * bs + a * xs, x.dtype)
+    xs = ops.cast(take_rows(x, idx), wide)
+    bs = ops.cast(take_rows(base, idx), wide)
+    a = ops.reshape(ops.convert_to_tensor(np.asarray(alpha, wide)), _column(x))
+    return ops.cast((1 - a) * bs + a * xs, x.dtype)
 
 
-@tf.function(reduce_retracing=True)
-def noisy(x: Any, scale: Any, idx: Any, rows: Any, seed: Any) -> Any:
-    """Rows `x[idx] + scale[idx] * eps`, where the noise `eps` of row `r` is
-    `tf.random.stateless_normal(x.shape[1:], seed=(seed, r))`: the same for a
-    row whatever the chunking."""
+def numpy_noise(shape: tuple, seed: int, j: int, rows: np.ndarray, dtype: str) -> np.ndarray:
+    """The SmoothGrad noise of rows `rows` of floating input number `j` on JAX and
+    PyTorch: row `r` is `np.random.default_rng((seed, j, r)).standard_normal(shape)`
+    (the same for a row whatever the chunking, and on both backends)."""
+    out = np.empty((len(rows), *shape), dtype)
+    for k, r in enumerate(rows):
+        out[k] = np.random.default_rng((int(seed), int(j), int(r))).standard_normal(shape)
+    return out
+
+
+def noisy_rows(x: Any, scale: Any, idx: np.ndarray, rows: np.ndarray, seed: int, j: int) -> Any:
+    """Rows `x[idx] + scale[idx] * eps` for floating input number `j`: on
+    TensorFlow, the noise of row `r` is `tf.random.stateless_normal(x.shape[1:],
+    seed=(seed + j, r))`; on JAX and PyTorch it is `numpy_noise`."""
+    if on_tensorflow():
+        tf_ = _tf()
+        return tf_.noisy(x, scale, tf_.constant(idx), tf_.constant(rows),
+                         tf_.constant(np.int64(int(seed) + j)))
     wide = accumulator_dtype(x.dtype)
-
-    def one(r: Any) -> Any:
-        return tf.random.stateless_normal(tf.shape(x)[1:], tf.stack([seed, r]), dtype=wide)
-
-    eps = tf.map_fn(one, rows, fn_output_signature=tf.TensorSpec(None, wide))
-    xs = tf.cast(tf.gather(x, idx), wide)
-    return tf.cast(xs + tf.cast(tf.gather(scale, idx), wide) * eps, x.dtype)
+    eps = ops.convert_to_tensor(numpy_noise(tuple(x.shape)[1:], seed, j, rows, wide))
+    xs = ops.cast(take_rows(x, idx), wide)
+    return ops.cast(xs + ops.cast(take_rows(scale, idx), wide) * eps, x.dtype)
 
 
-@tf.function(reduce_retracing=True)
-def accumulate(acc: Any, g: Any, idx: Any, w: Any) -> Any:
-    """`acc[idx[j]] += w[j] * g[j]` for every row `j` (in `acc`'s dtype)."""
-    wg = tf.cast(g, acc.dtype) * tf.reshape(tf.cast(w, acc.dtype), _column(g))
-    return tf.tensor_scatter_nd_add(acc, idx[:, None], wg)
+def accumulate_rows(acc: list[Any], grads: list[Any], idx: np.ndarray, w: np.ndarray,
+               n: int) -> list[Any]:
+    """`acc[k][idx[j]] += w[j] * grads[k][j]` for every row `j` (in `acc`'s dtype)."""
+    if on_tensorflow():
+        tf_ = _tf()
+        ti, tw = tf_.constant(idx), tf_.constant(w)
+        return [tf_.accumulate(a, g, ti, tw) for a, g in zip(acc, grads)]
+    out = []
+    segments = _index(idx)
+    for a, g in zip(acc, grads):
+        wg = ops.cast(g, a.dtype) * ops.reshape(
+            ops.convert_to_tensor(np.asarray(w, keras.backend.standardize_dtype(a.dtype))),
+            _column(g))
+        out.append(a + ops.segment_sum(wg, segments, num_segments=n))
+    return out
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A backend's out-of-memory error (TensorFlow's ResourceExhaustedError, an
+    XLA RESOURCE_EXHAUSTED, PyTorch's OutOfMemoryError) or a MemoryError."""
+    return isinstance(e, MemoryError) or type(e).__name__ in (
+        "ResourceExhaustedError", "OutOfMemoryError") or "RESOURCE_EXHAUSTED" in str(e)[:2000]
 
 
 def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
@@ -363,11 +439,12 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
 
     `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
     r)` returns `(gradient rows, target values)` for example indices `idx`, copy
-    numbers `rep` and row numbers `r` (`rows` of each), the gradient rows as a
-    list (one per attributed tensor). Returns the per-example accumulators `acc`
-    (a list) with every row's weighted gradient added, and for each copy
-    number in `keep` the per-example target values of that copy (`None` when the
-    target is not per example), gathered on the way at no extra cost."""
+    numbers `rep` and row numbers `r` (`rows` of each, NumPy arrays), the
+    gradient rows as a list (one per attributed tensor). Returns the per-example
+    accumulators `acc` (a list) with every row's weighted gradient added, and for
+    each copy number in `keep` the per-example target values of that copy
+    (`None` when the target is not per example), gathered on the way at no extra
+    cost."""
     total = int(reps) * n
     parts = -(-total // rows)
     kept: dict[int, Any] = {}
@@ -380,14 +457,15 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 idx, rep = r % n, r // n
                 w = np.where(valid, np.asarray(weights(rep), np.float64), 0.0)
                 g, values = step(idx, rep, r)
-                ti, tw = tf.constant(idx), tf.constant(w)
-                acc = [accumulate(a, gj, ti, tw) for a, gj in zip(acc, g)]
+                acc = accumulate_rows(acc, g, idx, w, n)
                 for k in keep:
                     at = np.nonzero(valid & (rep == k))[0]
                     if at.size:
                         kept[k] = _keep_values(kept.get(k, 0), values, idx, at, n, rows)
                 advance(int(valid.sum()))
-    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
         raise GradprobeError(
             f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
             f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
@@ -401,10 +479,11 @@ def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: i
     if so_far is None or getattr(values, "shape", None) is None or \
             tuple(values.shape) != (rows,):
         return None
+    if on_tensorflow():
+        return _tf().keep(None if isinstance(so_far, int) else so_far, values, idx, at, n)
     if isinstance(so_far, int):
-        so_far = tf.zeros([n], values.dtype)
-    return tf.tensor_scatter_nd_update(so_far, tf.constant(idx[at])[:, None],
-                                       tf.gather(values, tf.constant(at)))
+        so_far = ops.zeros((n,), values.dtype)
+    return ops.scatter_update(so_far, _index(idx[at])[:, None], ops.take(values, _index(at)))
 
 
 class ModelInputs:
@@ -423,7 +502,7 @@ class ModelInputs:
         ensure_built(model, self.x)
         self.leaves = keras.tree.flatten(self.x)
         self.keys = input_keys(self.x)
-        self.floating = [i for i, t in enumerate(self.leaves) if t.dtype.is_floating]
+        self.floating = [i for i, t in enumerate(self.leaves) if is_floating(t)]
         self.structured = isinstance(self.x, (list, tuple, dict))
         self.n = batch_size(self.x)
 
@@ -439,7 +518,7 @@ class ModelInputs:
     def require_floating(self, what: str) -> None:
         if self.floating:
             return
-        ints = ", ".join(f"{k!r} ({self.leaves[i].dtype.name})" for i, k in enumerate(self.keys))
+        ints = ", ".join(f"{k!r} ({dtype_name(self.leaves[i])})" for i, k in enumerate(self.keys))
         raise GradprobeError(
             f"{what} needs floating-point inputs to attribute to; this model's inputs are "
             f"{ints}. For token ids, attribute to the embedding layer's output instead "
@@ -458,10 +537,10 @@ class ModelInputs:
         return leaves[0] if not self.structured else keras.tree.pack_sequence_as(self.x, leaves)
 
     def rows(self, idx: Any, replaced: dict[int, Any] | None = None) -> Any:
-        """The inputs for rows `idx` (example indices), with the leaves in
+        """The inputs for rows `idx` (example indices, a NumPy array), with the leaves in
         `replaced` (index -> rows) taken from there instead."""
         replaced = replaced or {}
-        flat = [replaced[i] if i in replaced else tf.gather(t, idx)
+        flat = [replaced[i] if i in replaced else take_rows(t, idx)
                 for i, t in enumerate(self.leaves)]
         return flat[0] if not self.structured else keras.tree.pack_sequence_as(self.x, flat)
 
@@ -491,13 +570,39 @@ class ModelInputs:
             if hold_fixed and i not in self.floating:
                 out.append(t)
             elif b is None:
-                out.append(tf.zeros_like(t))
+                out.append(ops.zeros_like(t))
             else:
                 name = "baseline" if not self.structured else f"baseline[{self.keys[i]!r}]"
-                _validate.baseline(b, t, name)
-                b = np.asarray(b) if not tf.is_tensor(b) else b
-                out.append(tf.broadcast_to(tf.cast(b, t.dtype), tf.shape(t)))
+                if on_tensorflow():
+                    _validate.baseline(b, t, name)
+                else:  # (`_validate` reads NumPy arrays and TensorFlow tensors)
+                    b = b if isinstance(b, np.ndarray) or not ops.is_tensor(b) else to_numpy(b)
+                    _validate.baseline(b, np.empty(tuple(t.shape), dtype_name(t)), name)
+                b = np.asarray(b) if not ops.is_tensor(b) else b
+                out.append(ops.broadcast_to(ops.cast(b, t.dtype), tuple(t.shape)))
         return out
+
+
+def prepare_inputs(model: Any, inputs: Any) -> Any:
+    """The inputs as backend tensors (floating arrays in the model's input dtype),
+    as `gp.gradients` prepares them on this backend."""
+    if on_tensorflow():
+        from gradprobe.engine import prepare_inputs as prepare
+
+        return prepare(model, inputs)
+    from gradprobe import _functional  # imports the engine: no top-level import
+
+    _validate.model(model)
+    return _functional.prepare_inputs(model, inputs)
+
+
+def is_floating(t: Any) -> bool:
+    """True for a floating-point tensor of any backend."""
+    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(t.dtype))
+
+
+def dtype_name(t: Any) -> str:
+    return keras.backend.standardize_dtype(t.dtype)
 
 
 def input_keys(x: Any) -> list[str]:
@@ -523,12 +628,12 @@ def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, tr
 
     parts = batched(run, mi.n, batch_size_, label, progress)
     values = [t for _, t in parts]
-    per_example = all(getattr(t, "shape", ()) and t.shape.rank == 1 for t in values)
+    per_example = all(getattr(t, "shape", ()) and len(t.shape) == 1 for t in values)
     if len(parts) == 1:
         grads, value = parts[0][0], (values[0] if per_example else None)
     else:
-        grads = [tf.concat([p[0][j] for p in parts], axis=0) for j in range(len(keys))]
-        value = tf.concat(values, axis=0) if per_example else None
+        grads = [ops.concatenate([p[0][j] for p in parts], axis=0) for j in range(len(keys))]
+        value = ops.concatenate(values, axis=0) if per_example else None
     return dict(zip(mi.floating, grads)), value
 
 
@@ -539,9 +644,9 @@ def single_input(model: Any, inputs: Any, what: str) -> Any:
     if len(leaves) != 1:
         raise GradprobeError(
             f"{what} works on single-input models; this model takes {len(leaves)} inputs.")
-    if not leaves[0].dtype.is_floating:
+    if not is_floating(leaves[0]):
         raise GradprobeError(
-            f"{what} needs floating-point inputs; got {leaves[0].dtype.name}. For token ids, "
+            f"{what} needs floating-point inputs; got {dtype_name(leaves[0])}. For token ids, "
             "attribute to the embedding layer instead (layer=...).")
     return leaves[0]
 

@@ -4,18 +4,26 @@ and their gradients, per example."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from gradprobe import _patch, _validate
-from gradprobe.attribution import Attribution, fixed_target, layer_key, single_input
-from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe import _validate, backends
+from gradprobe.attribution import (
+    Attribution,
+    fixed_target,
+    is_floating,
+    layer_key,
+    mean,
+    prepare_inputs,
+    single_input,
+)
+from gradprobe.engine import batch_size, ensure_built, gradients
 from gradprobe.errors import GradprobeError, quoted
 from gradprobe.selectors import LayerTree
-from gradprobe.targets import output_names, select_output
+from gradprobe.targets import output_names
 
 
 def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channel_axis: int = -1,
@@ -43,7 +51,6 @@ def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channe
 
     >>> cams = gp.grad_cam(model, images, "predicted", layer="conv5_block3_out")
     """
-    _validate.backend_supported("gp.grad_cam")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=False)
 
@@ -58,7 +65,6 @@ def grad_cam_plus_plus(model: keras.Model, inputs: Any, target: Any, layer: Any,
 
     Arguments and result as in `gp.grad_cam`.
     """
-    _validate.backend_supported("gp.grad_cam_plus_plus")
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=True)
 
@@ -74,49 +80,55 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
     g = gradients(model, x, target, layer, output=output, training=training)
     key = layer_key(g, layer)
     A, dA = g.activations[key], g[key]
-    if A.shape.rank < 3:
+    rank = len(A.shape)
+    if rank < 3:
         raise GradprobeError(
             f"Layer {key!r} outputs shape {tuple(A.shape)}: Grad-CAM needs spatial feature "
             "maps (batch, ..., channels). Choose a convolutional layer.")
-    channel_axis = _validate.channel_axis(channel_axis, A.shape.rank, f"layer {key!r}")
-    if channel_axis not in (-1, A.shape.rank - 1):
-        perm = [0] + [i for i in range(1, A.shape.rank) if i != channel_axis % A.shape.rank] \
-            + [channel_axis % A.shape.rank]
-        A, dA = tf.transpose(A, perm), tf.transpose(dA, perm)
-    spatial = list(range(1, A.shape.rank - 1))
+    channel_axis = _validate.channel_axis(channel_axis, rank, f"layer {key!r}")
+    if channel_axis not in (-1, rank - 1):
+        perm = [0] + [i for i in range(1, rank) if i != channel_axis % rank] \
+            + [channel_axis % rank]
+        A, dA = ops.transpose(A, perm), ops.transpose(dA, perm)
+    spatial = tuple(range(1, rank - 1))
     if plus_plus:
-        g2, g3 = tf.square(dA), dA * tf.square(dA)
-        denom = 2.0 * g2 + tf.reduce_sum(A, axis=spatial, keepdims=True) * g3
-        alpha = tf.math.divide_no_nan(g2, denom)
-        weights = tf.reduce_sum(alpha * tf.nn.relu(dA), axis=spatial, keepdims=True)
+        g2, g3 = ops.square(dA), dA * ops.square(dA)
+        denom = 2.0 * g2 + ops.sum(A, axis=spatial, keepdims=True) * g3
+        alpha = ops.divide_no_nan(g2, denom)
+        weights = ops.sum(alpha * ops.relu(dA), axis=spatial, keepdims=True)
     else:
-        weights = tf.reduce_mean(dA, axis=spatial, keepdims=True)
-    cam = tf.reduce_sum(weights * A, axis=-1)
+        weights = mean(dA, axis=spatial, keepdims=True)
+    cam = ops.sum(weights * A, axis=-1)
     if relu:
-        cam = tf.nn.relu(cam)
+        cam = ops.relu(cam)
     if upsample:
         cam = _upsample(cam, x, channel_axis)
     if normalize:
-        axes = list(range(1, cam.shape.rank))
-        lo = tf.reduce_min(cam, axis=axes, keepdims=True)
-        hi = tf.reduce_max(cam, axis=axes, keepdims=True)
-        cam = tf.math.divide_no_nan(cam - lo, hi - lo)
+        axes = tuple(range(1, len(cam.shape)))
+        lo = ops.min(cam, axis=axes, keepdims=True)
+        hi = ops.max(cam, axis=axes, keepdims=True)
+        cam = ops.divide_no_nan(cam - lo, hi - lo)
     return Attribution(cam, g.target, "grad_cam_plus_plus" if plus_plus else "grad_cam",
                        layer=key)
 
 
 def _upsample(cam: Any, x: Any, channel_axis: int) -> Any:
-    rank = x.shape.rank
+    """`cam` resized (bilinear, half-pixel centers, no antialiasing:
+    `keras.ops.image.resize`) to the input's spatial size."""
+    rank = len(x.shape)
     c = channel_axis % rank
-    size = [x.shape[i] for i in range(1, rank) if i != c]
-    if cam.shape.rank - 1 != len(size):
+    size = tuple(int(x.shape[i]) for i in range(1, rank) if i != c)
+    if len(cam.shape) - 1 != len(size):
         raise GradprobeError(
-            f"Cannot upsample a {cam.shape.rank - 1}-D map to an input with spatial shape "
-            f"{tuple(size)}; pass upsample=False.")
+            f"Cannot upsample a {len(cam.shape) - 1}-D map to an input with spatial shape "
+            f"{size}; pass upsample=False.")
+    resize = ops.image.resize
     if len(size) == 1:
-        return tf.image.resize(cam[:, None, :, None], [1, size[0]], "bilinear")[:, 0, :, 0]
+        return resize(cam[:, None, :, None], (1, size[0]), interpolation="bilinear",
+                      data_format="channels_last")[:, 0, :, 0]
     if len(size) == 2:
-        return tf.image.resize(cam[..., None], size, "bilinear")[..., 0]
+        return resize(cam[..., None], size, interpolation="bilinear",
+                      data_format="channels_last")[..., 0]
     raise GradprobeError("upsample=True supports 1-D and 2-D maps; pass upsample=False.")
 
 
@@ -126,9 +138,12 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     `H * W > 1`) and that the selected output depends on.
 
     It runs one forward pass on the first example, recording each leaf layer's
-    output shape, then asks the tape, from the last candidate backwards, whether
-    the output depends on it (a backward pass only over the few layers after the
-    chosen one). Layers after global pooling (1x1 maps) are never chosen.
+    output shape, then asks which of them the output depends on: on TensorFlow
+    the tape, from the last candidate backwards (a backward pass only over the
+    few layers after the chosen one); on JAX and PyTorch one `gp.gradients` call
+    with respect to every leaf layer's output (its `unconnected` sources are
+    those the output does not depend on). Layers after global pooling (1x1 maps)
+    are never chosen.
 
     Args:
         model: The model.
@@ -150,74 +165,73 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     >>> layer = gp.grad_cam_layer(model, images[:1])
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
-    _validate.backend_supported("gp.grad_cam_layer")
-    if not tf.executing_eagerly():
-        raise GradprobeError("gp.grad_cam_layer runs eagerly; call it outside tf.function.")
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     batch_size(x)
     x = keras.tree.map_structure(lambda t: t[:1], x)
-    tree = LayerTree(model)
-    nodes = {id(n.layer): n for n in tree.leaves()}
-    output_node = None
-    if isinstance(output, str) and output not in output_names(model):
-        output_node = tree.find(output)
-        nodes.setdefault(id(output_node.layer), output_node)
-    records: list[tuple[Any, int, Any]] = []  # (node, call index, the one output leaf)
-    counts: dict[int, int] = {}
+    if backends.is_functional():
+        records, depends = _functional_records(model, x, output)
+    else:
+        from gradprobe.backends import tensorflow_attribution
 
-    def hook(layer: Any, out: Any, args: tuple, kwargs: dict) -> Any:
-        leaves = keras.tree.flatten(out)
-        index = counts.get(id(layer), 0)
-        counts[id(layer)] = index + 1
-        if len(leaves) == 1 and backend.is_floating(leaves[0]) and hasattr(leaves[0], "numpy"):
-            tape.watch(leaves[0])
-            records.append((nodes[id(layer)], index, leaves[0]))
-        return out
-
-    with tf.GradientTape(persistent=True) as tape:
-        with _patch.wrapped_calls([n.layer for n in nodes.values()], hook), \
-                keras.StatelessScope():
-            outputs = model(x, training=False)
-        layer_value = None
-        if output_node is not None:
-            layer_value = next((t for n, _, t in records if n is output_node), None)
-        selected = select_output(outputs, output, output_names(model), layer_value, _ANY_OUTPUT)
-        floats = [t for t in keras.tree.flatten(selected) if backend.is_floating(t)]
-        if not floats:
-            raise GradprobeError("The selected output is not floating point: nothing to explain.")
-        objective = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in floats])
-
-    def key(node: Any, index: int) -> str:
-        return f"{node.path}@{index}" if counts[id(node.layer)] > 1 else node.path
-
-    def depends(t: Any) -> bool:
-        return tape.gradient(objective, t) is not None
-
+        records, depends = tensorflow_attribution.grad_cam_records(model, x, output, _ANY_OUTPUT)
     spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
-    chosen = next((i for i in reversed(spatial) if depends(records[i][2])), None)
+    chosen = next((i for i in reversed(spatial) if depends(i)), None)
     if chosen is None:
-        flat = [key(n, c) for n, c, t in records if t.shape.rank == 4]
+        flat = [k for _, k, t in records if len(t.shape) == 4]
         raise GradprobeError(
             "The model has no layer with a spatial (2-D) output larger than 1x1 that the "
             "output depends on, so Grad-CAM has no default layer"
             + (f" (its 4-D outputs are all 1x1: {quoted(flat)})" if flat else "")
             + ". Pass layer= explicitly: a layer with output (batch, H, W, C), or use "
             "gp.saliency or gp.integrated_gradients for models without feature maps.")
-    node, index, value = records[chosen]
+    _, key, value = records[chosen]
     sequences = [i for i in range(chosen + 1, len(records))
-                 if records[i][2].shape.rank == 3 and (records[i][2].shape[1] or 0) > 1]
-    later = next((i for i in reversed(sequences) if depends(records[i][2])), None)
+                 if len(records[i][2].shape) == 3 and (records[i][2].shape[1] or 0) > 1]
+    later = next((i for i in reversed(sequences) if depends(i)), None)
     if later is not None:
-        n2, c2, t2 = records[later]
+        _, k2, t2 = records[later]
         raise GradprobeError(
             f"Grad-CAM has no default layer for this model: its last spatial maps "
-            f"({key(node, index)!r}, shape {tuple(value.shape)}) are turned into a sequence "
-            f"of tokens ({key(n2, c2)!r}, shape {tuple(t2.shape)}) that later layers mix, as "
+            f"({key!r}, shape {tuple(value.shape)}) are turned into a sequence "
+            f"of tokens ({k2!r}, shape {tuple(t2.shape)}) that later layers mix, as "
             "in a vision transformer, so no layer's maps explain the output the way "
             "Grad-CAM assumes. Pass layer= explicitly (e.g. "
-            f"layer={key(node, index)!r}), or use gp.saliency or gp.integrated_gradients.")
-    return key(node, index)
+            f"layer={key!r}), or use gp.saliency or gp.integrated_gradients.")
+    return key
+
+
+def _functional_records(model: Any, x: Any, output: Any) -> tuple[list, Callable[[int], bool]]:
+    """JAX and PyTorch: `(records, depends)` as TensorFlow's
+    `tensorflow_attribution.grad_cam_records` gives them, from
+    one `gp.gradients` call with respect to every leaf layer's output, with the
+    sum of the selected output(s) as the target (`unconnected="zero"`: the keys
+    in its `unconnected` are the outputs the target does not depend on)."""
+    tree = LayerTree(model)
+    leaves = tree.leaves()
+    wrt = [n.layer for n in leaves]
+    if isinstance(output, str) and output not in output_names(model):
+        node = tree.find(output)
+        if all(n is not node for n in leaves):
+            wrt.append(node.layer)
+
+    def everything(outputs: Any) -> Any:
+        floats = [t for t in keras.tree.flatten(outputs) if is_floating(t)]
+        if not floats:
+            raise GradprobeError("The selected output is not floating point: nothing to explain.")
+        total = ops.sum(ops.cast(floats[0], "float32"))
+        for t in floats[1:]:
+            total = total + ops.sum(ops.cast(t, "float32"))
+        return total
+
+    g = gradients(model, x, everything, wrt, output=output, unconnected="zero")
+    unconnected = set(g.unconnected)
+    records = []
+    for k in g:
+        if g.kinds[k] != "activation" or ":" in k:  # (one record per single-output call)
+            continue
+        records.append((tree.find(k.split("@")[0]), k, g.activations[k]))
+    return records, lambda i: records[i][1] not in unconnected
 
 
 class _AnyOutput:
@@ -232,8 +246,8 @@ _ANY_OUTPUT = _AnyOutput()
 
 def _spatial_extent(layer: Any, t: Any) -> int:
     """H * W of a 4-D feature map (channels_last, or the layer's channels_first), else 0."""
-    shape = t.shape
-    if shape.rank != 4:
+    shape = tuple(t.shape)
+    if len(shape) != 4:
         return 0
     h, w = (shape[2], shape[3]) if getattr(layer, "data_format", None) == "channels_first" \
         else (shape[1], shape[2])

@@ -7,9 +7,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from gradprobe import _validate
+from gradprobe import _validate, backends
 from gradprobe.attribution import (
     Attribution,
     ModelInputs,
@@ -17,7 +17,7 @@ from gradprobe.attribution import (
     chunk_rows,
     compiled_target_values,
     fixed_target,
-    interpolate,
+    interpolate_rows,
     layer_key,
     row_bytes,
     row_target,
@@ -95,8 +95,10 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         batch_size: Evaluate this many interpolated inputs at a time (default:
             all `steps x batch` at once). Each chunk is built only when it is
             needed, so memory is bounded by `batch_size`, not by `steps`; every
-            chunk runs through one compiled function, and a progress bar shows
-            when there are several chunks.
+            chunk runs through one compiled function (a `tf.function` on
+            TensorFlow, one cached `jax.jit` trace per chunk shape on JAX,
+            eager autograd on PyTorch), and a progress bar shows when there
+            are several chunks.
         max_bytes: Refuse (with the numbers and the fix) a request whose chunk
             of interpolated inputs and their gradients would need more than this
             many bytes; default: the memory available now. The model's own
@@ -117,7 +119,6 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     ...                              batch_size=32)
     >>> np.abs(ig.delta).max()    # small when the integral is well approximated
     """
-    _validate.backend_supported("gp.integrated_gradients")
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)
     mi = ModelInputs(model, inputs)
@@ -139,17 +140,18 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         keys, floating = mi.float_keys, mi.floating
 
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
-            ti, alphas = tf.constant(idx), tf.constant(rule.alphas(k))
-            path = {i: interpolate(mi.leaves[i], bases[i], ti, alphas) for i in floating}
-            g = gradients(model, mi.rows(ti, path), row_target(target, idx), keys,
+            alphas = rule.alphas(k)
+            path = {i: interpolate_rows(mi.leaves[i], bases[i], idx, alphas) for i in floating}
+            g = gradients(model, mi.rows(idx, path), row_target(target, idx), keys,
                           output=output, training=training)
             return [g[key] for key in keys], g.target
 
         wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
         acc, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                           acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                           acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i])
+                                for i in floating],
                            label=label, progress=progress, keep=ends)
-        per_leaf = {i: (tf.cast(mi.leaves[i], wide[i]) - tf.cast(bases[i], wide[i])) * a
+        per_leaf = {i: (ops.cast(mi.leaves[i], wide[i]) - ops.cast(bases[i], wide[i])) * a
                     for i, a in zip(floating, acc)}
         attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
         parts = list(per_leaf.values())
@@ -165,30 +167,47 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
                           reps_name="steps", reps=rule.steps, n=n, batch_size_=batch_size,
                           per_row=row_bytes([*mi.leaves, a_x]), max_bytes=max_bytes)
 
+        at = _gradients_at()
+
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
-            ti = tf.constant(idx)
-            path = interpolate(a_x, a_b, ti, tf.constant(rule.alphas(k)))
-            g = gradients_at(model, mi.rows(ti), row_target(target, idx), key, path,
-                             output=output, training=training)
+            path = interpolate_rows(a_x, a_b, idx, rule.alphas(k))
+            g = at(model, mi.rows(idx), row_target(target, idx), key, path,
+                   output=output, training=training)
             return [g[key]], g.target
 
         acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
-                        acc=[tf.zeros(a_x.shape, wide)], label=label, progress=progress)
+                        acc=[ops.zeros(tuple(a_x.shape), wide)], label=label,
+                        progress=progress)
         kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
         ends = (0, rule.steps - 1)
-        attributions = (tf.cast(a_x, wide) - tf.cast(a_b, wide)) * acc[0]
+        attributions = (ops.cast(a_x, wide) - ops.cast(a_b, wide)) * acc[0]
         parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
     if not (_per_example(f_x, n) and _per_example(f_b, n)):
         f_x = compiled_target_values(model, x, target, output, training)
         f_b = compiled_target_values(model, base, target, output, training)
-    wide = tf.float64 if any(p.dtype == tf.float64 for p in parts) else tf.float32
-    sums = tf.add_n([tf.reduce_sum(tf.reshape(tf.cast(p, wide), [n, -1]), axis=1)
-                     for p in parts])
-    delta_dtype = tf.float64 if tf.float64 in (sums.dtype, f_x.dtype) else tf.float32
-    delta = tf.cast(sums, delta_dtype) - (tf.cast(f_x, delta_dtype) - tf.cast(f_b, delta_dtype))
+    wide = "float64" if any(_dtype(p) == "float64" for p in parts) else "float32"
+    sums = None
+    for p in parts:  # (in order, as tf.add_n adds)
+        part = ops.sum(ops.reshape(ops.cast(p, wide), (n, -1)), axis=1)
+        sums = part if sums is None else sums + part
+    delta_dtype = "float64" if "float64" in (_dtype(sums), _dtype(f_x)) else "float32"
+    delta = ops.cast(sums, delta_dtype) - (ops.cast(f_x, delta_dtype) - ops.cast(f_b, delta_dtype))
     return Attribution(attributions, f_x, "integrated_gradients", delta=delta, layer=key,
                        fixed=fixed)
+
+
+def _dtype(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _gradients_at() -> Any:
+    """The backend's `gradients_at` (the layer's activation replaced by given values)."""
+    if backends.is_functional():
+        from gradprobe import _functional  # imports the engine: no top-level import
+
+        return _functional.gradients_at
+    return gradients_at
 
 
 def _per_example(values: Any, n: int) -> bool:

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import keras
 import numpy as np
 
-from gradprobe import _validate
+from gradprobe import _validate, backends
 from gradprobe.backends import tensorflow as backend
 from gradprobe.errors import GradprobeError, closest, quoted
 from gradprobe.stats import Finding, diagnose, tensor_stats
@@ -105,7 +106,7 @@ class Gradients(Mapping):
     # -------------------------------------------------------------- views
     def numpy(self) -> dict[str, np.ndarray]:
         """The gradients as a dict of NumPy arrays."""
-        return {k: backend.to_numpy(v) for k, v in self._grads.items()}
+        return {k: _to_numpy(v) for k, v in self._grads.items()}
 
     def stats(self) -> dict[str, dict]:
         """key -> `shape`, `norm` (L2), `mean_abs`, `max_abs`, `std`,
@@ -123,7 +124,7 @@ class Gradients(Mapping):
             A list of `Finding` (each prints as its message); empty when all is well.
         """
         _validate.thresholds(thresholds, ("vanishing", "exploding"))
-        acts = {k: backend.to_numpy(v) for k, v in self.activations.items()
+        acts = {k: _to_numpy(v) for k, v in self.activations.items()
                 if self.kinds.get(k) == "activation"}
         return diagnose(self.stats(), self.kinds, self.numpy(), acts,
                         skip_dead=self._output_keys, **thresholds)
@@ -250,3 +251,13 @@ def _join(segments: list[str], kept: set[int]) -> str:
         elif not parts or parts[-1] != "\u2026":
             parts.append("\u2026")
     return "/".join(parts)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A gradient or activation of any backend as a NumPy array (PyTorch tensors
+    detached and moved to the host, as `keras.ops.convert_to_numpy` does)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if backends.is_functional():
+        return keras.ops.convert_to_numpy(x)
+    return backend.to_numpy(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from gradprobe import _validate
 from gradprobe.attribution import (
@@ -14,6 +14,7 @@ from gradprobe.attribution import (
     fixed_target,
     input_gradients,
     layer_key,
+    mean,
     target_values,
 )
 from gradprobe.engine import gradients
@@ -24,15 +25,15 @@ def reduce_map(g: Any, absolute: bool, reduce_channels: str | None) -> Any:
     """Post-processing shared by saliency and SmoothGrad: absolute value, then
     the channel (last) axis reduced by `"max"`, `"mean"`, `"sum"` or kept (`None`)."""
     if absolute:
-        g = tf.abs(g)
-    if reduce_channels is None or g.shape.rank <= 2:
+        g = ops.abs(g)
+    if reduce_channels is None or len(g.shape) <= 2:
         return g
     if reduce_channels == "max":
-        return tf.reduce_max(g, axis=-1)
+        return ops.max(g, axis=-1)
     if reduce_channels == "mean":
-        return tf.reduce_mean(g, axis=-1)
+        return mean(g, axis=-1)
     if reduce_channels == "sum":
-        return tf.reduce_sum(g, axis=-1)
+        return ops.sum(g, axis=-1)
     raise GradprobeError(
         "Expected `reduce_channels` to be one of 'max', 'mean', 'sum' or None (keep the "
         f"channel axis). Received: reduce_channels={_validate.shown(reduce_channels)}")
@@ -69,7 +70,6 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
     >>> tokens = gp.saliency(text_model, ids, 1, layer="embedding")
     >>> np.asarray(tokens).shape  # (batch, steps): the embedding axis reduced by max
     """
-    _validate.backend_supported("gp.saliency")
     _validate.flag("absolute", absolute)
     if layer is not None:
         grad, _, values, key = _layer_gradient(model, inputs, target, layer, output, training)
@@ -102,14 +102,13 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
     >>> gxa = gp.gradient_x_input(text_model, ids, 1, layer="embedding")
     >>> gxa.reduce("sum").shape   # (batch, steps): one score per token
     """
-    _validate.backend_supported("gp.gradient_x_input")
     if layer is not None:
         grad, act, values, key = _layer_gradient(model, inputs, target, layer, output, training)
-        return Attribution(grad * tf.cast(act, grad.dtype), values, "gradient_x_input",
+        return Attribution(grad * ops.cast(act, grad.dtype), values, "gradient_x_input",
                            layer=key)
     mi, grads, values = _gradient(model, inputs, target, output, training, batch_size,
                                   "gradient_x_input")
-    maps = {i: g * tf.cast(mi.leaves[i], g.dtype) for i, g in grads.items()}
+    maps = {i: g * ops.cast(mi.leaves[i], g.dtype) for i, g in grads.items()}
     return Attribution(mi.pack(maps), values, "gradient_x_input", fixed=mi.fixed)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from gradprobe import _validate
 from gradprobe.attribution import (
@@ -16,7 +17,7 @@ from gradprobe.attribution import (
     chunk_rows,
     compiled_target_values,
     fixed_target,
-    noisy,
+    noisy_rows,
     row_bytes,
     row_target,
     stream,
@@ -39,11 +40,15 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
         noise: Noise standard deviation as a fraction of each example's value
             range (max - min).
         seed: Makes the noise reproducible. Copy `s` of example `i` of a batch of
-            `n` gets the noise `tf.random.stateless_normal(shape, seed=(seed + j,
-            s * n + i))` on its `j`-th floating-point input, whatever
-            `batch_size` is. Without a seed, one is drawn
-            from NumPy's global generator (so `keras.utils.set_random_seed` makes
-            runs repeatable).
+            `n` is row `r = s * n + i`; its noise on its `j`-th floating-point
+            input (standard normal, in float32, or float64 for a float64 input,
+            then scaled) is drawn per row, so it is the same whatever
+            `batch_size` is. On TensorFlow it is
+            `tf.random.stateless_normal(shape, seed=(seed + j, r))`; on JAX and
+            PyTorch it is NumPy's `np.random.default_rng((seed, j,
+            r)).standard_normal(shape)` (the same numbers on both backends, not
+            TensorFlow's). Without a seed, one is drawn from NumPy's global
+            generator (so `keras.utils.set_random_seed` makes runs repeatable).
         absolute, reduce_channels: As in `gp.saliency` (applied after averaging).
         batch_size: Evaluate this many noisy copies at a time (default: all
             `samples x batch` at once). Each chunk is built only when it is
@@ -68,7 +73,6 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0)
     >>> np.asarray(maps).shape    # (batch, height, width)
     """
-    _validate.backend_supported("gp.smoothgrad")
     samples = _validate.count("samples", samples, "the number of noisy copies per example")
     noise = _validate.nonnegative("noise", noise, "the noise standard deviation as a fraction "
                                   "of each example's value range")
@@ -78,32 +82,31 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     mi.require_floating("gp.smoothgrad")
     n, floating, keys = mi.n, mi.floating, mi.float_keys
     wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
-    noise_bytes = row_bytes([tf.zeros([1, *mi.leaves[i].shape[1:]], wide[i]) for i in floating])
+    noise_bytes = row_bytes([SimpleNamespace(shape=(1, *mi.leaves[i].shape[1:]), dtype=wide[i])
+                             for i in floating])
     rows = chunk_rows(what=f"gp.smoothgrad(samples={samples})", reps_name="samples",
                       reps=samples, n=n, batch_size_=batch_size,
                       per_row=row_bytes(mi.leaves) + noise_bytes, max_bytes=max_bytes)
     target = fixed_target(model, mi.x, target, output, training)
     scales = {}
     for i in floating:
-        xw = tf.cast(mi.leaves[i], wide[i])
-        axes = list(range(1, xw.shape.rank))
-        span = tf.reduce_max(xw, axis=axes, keepdims=True) - tf.reduce_min(xw, axis=axes,
-                                                                            keepdims=True)
-        scales[i] = tf.constant(float(noise), wide[i]) * span
+        xw = ops.cast(mi.leaves[i], wide[i])
+        axes = tuple(range(1, len(xw.shape)))
+        span = ops.max(xw, axis=axes, keepdims=True) - ops.min(xw, axis=axes, keepdims=True)
+        scales[i] = ops.convert_to_tensor(float(noise), wide[i]) * span
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
 
     def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
-        ti, tr = tf.constant(idx), tf.constant(r)
-        new = {i: noisy(mi.leaves[i], scales[i], ti, tr, tf.constant(int(seed) + j, tf.int64))
+        new = {i: noisy_rows(mi.leaves[i], scales[i], idx, r, int(seed), j)
                for j, i in enumerate(floating)}
-        g = gradients(model, mi.rows(ti, new), row_target(target, idx), keys, output=output,
+        g = gradients(model, mi.rows(idx, new), row_target(target, idx), keys, output=output,
                       training=training)
         return [g[k] for k in keys], None
 
     acc, _ = stream(n=n, reps=samples, rows=rows,
                     weights=lambda s: np.full(s.shape, 1.0 / samples), step=step,
-                    acc=[tf.zeros(mi.leaves[i].shape, wide[i]) for i in floating],
+                    acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i]) for i in floating],
                     label="smoothgrad", progress=progress)
     maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
     values = compiled_target_values(model, mi.x, target, output, training)

@@ -358,8 +358,8 @@ def test_options_and_refusals():
         for k in ref:
             close(g[k], ref[k], 0.0, k)
     with pytest.raises(gp.GradprobeError) as info:
-        gp.saliency(model, x, 0)
-    assert "gp.saliency" in str(info.value) and "'torch'" in str(info.value)
+        gp.GradientMonitor()
+    assert "gp.GradientMonitor" in str(info.value) and "'torch'" in str(info.value)
     model.get_layer("out").kernel.assign(np.zeros((6, 4), "float32"))  # weights read per call
     assert not np.any(arr(gp.gradients(model, x, 0, "h")["h"]))
 

@@ -55,7 +55,8 @@ import keras
 from gradprobe.errors import GradprobeError
 
 FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe._functional
-SUPPORTED_ELSEWHERE = "supported on JAX and PyTorch so far: gp.gradients"
+SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but gp.GradientMonitor, the "
+                       "tf.distribute strategies and gp.Tape on JAX (use gp.functional there)")
 
 
 def name() -> str:
