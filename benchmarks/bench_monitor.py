@@ -30,7 +30,7 @@ smaller (the overhead itself does not depend on it).
 
 Usage: python benchmarks/bench_monitor.py [--quick] [--models resnet,transformer,cnn]
        [--rounds N] [--steps S] [--threads T]
-`--quick`: ResNet-20 and the Transformer only, 12 steps x 6 rounds (about 4-5
+`--quick`: ResNet-20 and the Transformer only, 10 steps x 6 rounds (about 4-5
 minutes on an idle 2-core machine; the full run takes about 12).
 """
 
@@ -133,7 +133,7 @@ MODELS = {
 }
 # --quick: the two target models, fewer steps and rounds (about 4-5 minutes on an
 # idle 2-core machine).
-QUICK = {"models": "resnet,transformer", "steps": 12, "rounds": 6}
+QUICK = {"models": "resnet,transformer", "steps": 10, "rounds": 6}
 
 
 class StepClock(keras.callbacks.Callback):
