@@ -1,9 +1,17 @@
 """`fit` with gp.GradientMonitor at every=1 and every=10 against `fit` without
 it, on three models: a CIFAR-sized ResNet-20 (32x32x3, batch 64), a small
 Transformer encoder (4 blocks, width 128, sequence 64, batch 32) and, as
-information, a tiny CNN (28x28x1, batch 32). Each variant has its own model and
-callbacks, built and warmed up (traced) once; then fits of the variants are
+information, a tiny CNN (28x28x1, batch 32). All variants of a model run on ONE
+model instance (the monitor puts the model's own train function back after each
+fit): separate but identical models differ in speed by a few percent on their
+own. After a warm-up fit of each variant (tracing), fits of the variants are
 timed in interleaved rounds (the order alternates from round to round).
+
+Rows: the plain fit (the baseline); the plain fit again (A/A control: its
+"overhead" is the noise of the run); a do-nothing callback that reads the loss
+on the host every step (the floor of any per-step monitor); the monitor at
+every=1 and every=10. The load average of the machine is printed with each
+table. The last lines are the table for the README.
 
 Targets (ResNet and Transformer): overhead at most +3% at every=1 and at most
 +1% at every=10.
@@ -20,8 +28,10 @@ other processes competing for the cores disturb much less than wall time.
 `--threads 1` pins TensorFlow to one thread, which makes the machine's noise
 smaller (the overhead itself does not depend on it).
 
-Usage: python benchmarks/bench_monitor.py [--models resnet,transformer,cnn]
+Usage: python benchmarks/bench_monitor.py [--quick] [--models resnet,transformer,cnn]
        [--rounds N] [--steps S] [--threads T]
+`--quick`: ResNet-20 and the Transformer only, 10 steps x 6 rounds (about 4-5
+minutes on an idle 2-core machine; the full run takes about 12).
 """
 
 from __future__ import annotations
@@ -117,10 +127,13 @@ def make_data(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 # name: (builder, batch, default steps per fit, default rounds)
 MODELS = {
-    "resnet": (resnet20, 64, 15, 5),
-    "transformer": (transformer, 32, 20, 5),
+    "resnet": (resnet20, 64, 15, 8),
+    "transformer": (transformer, 32, 20, 8),
     "cnn": (cnn, 32, 100, 7),
 }
+# --quick: the two target models, fewer steps and rounds (about 4-5 minutes on an
+# idle 2-core machine).
+QUICK = {"models": "resnet,transformer", "steps": 10, "rounds": 6}
 
 
 class StepClock(keras.callbacks.Callback):
@@ -137,6 +150,14 @@ class StepClock(keras.callbacks.Callback):
         self.times.append(time.perf_counter())
 
 
+class ReadLoss(keras.callbacks.Callback):
+    """The floor of any per-step monitor: a callback that reads one scalar (the
+    loss) on the host after every step."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last = float(logs["loss"])
+
+
 def run(model, callbacks, clock, x, y, steps, batch):
     gc.collect()
     clock.times = []
@@ -148,47 +169,81 @@ def run(model, callbacks, clock, x, y, steps, batch):
     return whole, float(np.median(np.diff(clock.times)[1:])), cpu / steps
 
 
-def bench(name: str, args: argparse.Namespace, console: Console) -> None:
+BASE = "no monitor"
+CONTROL = "no monitor (A/A control)"
+FLOOR = "callback reading the loss"
+
+
+def bench(name: str, args: argparse.Namespace, console: Console) -> dict[str, tuple]:
+    """Times the variants of one model; returns variant -> (wall ratio - 1, its
+    IQR, CPU ratio - 1, its IQR, median step ms)."""
     build, batch, steps, rounds = MODELS[name]
     steps, rounds = args.steps or steps, args.rounds or rounds
     x, y = make_data(name, steps * batch, np.random.default_rng(0))
+    # ONE model for every variant: the monitor puts the model's own train function
+    # back after each fit, so plain and monitored fits alternate on the same
+    # variables and the same compiled plain function (separate model instances
+    # differ in speed by a few percent on their own: see the A/A control row).
+    model = build()
+    clock = StepClock()
     variants = {
-        "no monitor": (build(), [], StepClock()),
-        "monitor every=1": (build(), [gp.GradientMonitor(every=1)], StepClock()),
-        "monitor every=10": (build(), [gp.GradientMonitor(every=10)], StepClock()),
+        BASE: [],
+        CONTROL: [],
+        FLOOR: [ReadLoss()],
+        "monitor every=1": [gp.GradientMonitor(every=1)],
+        "monitor every=10": [gp.GradientMonitor(every=10)],
     }
-    n_vars = len(variants["no monitor"][0].trainable_weights)
-    for model, callbacks, clock in variants.values():  # warm-up: tracing
+    n_vars = len(model.trainable_weights)
+    for callbacks in variants.values():  # warm-up: tracing
         model.fit(x[:batch * 4], y[:batch * 4], batch_size=batch, verbose=0,
                   callbacks=[*callbacks, clock])
-    whole = {k: [] for k in variants}
+    load0 = os.getloadavg()[0]
     step = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
     for r in range(rounds):
         for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            model, callbacks, clock = variants[k]
-            w, s, c = run(model, callbacks, clock, x, y, steps, batch)
-            whole[k].append(w)
+            _, s, c = run(model, variants[k], clock, x, y, steps, batch)
             step[k].append(s)
             cpu[k].append(c)
-    base = "no monitor"
+    load1 = os.getloadavg()[0]
     threads = args.threads or "default"
     table = Table(title=f"{name}: {n_vars} trainable variables, fit of {steps} steps of batch "
-                        f"{batch}, {rounds} rounds, TensorFlow threads: {threads}")
+                        f"{batch}, {rounds} rounds, TensorFlow threads: {threads}, load "
+                        f"average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs")
     for col in ("variant", "median step ms", "step overhead (paired median)", "IQR",
                 "CPU ms/step", "CPU overhead (paired median)", "IQR "):
         table.add_column(col, justify="left" if col == "variant" else "right")
+    out = {}
     for k in variants:
-        first = k == base
-        cells = []
+        first = k == BASE
+        cells, summary = [], []
         for values in (step, cpu):
-            ratios = np.array(values[k]) / np.array(values[base])
+            ratios = np.array(values[k]) / np.array(values[BASE])
             q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
             cells += [f"{statistics.median(values[k]) * 1e3:.2f}",
                       "-" if first else f"{q2 - 1:+.1%}",
                       "-" if first else f"{q1 - 1:+.1%} .. {q3 - 1:+.1%}"]
+            summary += [q2 - 1, (q1 - 1, q3 - 1)]
         table.add_row(k, *cells)
+        out[k] = (*summary, statistics.median(step[k]) * 1e3, load0, load1)
     console.print(table)
+    return out
+
+
+def markdown(results: dict[str, dict[str, tuple]]) -> str:
+    """The README table: one row per model."""
+    lines = ["| model | plain step | every=1 wall (CPU) | every=10 wall (CPU) | "
+             "reading the loss wall (CPU) | A/A control wall (CPU) | load average |",
+             "|---|---|---|---|---|---|---|"]
+    for name, out in results.items():
+        def cell(k, out=out):
+            wall, _, cpu_, _, *_ = out[k]
+            return f"{wall:+.1%} ({cpu_:+.1%})"
+        base = out[BASE]
+        lines.append(f"| {name} | {base[4]:.0f} ms | {cell('monitor every=1')} | "
+                     f"{cell('monitor every=10')} | {cell(FLOOR)} | {cell(CONTROL)} | "
+                     f"{base[5]:.1f} -> {base[6]:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -199,19 +254,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per fit; 0: the default")
     parser.add_argument("--threads", type=int, default=0,
                         help="TensorFlow intra- and inter-op threads (0: TensorFlow's default)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK['models']}, {QUICK['steps']} steps, {QUICK['rounds']} "
+                             "rounds (explicit --models/--steps/--rounds win)")
     args = parser.parse_args()
+    if args.quick:
+        if args.models == parser.get_default("models"):
+            args.models = QUICK["models"]
+        args.steps = args.steps or QUICK["steps"]
+        args.rounds = args.rounds or QUICK["rounds"]
     if args.threads:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    console = Console(width=130) if not Console().is_terminal else Console()
-    for name in args.models.split(","):
+    console = Console(width=150) if not Console().is_terminal else Console()
+    names = args.models.split(",")
+    for name in names:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        bench(name, args, console)
+    start = time.perf_counter()
+    results = {name: bench(name, args, console) for name in names}
     console.print("targets (resnet, transformer): overhead <= +3% at every=1, <= +1% at "
-                  "every=10; the tiny CNN is information.")
+                  "every=10; the tiny CNN is information. The A/A control row is a second "
+                  "measurement of the plain fit: its spread is the noise of this run.")
+    print(markdown(results))
+    print(f"({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

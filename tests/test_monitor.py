@@ -467,6 +467,79 @@ def test_jit_compile_records_hand_computed_gradients():
     _assert_norms(monitor, [v.path for v in model.trainable_weights], hand[1:2], [2])
 
 
+def test_nonfinite_check_of_unrecorded_steps_is_one_test_and_exact():
+    """On the steps that are not recorded the NaN/Inf check is one sum per
+    gradient and ONE scalar test (count of ops, not time); the per-variable
+    flags are still exact, also where a sum of finite values overflows."""
+    from gradprobe.monitor import hooks
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    variables = list(model.trainable_weights)
+    n = len(variables)
+    probe = hooks.StepProbe(model, variables, [], every=10, histograms=False)
+    check = tf.function(probe._nonfinite_check, autograph=False)
+    specs = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    ops = [op.type for op in check.get_concrete_function(specs).graph.get_operations()]
+    assert ops.count("IsFinite") == 1 and ops.count("Sum") == n
+    assert ops.count("If") + ops.count("StatelessIf") == 1
+
+    def grads(**where):
+        out = [np.full(v.shape, 0.5, np.float32) for v in variables]
+        for i, value in where.items():
+            out[int(i[1:])].flat[1] = value
+        return [tf.constant(g) for g in out]
+
+    assert check(grads()).numpy().tolist() == [0.0] * n
+    assert check(grads(v2=np.nan)).numpy().tolist() == [float(i == 2) for i in range(n)]
+    assert check(grads(**{f"v{n - 1}": -np.inf})).numpy().tolist() == \
+        [float(i == n - 1) for i in range(n)]
+    huge = grads()
+    huge[0] = tf.fill(variables[0].shape, 3e38)  # finite entries, the sum overflows
+    assert not np.isfinite(tf.reduce_sum(huge[0]).numpy())
+    assert check(huge).numpy().tolist() == [0.0] * n
+
+
+def test_gradient_statistics_fast_and_exact_paths_against_numpy():
+    """The statistics of a recorded step (few passes where every gradient is
+    finite, the exact ones over the finite entries otherwise) against NumPy."""
+    from gradprobe.monitor import hooks
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    variables = list(model.trainable_weights)
+    probe = hooks.StepProbe(model, variables, [], every=1, histograms=False)
+    stats = tf.function(probe._grad_stats, autograph=False)
+    rng = np.random.default_rng(3)
+    grads = []
+    for v in variables:
+        g = rng.normal(size=v.shape).astype(np.float32)
+        g[rng.random(v.shape) < 0.3] = 0.0
+        if len(v.shape) >= 1 and v.shape[-1] >= 2:
+            g[..., 1] = 0.0  # a dead unit
+        grads.append(g)
+
+    def numpy_stats(gs):
+        rows = []
+        for g in gs:
+            f = np.where(np.isfinite(g), g, 0.0)
+            units = g.shape[-1] if g.ndim else 1
+            dead = 0 if g.ndim == 0 or units < 2 else int(
+                np.all(g.reshape(-1, units) == 0, axis=0).sum())
+            rows.append([np.linalg.norm(f), np.abs(f).max(), np.mean(g == 0),
+                         np.count_nonzero(~np.isfinite(g)), dead])
+        return np.array(rows)
+
+    for case in ("finite", "nan and inf"):
+        if case == "nan and inf":
+            grads[0].flat[0], grads[2].flat[3] = np.nan, -np.inf
+        got = stats([tf.constant(g) for g in grads]).numpy()
+        want = numpy_stats(grads)
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-7), case
+        assert want[:, 4].min() >= 1  # every variable has its dead unit
+    assert want[0, 3] == 1 and want[2, 3] == 1
+
+
 class Boom(keras.callbacks.Callback):
     def __init__(self, hook, error):
         super().__init__()

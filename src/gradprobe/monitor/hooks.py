@@ -224,16 +224,41 @@ class StepProbe:
                                tf.float32))
         return tf.stack(out) if out else tf.zeros([0])
 
+    def _nonfinite_check(self, grads: list[Any]) -> Any:
+        """`_nonfinite_flags(grads)`, made cheap for the steps that are not
+        recorded (where every gradient is finite, as usual): one sum per gradient
+        and one scalar test. A sum is NaN/Inf when any entry is; it may also
+        overflow when none is, so where the total is not finite the exact
+        per-variable check decides (inside a cond: skipped on the usual path)."""
+        present = [(g.values if isinstance(g, tf.IndexedSlices) else g) for g in grads
+                   if g is not None]
+        if not present:
+            return tf.zeros([len(grads)])
+        total = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in present])
+        return tf.cond(tf.math.is_finite(total), lambda: tf.zeros([len(grads)]),
+                       lambda: self._nonfinite_flags(grads))
+
     def _grad_stats(self, grads: list[Any]) -> Any:
+        # (a densified IndexedSlices may have lost its static shape: the variable's)
         dense = [tf.zeros(v.shape, tf.float32) if g is None else
-                 tf.cast(tf.convert_to_tensor(g), tf.float32) for g, v in zip(grads, self.variables)]
+                 tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), v.shape)
+                 for g, v in zip(grads, self.variables)]
         if not dense:
             return tf.zeros([0, len(GRAD_STATS)])
-        rows = []
-        for g in dense:
-            stats, zero = _stats_and_zero(g)
-            rows.append(tf.concat([stats, [_dead(g, zero)]], 0))
-        return tf.stack(rows)
+        # The usual case, every gradient finite, in few elementwise passes; a
+        # sum of squares is NaN/Inf when any entry is (or overflows): then the
+        # exact statistics over the finite entries, inside a cond.
+        fast = [_finite_stats(g) for g in dense]
+        finite = tf.reduce_all(tf.math.is_finite(tf.stack([sumsq for _, sumsq in fast])))
+
+        def exact() -> Any:
+            rows = []
+            for g in dense:
+                stats, zero = _stats_and_zero(g)
+                rows.append(tf.concat([stats, [_dead(g, zero)]], 0))
+            return tf.stack(rows)
+
+        return tf.cond(finite, lambda: tf.stack([row for row, _ in fast]), exact)
 
     def _wrap_apply(self, original: Callable) -> Callable:
         def apply(grads: Any, trainable_variables: Any = None) -> Any:
@@ -295,8 +320,8 @@ class StepProbe:
                     tf.tensor_scatter_nd_update(current, [[slot]], [stats])
                 return row, tf.cast(stats[:, 3] > 0, tf.float32)
 
-            def check() -> Any:  # every step: NaN/Inf flags only
-                return current, self._nonfinite_flags(grads)
+            def check() -> Any:  # the other steps: NaN/Inf flags only
+                return current, self._nonfinite_check(grads)
 
             stats, flags = tf.cond(recording, record, check)
             self.stats.assign(stats)
@@ -336,7 +361,7 @@ class StepProbe:
                 for b, i in zip(before, tracked):
                     new = tf.convert_to_tensor(values[i])
                     out[self._index[id(values[i])]] = tf.math.divide_no_nan(
-                        tf.norm(tf.cast(new - b, tf.float32)), tf.norm(tf.cast(b, tf.float32)))
+                        _norm(tf.cast(new - b, tf.float32)), _norm(tf.cast(b, tf.float32)))
                 return tf.stack(out) if out else tf.zeros([0])
 
             with tf.control_dependencies(tf.nest.flatten(result) if result is not None else []):
@@ -444,6 +469,34 @@ def _stats_and_zero(g: Any) -> tuple[Any, Any]:
         size - tf.reduce_sum(tf.cast(finite_mask, tf.float32)),
     ])
     return stats, zero
+
+
+def _norm(x: Any) -> Any:
+    """The L2 norm in one read pass (a dot product; `tf.norm` squares, then sums)."""
+    flat = tf.reshape(x, [-1])
+    return tf.sqrt(tf.tensordot(flat, flat, 1))
+
+
+def _finite_stats(g: Any) -> tuple[Any, Any]:
+    """The row of `GRAD_STATS` of a float32 gradient with static shape, valid where
+    every entry is finite (then `nonfinite` is 0), and its sum of squares (NaN/Inf
+    where some entry is not finite). Read passes only, but one for the zeros."""
+    size = int(g.shape.num_elements())
+    if not size:
+        return tf.zeros([len(GRAD_STATS)]), tf.constant(0.0)
+    flat = tf.reshape(g, [-1])
+    sumsq = tf.tensordot(flat, flat, 1)
+    max_abs = tf.maximum(tf.reduce_max(flat), -tf.reduce_min(flat))
+    zero = tf.cast(tf.equal(g, 0.0), tf.float32)
+    rank, units = g.shape.rank, (g.shape[-1] if g.shape.rank else 1)
+    if rank == 0 or units < 2:
+        zeros, dead = tf.reduce_sum(zero), tf.constant(0.0)
+    else:
+        per_unit = zero if rank == 1 else tf.reduce_sum(zero, axis=list(range(rank - 1)))
+        zeros = tf.reduce_sum(per_unit)
+        dead = tf.reduce_sum(tf.cast(tf.equal(per_unit, float(size // units)), tf.float32))
+    row = tf.stack([tf.sqrt(sumsq), max_abs, zeros / float(size), tf.constant(0.0), dead])
+    return row, sumsq
 
 
 def _dead(g: Any, zero: Any | None = None) -> Any:
