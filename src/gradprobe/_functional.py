@@ -320,22 +320,34 @@ class _Request:
 
     def variables(self, model: Any) -> tuple[list, list]:
         """`(model.trainable_variables, model.non_trainable_variables)`, as Keras
-        gives them, kept between calls: Keras walks every layer for each of these
-        lists (0.4 ms each on ResNet50, several times per call). The engine makes
-        a new request when layers or weights are added (`engine._fingerprint`);
-        what can change within a request is which variables are trainable
-        (`layer.trainable = False`), so the lists are kept with those flags and
-        asked from Keras again when a flag changed."""
+        gives them, kept between calls (see `_variable_split`)."""
+        return self._variable_split(model)[1:]
+
+    def _variable_split(self, model: Any) -> tuple[tuple, list, list]:
+        """`(flags, trainable, non_trainable)`: Keras' two lists of `model`'s
+        variables and what decides the split (`_trainable_flags`).
+
+        Kept between calls: Keras walks every layer for each list (0.4 ms each
+        on ResNet50, several times per call). The engine makes a new request
+        when layers or weights are added (`engine._fingerprint`); what can change
+        within a request is which variables are trainable (`layer.trainable =
+        False`), so the lists are kept with those flags and asked from Keras
+        again when a flag changed. The flags are part of a prepared signature's
+        key (`key`): the positions of the requested variables in the lists
+        (`_Prepared.var_keys`) move when the split does."""
         kept = self._variable_lists
-        if kept is not None:
-            flags, trainable, non_trainable = kept
-            if flags == _trainable_flags(model, trainable, non_trainable):
-                return trainable, non_trainable
+        if kept is not None and kept[0] == _trainable_flags(model, kept[1], kept[2]):
+            return kept
         trainable = list(model.trainable_variables)
         non_trainable = list(model.non_trainable_variables)
-        self._variable_lists = (_trainable_flags(model, trainable, non_trainable), trainable,
-                                non_trainable)
-        return trainable, non_trainable
+        kept = (_trainable_flags(model, trainable, non_trainable), trainable, non_trainable)
+        self._variable_lists = kept
+        return kept
+
+    def key(self, model: Any, x: Any, args: dict) -> tuple:
+        """The key of the `_Prepared` for these inputs and target arguments: the
+        input signature and the split of the model's variables."""
+        return self._variable_split(model)[0], _signature(x, args)
 
     # -- the pure forward pass ------------------------------------------------
     def forward(self, prep: _Prepared | None, diff: dict, trainable: list, non_trainable: list,
@@ -616,7 +628,7 @@ class _Request:
     # -- running ---------------------------------------------------------------
     def run(self, model: Any, x: Any, args: dict, compile: bool | str) -> tuple[dict, dict]:
         bk = backends.get()
-        signature = _signature(x, args)
+        signature = self.key(model, x, args)
         with self.lock:
             prep = self.prepared.get(signature)
         if prep is None:
