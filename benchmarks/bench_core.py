@@ -260,7 +260,14 @@ def main() -> None:
     parser.add_argument("--resnet-batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=64, help="ResNet50 input size")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch intra-op threads (0: PyTorch's default). On a shared "
+                             "machine, 1 avoids OpenMP threads waiting for a busy core")
     args = parser.parse_args()
+    if args.threads and BACKEND == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if BACKEND not in HAND:
         raise SystemExit(f"bench_core.py runs on tensorflow, jax or torch, not {BACKEND!r}.")
     console = Console(width=180)

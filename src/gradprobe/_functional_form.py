@@ -188,7 +188,7 @@ def build(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any = None,
         if not isinstance(request, _functional._Request):
             _functional._refuse_float16(model, entry.plan, bk.NAME)
             request = entry.fn = _functional._Request(model, entry.plan)
-    signature = _functional._signature(x, tgt.args)
+    signature = request.key(model, x, tgt.args)
     with request.lock:
         prep = request.prepared.get(signature)
     if prep is None:

@@ -14,6 +14,7 @@ Private Keras access: the Keras mask of a tensor is read and written with
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import keras
@@ -51,12 +52,42 @@ def value_and_grad(fn: Any) -> Any:
     return run
 
 
+def _flatten(tree: Any) -> tuple[list, Any]:
+    """`(leaves, pack)` for a tree of sources: `pack(new_leaves)` rebuilds it.
+
+    The capture's `{"probes": {key: Probe}, "vars": {key: tensor}}` takes a
+    fast path (plain dicts, in their own order: flattening and packing only
+    need to agree); any other tree goes through `keras.tree`, whose PyTorch
+    implementation (`torch.utils._pytree`) costs about 0.1 ms per call here."""
+    if type(tree) is dict and all(type(v) is dict for v in tree.values()):
+        inner = [(k, list(v)) for k, v in tree.items()]
+        leaves = [tree[k][j] for k, keys in inner for j in keys]
+        if all(isinstance(leaf, (Probe, torch.Tensor)) for leaf in leaves):
+            def pack(new: list) -> dict:
+                it = iter(new)
+                return {k: {j: next(it) for j in keys} for k, keys in inner}
+
+            return leaves, pack
+    return keras.tree.flatten(tree), lambda new: keras.tree.pack_sequence_as(tree, new)
+
+
+def _detached(tree: Any) -> Any:
+    """`tree` with its tensors detached (a tensor, or a dict of tensors or of
+    trees, without a walk through `keras.tree` where it is not needed)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if type(tree) is dict:
+        return {k: _detached(v) for k, v in tree.items()}
+    return keras.tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
 def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], Any, list[bool]]:
-    leaves = keras.tree.flatten(diff)
+    leaves, pack = _flatten(diff)
     fresh = [leaf if isinstance(leaf, Probe) else leaf.detach().requires_grad_(True)
              for leaf in leaves]
     with torch.enable_grad():
-        objective, aux = fn(keras.tree.pack_sequence_as(diff, fresh), *rest)
+        objective, aux = fn(pack(fresh), *rest)
         sources = [s.tensor if isinstance(s, Probe) else s for s in fresh]
         missing = [i for i, s in enumerate(sources) if s is None]
         if missing:  # pragma: no cover - discovery found every probed call
@@ -70,9 +101,7 @@ def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], An
         grads[i] = g
     used = [g is not None for g in grads]
     grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
-    aux = keras.tree.map_structure(
-        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
-    return (objective.detach(), aux), keras.tree.pack_sequence_as(diff, grads), used
+    return (objective.detach(), _detached(aux)), pack(grads), used
 
 
 PER_EXAMPLE = True
@@ -145,7 +174,7 @@ def connected(fn: Any, diff: Any, *rest: Any) -> Any:
     depends on it, from the autograd graph of one real pass (an unused source
     gets no gradient at all, as on TensorFlow's tape)."""
     _, _, used = _differentiate(fn, diff, rest)
-    return keras.tree.pack_sequence_as(diff, used)
+    return _flatten(diff)[1](used)
 
 
 def value_of(variable: Any) -> Any:
@@ -202,10 +231,33 @@ _CONTROL_FLOW = {
 }
 
 
+_FLOW_PATH = os.path.join("backend", "torch")
+_flow_of_code: dict[Any, str | None] = {}  # code object -> control-flow name or None
+
+
 def control_flow(origin: Any) -> str | None:
     """The Keras control-flow function the calling code runs inside, below the
-    frames of `origin`; `None` if none."""
-    return origin.control_flow(_CONTROL_FLOW, os.path.join("backend", "torch"))
+    frames of `origin`; `None` if none.
+
+    As `Origin.control_flow`, but with each code object's answer kept: PyTorch
+    runs every probed layer call eagerly, so this walk runs on every call of
+    every probed layer (not once per trace, as on JAX)."""
+    ids = origin.ids
+    frame = sys._getframe(1)
+    while frame is not None and id(frame) not in ids:
+        code = frame.f_code
+        try:
+            name = _flow_of_code[code]
+        except KeyError:
+            if len(_flow_of_code) > 100_000:  # (code made at run time, e.g. by exec)
+                _flow_of_code.clear()
+            name = _flow_of_code[code] = code.co_name if (
+                (os.path.basename(code.co_filename), code.co_name) in _CONTROL_FLOW
+                and _FLOW_PATH in code.co_filename) else None
+        if name is not None:
+            return name
+        frame = frame.f_back
+    return None
 
 
 def trace_error(e: BaseException) -> str | None:
