@@ -1,9 +1,15 @@
 """Helpers shared by the backend tests (tests/backends/test_*.py): array
-comparison and the models several of them use. Imports no backend library."""
+comparison, the models several of them use, backend-neutral hand oracles (the
+trapezoid rule, the Grad-CAM formulas) and checks that are the same on every
+backend. Imports no backend library (jax, torch): the modules that use it skip
+themselves under another backend first."""
 
 import keras
 import numpy as np
+import pytest
 from keras import layers
+
+import gradprobe as gp
 
 
 def arr(t):
@@ -91,6 +97,30 @@ def normalized(cam):
     lo = cam.min(axis=(1, 2), keepdims=True)
     hi = cam.max(axis=(1, 2), keepdims=True)
     return np.divide(cam - lo, hi - lo, out=np.zeros_like(cam), where=hi > lo)
+
+
+def check_grad_cam_layer(assert_sacred):
+    """gp.grad_cam_layer picks the last spatial layer connected to the output (a
+    shared layer's call, a layer as the output) and refuses a model without one;
+    the same on every backend. `assert_sacred(model, before)` is the calling
+    module's check that the model is untouched."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 2))
+    shared = layers.Conv2D(2, 1, name="shared")
+    h = layers.Conv2D(3, 3, activation="relu", name="conv")(shared(inp))
+    h = shared(layers.Conv2D(2, 1, name="c2")(h))  # the second call of "shared"
+    side = layers.Conv2D(2, 3, name="side")(inp)  # output 1 only
+    y = layers.Dense(4, name="out")(layers.GlobalAveragePooling2D(name="gap")(h))
+    model = keras.Model(inp, [y, side])
+    before = snapshot(model)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype("float32")
+    assert gp.grad_cam_layer(model, x, output=0) == "shared@1"  # not "side", not "gap"
+    assert gp.grad_cam_layer(model, x, output=1) == "side"
+    assert gp.grad_cam_layer(model, x, output="c2") == "c2"  # a layer as the output
+    no_maps = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    with pytest.raises(gp.GradprobeError, match="no layer with a spatial"):
+        gp.grad_cam_layer(no_maps, np.ones((2, 4), "float32"))
+    assert_sacred(model, before)
 
 
 # ------------------------------------------------------------ higher order

@@ -24,6 +24,7 @@ from backend_helpers import (  # noqa: E402
     arr,
     assert_untouched,
     cam_formulas,
+    check_grad_cam_layer,
     close,
     cnn,
     normalized,
@@ -290,25 +291,7 @@ def test_stats_summary_and_diagnose_values(x64):
     g.summary(print_fn=lines.append)
     text = "\n".join(lines)
     assert "h.kernel" in text and f"{stats['h']['norm']:.4g}" in text and "dead units" in text
-    text = "\n".join(lines)
-    assert "h.kernel" in text and f"{stats['h']['norm']:.4g}" in text and "dead units" in text
 
 
 def test_grad_cam_layer_last_connected_spatial_layer():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((8, 8, 2))
-    shared = layers.Conv2D(2, 1, name="shared")
-    h = layers.Conv2D(3, 3, activation="relu", name="conv")(shared(inp))
-    h = shared(layers.Conv2D(2, 1, name="c2")(h))  # the second call of "shared"
-    side = layers.Conv2D(2, 3, name="side")(inp)  # output 1 only
-    y = layers.Dense(4, name="out")(layers.GlobalAveragePooling2D(name="gap")(h))
-    model = keras.Model(inp, [y, side])
-    before = snapshot(model)
-    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype("float32")
-    assert gp.grad_cam_layer(model, x, output=0) == "shared@1"  # not "side", not "gap"
-    assert gp.grad_cam_layer(model, x, output=1) == "side"
-    assert gp.grad_cam_layer(model, x, output="c2") == "c2"  # a layer as the output
-    mlp = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
-    with pytest.raises(GradprobeError, match="no layer with a spatial"):
-        gp.grad_cam_layer(mlp, np.ones((2, 4), "float32"))
-    assert_sacred(model, before)
+    check_grad_cam_layer(assert_sacred)
