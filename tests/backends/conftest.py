@@ -11,21 +11,17 @@ import pytest
 
 
 @pytest.fixture
-def x64():
-    """float64 Keras models; on JAX also `jax_enable_x64` (without it JAX truncates
-    float64 to float32). Restores the previous settings afterwards."""
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax = None
-    if keras.backend.backend() == "jax":
-        import jax
+def x64(float64):
+    """float64 Keras models (the `float64` fixture of tests/conftest.py); on JAX also
+    `jax_enable_x64` (without it JAX truncates float64 to float32). Restores the
+    previous settings afterwards."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
 
-        jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
+    jax.config.update("jax_enable_x64", True)
     try:
         yield
     finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        if jax is not None:
-            jax.config.update("jax_enable_x64", False)
+        jax.config.update("jax_enable_x64", False)

@@ -19,34 +19,23 @@ if keras.backend.backend() != "jax":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backend_helpers import (  # noqa: E402
+    assert_untouched,
+    cam_formulas,
+    check_grad_cam_layer,
+    close,
+    cnn,
+    normalized,
+    snapshot,
+    trapezoid,
+)
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _functional, _patch  # noqa: E402
 from gradprobe.errors import GradprobeError  # noqa: E402
 
-
-def close(a, b, tol=1e-10, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
-
-
-@pytest.fixture
-def x64():
-    """float64 Keras models on JAX (JAX truncates float64 to float32 without x64)."""
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        jax.config.update("jax_enable_x64", False)
+TOL = 1e-10  # the default tolerance of `close` here: the float64 oracles agree to rounding on JAX
 
 
 def values(model):
@@ -66,31 +55,9 @@ def class_objective(model, cls):
     return f
 
 
-def cnn(activation="sigmoid"):
-    # (sigmoid, not tanh, and Flatten, not global average pooling: keras.ops.tanh and
-    # keras.ops.mean compute float64 values in float32 on JAX, see test_jax.py)
-    keras.utils.set_random_seed(7)
-    return keras.Sequential([
-        keras.Input((6, 6, 2)), layers.Conv2D(3, 3, activation=activation, name="conv"),
-        layers.Flatten(name="gap"), layers.Dense(4, name="out")])
-
-
-def snapshot(model):
-    return [np.array(v.value) for v in model.weights]
-
-
 def assert_sacred(model, before):
-    for a, b in zip(before, snapshot(model)):
-        np.testing.assert_array_equal(a, b)
-    assert all(layer.__dict__.get("call") is None for layer in model._flatten_layers())
+    assert_untouched(model, before)
     assert _patch.active_wrappers() == 0
-
-
-def trapezoid(steps):
-    k = np.arange(steps)
-    w = np.full(steps, 1.0 / (steps - 1))
-    w[[0, -1]] *= 0.5
-    return k / (steps - 1), w
 
 
 # ----------------------------------------------------- saliency, gradient x input
@@ -103,14 +70,14 @@ def test_saliency_and_gradient_x_input_against_jax_grad(x64):
 
     sal = gp.saliency(model, x, "predicted")
     assert np.asarray(sal).dtype == np.float64
-    close(sal, np.abs(g).max(axis=-1), what="saliency (max over channels)")
-    close(sal.target, np.asarray(model(x))[np.arange(3), pred], what="target values")
+    close(sal, np.abs(g).max(axis=-1), TOL, what="saliency (max over channels)")
+    close(sal.target, np.asarray(model(x))[np.arange(3), pred], TOL, what="target values")
     close(gp.saliency(model, x, 2, absolute=False, reduce_channels=None, batch_size=2),
-          jax.grad(class_objective(model, [2, 2, 2]))(jnp.asarray(x)), what="signed, chunked")
+          jax.grad(class_objective(model, [2, 2, 2]))(jnp.asarray(x)), TOL, what="signed, chunked")
     close(gp.saliency(model, x, 1, reduce_channels="mean"),
           np.abs(np.asarray(jax.grad(class_objective(model, [1] * 3))(jnp.asarray(x))))
-          .mean(axis=-1), what="mean over channels")
-    close(gp.gradient_x_input(model, x, "predicted"), g * x, what="gradient x input")
+          .mean(axis=-1), TOL, what="mean over channels")
+    close(gp.gradient_x_input(model, x, "predicted"), g * x, TOL, what="gradient x input")
 
     # layer= : gradient (x activation) at the conv output, from the layers after it
     conv = np.asarray(model.get_layer("conv")(x))
@@ -118,8 +85,8 @@ def test_saliency_and_gradient_x_input_against_jax_grad(x64):
     dconv = np.asarray(rest(jnp.asarray(conv)))
     lay = gp.saliency(model, x, 1, layer="conv", absolute=False, reduce_channels=None)
     assert lay.layer == "conv"
-    close(lay, dconv, what="layer saliency")
-    close(gp.gradient_x_input(model, x, 1, layer="conv"), dconv * conv, what="layer gxa")
+    close(lay, dconv, TOL, what="layer saliency")
+    close(gp.gradient_x_input(model, x, 1, layer="conv"), dconv * conv, TOL, what="layer gxa")
     assert_sacred(model, before)
 
 
@@ -155,17 +122,17 @@ def test_integrated_gradients_against_hand_written_riemann_and_completeness(x64)
     expect = sum(wk * np.asarray(grad(jnp.asarray(base + a * (x - base))))
                  for a, wk in zip(alphas, w)) * (x - base)
     ig = gp.integrated_gradients(model, x, 1, baseline=base, steps=steps, batch_size=6)
-    close(ig, expect, what="trapezoid IG")  # (21 rows in chunks of 6, the last one padded)
-    close(gp.integrated_gradients(model, x, 1, baseline=base, steps=steps), expect,
+    close(ig, expect, TOL, what="trapezoid IG")  # (21 rows in chunks of 6, the last one padded)
+    close(gp.integrated_gradients(model, x, 1, baseline=base, steps=steps), expect, TOL,
           what="one chunk")
     y_x, y_b = np.asarray(model(x))[:, 1], np.asarray(model(np.broadcast_to(base, x.shape)))[:, 1]
-    close(ig.target, y_x, what="f(x)")
-    close(ig.delta, expect.reshape(3, -1).sum(1) - (y_x - y_b), what="delta as documented")
+    close(ig.target, y_x, TOL, what="f(x)")
+    close(ig.delta, expect.reshape(3, -1).sum(1) - (y_x - y_b), TOL, what="delta as documented")
     # completeness: Gauss-Legendre makes the path integral exact to rounding
     gl = gp.integrated_gradients(model, x, 1, baseline=base, steps=24, method="gausslegendre",
                                  batch_size=6)
     assert np.abs(np.asarray(gl.delta)).max() < 1e-10
-    close(np.asarray(gl).reshape(3, -1).sum(1), y_x - y_b, what="completeness")
+    close(np.asarray(gl).reshape(3, -1).sum(1), y_x - y_b, TOL, what="completeness")
     # a repeated call with new values of the same shapes reuses the compiled step
     count = _functional.trace_count()
     gp.integrated_gradients(model, x * 0.5, 1, baseline=base, steps=steps, batch_size=6)
@@ -192,14 +159,14 @@ def test_layer_integrated_gradients_on_token_ids(x64):
                  for a, wk in zip(alphas, w)) * (a_x - a_b)
     ig = gp.integrated_gradients(model, ids, 1, layer="emb", steps=steps, batch_size=4)
     assert ig.layer == "emb" and np.asarray(ig).shape == (2, 5, 4)
-    close(ig, expect, what="layer IG")
+    close(ig, expect, TOL, what="layer IG")
     gl = gp.integrated_gradients(model, ids, 1, layer="emb", steps=20, method="gausslegendre",
                                  batch_size=4)
     assert np.abs(np.asarray(gl.delta)).max() < 1e-10
     f_x = np.asarray(model(ids))[:, 1]
     f_b = np.asarray(model(np.zeros_like(ids)))[:, 1]
-    close(np.asarray(gl).reshape(2, -1).sum(1), f_x - f_b, what="layer completeness")
-    close(gl.reduce("sum"), np.asarray(gl).sum(-1), what="one score per token")
+    close(np.asarray(gl).reshape(2, -1).sum(1), f_x - f_b, TOL, what="layer completeness")
+    close(gl.reduce("sum"), np.asarray(gl).sum(-1), TOL, what="one score per token")
     assert_sacred(model, before)
 
 
@@ -211,9 +178,9 @@ def test_functional_gradients_at_replaces_the_activation(x64):
     v = np.random.default_rng(6).normal(size=(2, 5))
     g = _functional.gradients_at(model, x, 2, "h", v)
     expect = jax.grad(lambda a: jnp.sum(model.get_layer("out")(a)[:, 2]))(jnp.asarray(v))
-    close(g["h"], expect, what="gradient at the replacing values")
-    close(g.activations["h"], v, what="the replaced activation")
-    close(g.target, np.asarray(model.get_layer("out")(v))[:, 2], what="target on the replacement")
+    close(g["h"], expect, TOL, what="gradient at the replacing values")
+    close(g.activations["h"], v, TOL, what="the replaced activation")
+    close(g.target, np.asarray(model.get_layer("out")(v))[:, 2], TOL, what="target on the replacement")
     with pytest.raises(GradprobeError, match="replacement"):
         _functional.gradients_at(model, x, 2, "h", np.zeros((2, 6)))
     # a shared layer: one call replaced ("d@1"); both calls at once is refused
@@ -223,7 +190,7 @@ def test_functional_gradients_at_replaces_the_activation(x64):
     shared = keras.Model(inp, out2(d(d(inp))))
     v2 = np.random.default_rng(7).normal(size=(2, 4))
     expect2 = jax.grad(lambda a: jnp.sum(out2(a)[:, 1]))(jnp.asarray(v2))
-    close(_functional.gradients_at(shared, x, 1, "d@1", v2)["d@1"], expect2, what="d@1")
+    close(_functional.gradients_at(shared, x, 1, "d@1", v2)["d@1"], expect2, TOL, what="d@1")
     with pytest.raises(GradprobeError, match="replaced"):
         _functional.gradients_at(shared, x, 1, "d", v2)
 
@@ -242,14 +209,14 @@ def test_smoothgrad_is_the_hand_average_over_the_documented_noise(x64):
         total = total + np.asarray(grad(jnp.asarray(x + noise * span * eps)))
     avg = total / samples
     sg = gp.smoothgrad(model, x, 3, samples=samples, noise=noise, seed=seed)
-    close(sg, np.abs(avg).max(axis=-1), what="smoothgrad")
+    close(sg, np.abs(avg).max(axis=-1), TOL, what="smoothgrad")
     close(gp.smoothgrad(model, x, 3, samples=samples, noise=noise, seed=seed, batch_size=3,
-                        absolute=False, reduce_channels=None), avg, what="chunked, signed")
+                        absolute=False, reduce_channels=None), avg, TOL, what="chunked, signed")
     other = gp.smoothgrad(model, x, 3, samples=samples, noise=noise, seed=seed + 1)
     assert np.abs(np.asarray(other) - np.asarray(sg)).max() > 1e-6  # the seed matters
     close(gp.smoothgrad(model, x, 3, samples=3, noise=0.0, seed=0, absolute=False,
                         reduce_channels=None),
-          grad(jnp.asarray(x)), what="noise=0 is the gradient")
+          grad(jnp.asarray(x)), TOL, what="noise=0 is the gradient")
 
 
 # --------------------------------------------------------------------- Grad-CAM
@@ -258,19 +225,7 @@ def hand_cams(model, x, cls):
     out = model.get_layer("out")
     gap = model.get_layer("gap")
     dA = np.asarray(jax.grad(lambda a: jnp.sum(out(gap(a))[:, cls]))(jnp.asarray(A)))
-    cam = np.maximum((dA.mean(axis=(1, 2), keepdims=True) * A).sum(-1), 0)
-    g2, g3 = dA ** 2, dA ** 3
-    denom = 2 * g2 + A.sum(axis=(1, 2), keepdims=True) * g3
-    alpha = np.divide(g2, denom, out=np.zeros_like(g2), where=denom != 0)
-    w = (alpha * np.maximum(dA, 0)).sum(axis=(1, 2), keepdims=True)
-    pp = np.maximum((w * A).sum(-1), 0)
-    return cam, pp
-
-
-def normalized(cam):
-    lo = cam.min(axis=(1, 2), keepdims=True)
-    hi = cam.max(axis=(1, 2), keepdims=True)
-    return np.divide(cam - lo, hi - lo, out=np.zeros_like(cam), where=hi > lo)
+    return cam_formulas(A, dA)
 
 
 def test_grad_cam_and_plus_plus_against_the_formulas(x64):
@@ -280,12 +235,12 @@ def test_grad_cam_and_plus_plus_against_the_formulas(x64):
     c = next(c for c in range(4) if hand_cams(model, x, c)[0].max() > 0)  # some positive map
     cam, pp = hand_cams(model, x, c)
     assert pp.max() > 0
-    close(gp.grad_cam(model, x, c, "conv", upsample=False, normalize=False), cam, what="cam")
-    close(gp.grad_cam(model, x, c, "conv", upsample=False), normalized(cam), what="normalized")
-    close(gp.grad_cam_plus_plus(model, x, c, "conv", upsample=False, normalize=False), pp,
+    close(gp.grad_cam(model, x, c, "conv", upsample=False, normalize=False), cam, TOL, what="cam")
+    close(gp.grad_cam(model, x, c, "conv", upsample=False), normalized(cam), TOL, what="normalized")
+    close(gp.grad_cam_plus_plus(model, x, c, "conv", upsample=False, normalize=False), pp, TOL,
           what="grad-cam++")
     up = gp.grad_cam(model, x, c, "conv", normalize=False)
-    close(up, jax.image.resize(jnp.asarray(cam), (3, 6, 6), "linear"), what="bilinear upsample")
+    close(up, jax.image.resize(jnp.asarray(cam), (3, 6, 6), "linear"), TOL, what="bilinear upsample")
     with pytest.raises(GradprobeError, match="spatial feature maps"):
         gp.grad_cam(model, x, c, "out")
     assert_sacred(model, before)
@@ -311,10 +266,10 @@ def test_stats_summary_and_diagnose_values(x64):
     for key, ref in (("h", dh), ("h.kernel", np.asarray(hk))):
         s = stats[key]
         assert s["shape"] == ref.shape
-        close(s["norm"], np.linalg.norm(ref), what=f"{key} norm")
-        close(s["mean_abs"], np.abs(ref).mean(), what=f"{key} mean_abs")
-        close(s["max_abs"], np.abs(ref).max(), what=f"{key} max_abs")
-        close(s["std"], ref.std(), what=f"{key} std")
+        close(s["norm"], np.linalg.norm(ref), TOL, what=f"{key} norm")
+        close(s["mean_abs"], np.abs(ref).mean(), TOL, what=f"{key} mean_abs")
+        close(s["max_abs"], np.abs(ref).max(), TOL, what=f"{key} max_abs")
+        close(s["std"], ref.std(), TOL, what=f"{key} std")
         assert s["zero_fraction"] == np.count_nonzero(ref == 0) / ref.size
         assert s["nonfinite"] == 0
     findings = g.diagnose()
@@ -328,20 +283,4 @@ def test_stats_summary_and_diagnose_values(x64):
 
 
 def test_grad_cam_layer_last_connected_spatial_layer():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((8, 8, 2))
-    shared = layers.Conv2D(2, 1, name="shared")
-    h = layers.Conv2D(3, 3, activation="relu", name="conv")(shared(inp))
-    h = shared(layers.Conv2D(2, 1, name="c2")(h))  # the second call of "shared"
-    side = layers.Conv2D(2, 3, name="side")(inp)  # output 1 only
-    y = layers.Dense(4, name="out")(layers.GlobalAveragePooling2D(name="gap")(h))
-    model = keras.Model(inp, [y, side])
-    before = snapshot(model)
-    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype("float32")
-    assert gp.grad_cam_layer(model, x, output=0) == "shared@1"  # not "side", not "gap"
-    assert gp.grad_cam_layer(model, x, output=1) == "side"
-    assert gp.grad_cam_layer(model, x, output="c2") == "c2"  # a layer as the output
-    mlp = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
-    with pytest.raises(GradprobeError, match="no layer with a spatial"):
-        gp.grad_cam_layer(mlp, np.ones((2, 4), "float32"))
-    assert_sacred(model, before)
+    check_grad_cam_layer(assert_sacred)

@@ -20,39 +20,11 @@ if keras.backend.backend() != "jax":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backend_helpers import Critic, close, conv_mlp, mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _functional, _patch  # noqa: E402
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
-
-
-@pytest.fixture
-def x64():
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-        jax.config.update("jax_enable_x64", False)
-
-
-def _mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((3,))
-    h = layers.Dense(4, activation="sigmoid", name="l1")(inp)
-    return keras.Model(inp, layers.Dense(2, activation="sigmoid", name="l2")(h))
 
 
 def _values(model):
@@ -66,7 +38,7 @@ def _score(model, x, k=0):
 
 # ------------------------------------------------------------------------ hvp
 def test_hvp_weights_activations_inputs_against_jax_hessian(x64):
-    model = _mlp(2)
+    model = mlp(2)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)))
     rng = np.random.default_rng(3)
     tv = _values(model)
@@ -117,7 +89,7 @@ def test_hvp_weights_activations_inputs_against_jax_hessian(x64):
 
 
 def test_hvp_matches_finite_differences_of_gradients(x64):
-    model = _mlp(4)
+    model = mlp(4)
     x = np.random.default_rng(4).normal(size=(4, 3))
     k1 = model.get_layer("l1").kernel
     v = np.random.default_rng(5).normal(size=k1.shape)
@@ -141,7 +113,7 @@ def test_hvp_matches_finite_differences_of_gradients(x64):
 
 
 def test_hvp_errors_name_the_argument():
-    model = _mlp()
+    model = mlp()
     x = np.ones((2, 3), "float32")
     with pytest.raises(gp.GradprobeError, match=r"same shape as the gradient of 'l1.kernel'"):
         gp.hvp(model, x, 0, "l1.kernel", np.ones((4, 3)))
@@ -155,12 +127,7 @@ def test_hvp_errors_name_the_argument():
 
 # ------------------------------------------------------------------- jacobian
 def test_jacobian_matches_per_example_jacrev(x64):
-    keras.utils.set_random_seed(4)
-    inp = keras.Input((4, 3))
-    h = layers.Conv1D(5, 2, activation="sigmoid", name="conv")(inp)
-    h = layers.Flatten(name="flat")(h)
-    model = keras.Model(inp, layers.Dense(2, name="out")(
-        layers.Dense(6, activation="sigmoid", name="mid")(h)))
+    model = conv_mlp()
     x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 4, 3)))
     conv, flat, mid = (model.get_layer(n) for n in ("conv", "flat", "mid"))
     c = conv(x)
@@ -182,16 +149,6 @@ def test_jacobian_matches_per_example_jacrev(x64):
 
 
 # ------------------------------------------------------------ gradient penalty
-class Critic(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.d1 = layers.Dense(8, activation="sigmoid")
-        self.d2 = layers.Dense(1)
-
-    def call(self, x):
-        return self.d2(self.d1(x))
-
-
 def test_wgan_gp_inside_jax_grad_matches_nested_jax_grad(x64):
     keras.utils.set_random_seed(7)
     critic = Critic()
@@ -294,7 +251,7 @@ def test_per_example_norms_match_loop_of_jax_grad(x64):
 
 # -------------------------------------------------------------- functional form
 def test_functional_form_first_and_second_order(x64):
-    model = _mlp(1)
+    model = mlp(1)
     x = np.random.default_rng(1).normal(size=(4, 3))
     before = [np.array(w) for w in model.get_weights()]
     form = gp.functional(model, x, lambda y: jnp.sum(y ** 2), ["l1", "l2.kernel", "inputs"])
@@ -343,7 +300,7 @@ def test_functional_form_first_and_second_order(x64):
 
 
 def test_functional_form_errors_and_tape_refusal():
-    model = _mlp()
+    model = mlp()
     x = np.ones((2, 3), "float32")
     form = gp.functional(model, x, 0, ["l1", "l1.kernel"])
     probes, variables, inputs = form.args

@@ -21,41 +21,11 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
+from backend_helpers import Critic, arr, close, conv_mlp, mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe import _patch  # noqa: E402
-
-
-def arr(t):
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
-
-
-@pytest.fixture
-def x64():
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old)
-        keras.config.set_dtype_policy(old_policy)
-
-
-def _mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((3,))
-    h = layers.Dense(4, activation="sigmoid", name="l1")(inp)
-    return keras.Model(inp, layers.Dense(2, activation="sigmoid", name="l2")(h))
 
 
 def _t(x):
@@ -64,7 +34,7 @@ def _t(x):
 
 # ------------------------------------------------------------------------ Tape
 def test_tape_activation_is_differentiable_and_structures(x64):
-    model = _mlp()
+    model = mlp()
     x = _t(np.random.default_rng(0).normal(size=(5, 3)))
     before = [np.array(w) for w in model.get_weights()]
     with gp.Tape(model, watch=["l1", "inputs"], persistent=True) as tape:
@@ -92,7 +62,7 @@ def test_tape_activation_is_differentiable_and_structures(x64):
 
 
 def test_tape_shared_calls_and_errors():
-    model = _mlp()
+    model = mlp()
     x = torch.ones((2, 3))
     with gp.Tape(model, watch="l1") as tape:
         y1 = model(x)
@@ -129,7 +99,7 @@ def test_tape_shared_calls_and_errors():
 def test_nested_tapes_second_order_matches_fd_of_first_order(x64):
     """d/dW2 of ||d loss / d a1||^2 through nested gp.Tapes, against finite
     differences in W2 and hand-written double backward."""
-    model = _mlp(1)
+    model = mlp(1)
     x = _t(np.random.default_rng(1).normal(size=(4, 3)))
     k2 = model.get_layer("l2").kernel
 
@@ -176,7 +146,7 @@ def test_nested_tapes_second_order_matches_fd_of_first_order(x64):
 
 # ------------------------------------------------------------------------ hvp
 def test_hvp_weights_activations_inputs_against_double_backward(x64):
-    model = _mlp(2)
+    model = mlp(2)
     x = _t(np.random.default_rng(2).normal(size=(5, 3)))
     rng = np.random.default_rng(3)
     l1, l2 = model.get_layer("l1"), model.get_layer("l2")
@@ -219,12 +189,7 @@ def test_hvp_weights_activations_inputs_against_double_backward(x64):
 
 # ------------------------------------------------------------------- jacobian
 def test_jacobian_matches_autograd_jacobian(x64):
-    keras.utils.set_random_seed(4)
-    inp = keras.Input((4, 3))
-    h = layers.Conv1D(5, 2, activation="sigmoid", name="conv")(inp)
-    h = layers.Flatten(name="flat")(h)
-    model = keras.Model(inp, layers.Dense(2, name="out")(
-        layers.Dense(6, activation="sigmoid", name="mid")(h)))
+    model = conv_mlp()
     x = _t(np.random.default_rng(4).normal(size=(3, 4, 3)))
     conv, flat, mid = (model.get_layer(n) for n in ("conv", "flat", "mid"))
     c = conv(x).detach()
@@ -242,16 +207,6 @@ def test_jacobian_matches_autograd_jacobian(x64):
 
 
 # ------------------------------------------------------------ gradient penalty
-class Critic(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.d1 = layers.Dense(8, activation="sigmoid")
-        self.d2 = layers.Dense(1)
-
-    def call(self, x):
-        return self.d2(self.d1(x))
-
-
 def test_wgan_gp_backward_matches_double_backward(x64):
     keras.utils.set_random_seed(7)
     critic = Critic()
@@ -308,7 +263,7 @@ def test_per_example_norms_match_loop(x64):
 
 # -------------------------------------------------------------- functional form
 def test_functional_form_with_autograd(x64):
-    model = _mlp(3)
+    model = mlp(3)
     x = np.random.default_rng(3).normal(size=(4, 3))
     form = gp.functional(model, x, 1, ["l1", "l2.kernel"])
     probes, variables, inputs = form.args

@@ -16,21 +16,19 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
+from backend_helpers import (  # noqa: E402
+    ComplexModel,
+    SimpleConvModel,
+    SimpleModel,
+    arr,
+    close,
+    lstm_attention_model,
+    seed000_model,
+    two_layer,
+)
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-
-
-def arr(t):
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-
-
-def close(a, b, tol=1e-5, what=""):
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
 
 
 def normal(seed, shape):
@@ -49,15 +47,8 @@ def grad_at(fn, value):
 
 
 # --------------------------------------------------------------------- seed 000
-def _seed000_model():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6,))
-    hidden = layers.Dense(8, activation="relu", name="hidden")(inp)
-    return keras.Model(inp, layers.Dense(4, activation="softmax", name="out")(hidden))
-
-
 def test_seed000_activation_weights_and_pitfalls():
-    model = _seed000_model()
+    model = seed000_model()
     x = normal(1, (3, 6))
     hidden, out = model.get_layer("hidden"), model.get_layer("out")
     h = hidden(x)
@@ -77,20 +68,6 @@ def test_seed000_activation_weights_and_pitfalls():
 
 
 # --------------------------------------------------------------------- seed 001
-class SimpleModel(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = layers.Conv2D(8, (3, 3), activation="relu", padding="same")
-        self.pool1 = layers.MaxPool2D((2, 2))
-        self.conv2 = layers.Conv2D(16, (3, 3), activation="relu", padding="same")
-        self.pool2 = layers.MaxPool2D((2, 2))
-        self.flatten = layers.Flatten()
-        self.dense1 = layers.Dense(10, activation="softmax")
-
-    def call(self, x):
-        return self.dense1(self.flatten(self.pool2(self.conv2(self.pool1(self.conv1(x))))))
-
-
 def test_seed001_subclassed_cnn_and_rnn_transformer_states():
     keras.utils.set_random_seed(1)
     model = SimpleModel()
@@ -107,16 +84,10 @@ def test_seed001_subclassed_cnn_and_rnn_transformer_states():
     close(both[model.conv1.name], expected, 1e-5)
     assert tuple(both[model.conv2.name].shape) == (2, 6, 6, 16)
 
-    keras.utils.set_random_seed(2)
-    inp = keras.Input((6, 4))
-    h = layers.LSTM(5, return_sequences=True, name="lstm")(inp)
-    att = layers.MultiHeadAttention(2, 4, name="mha")(h, h)
-    h2 = layers.LayerNormalization(name="ln")(layers.Add(name="res")([h, att]))
-    gap = layers.GlobalAveragePooling1D(name="gap")
-    model = keras.Model(inp, layers.Dense(3, name="out")(gap(h2)))
+    model = lstm_attention_model()
     x = normal(1, (2, 6, 4))
     lstm_out = model.get_layer("lstm")(x)
-    mha, ln, out = (model.get_layer(n) for n in ("mha", "ln", "out"))
+    mha, ln, gap, out = (model.get_layer(n) for n in ("mha", "ln", "gap", "out"))
 
     def head(l_, a_):
         return torch.sum(out(gap(ln(l_ + a_)))[:, 1])
@@ -130,31 +101,6 @@ def test_seed001_subclassed_cnn_and_rnn_transformer_states():
 
 
 # --------------------------------------------------------------------- seed 002
-class SimpleConvModel(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.conv = layers.Conv2D(filters=8, kernel_size=3, activation="relu")
-
-    def call(self, x):
-        return self.conv(x)
-
-
-class ComplexModel(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = layers.Conv2D(8, 3, activation="relu")
-        self.pool1 = layers.MaxPooling2D()
-        self.conv2 = layers.Conv2D(16, 3, activation="relu")
-        self.pool2 = layers.MaxPooling2D()
-        self.flatten = layers.Flatten()
-        self.dense1 = layers.Dense(32, activation="relu")
-        self.dense2 = layers.Dense(10)
-
-    def call(self, x):
-        x = self.pool2(self.conv2(self.pool1(self.conv1(x))))
-        return self.dense2(self.dense1(self.flatten(x)))
-
-
 def test_seed002_loss_wrt_output_kernel_bias_and_intermediate():
     keras.utils.set_random_seed(3)
     model = SimpleConvModel()
@@ -191,19 +137,10 @@ def test_seed002_loss_wrt_output_kernel_bias_and_intermediate():
 
 
 # --------------------------------------------------------------------- seed 003
-def _two_layer(w1, w2):
-    inp = keras.Input((2,))
-    h = layers.Dense(3, use_bias=False, name="layer1")(inp)
-    model = keras.Model(inp, layers.Dense(2, use_bias=False, name="layer2")(h))
-    model.get_layer("layer1").kernel.assign(w1)
-    model.get_layer("layer2").kernel.assign(w2)
-    return model
-
-
 def test_seed003_example1_layer1_output_and_layer2_weights():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     w1, w2 = normal(12, (2, 3)), normal(34, (3, 2))
-    model = _two_layer(w1, w2)
+    model = two_layer(w1, w2)
     l1 = (x @ w1).requires_grad_(True)
     w2r = w2.clone().requires_grad_(True)
     exp_l1, exp_w2 = torch.autograd.grad(torch.sum(l1 @ w2r), [l1, w2r])
@@ -225,7 +162,7 @@ def test_seed003_gradient_used_in_a_second_loss_through_nested_tapes():
     constant, (b) differentiated through."""
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     w1, w2 = normal(56, (2, 3)), normal(78, (3, 2))
-    model = _two_layer(w1, w2)
+    model = two_layer(w1, w2)
     k1, k2 = model.get_layer("layer1").kernel, model.get_layer("layer2").kernel
 
     def hand_written(through):
