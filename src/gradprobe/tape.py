@@ -84,28 +84,13 @@ class Tape:
             raise GradprobeError("A gp.Tape can be entered once; create a new one.")
         if backends.name() == "torch":
             return self._enter_torch()
-        self._tree = LayerTree(self.model)
-        empty = self._watch is None or (isinstance(self._watch, (list, tuple))
-                                        and not self._watch)
-        acts, vars_, inputs = ([], [], []) if empty else to_specs(
-            self._tree, resolve(self._tree, self._watch))
+        acts, vars_, inputs = self._resolve_watch()
         self._acts = acts
         self._tape = backend.new_tape(persistent=True, watch_accessed_variables=True)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._tape)
-        try:
-            for v in vars_:
-                backend.watch(self._tape, v.var)
-            self._recorder = capture.Recorder(self._tape, {id(a.layer) for a in acts})
-            self._stack.enter_context(
-                _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
-            if inputs:
-                self._stack.enter_context(_patch.wrapped_inputs(self.model, self._probe_inputs))
-        except BaseException:
-            self._stack.close()
-            raise
-        self._state = "recording"
-        return self
+        self._recorder = capture.Recorder(self._tape, {id(a.layer) for a in acts})
+        return self._record(acts, inputs, vars_)
 
     def _resolve_watch(self) -> tuple[list, list, list]:
         self._tree = LayerTree(self.model)
@@ -122,7 +107,16 @@ class Tape:
         self._recorder = _TorchRecorder(self._bk, {id(a.layer) for a in acts})
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._bk.enable_grad())
+        return self._record(acts, inputs)
+
+    def _record(self, acts: list, inputs: list, vars_: list = ()) -> Tape:
+        """Watches `vars_` (TensorFlow's tape) and hooks the watched layers (and the
+        inputs) into the open stack: the block records from here; anything that
+        fails closes the stack."""
+        assert self._stack is not None and self._recorder is not None
         try:
+            for v in vars_:
+                backend.watch(self._tape, v.var)
             self._stack.enter_context(
                 _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
             if inputs:
