@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 from gradprobe.errors import GradprobeError  # noqa: E402
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 
 
 def close(a, b, tol=1e-5, what=""):

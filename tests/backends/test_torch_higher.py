@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _patch  # noqa: E402
+from gradprobe.core import _patch  # noqa: E402
 
 
 def arr(t):

@@ -1,7 +1,7 @@
 """The Keras backend gradprobe computes on, behind one small interface.
 
 `keras.backend.backend()` chooses the implementation. A backend module
-provides these primitives, which the functional capture (`gradprobe._functional`)
+provides these primitives, which the functional capture (`gradprobe.core._functional`)
 uses and nothing else:
 
 * `NAME`: the Keras backend name.
@@ -36,7 +36,7 @@ uses and nothing else:
   step in a traced body: a probe added there would be summed over steps.
 
 TensorFlow's primitives are in `gradprobe.backends.tensorflow` (the tape-based
-capture of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and
+capture of `gradprobe.core.capture`); JAX's are in `gradprobe.backends.jax` and
 PyTorch's in `gradprobe.backends.torch`: the only modules that import
 `tensorflow`, `jax` and `torch` (a ruff rule keeps them there). Every private
 Keras API gradprobe uses is in `gradprobe.backends._keras_private`.
@@ -54,7 +54,7 @@ import keras
 
 from gradprobe.errors import GradprobeError
 
-FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe._functional
+FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe.core._functional
 SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but gp.GradientMonitor, the "
                        "tf.distribute strategies and gp.Tape on JAX (use gp.functional there)")
 

@@ -31,7 +31,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradprobe import _patch
+from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"

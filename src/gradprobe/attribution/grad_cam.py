@@ -10,8 +10,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from gradprobe import _validate, backends
-from gradprobe.attribution import (
+from gradprobe import backends
+from gradprobe.attribution._common import (
     Attribution,
     fixed_target,
     is_floating,
@@ -20,10 +20,11 @@ from gradprobe.attribution import (
     prepare_inputs,
     single_input,
 )
-from gradprobe.engine import batch_size, ensure_built, gradients
+from gradprobe.core import _validate
+from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.selectors import LayerTree
+from gradprobe.core.targets import output_names
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.selectors import LayerTree
-from gradprobe.targets import output_names
 
 
 def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channel_axis: int = -1,

@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _sequence, _validate
+from gradprobe.core import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
 # Every target computes with `keras.ops` and runs on every Keras backend; on

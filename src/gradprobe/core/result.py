@@ -10,10 +10,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backends
+from gradprobe import backends
 from gradprobe.backends import tensorflow as backend
+from gradprobe.core import _validate
+from gradprobe.core.stats import Finding, diagnose, tensor_stats
 from gradprobe.errors import GradprobeError, closest, quoted
-from gradprobe.stats import Finding, diagnose, tensor_stats
 
 
 class GradprobeKeyError(GradprobeError, KeyError):
@@ -117,7 +118,7 @@ class Gradients(Mapping):
 
     def diagnose(self, **thresholds: Any) -> list[Finding]:
         """Plain-language findings: vanishing, exploding, non-finite, all-zero
-        gradients and dead units. Keyword arguments go to `gradprobe.stats.diagnose`
+        gradients and dead units. Keyword arguments go to `gradprobe.core.stats.diagnose`
         (`vanishing=1e-3`, `exploding=1e3`).
 
         Returns:

@@ -13,10 +13,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradprobe import _validate, backends
-from gradprobe.engine import batch_size, ensure_built, gradients
-from gradprobe.errors import GradprobeError, quoted
-from gradprobe.targets import (
+from gradprobe import backends
+from gradprobe.core import _validate
+from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.targets import (
     LossTarget,
     PositionSpec,
     PredictedTarget,
@@ -25,6 +25,7 @@ from gradprobe.targets import (
     output_names,
     select_output,
 )
+from gradprobe.errors import GradprobeError, quoted
 
 
 class Attribution:
@@ -587,10 +588,10 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     """The inputs as backend tensors (floating arrays in the model's input dtype),
     as `gp.gradients` prepares them on this backend."""
     if on_tensorflow():
-        from gradprobe.engine import prepare_inputs as prepare
+        from gradprobe.core.engine import prepare_inputs as prepare
 
         return prepare(model, inputs)
-    from gradprobe import _functional  # imports the engine: no top-level import
+    from gradprobe.core import _functional  # imports the engine: no top-level import
 
     _validate.model(model)
     return _functional.prepare_inputs(model, inputs)
@@ -607,7 +608,7 @@ def dtype_name(t: Any) -> str:
 
 def input_keys(x: Any) -> list[str]:
     """Result keys of the input leaves (as `gp.gradients` names them)."""
-    from gradprobe.capture import input_keys as keys
+    from gradprobe.core.capture import input_keys as keys
 
     return keys(x)
 

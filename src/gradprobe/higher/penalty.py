@@ -8,8 +8,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe import _functional_form, _validate, backends
-from gradprobe.engine import gradients
+from gradprobe import backends
+from gradprobe.core import _functional_form, _validate
+from gradprobe.core.engine import gradients
 from gradprobe.errors import GradprobeError
 
 

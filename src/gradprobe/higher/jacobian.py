@@ -8,12 +8,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _functional_form, _validate, backends
+from gradprobe import backends
 from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import ensure_built, prepare_inputs
+from gradprobe.core import _functional_form, _validate
+from gradprobe.core.engine import ensure_built, prepare_inputs
+from gradprobe.core.selectors import LayerTree
+from gradprobe.core.tape import Tape
 from gradprobe.errors import GradprobeError
-from gradprobe.selectors import LayerTree
-from gradprobe.tape import Tape
 
 
 def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,

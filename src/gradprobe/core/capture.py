@@ -15,11 +15,11 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch
 from gradprobe.backends import _keras_private
 from gradprobe.backends import tensorflow as backend
+from gradprobe.core import _patch
+from gradprobe.core.targets import Target, select_output
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.targets import Target, select_output
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     `skipped` and `target` (facts for `Target.check`).
     """
     if plan.per_example:
-        from gradprobe import per_example  # imports this module: no top-level import
+        from gradprobe.higher import per_example  # imports this module: no top-level import
 
         return per_example.run(model, inputs, args, plan, wrap_errors)
     float16 = _uses_float16(model, plan)
