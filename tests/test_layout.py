@@ -32,6 +32,8 @@ BANNED = {
     "keras.src": "from keras.src.backend.common.masking import get_keras_mask\n\n"
                  "print(get_keras_mask)\n",
     "keras.src attribute": "import keras\n\nprint(keras.src.utils)\n",
+    "deferred tensorflow": "from gradprobe.backends import tensorflow_library as tf\n\n"
+                           "print(tf.constant(1.0))\n",
 }
 
 
@@ -205,3 +207,68 @@ def test_python_dash_m_gradprobe_runs_the_command():
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "demo" in result.stdout and "inspect" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- TensorFlow is optional
+# Run in a fresh interpreter where TensorFlow cannot be imported: `sys.modules` maps
+# it to None, which is what Python's import system reads as "not installed"
+# (`import tensorflow` raises ModuleNotFoundError and `importlib.util.find_spec`
+# returns None, which PyTorch's own probes for TensorFlow rely on). The oracle is
+# written by hand in NumPy from the model's weights.
+_WITHOUT_TENSORFLOW = r"""
+import sys
+
+sys.modules["tensorflow"] = None
+
+import keras
+import numpy as np
+
+import gradprobe as gp
+
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh", name="d1"),
+                          keras.layers.Dense(2, name="d2")])
+x = np.random.RandomState(0).rand(5, 4).astype("float32")
+w1, b1 = (keras.ops.convert_to_numpy(v) for v in model.get_layer("d1").weights)
+w2 = keras.ops.convert_to_numpy(model.get_layer("d2").kernel)
+h = np.tanh(x @ w1 + b1)
+# target=1: the sum over the batch of output column 1.
+want_x = ((1 - h ** 2) * w2[:, 1]) @ w1.T
+want_w2 = np.zeros_like(w2)
+want_w2[:, 1] = h.sum(axis=0)
+
+g = gp.gradients(model, x, target=1, wrt=["d2.kernel", "inputs"])
+np.testing.assert_allclose(g.numpy()["inputs"], want_x, rtol=1e-4, atol=1e-6)
+np.testing.assert_allclose(g.numpy()["d2.kernel"], want_w2, rtol=1e-4, atol=1e-6)
+s = gp.saliency(model, x, target=1, absolute=False, reduce_channels=None)
+np.testing.assert_allclose(keras.ops.convert_to_numpy(s.values), want_x, rtol=1e-4, atol=1e-6)
+# The target is linear in d2's kernel: its Hessian, and every product with it, is zero;
+# with respect to the input, H v = d/dx (grad . v), written by hand below.
+v = np.random.RandomState(1).rand(3, 2).astype("float32")
+hv = gp.hvp(model, x, target=1, wrt=["d2.kernel"], vector={"d2.kernel": v})
+np.testing.assert_allclose(keras.ops.convert_to_numpy(hv["d2.kernel"]), 0.0, atol=1e-6)
+u = np.random.RandomState(2).rand(5, 4).astype("float32")
+hu = gp.hvp(model, x, target=1, wrt=["inputs"], vector={"inputs": u})
+z = u @ w1  # the directional derivative of x @ w1
+want_hu = ((-2 * h * (1 - h ** 2) * z) * w2[:, 1]) @ w1.T
+np.testing.assert_allclose(keras.ops.convert_to_numpy(hu["inputs"]), want_hu, rtol=1e-3,
+                           atol=1e-5)
+assert sys.modules["tensorflow"] is None, "TensorFlow was imported"
+assert "gradprobe.backends.tensorflow" not in sys.modules
+print("without TensorFlow:", keras.backend.backend(), gp.__version__)
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_gradprobe_runs_without_tensorflow(backend, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    script = tmp_path / "without_tensorflow.py"
+    script.write_text(_WITHOUT_TENSORFLOW)
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert f"without TensorFlow: {backend}" in result.stdout, result.stdout

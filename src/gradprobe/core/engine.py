@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _sequence, _validate, capture
 from gradprobe.core.result import Gradients
 from gradprobe.core.selectors import (
@@ -504,7 +504,7 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
 
 def batch_size(x: Any) -> int:
     leaves = keras.tree.flatten(x)
-    shape = backend.static_shape(leaves[0]) if leaves else ()
+    shape = backends.static_shape(leaves[0]) if leaves else ()
     if not shape or shape[0] is None:
         raise GradprobeError(
             f"Cannot tell the batch size of inputs of shape {shape}: inputs need a leading "
@@ -523,13 +523,15 @@ def ensure_built(model: Any, x: Any) -> None:
 
 
 def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan,
-                        is_floating: Callable[[Any], bool] = backend.is_floating,
+                        is_floating: Callable[[Any], bool] | None = None,
                         shown: Callable[[Any], Any] = lambda leaf: leaf) -> None:
     """Refuses an input source that is not floating (token ids, masks), with a
-    hint naming the layer to take instead. `is_floating` and `shown` (what the
-    error is given for the leaf) are the backend's."""
+    hint naming the layer to take instead. `is_floating` (TensorFlow's by default)
+    and `shown` (what the error is given for the leaf) are the backend's."""
     if not plan.inputs:
         return
+    if is_floating is None:
+        is_floating = backend.is_floating
     keys = capture.input_keys(x)
     wanted = {k for spec in plan.inputs for k in keys
               if spec.index is None or k == f"inputs:{spec.index}"

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _validate
 from gradprobe.core.stats import Finding, diagnose, tensor_stats
 from gradprobe.errors import GradprobeError, closest, quoted
@@ -99,7 +99,7 @@ class Gradients(Mapping):
         return len(self._grads)
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k!r}: {self.kinds[k]} {backend.static_shape(v)}"
+        items = ", ".join(f"{k!r}: {self.kinds[k]} {backends.static_shape(v)}"
                           for k, v in list(self._grads.items())[:8])
         more = f", ... ({len(self) - 8} more)" if len(self) > 8 else ""
         return f"Gradients({{{items}{more}}})"

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _patch, _validate, capture
 from gradprobe.core.engine import to_specs
 from gradprobe.core.selectors import LayerTree, resolve

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _functional_form, _validate
 from gradprobe.core.engine import batch_size, ensure_built, gradients, prepare_inputs
 from gradprobe.core.tape import Tape

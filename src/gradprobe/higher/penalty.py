@@ -6,9 +6,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradprobe import backends
+from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _functional_form, _validate
 from gradprobe.core.engine import gradients
 from gradprobe.errors import GradprobeError

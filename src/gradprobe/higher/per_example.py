@@ -46,10 +46,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _patch, _validate, capture
 from gradprobe.core.engine import (
     _Entry,

@@ -23,9 +23,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _patch, _validate
 from gradprobe.core.stats import Finding
 from gradprobe.core.stats import diagnose as diagnose_stats

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
-import tensorflow as tf
 
+from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, StatusLayout
 
