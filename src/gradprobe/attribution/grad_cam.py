@@ -173,9 +173,7 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     if backends.is_functional():
         records, depends = _functional_records(model, x, output)
     else:
-        from gradprobe.backends import tensorflow_attribution
-
-        records, depends = tensorflow_attribution.grad_cam_records(model, x, output, _ANY_OUTPUT)
+        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(model, x, output, _ANY_OUTPUT)
     spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
     chosen = next((i for i in reversed(spatial) if depends(i)), None)
     if chosen is None:
