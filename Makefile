@@ -11,15 +11,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# TensorFlow is an extra (gradprobe runs on JAX or PyTorch without it); `make demo`
+# runs on Keras' default backend, TensorFlow, so the base install includes it.
 $(STAMP_BASE): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[tensorflow]"
 	touch $@
 
 # PyTorch first, pinned to the CPU build that lies on this project's machines (a bare
 # "torch" would pull a CUDA build of several GB); the test extras then find it installed.
 $(STAMP_TEST): pyproject.toml $(STAMP_BASE)
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,tensorflow,jax,torch]"
 	touch $@
 
 demo: $(STAMP_BASE)

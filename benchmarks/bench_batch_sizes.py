@@ -30,7 +30,7 @@ from rich.table import Table  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from _common import timed  # noqa: E402
-from gradprobe import engine  # noqa: E402
+from gradprobe.core import engine  # noqa: E402
 
 WRT = ["inputs", "conv2.kernel", "fc.kernel"]
 

@@ -115,8 +115,8 @@ def breakdown(size: int, batch: int) -> dict:
     import numpy as np
 
     import gradprobe as gp
-    from gradprobe import capture, engine
     from gradprobe.backends import tensorflow as backend
+    from gradprobe.core import capture, engine
 
     model, x, classes = _setup(size, batch)
     hook, forward, backward = _Clock(), _Clock(), _Clock()

@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe import engine
+from gradprobe.core import engine
 from gradprobe.errors import GradprobeError
 
 
@@ -245,7 +245,7 @@ def test_layer_integrated_gradients_on_one_call_of_a_shared_layer():
 
 def _riemann_ig(f, a_x, a_b, steps):
     """Layer IG by hand: trapezoid rule over `steps` points, as gradprobe's default."""
-    from gradprobe.integrated_gradients import integration_points
+    from gradprobe.attribution.integrated_gradients import integration_points
 
     alphas, weights = integration_points(steps, "riemann_trapezoid")
     total = tf.zeros_like(a_x)

@@ -448,7 +448,7 @@ def test_gradcam_same_names_refusal_and_force(saved, tmp_path, capsys):
     replaces them."""
     from PIL import Image
 
-    from gradprobe import cli
+    from gradprobe.cli import commands as cli
 
     d, _, paths = saved
     model_path = str(tmp_path / "extra-member.keras")
@@ -500,7 +500,7 @@ def test_report_refuses_an_existing_file(saved, tmp_path):
 
 # ---------------------------------------------------------------- the loaders, in this process
 def test_array_files_that_cannot_be_inputs(tmp_path):
-    from gradprobe._cli_io import UserError, read_array, read_input
+    from gradprobe.cli._io import UserError, read_array, read_input
 
     np.save(tmp_path / "ok.npy", np.ones((2, 3), "float32"))
     whole = (tmp_path / "ok.npy").read_bytes()
@@ -536,7 +536,7 @@ def test_images_pixel_limit_without_warnings(tmp_path):
 
     from PIL import Image
 
-    from gradprobe._cli_io import UserError, check_image, load_images
+    from gradprobe.cli._io import UserError, check_image, load_images
 
     blank_png(tmp_path / "big.png", 10000, 10000)  # PIL warns above 89,478,485 pixels
     blank_png(tmp_path / "huge.png", 20000, 20000)  # and refuses above twice that
@@ -562,7 +562,7 @@ def test_images_pixel_limit_without_warnings(tmp_path):
 
 
 def test_import_failures_of_any_kind(tmp_path, monkeypatch):
-    from gradprobe._cli_io import UserError, import_modules
+    from gradprobe.cli._io import UserError, import_modules
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
@@ -578,7 +578,7 @@ def test_import_failures_of_any_kind(tmp_path, monkeypatch):
 
 
 def test_output_checks_and_unique_names(tmp_path):
-    from gradprobe._cli_io import UserError, check_demo_folder, check_new_files, unique_names
+    from gradprobe.cli._io import UserError, check_demo_folder, check_new_files, unique_names
 
     names, renamed = unique_names(["a/same.png", "b/same.png", "same_2.jpg", "c/SAME.jpg"],
                                   "_gradcam.png")
@@ -604,7 +604,7 @@ def test_output_checks_and_unique_names(tmp_path):
 
 
 def test_debug_environment_variable_and_unexpected_errors(tmp_path, monkeypatch, capsys):
-    from gradprobe import cli
+    from gradprobe.cli import commands as cli
 
     np.savez(tmp_path / "empty.npz")
     args = ["inspect", "model.keras", "--input", str(tmp_path / "empty.npz")]
@@ -683,7 +683,7 @@ def test_multi_input_npz_inspect_and_report_with_vocabulary(tmp_path):
 
 
 def test_multi_input_npz_errors_name_the_keys_and_the_inputs(tmp_path):
-    from gradprobe._cli_io import UserError, match_inputs, read_input, read_vocabulary
+    from gradprobe.cli._io import UserError, match_inputs, read_input, read_vocabulary
 
     model = _two_input_model()
     ids = np.zeros((2, 5), "int32")

@@ -11,8 +11,8 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.result import shorten_keys
-from gradprobe.selectors import LayerTree, resolve
+from gradprobe.core.result import shorten_keys
+from gradprobe.core.selectors import LayerTree, resolve
 from oracle import assert_close
 
 

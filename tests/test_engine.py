@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from keras import layers
 
 import gradprobe as gp
-from gradprobe import engine
+from gradprobe.core import engine
 from oracle import assert_close
 
 

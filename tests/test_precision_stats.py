@@ -11,7 +11,7 @@ from keras import layers
 
 import gradprobe as gp
 from gradprobe.backends import tensorflow as backend
-from gradprobe.stats import diagnose, tensor_stats
+from gradprobe.core.stats import diagnose, tensor_stats
 
 
 def _reference(values64):

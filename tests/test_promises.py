@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe import engine
+from gradprobe.core import engine
 from oracle import assert_close
 
 

@@ -127,7 +127,7 @@ def test_at_on_a_rank2_output_is_refused():
 
 
 def test_at_new_positions_and_classes_do_not_retrace():
-    from gradprobe import engine
+    from gradprobe.core import engine
 
     keras.utils.set_random_seed(4)
     inp = keras.Input((6,), dtype="int32")

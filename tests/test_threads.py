@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe import _patch
+from gradprobe.core import _patch
 
 
 def _model(seed: int = 0) -> keras.Model:

@@ -9,25 +9,25 @@ Keras 3 model.
 >>> g.summary()
 """
 
-from gradprobe import plot
-from gradprobe._functional_form import FunctionalForm, functional
-from gradprobe.attribution import Attribution
-from gradprobe.engine import clear_cache, gradients
+from gradprobe.attribution._common import Attribution
+from gradprobe.attribution.grad_cam import grad_cam, grad_cam_layer, grad_cam_plus_plus
+from gradprobe.attribution.integrated_gradients import integrated_gradients
+from gradprobe.attribution.saliency import gradient_x_input, saliency
+from gradprobe.attribution.smoothgrad import smoothgrad
+from gradprobe.core._functional_form import FunctionalForm, functional
+from gradprobe.core.engine import clear_cache, gradients
+from gradprobe.core.result import Gradients
+from gradprobe.core.stats import Finding
+from gradprobe.core.tape import Tape
+from gradprobe.core.targets import at, loss
 from gradprobe.errors import GradprobeError
-from gradprobe.grad_cam import grad_cam, grad_cam_layer, grad_cam_plus_plus
-from gradprobe.hvp import hvp
-from gradprobe.integrated_gradients import integrated_gradients
-from gradprobe.jacobian import jacobian
+from gradprobe.higher.hvp import hvp
+from gradprobe.higher.jacobian import jacobian
+from gradprobe.higher.penalty import gradient_penalty
+from gradprobe.higher.per_example import PerExampleNorms, per_example_norms
 from gradprobe.monitor import GradientMonitor
-from gradprobe.penalty import gradient_penalty
-from gradprobe.per_example import PerExampleNorms, per_example_norms
-from gradprobe.report import write_report
-from gradprobe.result import Gradients
-from gradprobe.saliency import gradient_x_input, saliency
-from gradprobe.smoothgrad import smoothgrad
-from gradprobe.stats import Finding
-from gradprobe.tape import Tape
-from gradprobe.targets import at, loss
+from gradprobe.report import plot
+from gradprobe.report.html import write_report
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """What a warm `gp.gradients` call does on JAX and PyTorch (the functional
-capture, `gradprobe._functional`): counted, never timed.
+capture, `gradprobe.core._functional`): counted, never timed.
 
 Run with `KERAS_BACKEND=torch` or `KERAS_BACKEND=jax python -m pytest
 tests/backends`; skipped on TensorFlow. After the first call of a request, a
@@ -22,7 +22,7 @@ from backend_helpers import arr, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional  # noqa: E402
+from gradprobe.core import _functional  # noqa: E402
 
 
 def linear():

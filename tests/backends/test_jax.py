@@ -21,7 +21,7 @@ from backend_helpers import Twice, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 
 
 def values(model):

@@ -32,7 +32,7 @@ from backend_helpers import (  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 from gradprobe.errors import GradprobeError  # noqa: E402
 
 TOL = 1e-10  # the default tolerance of `close` here: the float64 oracles agree to rounding on JAX

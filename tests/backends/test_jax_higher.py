@@ -24,7 +24,7 @@ from backend_helpers import Critic, close, conv_mlp, mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 
 
 def _values(model):

@@ -21,7 +21,7 @@ from backend_helpers import rel_close as close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional  # noqa: E402
+from gradprobe.core import _functional  # noqa: E402
 
 
 def loop(model, x, value_of, training=False, jit=False):

@@ -20,7 +20,7 @@ from backend_helpers import Twice, arr, close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _patch  # noqa: E402
+from gradprobe.core import _patch  # noqa: E402
 
 
 def values(model):

@@ -34,7 +34,7 @@ from backend_helpers import (  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _functional, _patch  # noqa: E402
+from gradprobe.core import _functional, _patch  # noqa: E402
 from gradprobe.errors import GradprobeError  # noqa: E402
 
 TOL = 1e-6  # the default tolerance of `close` here: Keras' float64 matmul on PyTorch is about 4e-8 off

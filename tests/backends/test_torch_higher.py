@@ -25,7 +25,7 @@ from backend_helpers import Critic, arr, close, conv_mlp, mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe import _patch  # noqa: E402
+from gradprobe.core import _patch  # noqa: E402
 
 
 def _t(x):

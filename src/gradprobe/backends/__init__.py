@@ -1,7 +1,7 @@
 """The Keras backend gradprobe computes on, behind one small interface.
 
 `keras.backend.backend()` chooses the implementation. A backend module
-provides these primitives, which the functional capture (`gradprobe._functional`)
+provides these primitives, which the functional capture (`gradprobe.core._functional`)
 uses and nothing else:
 
 * `NAME`: the Keras backend name.
@@ -36,10 +36,16 @@ uses and nothing else:
   step in a traced body: a probe added there would be summed over steps.
 
 TensorFlow's primitives are in `gradprobe.backends.tensorflow` (the tape-based
-capture of `gradprobe.capture`); JAX's are in `gradprobe.backends.jax` and
+capture of `gradprobe.core.capture`); JAX's are in `gradprobe.backends.jax` and
 PyTorch's in `gradprobe.backends.torch`: the only modules that import
 `tensorflow`, `jax` and `torch` (a ruff rule keeps them there). Every private
 Keras API gradprobe uses is in `gradprobe.backends._keras_private`.
+
+TensorFlow is optional (`pip install "gradprobe[jax]"` needs no TensorFlow): the
+modules that call TensorFlow's primitives bind `tensorflow_backend` (and
+`tensorflow_attribution_backend`), which import `gradprobe.backends.tensorflow`
+(and with it TensorFlow) on first use, so `import gradprobe` and every function on
+JAX or PyTorch run without TensorFlow installed.
 """
 
 from __future__ import annotations
@@ -49,12 +55,13 @@ import importlib.metadata
 import os
 import sys
 from types import ModuleType
+from typing import Any
 
 import keras
 
 from gradprobe.errors import GradprobeError
 
-FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe._functional
+FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe.core._functional
 SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but gp.GradientMonitor, the "
                        "tf.distribute strategies and gp.Tape on JAX (use gp.functional there)")
 
@@ -79,6 +86,34 @@ def get() -> ModuleType:
     return importlib.import_module(f"gradprobe.backends.{current}")
 
 
+class Deferred:
+    """A module imported on first attribute access, so that importing gradprobe
+    imports no backend library: `Deferred("gradprobe.backends.tensorflow").gradient`
+    imports that module (and TensorFlow) when first read. Not a module in
+    `sys.modules`: the real module is imported, and cached, by `importlib`."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise AttributeError(f"{self._name} is read-only through Deferred")
+
+    def __repr__(self) -> str:
+        return f"<deferred module {self._name!r}>"
+
+
+# TensorFlow's primitives, imported when first used (on the TensorFlow backend only).
+tensorflow_backend = Deferred("gradprobe.backends.tensorflow")
+tensorflow_attribution_backend = Deferred("gradprobe.backends.tensorflow_attribution")
+# TensorFlow itself, for the modules still listed in pyproject.toml as importing it (a
+# ruff rule bans this name everywhere else, like `import tensorflow`).
+tensorflow_library = Deferred("tensorflow")
+
 _LIBRARIES = {"tensorflow": ("TensorFlow", "tensorflow"), "jax": ("JAX", "jax"),
               "torch": ("PyTorch", "torch")}
 
@@ -93,11 +128,23 @@ def version() -> str:
         return label
 
 
+def static_shape(x: Any) -> tuple:
+    """The static shape of an array of any backend (or a NumPy array), as a tuple
+    (`None` for an unknown dimension of a symbolic TensorFlow tensor)."""
+    return tuple(x.shape.as_list()) if hasattr(x.shape, "as_list") else tuple(x.shape)
+
+
+def dtype_name(x: Any) -> str:
+    """The dtype of an array of any backend by name (`"float32"`), for messages."""
+    dtype = getattr(x, "dtype", None)
+    return getattr(dtype, "name", str(dtype))
+
+
 def composite_kind(x: object) -> str | None:
     """`"sparse"` or `"ragged"` for TensorFlow's sparse and ragged tensors, which
     no gradprobe function takes; `None` for anything else (and always when
     TensorFlow is not imported: no such tensor can exist then)."""
-    if "tensorflow" not in sys.modules:
+    if sys.modules.get("tensorflow") is None:  # not imported (or blocked): no such tensor
         return None
     from gradprobe.backends import tensorflow
 

@@ -1,10 +1,10 @@
 """TensorFlow's compiled helpers for the streamed attribution methods
-(`gradprobe.attribution.stream`: Integrated Gradients and SmoothGrad), and the
+(`gradprobe.attribution._common.stream`: Integrated Gradients and SmoothGrad), and the
 tape that `gp.grad_cam_layer` asks on TensorFlow (`grad_cam_records`).
 
 On TensorFlow each chunk of modified inputs is built and summed by these
 `tf.function`s (one trace per chunk shape, no eager per-op overhead); on JAX
-and PyTorch `gradprobe.attribution` computes the same rows with `keras.ops`.
+and PyTorch `gradprobe.attribution._common` computes the same rows with `keras.ops`.
 Imported only when the Keras backend is TensorFlow.
 """
 
@@ -94,10 +94,10 @@ def grad_cam_records(model: Any, x: Any, output: Any,
     output (`any_output`: a stand-in target that takes any output) depends on
     record `i`, asked of a persistent tape (a backward pass only over the layers
     after that record)."""
-    from gradprobe import _patch
+    from gradprobe.core import _patch
+    from gradprobe.core.selectors import LayerTree
+    from gradprobe.core.targets import output_names, select_output
     from gradprobe.errors import GradprobeError
-    from gradprobe.selectors import LayerTree
-    from gradprobe.targets import output_names, select_output
 
     if not tf.executing_eagerly():
         raise GradprobeError("gp.grad_cam_layer runs eagerly; call it outside tf.function.")

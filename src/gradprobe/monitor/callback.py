@@ -23,16 +23,16 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradprobe import _patch, _validate
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
+from gradprobe.core import _patch, _validate
+from gradprobe.core.stats import Finding
+from gradprobe.core.stats import diagnose as diagnose_stats
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor import hooks
 from gradprobe.monitor.layout import Skip, Status
 from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, print_table
-from gradprobe.stats import Finding
-from gradprobe.stats import diagnose as diagnose_stats
 
 _OVERFLOW = int(Skip.OVERFLOW)
 _GUARDED_HOOKS = ("on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
@@ -405,7 +405,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ selection
     def _select(self, model: Any) -> tuple[list[str], list[Any]]:
-        from gradprobe.selectors import LayerTree, resolve
+        from gradprobe.core.selectors import LayerTree, resolve
 
         variables = list(model.trainable_weights)
         if not variables:
@@ -431,7 +431,7 @@ class GradientMonitor(keras.callbacks.Callback):
         return [v.path for v in ordered], ordered
 
     def _activation_layers(self, model: Any) -> list[tuple[str, Any]]:
-        from gradprobe.selectors import LayerTree, resolve
+        from gradprobe.core.selectors import LayerTree, resolve
 
         tree = LayerTree(model)
         out: list[tuple[str, Any]] = []
@@ -493,7 +493,7 @@ class GradientMonitor(keras.callbacks.Callback):
         Returns:
             The matplotlib figure.
         """
-        from gradprobe.plot import gradient_history
+        from gradprobe.report.plot import gradient_history
 
         if not len(self.steps):
             raise GradprobeError("Nothing recorded yet: fit the model with this monitor first.")

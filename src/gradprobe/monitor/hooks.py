@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from gradprobe import _patch
+from gradprobe.backends import tensorflow_library as tf
+from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"

@@ -15,11 +15,12 @@ from typing import Any
 
 import keras
 
-from gradprobe import _patch
+from gradprobe import backends
 from gradprobe.backends import _keras_private
-from gradprobe.backends import tensorflow as backend
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.core import _patch
+from gradprobe.core.targets import Target, select_output
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.targets import Target, select_output
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     `skipped` and `target` (facts for `Target.check`).
     """
     if plan.per_example:
-        from gradprobe import per_example  # imports this module: no top-level import
+        from gradprobe.higher import per_example  # imports this module: no top-level import
 
         return per_example.run(model, inputs, args, plan, wrap_errors)
     float16 = _uses_float16(model, plan)
@@ -259,7 +260,7 @@ def _uses_float16(model: Any, plan: Plan) -> bool:
 
 def per_example_values(value: Any, what: str) -> Any:
     """Checks that a target value has one entry per example."""
-    shape = backend.static_shape(value)
+    shape = backends.static_shape(value)
     if len(shape) != 1:
         raise GradprobeError(
             f"{what} needs a per-example target (one value per example); this target is "
@@ -369,7 +370,7 @@ def shape_mismatch(model: Any, inputs: Any) -> str:
         return (f"The model expects {len(specs)} input(s) of shape "
                 f"{expected[0] if len(expected) == 1 else expected}; got {len(leaves)}.")
     for i, (leaf, want) in enumerate(zip(leaves, expected)):
-        got = backend.static_shape(leaf)
+        got = backends.static_shape(leaf)
         if len(got) != len(want) or any(w is not None and g is not None and g != w
                                          for g, w in zip(got, want)):
             which = "" if len(leaves) == 1 else f" {i}"
@@ -437,7 +438,7 @@ def _collect(recorder: Recorder, plan: Plan
             base = f"{spec.path}@{call.index}" if multi else spec.path
             floats = [(j, v, p) for j, (v, p) in enumerate(call.leaves) if p is not None]
             if not floats:
-                dtypes = ", ".join(backend.dtype_name(v) for v, _ in call.leaves)
+                dtypes = ", ".join(backends.dtype_name(v) for v, _ in call.leaves)
                 if spec.explicit:
                     raise GradprobeError(
                         f"Layer {spec.path!r} ({spec.kind}) outputs {dtypes}, not floating "
@@ -489,7 +490,7 @@ def _raise_unconnected(entries: list[_Entry], plan: Plan) -> None:
 # ------------------------------------------------------------------ describing
 def describe_inputs(inputs: Any) -> str:
     leaves = keras.tree.flatten(inputs)
-    parts = [f"shape {backend.static_shape(x)} {backend.dtype_name(x)}" for x in leaves]
+    parts = [f"shape {backends.static_shape(x)} {backends.dtype_name(x)}" for x in leaves]
     return parts[0] if len(parts) == 1 else "; ".join(parts)
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from gradprobe import _functional_form, _validate, backends
-from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
+from gradprobe.core import _functional_form, _validate
+from gradprobe.core.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe.core.tape import Tape
+from gradprobe.core.targets import make_target, output_names, select_output
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.tape import Tape
-from gradprobe.targets import make_target, output_names, select_output
 
 
 def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,

@@ -24,19 +24,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _sequence, _validate
+from gradprobe.backends import tensorflow_backend
+from gradprobe.core import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
 # Every target computes with `keras.ops` and runs on every Keras backend; on
 # TensorFlow, the row gather and arg-max go to `gradprobe.backends.tensorflow`
-# (`_pick`, `_argmax`), written so that `tf.vectorized_map` converts them.
-
-
-def _tf() -> Any:
-    """`gradprobe.backends.tensorflow` (imported on the TensorFlow backend only)."""
-    from gradprobe.backends import tensorflow
-
-    return tensorflow
+# (`_pick`, `_argmax`; imported on first use), written so that `tf.vectorized_map`
+# converts them.
 
 
 def _rank(x: Any) -> int | None:
@@ -70,7 +65,7 @@ def _argmax(scores: Any) -> Any:
     `argmax` adds ops that `tf.vectorized_map` cannot convert, which would force
     the Jacobian fallback of `per_example=True`)."""
     if keras.backend.backend() == "tensorflow":
-        return _tf().argmax_int32(scores)
+        return tensorflow_backend.argmax_int32(scores)
     return keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
 
 
@@ -80,7 +75,7 @@ def _pick(x: Any, idx: Any) -> Any:
     sequence (on TensorFlow, `per_row`: faster to trace, and `tf.vectorized_map`
     converts it)."""
     if keras.backend.backend() == "tensorflow":
-        return _tf().per_row(x, idx)
+        return tensorflow_backend.per_row(x, idx)
     idx = keras.ops.expand_dims(idx, 1)
     rank = _rank(x)
     if rank > 2:  # one index per row, broadcast over the trailing axes

@@ -6,10 +6,11 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradprobe import _functional_form, _validate, backends
-from gradprobe.engine import gradients
+from gradprobe import backends
+from gradprobe.backends import tensorflow_library as tf
+from gradprobe.core import _functional_form, _validate
+from gradprobe.core.engine import gradients
 from gradprobe.errors import GradprobeError
 
 

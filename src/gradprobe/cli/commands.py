@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Any
 
-from gradprobe._cli_io import (
+from gradprobe.cli._io import (
     IMAGE_EXTENSIONS,
     UserError,
     check_demo_folder,
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        from gradprobe import _validate, backends
-
         # On JAX and PyTorch each command runs as far as the functions it calls do;
+        from gradprobe import backends
+        from gradprobe.core import _validate
         # one that is not supported there yet says so (a one-line GradprobeError).
         _validate.backend_supported("The gradprobe command", backends.FUNCTIONAL)
         return args.run(args)
@@ -222,7 +222,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1; got {args.epochs}")
     check_demo_folder(args.out, args.force)
-    from gradprobe import demo
+    from gradprobe.cli import demo
 
     demo.run(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.force)
     return 0
@@ -267,7 +267,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if output is not None and output.isdigit():
         output = int(output)
     if args.wrt is None:  # integer inputs (token ids) have no gradient: left out
-        from gradprobe.report import default_wrt
+        from gradprobe.report.html import default_wrt
 
         wrt = default_wrt(x)
     else:
@@ -280,7 +280,7 @@ def _check_shapes(x: dict[str, Any], model: Any) -> None:
     """Each named input array against the model's declared input of that name."""
     import numpy as np
 
-    from gradprobe._cli_io import model_input_specs
+    from gradprobe.cli._io import model_input_specs
 
     for name, tensor in model_input_specs(model).items():
         want, got = tuple(tensor.shape[1:]), tuple(np.shape(x[name])[1:])
@@ -297,7 +297,7 @@ def _inspect(args: argparse.Namespace) -> int:
     g = gp.gradients(r["model"], r["inputs"], r["target"], r["wrt"], output=r["output"],
                      unconnected="zero")
     if args.json:
-        from gradprobe.report import gradients_json
+        from gradprobe.report.html import gradients_json
 
         print(json.dumps(gradients_json(g)))
     else:

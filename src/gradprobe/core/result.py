@@ -10,10 +10,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backends
-from gradprobe.backends import tensorflow as backend
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.core import _validate
+from gradprobe.core.stats import Finding, diagnose, tensor_stats
 from gradprobe.errors import GradprobeError, closest, quoted
-from gradprobe.stats import Finding, diagnose, tensor_stats
 
 
 class GradprobeKeyError(GradprobeError, KeyError):
@@ -98,7 +99,7 @@ class Gradients(Mapping):
         return len(self._grads)
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k!r}: {self.kinds[k]} {backend.static_shape(v)}"
+        items = ", ".join(f"{k!r}: {self.kinds[k]} {backends.static_shape(v)}"
                           for k, v in list(self._grads.items())[:8])
         more = f", ... ({len(self) - 8} more)" if len(self) > 8 else ""
         return f"Gradients({{{items}{more}}})"
@@ -117,7 +118,7 @@ class Gradients(Mapping):
 
     def diagnose(self, **thresholds: Any) -> list[Finding]:
         """Plain-language findings: vanishing, exploding, non-finite, all-zero
-        gradients and dead units. Keyword arguments go to `gradprobe.stats.diagnose`
+        gradients and dead units. Keyword arguments go to `gradprobe.core.stats.diagnose`
         (`vanishing=1e-3`, `exploding=1e3`).
 
         Returns:

@@ -8,12 +8,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _functional_form, _validate, backends
-from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import ensure_built, prepare_inputs
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.core import _functional_form, _validate
+from gradprobe.core.engine import ensure_built, prepare_inputs
+from gradprobe.core.selectors import LayerTree
+from gradprobe.core.tape import Tape
 from gradprobe.errors import GradprobeError
-from gradprobe.selectors import LayerTree
-from gradprobe.tape import Tape
 
 
 def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
@@ -63,8 +64,8 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
         model(x, training=training)
     target = tape.activation(of)
     source = tape.activation(wrt)
-    t_shape = backend.static_shape(target)
-    s_shape = backend.static_shape(source)
+    t_shape = backends.static_shape(target)
+    s_shape = backends.static_shape(source)
     _check_size(of, wrt, t_shape, s_shape, target.dtype.size, max_bytes)
     if backend.gradient(tape._tape, target, [source])[0] is None:
         swapped = backend.gradient(tape._tape, source, [target])[0] is not None

@@ -9,8 +9,8 @@ from typing import Any
 import keras
 
 from gradprobe.backends import _keras_private
+from gradprobe.core.selectors import LayerTree
 from gradprobe.errors import quoted
-from gradprobe.selectors import LayerTree
 
 
 def _input_names(tensor: Any) -> set[Any]:

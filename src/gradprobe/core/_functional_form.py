@@ -26,9 +26,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _functional, _validate, backends, engine
+from gradprobe import backends
+from gradprobe.core import _functional, _validate, engine
+from gradprobe.core.targets import PositionTarget, make_target
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.targets import PositionTarget, make_target
 
 _COMPILED: dict[int, dict] = {}  # id(prepared signature) -> name -> compiled function
 

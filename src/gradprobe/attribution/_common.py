@@ -13,10 +13,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradprobe import _validate, backends
-from gradprobe.engine import batch_size, ensure_built, gradients
-from gradprobe.errors import GradprobeError, quoted
-from gradprobe.targets import (
+from gradprobe import backends
+from gradprobe.backends import tensorflow_attribution_backend as tensorflow_attribution
+from gradprobe.core import _validate
+from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.targets import (
     LossTarget,
     PositionSpec,
     PredictedTarget,
@@ -25,6 +26,7 @@ from gradprobe.targets import (
     output_names,
     select_output,
 )
+from gradprobe.errors import GradprobeError, quoted
 
 
 class Attribution:
@@ -167,7 +169,7 @@ def compiled_target_values(model: Any, x: Any, target: Any, output: Any,
     eager per-layer Python overhead on repeated calls."""
     last = (getattr(model, "layers", None) or [None])[-1]
     names = output_names(model)
-    eager = backends.is_functional() or _tf().executing_eagerly()
+    eager = backends.is_functional() or tensorflow_attribution.executing_eagerly()
     if last is not None and eager and (
             output is None or isinstance(output, int) or output in names):
         try:
@@ -334,12 +336,6 @@ def to_numpy(x: Any) -> np.ndarray:
 # (`gradprobe.backends.tensorflow_attribution`) on TensorFlow, and by the
 # `keras.ops` code below on JAX and PyTorch. Indices, interpolation points and
 # weights come in as NumPy arrays.
-def _tf() -> Any:
-    from gradprobe.backends import tensorflow_attribution
-
-    return tensorflow_attribution
-
-
 def on_tensorflow() -> bool:
     return not backends.is_functional()
 
@@ -366,7 +362,7 @@ def _column(x: Any) -> tuple[int, ...]:
 def take_rows(x: Any, idx: np.ndarray) -> Any:
     """Rows `x[idx]`."""
     if on_tensorflow():
-        return _tf().gather(x, _tf().constant(idx))
+        return tensorflow_attribution.gather(x, tensorflow_attribution.constant(idx))
     return ops.take(x, _index(idx), axis=0)
 
 
@@ -374,7 +370,7 @@ def interpolate_rows(x: Any, base: Any, idx: np.ndarray, alpha: np.ndarray) -> A
     """Rows `(1 - alpha) * base[idx] + alpha * x[idx]` (exactly `x` at alpha 1
     and `base` at 0), computed in float32 or wider and returned in `x`'s dtype."""
     if on_tensorflow():
-        tf_ = _tf()
+        tf_ = tensorflow_attribution
         return tf_.interpolate(x, base, tf_.constant(idx), tf_.constant(alpha))
     wide = accumulator_dtype(x.dtype)
     xs = ops.cast(take_rows(x, idx), wide)
@@ -398,7 +394,7 @@ def noisy_rows(x: Any, scale: Any, idx: np.ndarray, rows: np.ndarray, seed: int,
     TensorFlow, the noise of row `r` is `tf.random.stateless_normal(x.shape[1:],
     seed=(seed + j, r))`; on JAX and PyTorch it is `numpy_noise`."""
     if on_tensorflow():
-        tf_ = _tf()
+        tf_ = tensorflow_attribution
         return tf_.noisy(x, scale, tf_.constant(idx), tf_.constant(rows),
                          tf_.constant(np.int64(int(seed) + j)))
     wide = accumulator_dtype(x.dtype)
@@ -411,7 +407,7 @@ def accumulate_rows(acc: list[Any], grads: list[Any], idx: np.ndarray, w: np.nda
                n: int) -> list[Any]:
     """`acc[k][idx[j]] += w[j] * grads[k][j]` for every row `j` (in `acc`'s dtype)."""
     if on_tensorflow():
-        tf_ = _tf()
+        tf_ = tensorflow_attribution
         ti, tw = tf_.constant(idx), tf_.constant(w)
         return [tf_.accumulate(a, g, ti, tw) for a, g in zip(acc, grads)]
     out = []
@@ -480,7 +476,7 @@ def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: i
             tuple(values.shape) != (rows,):
         return None
     if on_tensorflow():
-        return _tf().keep(None if isinstance(so_far, int) else so_far, values, idx, at, n)
+        return tensorflow_attribution.keep(None if isinstance(so_far, int) else so_far, values, idx, at, n)
     if isinstance(so_far, int):
         so_far = ops.zeros((n,), values.dtype)
     return ops.scatter_update(so_far, _index(idx[at])[:, None], ops.take(values, _index(at)))
@@ -587,10 +583,10 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     """The inputs as backend tensors (floating arrays in the model's input dtype),
     as `gp.gradients` prepares them on this backend."""
     if on_tensorflow():
-        from gradprobe.engine import prepare_inputs as prepare
+        from gradprobe.core.engine import prepare_inputs as prepare
 
         return prepare(model, inputs)
-    from gradprobe import _functional  # imports the engine: no top-level import
+    from gradprobe.core import _functional  # imports the engine: no top-level import
 
     _validate.model(model)
     return _functional.prepare_inputs(model, inputs)
@@ -607,7 +603,7 @@ def dtype_name(t: Any) -> str:
 
 def input_keys(x: Any) -> list[str]:
     """Result keys of the input leaves (as `gp.gradients` names them)."""
-    from gradprobe.capture import input_keys as keys
+    from gradprobe.core.capture import input_keys as keys
 
     return keys(x)
 

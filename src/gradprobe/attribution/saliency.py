@@ -7,8 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from gradprobe import _validate
-from gradprobe.attribution import (
+from gradprobe.attribution._common import (
     Attribution,
     ModelInputs,
     fixed_target,
@@ -17,7 +16,8 @@ from gradprobe.attribution import (
     mean,
     target_values,
 )
-from gradprobe.engine import gradients
+from gradprobe.core import _validate
+from gradprobe.core.engine import gradients
 from gradprobe.errors import GradprobeError
 
 

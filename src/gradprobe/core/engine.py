@@ -17,23 +17,24 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _sequence, _validate, backends, capture
-from gradprobe.backends import tensorflow as backend
-from gradprobe.errors import GradprobeError
-from gradprobe.result import Gradients
-from gradprobe.selectors import (
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.core import _sequence, _validate, capture
+from gradprobe.core.result import Gradients
+from gradprobe.core.selectors import (
     ActivationSource,
     InputSource,
     LayerTree,
     WeightSource,
     resolve,
 )
-from gradprobe.targets import (
+from gradprobe.core.targets import (
     check_output_choice,
     make_target,
     output_names,
     pattern_unconnected,
 )
+from gradprobe.errors import GradprobeError
 
 __all__ = ["gradients", "clear_cache"]
 
@@ -116,8 +117,8 @@ def gradients(
     for name, value in (("training", training), ("differentiable", differentiable)):
         _validate.flag(name, value)
     _validate.backend_supported("gp.gradients", backends.FUNCTIONAL)
-    if backends.is_functional():  # JAX: the functional capture (gradprobe._functional)
-        from gradprobe import _functional  # imports this module: no top-level import
+    if backends.is_functional():  # JAX: the functional capture (gradprobe.core._functional)
+        from gradprobe.core import _functional  # imports this module: no top-level import
 
         return _functional.gradients(model, inputs, target, wrt, output=output,
                                      training=training, unconnected=unconnected,
@@ -126,7 +127,7 @@ def gradients(
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
-    from gradprobe.per_example import annotate, check_method  # it imports this module
+    from gradprobe.higher.per_example import annotate, check_method  # it imports this module
 
     per_example = check_method(per_example)
     entry = _entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
@@ -503,7 +504,7 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
 
 def batch_size(x: Any) -> int:
     leaves = keras.tree.flatten(x)
-    shape = backend.static_shape(leaves[0]) if leaves else ()
+    shape = backends.static_shape(leaves[0]) if leaves else ()
     if not shape or shape[0] is None:
         raise GradprobeError(
             f"Cannot tell the batch size of inputs of shape {shape}: inputs need a leading "
@@ -522,13 +523,15 @@ def ensure_built(model: Any, x: Any) -> None:
 
 
 def _check_input_dtypes(model: Any, x: Any, plan: capture.Plan,
-                        is_floating: Callable[[Any], bool] = backend.is_floating,
+                        is_floating: Callable[[Any], bool] | None = None,
                         shown: Callable[[Any], Any] = lambda leaf: leaf) -> None:
     """Refuses an input source that is not floating (token ids, masks), with a
-    hint naming the layer to take instead. `is_floating` and `shown` (what the
-    error is given for the leaf) are the backend's."""
+    hint naming the layer to take instead. `is_floating` (TensorFlow's by default)
+    and `shown` (what the error is given for the leaf) are the backend's."""
     if not plan.inputs:
         return
+    if is_floating is None:
+        is_floating = backend.is_floating
     keys = capture.input_keys(x)
     wanted = {k for spec in plan.inputs for k in keys
               if spec.index is None or k == f"inputs:{spec.index}"

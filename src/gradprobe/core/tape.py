@@ -8,11 +8,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _patch, _validate, backends, capture
-from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import to_specs
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.core import _patch, _validate, capture
+from gradprobe.core.engine import to_specs
+from gradprobe.core.selectors import LayerTree, resolve
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.selectors import LayerTree, resolve
 
 
 class Tape:

@@ -46,11 +46,12 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradprobe import _patch, _validate, backends, capture
-from gradprobe.backends import tensorflow as backend
-from gradprobe.engine import (
+from gradprobe import backends
+from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_library as tf
+from gradprobe.core import _patch, _validate, capture
+from gradprobe.core.engine import (
     _Entry,
     batch_size,
     cached_entry,
@@ -60,9 +61,9 @@ from gradprobe.engine import (
     make_plan,
     prepare_inputs,
 )
+from gradprobe.core.selectors import LayerTree, resolve
+from gradprobe.core.targets import make_target, select_output
 from gradprobe.errors import GradprobeError
-from gradprobe.selectors import LayerTree, resolve
-from gradprobe.targets import make_target, select_output
 
 GHOST_TYPES = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
                keras.layers.Embedding, keras.layers.LayerNormalization,

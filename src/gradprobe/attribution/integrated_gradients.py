@@ -9,8 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradprobe import _validate, backends
-from gradprobe.attribution import (
+from gradprobe import backends
+from gradprobe.attribution._common import (
     Attribution,
     ModelInputs,
     accumulator_dtype,
@@ -23,7 +23,8 @@ from gradprobe.attribution import (
     row_target,
     stream,
 )
-from gradprobe.engine import gradients, gradients_at
+from gradprobe.core import _validate
+from gradprobe.core.engine import gradients, gradients_at
 from gradprobe.errors import GradprobeError
 
 # Gauss-Legendre nodes come from an eigenvalue problem of size steps x steps
@@ -204,7 +205,7 @@ def _dtype(x: Any) -> str:
 def _gradients_at() -> Any:
     """The backend's `gradients_at` (the layer's activation replaced by given values)."""
     if backends.is_functional():
-        from gradprobe import _functional  # imports the engine: no top-level import
+        from gradprobe.core import _functional  # imports the engine: no top-level import
 
         return _functional.gradients_at
     return gradients_at

@@ -10,8 +10,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from gradprobe import _validate, backends
-from gradprobe.attribution import (
+from gradprobe import backends
+from gradprobe.attribution._common import (
     Attribution,
     fixed_target,
     is_floating,
@@ -20,10 +20,11 @@ from gradprobe.attribution import (
     prepare_inputs,
     single_input,
 )
-from gradprobe.engine import batch_size, ensure_built, gradients
+from gradprobe.core import _validate
+from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.selectors import LayerTree
+from gradprobe.core.targets import output_names
 from gradprobe.errors import GradprobeError, quoted
-from gradprobe.selectors import LayerTree
-from gradprobe.targets import output_names
 
 
 def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channel_axis: int = -1,
@@ -172,9 +173,7 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     if backends.is_functional():
         records, depends = _functional_records(model, x, output)
     else:
-        from gradprobe.backends import tensorflow_attribution
-
-        records, depends = tensorflow_attribution.grad_cam_records(model, x, output, _ANY_OUTPUT)
+        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(model, x, output, _ANY_OUTPUT)
     spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
     chosen = next((i for i in reversed(spatial) if depends(i)), None)
     if chosen is None:

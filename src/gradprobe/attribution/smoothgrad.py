@@ -9,8 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradprobe import _validate
-from gradprobe.attribution import (
+from gradprobe.attribution._common import (
     Attribution,
     ModelInputs,
     accumulator_dtype,
@@ -22,8 +21,9 @@ from gradprobe.attribution import (
     row_target,
     stream,
 )
-from gradprobe.engine import gradients
-from gradprobe.saliency import reduce_map
+from gradprobe.attribution.saliency import reduce_map
+from gradprobe.core import _validate
+from gradprobe.core.engine import gradients
 
 
 def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 25,

@@ -28,7 +28,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     Example:
 
-    >>> x, y = gradprobe.demo.load_digits()
+    >>> x, y = gradprobe.cli.demo.load_digits()
     >>> x.shape, y[:5]
     ((1797, 8, 8, 1), array([0, 1, 2, 3, 4]))
     """
@@ -120,7 +120,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     import gradprobe as gp
-    from gradprobe.attribution import fixed_target
+    from gradprobe.attribution._common import fixed_target
 
     _check_out_dir(out_dir, overwrite)
     if console is None:

@@ -33,8 +33,8 @@ from typing import Any
 
 import keras
 
-from gradprobe import _validate
 from gradprobe.backends import _keras_private
+from gradprobe.core import _validate
 from gradprobe.errors import GradprobeError, closest, quoted
 
 _CALL_INDEX = re.compile(r"^(?P<layer>.+)@(?P<call>\d+)$")

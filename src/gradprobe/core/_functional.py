@@ -45,10 +45,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _patch, _validate, backends, capture, engine
+from gradprobe import backends
+from gradprobe.core import _patch, _validate, capture, engine
+from gradprobe.core.result import Gradients
+from gradprobe.core.targets import make_target, select_output
 from gradprobe.errors import GradprobeError
-from gradprobe.result import Gradients
-from gradprobe.targets import make_target, select_output
 
 _SIGNATURES = 8  # input signatures kept per cached request
 
@@ -79,7 +80,7 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
         grads = bk.stop_gradient(grads)
     result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
                        {v.key: v.var for v in entry.plan.vars})
-    from gradprobe.per_example import annotate  # imports the engine: no top-level import
+    from gradprobe.higher.per_example import annotate  # imports the engine: no top-level import
 
     return annotate(result, meta)  # (empty per_example_method / _fallbacks, as on TF)
 
@@ -732,7 +733,7 @@ def _unstack_one(t: Any) -> Any:
 def _coupling(model: Any, plan: capture.Plan) -> str:
     """Why examples interact in this forward pass ('' when they do not), as
     on TensorFlow."""
-    from gradprobe.per_example import _coupling  # imports the engine: no top-level import
+    from gradprobe.higher.per_example import _coupling  # imports the engine: no top-level import
 
     return _coupling(model, plan, "the single-example passes would draw once for all "
                      "examples (one seed state)")

@@ -16,11 +16,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe import _validate, backends
-from gradprobe.engine import gradients as compute_gradients
+from gradprobe import backends
+from gradprobe.core import _validate
+from gradprobe.core.engine import gradients as compute_gradients
+from gradprobe.core.result import Gradients
+from gradprobe.core.selectors import LayerTree
 from gradprobe.errors import GradprobeError
-from gradprobe.result import Gradients
-from gradprobe.selectors import LayerTree
 
 DEFAULT_WRT = ("inputs", "*", "*.weights")
 
@@ -112,7 +113,7 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
              "norm": s["norm"], "mean_abs": s["mean_abs"], "max_abs": s["max_abs"],
              "std": s["std"], "zero_fraction": s["zero_fraction"], "nonfinite": s["nonfinite"],
              "flagged": k in flagged} for k, s in stats.items()]
-    from gradprobe.plot import gradient_flow, gradient_history, training_curves
+    from gradprobe.report.plot import gradient_flow, gradient_history, training_curves
 
     figures = [{"id": "gradient-flow", "title": "Gradient flow",
                 "caption": "Mean and largest |gradient| of each source, in forward order "
@@ -225,10 +226,10 @@ def _layer_rows(model: Any, g: Gradients) -> list[dict]:
 
 def _attribution_figure(model, inputs, target, output, layer, labels, class_names,
                         max_images) -> dict:
-    from gradprobe.attribution import fixed_target
-    from gradprobe.grad_cam import grad_cam, grad_cam_layer
-    from gradprobe.plot import save_maps
-    from gradprobe.saliency import saliency
+    from gradprobe.attribution._common import fixed_target
+    from gradprobe.attribution.grad_cam import grad_cam, grad_cam_layer
+    from gradprobe.attribution.saliency import saliency
+    from gradprobe.report.plot import save_maps
 
     x = np.asarray(inputs)[:max_images]
     predicted = fixed_target(model, x, "predicted", output, False)
@@ -352,7 +353,7 @@ def _by_key(inputs: Any, key: str) -> Any:
 def _token_input(model: Any, inputs: Any, vocabulary: Any) -> tuple[str, str]:
     """The integer model input that feeds an embedding (one named like `token_ids`
     first, else the first in `inputs`' order), and that embedding's call."""
-    from gradprobe import _sequence
+    from gradprobe.core import _sequence
 
     keys = _input_keys(inputs)
     feeds = _sequence.embedding_feeds(model)
@@ -376,7 +377,7 @@ def _token_input(model: Any, inputs: Any, vocabulary: Any) -> tuple[str, str]:
 
 
 def _token_html(section: dict, lookup: Any) -> str:
-    from gradprobe.plot import tokens as token_map
+    from gradprobe.report.plot import tokens as token_map
 
     texts = [[lookup(i) for i in row] for row in section["ids"]]
     section["tokens"] = texts
@@ -458,7 +459,7 @@ def _is_class_target(target: Any) -> bool:
 
 def describe_target(target: Any) -> str:
     """A few words naming a target, for captions and headers."""
-    from gradprobe.targets import LossTarget
+    from gradprobe.core.targets import LossTarget
 
     if isinstance(target, str):
         return "the score of each example's predicted class" if target == "predicted" \
