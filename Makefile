@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP_BASE := $(VENV)/.installed-base
+# `make demo` installs the backend it runs on: KERAS_BACKEND (tensorflow, jax or torch;
+# TensorFlow when unset, as Keras).
+BACKEND := $(or $(KERAS_BACKEND),tensorflow)
+STAMP_BASE := $(VENV)/.installed-$(BACKEND)
 STAMP_TEST := $(VENV)/.installed-test
 
 .PHONY: demo test lint bench clean
@@ -11,16 +14,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# TensorFlow is an extra (gradprobe runs on JAX or PyTorch without it); `make demo`
-# runs on Keras' default backend, TensorFlow, so the base install includes it.
+# Every backend is an extra (gradprobe runs on any one of them without the others).
+# PyTorch is pinned first to the CPU build that lies on this project's machines (a bare
+# "torch" would pull a CUDA build of several GB); the extras then find it installed.
+TORCH_CPU := "torch==2.13.0"
 $(STAMP_BASE): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[tensorflow]"
+	$(if $(filter torch,$(BACKEND)),$(PY) -m pip install --quiet $(TORCH_CPU))
+	$(PY) -m pip install --quiet -e ".[$(BACKEND)]"
 	touch $@
 
-# PyTorch first, pinned to the CPU build that lies on this project's machines (a bare
-# "torch" would pull a CUDA build of several GB); the test extras then find it installed.
 $(STAMP_TEST): pyproject.toml $(STAMP_BASE)
-	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet $(TORCH_CPU)
 	$(PY) -m pip install --quiet -e ".[test,tensorflow,jax,torch]"
 	touch $@
 
