@@ -4,6 +4,8 @@ seed-generator state included), the same attributes, the same outputs."""
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -136,3 +138,22 @@ def test_report_and_attribution_calls_leave_the_model_unchanged(tmp_path):
     with pytest.raises(gp.GradprobeError):
         gp.write_report(str(tmp_path / "r2.html"), model, x, 0, attribution_layer="nope")
     assert_unchanged(model, x, before)
+
+
+@pytest.mark.parametrize("compile", ["auto", True])
+def test_a_failed_trace_leaves_no_keras_name_scope_open(compile):
+    # TensorFlow rejects the scope name "m<script>" while tracing; Keras has
+    # already pushed its own name scope then. Variables created afterwards in
+    # the process must not be named under it.
+    inp = keras.Input((4,))
+    model = keras.Model(inp, layers.Dense(2, name="out")(inp), name="m<script>")
+    x = np.ones((3, 4), "float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            gp.gradients(model, x, 1, "out", compile=compile)
+        except Exception as e:  # compile=True: the trace error is raised as it is
+            assert compile is True and "scope name" in str(e)
+    fresh = keras.Sequential([keras.Input((3,)), layers.Dense(2, name="later")])
+    assert [v.path for v in fresh.weights] == [f"{fresh.name}/later/kernel",
+                                               f"{fresh.name}/later/bias"]

@@ -85,3 +85,29 @@ def inbound_nodes(operation: Any) -> list[Any]:
     the functional graph (see `keras_history`).
     """
     return list(getattr(operation, "_inbound_nodes", None) or [])
+
+
+def name_scope_depth() -> int:
+    """How many Keras name scopes are open in this thread.
+
+    Relies on `keras.src.backend.common.global_state`'s thread-local
+    `"name_scope_stack"` list, which `keras.name_scope.__enter__` appends to.
+    """
+    from keras.src.backend.common import global_state
+
+    return len(global_state.get_global_attribute("name_scope_stack", default=[]) or [])
+
+
+def close_name_scopes_above(depth: int) -> None:
+    """Drops the Keras name scopes opened above `depth` and never closed.
+
+    `keras.name_scope.__enter__` pushes onto `"name_scope_stack"` before the
+    backend opens its own scope; when TensorFlow rejects the name (a model named
+    `"m<script>"` traced by `tf.function`), `__exit__` never runs and every
+    variable created later in the thread would be named under that scope.
+    Relies on the same thread-local list as `name_scope_depth`.
+    """
+    from keras.src.backend.common import global_state
+
+    stack = global_state.get_global_attribute("name_scope_stack", default=[]) or []
+    del stack[depth:]

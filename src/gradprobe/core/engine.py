@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from gradprobe import backends
+from gradprobe.backends import _keras_private
 from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _sequence, _validate, capture
 from gradprobe.core.result import Gradients
@@ -404,12 +405,14 @@ def _execute(model: Any, x: Any, args: dict, entry: _Entry,
     if entry.fn is None:
         entry.fn = compiled(model, plan, functools.partial(capture.run, wrap_errors=False))
     fn = entry.fn
+    depth = _keras_private.name_scope_depth()
     try:
         tensors, meta = fn(x, args)
-    except GradprobeError:
-        raise
     except Exception as e:
-        if compile is True:
+        # A failed trace can leave a Keras name scope open: close it, or every
+        # variable the user creates afterwards would be named under it.
+        _keras_private.close_name_scopes_above(depth)
+        if isinstance(e, GradprobeError) or compile is True:
             raise
         tensors, meta = capture.run(model, x, args, plan, wrap_errors=True)
         entry.eager_only = True
