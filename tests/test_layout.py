@@ -89,8 +89,6 @@ def test_backend_package_is_not_exempt_as_a_whole(project):
 _STILL_IMPORTING_TENSORFLOW = {
     "src/gradprobe/higher/hvp.py", "src/gradprobe/higher/penalty.py",
     "src/gradprobe/higher/per_example.py",
-    "src/gradprobe/monitor/callback.py", "src/gradprobe/monitor/hooks.py",
-    "src/gradprobe/monitor/sinks.py",
 }
 
 
@@ -118,11 +116,11 @@ LAYOUT = {
     "attribution": ["__init__", "_common", "saliency", "smoothgrad", "integrated_gradients",
                     "grad_cam"],
     "higher": ["__init__", "hvp", "jacobian", "penalty", "per_example"],
-    "monitor": ["__init__", "callback", "hooks", "layout", "sinks"],
+    "monitor": ["__init__", "callback", "layout", "sinks"],
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
-    "backends": ["__init__", "tensorflow", "tensorflow_attribution", "jax", "torch",
-                 "_keras_private"],
+    "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_monitor",
+                 "jax", "torch", "_keras_private"],
 }
 
 PUBLIC_API = [

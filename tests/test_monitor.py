@@ -471,7 +471,7 @@ def test_nonfinite_check_of_unrecorded_steps_is_one_test_and_exact():
     """On the steps that are not recorded the NaN/Inf check is one sum per
     gradient and ONE scalar test (count of ops, not time); the per-variable
     flags are still exact, also where a sum of finite values overflows."""
-    from gradprobe.monitor import hooks
+    from gradprobe.backends import tensorflow_monitor as hooks
 
     model = _cnn()
     model.compile(keras.optimizers.SGD(0.1), LOSS)
@@ -503,7 +503,7 @@ def test_nonfinite_check_of_unrecorded_steps_is_one_test_and_exact():
 def test_gradient_statistics_fast_and_exact_paths_against_numpy():
     """The statistics of a recorded step (few passes where every gradient is
     finite, the exact ones over the finite entries otherwise) against NumPy."""
-    from gradprobe.monitor import hooks
+    from gradprobe.backends import tensorflow_monitor as hooks
 
     model = _cnn()
     model.compile(keras.optimizers.SGD(0.1), LOSS)
@@ -586,9 +586,9 @@ def test_without_the_fits_callback_list_a_leftover_wrapper_is_harmless(monkeypat
     """Where the monitor cannot find the running fit's CallbackList it arms in its
     own on_train_batch_begin; a callback after it raising there leaves the
     wrapper, which hands over to the model's own function at the next call."""
-    from gradprobe.monitor import hooks
+    from gradprobe.backends import _keras_private
 
-    monkeypatch.setattr(hooks, "find_callback_list", lambda callback: None)
+    monkeypatch.setattr(_keras_private, "running_callback_list", lambda callback: None)
     model = _cnn()
     model.compile(keras.optimizers.SGD(0.1), LOSS)
     x, y = _data(32)

@@ -9,7 +9,11 @@ bans `keras.src` outside `gradprobe/backends/`).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
+
+import keras
 
 
 def in_symbolic_scope() -> bool:
@@ -111,3 +115,65 @@ def close_name_scopes_above(depth: int) -> None:
 
     stack = global_state.get_global_attribute("name_scope_stack", default=[]) or []
     del stack[depth:]
+
+
+# ---------------------------------------------------------------- gp.GradientMonitor
+def optimizer_raw_iterations(optimizer: Any) -> Any:
+    """The variable counting an optimizer's `apply` calls.
+
+    Relies on `BaseOptimizer._iterations` (keras/src/optimizers/base_optimizer.py),
+    the counter `apply` increments once per call, skipped and accumulated steps
+    included; the public `iterations` divides it by `gradient_accumulation_steps`.
+    """
+    return optimizer._iterations
+
+
+def optimizer_default_variables(optimizer: Any) -> list[Any]:
+    """The variables an optimizer's `apply(grads)` updates when called without
+    `trainable_variables`.
+
+    Relies on `BaseOptimizer._trainable_variables`, the list `build` stores and
+    `apply` falls back to (keras/src/optimizers/base_optimizer.py).
+    """
+    return optimizer._trainable_variables
+
+
+def optimizer_update_wrappers(all_reduce: Callable[[Callable], Callable],
+                              update: Callable[[Callable], Callable]
+                              ) -> dict[str, Callable[[Callable], Callable]]:
+    """The wrappers `{method name: wrapper}` (for `gradprobe.core._patch.wrapped_methods`)
+    of the two steps of a TensorFlow optimizer's update that the monitor observes.
+
+    Relies on `TFOptimizer._backend_update_step(grads, trainable_variables,
+    learning_rate)` calling `self._all_reduce_sum_gradients(grads_and_vars)`
+    (keras/src/backend/tensorflow/optimizer.py): the update step all-reduces the
+    (clipped, unscaled) gradients, then applies them; both methods are looked up
+    on the instance while the train step is traced.
+
+    Args:
+        all_reduce: Wraps `_all_reduce_sum_gradients(grads_and_vars)`.
+        update: Wraps `_backend_update_step(grads, trainable_variables, learning_rate)`.
+    """
+    return {"_all_reduce_sum_gradients": all_reduce, "_backend_update_step": update}
+
+
+def running_callback_list(callback: Any) -> Any:
+    """The `keras.callbacks.CallbackList` of the running `fit` that holds
+    `callback`, or `None`; called from `callback.on_train_begin`.
+
+    Relies on `CallbackList.on_train_begin` calling each callback's
+    `on_train_begin` directly (keras/src/callbacks/callback_list.py), so that a
+    frame a few levels up has the list as `self`; and on CPython frames
+    (`sys._getframe`). Without it the monitor still works, with a smaller
+    guarantee (see `gp.GradientMonitor`).
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None

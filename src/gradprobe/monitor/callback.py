@@ -4,9 +4,14 @@ How it works: when training starts, the monitor builds (once per model,
 optimizer and compiled train function) a fresh train function of the model, the
 same as Keras' own, whose train step also hands back the monitor's status. At
 each step, and only for the duration of that step's call, the model's
-`train_function` is that function and the optimizer hooks of `hooks.py` are in
+`train_function` is that function and the train-step and optimizer hooks are in
 place; the statistics are computed in-graph and read after the call. No extra
 forward or backward pass runs.
+
+This module is backend-neutral (Keras and NumPy): the hooks, the in-graph
+statistics and the TensorBoard writer are TensorFlow code, in
+`gradprobe.backends.tensorflow_monitor` (imported on first use; the monitor runs
+on TensorFlow only and says so on other backends).
 
 The model is always put back: the model's own train function is restored at the
 start of every call of the monitor's function (so an exception raised anywhere,
@@ -24,20 +29,39 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.backends import tensorflow_library as tf
+from gradprobe.backends import Deferred, _keras_private
 from gradprobe.core import _patch, _validate
 from gradprobe.core.stats import Finding
 from gradprobe.core.stats import diagnose as diagnose_stats
 from gradprobe.errors import GradprobeError
-from gradprobe.monitor import hooks
 from gradprobe.monitor.layout import Skip, Status
 from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, print_table
 
+# The train-step and optimizer hooks (TensorFlow), imported when first used.
+hooks = Deferred("gradprobe.backends.tensorflow_monitor")
+# The attribute naming, on a monitor's per-step train function, the function it stands in for.
+OWN_ATTR = "_gradprobe_own_train_function"
 _OVERFLOW = int(Skip.OVERFLOW)
 _GUARDED_HOOKS = ("on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
                   "on_epoch_end", "on_train_end", "on_test_begin", "on_test_batch_begin",
                   "on_test_batch_end", "on_test_end")
+
+
+def own_train_function(fn: Any) -> Any:
+    """The model's own train function behind any monitor wrapper left on it."""
+    seen = 0
+    while getattr(fn, OWN_ATTR, None) is not None and seen < 100:
+        own = getattr(fn, OWN_ATTR)()
+        if own is None or own is fn:
+            return fn
+        fn, seen = own, seen + 1
+    return fn
+
+
+def set_train_function(model: Any, function: Any) -> None:
+    # Relies on: Keras' `fit` looking up `self.train_function` at every step
+    # (keras/src/backend/tensorflow/trainer.py), after `make_train_function()`.
+    model.train_function = function
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -156,9 +180,9 @@ class GradientMonitor(keras.callbacks.Callback):
         model = self.model
         # A wrapper of ours left on the model (by a fit that failed where no
         # callback could see it): put the model's own function back.
-        own = hooks.own_train_function(model.train_function)
+        own = own_train_function(model.train_function)
         if own is not model.train_function:
-            hooks.set_train_function(model, own)
+            set_train_function(model, own)
         optimizer = getattr(model, "optimizer", None)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise GradprobeError("GradientMonitor needs a model compiled with a Keras optimizer "
@@ -192,7 +216,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 self._last_step += max(iterations - self._last_iterations, 0)
             self._last_iterations = iterations
             probe.set_step(self._last_step)
-            self._guard(hooks.find_callback_list(self))
+            self._guard(_keras_private.running_callback_list(self))
         except BaseException:
             self._close_sinks()
             raise
@@ -231,9 +255,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _arm(self) -> None:
         model = self.model
-        self._built[5]["own"] = hooks.own_train_function(model.train_function)
+        self._built[5]["own"] = own_train_function(model.train_function)
         self._armed = True
-        hooks.set_train_function(model, self._built[4])
+        set_train_function(model, self._built[4])
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         status, self._pending_status = self._pending_status, None
@@ -257,8 +281,8 @@ class GradientMonitor(keras.callbacks.Callback):
         own = self._built[5]["own"] if self._built is not None else None
         if own is not None and self.model is not None and \
                 self.model.train_function is not own and \
-                hooks.own_train_function(self.model.train_function) is own:
-            hooks.set_train_function(self.model, own)
+                own_train_function(self.model.train_function) is own:
+            set_train_function(self.model, own)
         status, self._pending_status = self._pending_status, None
         if status is not None:
             # An execution whose on_train_batch_end never reached the monitor (a
@@ -273,14 +297,15 @@ class GradientMonitor(keras.callbacks.Callback):
             guards.close()
 
     # ------------------------------------------------------------ per step
-    def _step_function(self, model: Any, probe: hooks.StepProbe, function: Any,
+    def _step_function(self, model: Any, probe: Any, function: Any,
                        read_status: Any, own_cell: dict[str, Any]) -> Any:
         """The function armed as `model.train_function` for one step."""
+        status_key, end_of_data = hooks.STATUS_KEY, hooks.END_OF_DATA
 
         def train_function(iterator: Any) -> Any:
             own = own_cell["own"]
             # The model's own function goes back first: whatever happens next.
-            hooks.set_train_function(model, own)
+            set_train_function(model, own)
             if not (self._armed and self._fitting and self._built is not None
                     and self._built[4] is train_function):
                 return own(iterator)  # a wrapper left on the model; this fit is not ours
@@ -289,19 +314,19 @@ class GradientMonitor(keras.callbacks.Callback):
                 with probe.installed():
                     logs = function(iterator)
                 status = None
-                if isinstance(logs, dict) and hooks.STATUS_KEY in logs:
+                if isinstance(logs, dict) and status_key in logs:
                     logs = dict(logs)
-                    status = logs.pop(hooks.STATUS_KEY)
+                    status = logs.pop(status_key)
                 if status is None:
                     status = read_status()
-                self._pending_status = probe.layout.unpack(backend.to_numpy(status))
-            except (StopIteration, tf.errors.OutOfRangeError):
+                self._pending_status = probe.unpack(status)
+            except end_of_data:
                 # The end of the data: fit goes on (next epoch) and re-arms the
                 # monitor. No batch, so no step ran; but where the data runs out
                 # inside the compiled step (OutOfRange), the counters that do not
                 # depend on the data (the optimizer's iterations, the monitor's
                 # step) may have moved: follow them, as Keras' iterations do.
-                status = probe.layout.unpack(backend.to_numpy(read_status()))
+                status = probe.unpack(read_status())
                 self._last_step, self._last_iterations = status.step, status.iterations
                 raise
             except BaseException:
@@ -310,7 +335,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return logs
 
         # Marks the function as a monitor's, and names the function it stands in for.
-        setattr(train_function, hooks.OWN_ATTR, lambda: own_cell["own"])
+        setattr(train_function, OWN_ATTR, lambda: own_cell["own"])
         return train_function
 
     def _process(self, status: Status) -> None:
@@ -374,7 +399,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._tb_sink is not None:
             copies = None
             if self.histograms and status.copies_step == row.step:
-                copies = [c.numpy() for c in self._built[1].copies]
+                copies = self._built[1].histogram_values()
             self._tb_sink.write(row, copies)
         if self.print_every:
             self._recorded_since_print += 1
@@ -391,7 +416,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.log_dir is not None:
             try:
                 _check_dir("log_dir", self.log_dir)
-                self._tb_sink = TensorBoardSink(self.log_dir, paths, layers,
+                self._tb_sink = TensorBoardSink(hooks.SummaryWriter(self.log_dir), paths, layers,
                                                 hooks.loss_scaler(optimizer) is not None)
             except BaseException:
                 self._close_sinks()

@@ -1,8 +1,9 @@
 """The named layout of what each training step hands back to the monitor.
 
-The in-graph state lives in a few variables (see `hooks.StepProbe`); after each
-execution of the train function they are read as ONE float64 vector (one output
-costs far less than several). `StatusLayout` names every part of that vector,
+The in-graph state lives in a few variables (see
+`gradprobe.backends.tensorflow_monitor.StepProbe`); after each execution of the
+train function they are read as ONE float64 vector (one output costs far less
+than several). `StatusLayout` names every part of that vector,
 and `Status` is the vector unpacked into named NumPy arrays.
 
 A multi-step execution (`steps_per_execution=k`) runs k train steps per call;

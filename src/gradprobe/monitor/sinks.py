@@ -99,31 +99,36 @@ class CsvSink:
 class TensorBoardSink:
     """Scalars `gradients/<var>/<stat>`, `activation_gradients/<layer>/norm`,
     with loss scaling `train_step/skipped` and `train_step/loss_scale`, and
-    gradient histograms."""
+    gradient histograms.
 
-    def __init__(self, log_dir: str, paths: list[str], layers: list[str], scaled: bool):
-        import tensorflow as tf
+    Args:
+        writer: The event-file writer (`at_step(step)`, `scalar(tag, value)`,
+            `histogram(tag, values)`, `close()`): TensorFlow's
+            `gradprobe.backends.tensorflow_monitor.SummaryWriter`.
+        paths: The monitored variables' paths.
+        layers: The monitored activation layers' paths.
+        scaled: Whether the optimizer scales the loss (writes the step-level tags).
+    """
 
-        self.tf = tf
-        self.writer = tf.summary.create_file_writer(log_dir)
+    def __init__(self, writer: Any, paths: list[str], layers: list[str], scaled: bool):
+        self.writer = writer
         self.paths, self.layers, self.scaled = paths, layers, scaled
 
     def write(self, row: Row, histograms: list[Any] | None) -> None:
-        tf = self.tf
-        with self.writer.as_default(step=row.step):
+        writer = self.writer
+        with writer.at_step(row.step):
             for i, path in enumerate(self.paths):
                 for j, name in enumerate(STATS):
-                    tf.summary.scalar(f"gradients/{path}/{name}", float(row.stats[i, j]))
+                    writer.scalar(f"gradients/{path}/{name}", float(row.stats[i, j]))
                 if histograms is not None:
-                    tf.summary.histogram(f"gradients/{path}", histograms[i])
+                    writer.histogram(f"gradients/{path}", histograms[i])
             for i, path in enumerate(self.layers):
-                tf.summary.scalar(f"activation_gradients/{path}/norm", float(row.acts[i, 0]))
+                writer.scalar(f"activation_gradients/{path}/norm", float(row.acts[i, 0]))
             if self.scaled:
-                tf.summary.scalar("train_step/skipped", float(row.skipped))
-                tf.summary.scalar("train_step/loss_scale", float(row.loss_scale))
+                writer.scalar("train_step/skipped", float(row.skipped))
+                writer.scalar("train_step/loss_scale", float(row.loss_scale))
 
     def close(self) -> None:
-        self.writer.flush()
         self.writer.close()
 
 

@@ -1,65 +1,52 @@
-"""The train-step and optimizer hooks: the only module of the monitor that
-touches private Keras APIs (each use is commented with what it relies on).
+"""The GradientMonitor's TensorFlow train-step and optimizer hooks: the
+in-graph half of `gp.GradientMonitor` (`gradprobe.monitor.callback` is the
+backend-neutral half: the Keras callback, its lifecycle and the sinks).
 
-`StepProbe` owns the monitor's in-graph state (a few variables) and the
+`StepProbe` owns the monitor's in-graph state (a few `tf.Variable`s) and the
 wrappers that fill it while a train step runs:
 
 - `apply` of the model's optimizer (public API; every train step calls it,
   through `apply_gradients`): advances the monitor's step counter and, where the
   optimizer may not apply the step (a `LossScaleOptimizer` whose scaled
   gradients overflowed, gradient accumulation), records that step itself.
-- `_all_reduce_sum_gradients` of the optimizer that applies the update (the
-  inner optimizer of a `LossScaleOptimizer`): the gradients exactly as they are
-  applied (after clipping, the all-reduce and loss-scale unscaling).
-- `_backend_update_step` of that optimizer: the size of each update.
+- the all-reduce of the optimizer that applies the update (the inner optimizer
+  of a `LossScaleOptimizer`): the gradients exactly as they are applied (after
+  clipping, the all-reduce and loss-scale unscaling).
+- the backend update step of that optimizer: the size of each update.
 - `call` of the selected layers (with `activations=True`): the gradient of the
   loss w.r.t. each activation, in the step's own backward pass.
 
-The wrappers are installed around EVERY call of the monitor's train function
-(and removed in `finally`), so every trace of the train step, including a
-retrace for a new input signature, under `jit_compile` or in a later `fit`,
-contains them, and eager steps (`run_eagerly=True`) run them each time.
+The all-reduce and the update step are private Keras methods: their names,
+and the other private Keras attributes used here, come from
+`gradprobe.backends._keras_private`. The wrappers are installed (through
+`gradprobe.core._patch`) around EVERY call of the monitor's train function and
+removed in `finally`, so every trace of the train step, including a retrace for a
+new input signature, under `jit_compile` or in a later `fit`, contains them, and
+eager steps (`run_eagerly=True`) run them each time.
+
+What the callback uses: `StepProbe` (`installed`, `unpack`, `iterations`,
+`set_step`, `histogram_values`, `layout`, `slots`), `make_train_function`,
+`STATUS_KEY`, `END_OF_DATA`, `loss_scaler` and `SummaryWriter` (TensorBoard).
+Imported only when the Keras backend is TensorFlow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 
-from gradprobe.backends import tensorflow_library as tf
+from gradprobe.backends import _keras_private
 from gradprobe.core import _patch
-from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, StatusLayout
+from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"
-# The attribute naming, on a monitor's per-step train function, the function it stands in for.
-OWN_ATTR = "_gradprobe_own_train_function"
-
-
-def own_train_function(fn: Any) -> Any:
-    """The model's own train function behind any monitor wrapper left on it."""
-    seen = 0
-    while getattr(fn, OWN_ATTR, None) is not None and seen < 100:
-        own = getattr(fn, OWN_ATTR)()
-        if own is None or own is fn:
-            return fn
-        fn, seen = own, seen + 1
-    return fn
-
-
-def set_train_function(model: Any, function: Any) -> None:
-    # Relies on: Keras' `fit` looking up `self.train_function` at every step
-    # (keras/src/backend/tensorflow/trainer.py), after `make_train_function()`.
-    model.train_function = function
-
-
-def raw_iterations(optimizer: Any) -> Any:
-    # Private: `BaseOptimizer._iterations`, the counter `apply` increments once
-    # per call (the public `iterations` divides it by gradient_accumulation_steps).
-    return optimizer._iterations
+# What a call of the train function raises where the data runs out.
+END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
 
 
 def loss_scaler(optimizer: Any) -> Any:
@@ -77,26 +64,6 @@ def is_distributed(model: Any) -> bool:
     strategy = model.distribute_strategy
     return strategy.num_replicas_in_sync > 1 or not isinstance(
         strategy, type(tf.distribute.get_strategy()))
-
-
-def find_callback_list(callback: Any) -> Any:
-    """The `CallbackList` of the running `fit` that holds `callback`, or None.
-
-    Relies on: Keras' `CallbackList.on_train_begin` calling each callback's
-    `on_train_begin` directly (so the caller's frame has the list as `self`);
-    CPython frames. Without it the monitor still works, with a smaller
-    guarantee (see `GradientMonitor`).
-    """
-    frame = sys._getframe(1)
-    for _ in range(6):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, keras.callbacks.CallbackList) and any(
-                c is callback for c in owner.callbacks):
-            return owner
-        frame = frame.f_back
-    return None
 
 
 class StepProbe:
@@ -133,7 +100,7 @@ class StepProbe:
             def var(value: Any, dtype: Any = tf.float32) -> tf.Variable:
                 return tf.Variable(tf.cast(value, dtype), **kw)
 
-            self.step = var(int(raw_iterations(self.applier).numpy()), tf.int64)
+            self.step = var(self.iterations(), tf.int64)
             self.copies_step = var(-1, tf.int64)
             self.slot_step = var(tf.fill([k], -1.0), tf.float64)
             self.proof = var(tf.fill([k], -1.0), tf.float64)
@@ -150,13 +117,9 @@ class StepProbe:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """The wrappers, in place for one call of the train function."""
-        # Private: `_all_reduce_sum_gradients(grads_and_vars)` and
-        # `_backend_update_step(grads, variables, learning_rate)` of Keras'
-        # TensorFlow optimizer (keras/src/backend/tensorflow/optimizer.py): the
-        # update step all-reduces the (clipped, unscaled) gradients, then applies
-        # them; both are looked up on the instance while the step is traced.
-        applier_hooks = {"_all_reduce_sum_gradients": self._wrap_all_reduce,
-                         "_backend_update_step": self._wrap_update}
+        # The private all-reduce and update step of the applying optimizer.
+        applier_hooks = _keras_private.optimizer_update_wrappers(
+            all_reduce=self._wrap_all_reduce, update=self._wrap_update)
         with contextlib.ExitStack() as stack:
             if self.applier is self.optimizer:
                 stack.enter_context(_patch.wrapped_methods(
@@ -269,9 +232,8 @@ class StepProbe:
             if self.scaler is None and not self.accumulation:
                 with tf.control_dependencies(advance):
                     return original(grads, trainable_variables)
-            # Private: `_trainable_variables`, what `apply(grads)` without variables uses.
             pairs = zip(grads, trainable_variables if trainable_variables is not None
-                        else self.optimizer._trainable_variables)
+                        else _keras_private.optimizer_default_variables(self.optimizer))
             mine = self._mine(pairs)
             scale = self.current_scale()
             applied = tf.constant(True)
@@ -283,7 +245,7 @@ class StepProbe:
                 applied = finite
                 code = tf.where(finite, code, float(Skip.OVERFLOW))
             if self.accumulation:
-                update = tf.equal((raw_iterations(self.applier) + 1) % self.accumulation, 0)
+                update = tf.equal((self._raw_iterations() + 1) % self.accumulation, 0)
                 code = tf.where(applied & ~update, float(Skip.ACCUMULATED), code)
                 applied = applied & update
             unscaled = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / scale
@@ -394,9 +356,12 @@ class StepProbe:
         return observe(outputs)
 
     # ------------------------------------------------------------ reading
+    def _raw_iterations(self) -> Any:
+        return _keras_private.optimizer_raw_iterations(self.applier)
+
     def pack(self) -> Any:
         """The whole state as one float64 vector, in `self.layout`'s order."""
-        parts = [self.step, raw_iterations(self.applier), self.copies_step, self.slot_step,
+        parts = [self.step, self._raw_iterations(), self.copies_step, self.slot_step,
                  self.proof, self.skipped, self.loss_scale, self.flags, self.stats,
                  self.ratios, *self.acts]
         return tf.concat([tf.reshape(tf.cast(_value(v), tf.float64), [-1]) for v in parts], 0)
@@ -405,7 +370,16 @@ class StepProbe:
         self.step.assign(int(step))
 
     def iterations(self) -> int:
-        return int(raw_iterations(self.applier).numpy())
+        """The applying optimizer's raw iteration count, now."""
+        return int(self._raw_iterations().numpy())
+
+    def unpack(self, status: Any) -> Status:
+        """A status vector (from the train function's logs or `read_status`), named."""
+        return self.layout.unpack(status.numpy())
+
+    def histogram_values(self) -> list[np.ndarray]:
+        """The gradients of the step `Status.copies_step` (with `histograms=True`)."""
+        return [c.numpy() for c in self.copies]
 
 
 def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callable]:
@@ -432,7 +406,7 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
                 model.make_train_function(force=True)
         function = model.train_function
     finally:
-        set_train_function(model, own)
+        model.train_function = own
     return function, tf.function(probe.pack, autograph=False)
 
 
@@ -507,3 +481,26 @@ def _dead(g: Any, zero: Any | None = None) -> Any:
     if g.shape.rank > 1:
         zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
     return tf.reduce_sum(tf.cast(zero, tf.float32))
+
+
+class SummaryWriter:
+    """TensorBoard event files in `log_dir` (`tf.summary`): `scalar` and
+    `histogram` write at the step of the enclosing `at_step`."""
+
+    def __init__(self, log_dir: str):
+        self._writer = tf.summary.create_file_writer(log_dir)
+
+    @contextlib.contextmanager
+    def at_step(self, step: int) -> Iterator[None]:
+        with self._writer.as_default(step=step):
+            yield
+
+    def scalar(self, tag: str, value: float) -> None:
+        tf.summary.scalar(tag, value)
+
+    def histogram(self, tag: str, values: np.ndarray) -> None:
+        tf.summary.histogram(tag, values)
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
