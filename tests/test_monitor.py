@@ -540,6 +540,56 @@ def test_gradient_statistics_fast_and_exact_paths_against_numpy():
     assert want[0, 3] == 1 and want[2, 3] == 1
 
 
+def test_private_keras_apis_of_the_monitor_mean_what_the_hooks_assume():
+    """The private Keras names the monitor's hooks use (all in
+    gradprobe.backends._keras_private) exist on this Keras and behave as their
+    comments say: a Keras upgrade that moves one fails here, by name."""
+    from gradprobe.backends import _keras_private
+    from gradprobe.core import _patch
+
+    v = keras.Variable(np.ones(3, "float32"))
+    opt = keras.optimizers.SGD(0.5, gradient_accumulation_steps=2)
+    opt.build([v])
+    assert [w is v for w in _keras_private.optimizer_default_variables(opt)] == [True]
+    for _ in range(3):
+        opt.apply([tf.ones(3)])  # no variables: the default ones
+    # apply() counted 3 times; the public iterations count updates (3 // 2).
+    assert int(_keras_private.optimizer_raw_iterations(opt).numpy()) == 3
+    assert int(opt.iterations.numpy()) == 1
+    np.testing.assert_allclose(v.numpy(), 0.5)  # one update of the mean gradient 1
+    seen = []
+
+    def spy(name):
+        def wrap(original):
+            def call(*args):
+                seen.append(name)
+                return original(*args)
+            return call
+        return wrap
+
+    inner = keras.optimizers.SGD(0.5)
+    w = keras.Variable(np.ones(3, "float32"))
+    wrappers = _keras_private.optimizer_update_wrappers(all_reduce=spy("all_reduce"),
+                                                        update=spy("update"))
+    with _patch.wrapped_methods(inner, wrappers):
+        inner.apply([tf.ones(3)], [w])
+    assert seen == ["update", "all_reduce"]  # the update step all-reduces, then applies
+    np.testing.assert_allclose(w.numpy(), 0.5)
+
+    class Finder(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.found = _keras_private.running_callback_list(self)
+
+    finder, other = Finder(), keras.callbacks.History()
+    model = keras.Sequential([keras.Input((2,)), layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0, callbacks=[other, finder])
+    assert isinstance(finder.found, keras.callbacks.CallbackList)
+    assert any(c is finder for c in finder.found.callbacks)
+    assert any(c is other for c in finder.found.callbacks)
+    assert _keras_private.running_callback_list(finder) is None  # outside fit
+
+
 class Boom(keras.callbacks.Callback):
     def __init__(self, hook, error):
         super().__init__()
