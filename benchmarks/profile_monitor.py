@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from bench_monitor import MODELS, make_data  # noqa: E402
-from gradprobe.monitor import hooks  # noqa: E402
+from gradprobe.backends import tensorflow_monitor as hooks  # noqa: E402
 
 
 def variant(kind, build, x, y, batch, steps, every):
