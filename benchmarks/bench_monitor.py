@@ -5,7 +5,10 @@ information, a tiny CNN (28x28x1, batch 32). All variants of a model run on ONE
 model instance (the monitor puts the model's own train function back after each
 fit): separate but identical models differ in speed by a few percent on their
 own. After a warm-up fit of each variant (tracing), fits of the variants are
-timed in interleaved rounds (the order alternates from round to round).
+timed in interleaved rounds. The order rotates from round to round (round r
+starts with variant r, cyclically; every other cycle runs backwards), so over
+any multiple of 5 rounds each variant runs once in each position: the first fit
+of a round tends to run slower, and this puts that on every variant alike.
 
 Rows: the plain fit (the baseline); the plain fit again (A/A control: its
 "overhead" is the noise of the run); a do-nothing callback that reads the loss
@@ -30,7 +33,7 @@ smaller (the overhead itself does not depend on it).
 
 Usage: python benchmarks/bench_monitor.py [--quick] [--models resnet,transformer,cnn]
        [--rounds N] [--steps S] [--threads T]
-`--quick`: ResNet-20 and the Transformer only, 10 steps x 6 rounds (about 4-5
+`--quick`: ResNet-20 and the Transformer only, 10 steps x 5 rounds (about 4-5
 minutes on an idle 2-core machine; the full run takes about 12).
 """
 
@@ -127,13 +130,13 @@ def make_data(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 # name: (builder, batch, default steps per fit, default rounds)
 MODELS = {
-    "resnet": (resnet20, 64, 15, 8),
-    "transformer": (transformer, 32, 20, 8),
-    "cnn": (cnn, 32, 100, 7),
+    "resnet": (resnet20, 64, 15, 10),
+    "transformer": (transformer, 32, 20, 10),
+    "cnn": (cnn, 32, 100, 5),
 }
 # --quick: the two target models, fewer steps and rounds (about 4-5 minutes on an
 # idle 2-core machine).
-QUICK = {"models": "resnet,transformer", "steps": 10, "rounds": 6}
+QUICK = {"models": "resnet,transformer", "steps": 10, "rounds": 5}
 
 
 class StepClock(keras.callbacks.Callback):
@@ -169,6 +172,15 @@ def run(model, callbacks, clock, x, y, steps, batch):
     return whole, float(np.median(np.diff(clock.times)[1:])), cpu / steps
 
 
+def rotation(names: list[str], r: int) -> list[str]:
+    """The order of round `r`: starts at variant `r` (cyclically); every other
+    full cycle backwards. Over a multiple of len(names) rounds, each variant
+    runs once in each position."""
+    shift = r % len(names)
+    order = names[shift:] + names[:shift]
+    return order[::-1] if (r // len(names)) % 2 else order
+
+
 BASE = "no monitor"
 CONTROL = "no monitor (A/A control)"
 FLOOR = "callback reading the loss"
@@ -201,7 +213,7 @@ def bench(name: str, args: argparse.Namespace, console: Console) -> dict[str, tu
     step = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
     for r in range(rounds):
-        for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+        for k in rotation(list(variants), r):
             _, s, c = run(model, variants[k], clock, x, y, steps, batch)
             step[k].append(s)
             cpu[k].append(c)
