@@ -421,34 +421,44 @@ def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
         capture.per_example_values(tensors["target"], "per_example=True")
         return tensors, dict(meta, per_example_method={}, per_example_fallbacks={})
 
-    why = ""
-    if requested == "jacobian":
-        why = "per_example='jacobian' was requested"
-    else:
-        coupled = _coupling(model, plan)
-        if coupled and requested == "auto":
-            why = coupled
-        else:
-            try:
-                return _vectorized(model, inputs, args, single, wrap_errors)
-            except GradprobeError:
-                raise
-            except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
-                if requested == "vectorized_map":  # that cannot run on one example
-                    raise GradprobeError(
-                        "per_example='vectorized_map': tf.vectorized_map could not vectorise "
-                        f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
-                        "per_example=True to fall back to the Jacobian.") from e
-                why = (f"tf.vectorized_map could not vectorise the single-example pass "
-                       f"({type(e).__name__}: {_reason(e)})")
+    why = forced_fallback(model, plan, requested)
+    if not why:
+        try:
+            return _vectorized(model, inputs, args, single, wrap_errors)
+        except GradprobeError:
+            raise
+        except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
+            if requested == "vectorized_map":  # that cannot run on one example
+                raise GradprobeError(
+                    "per_example='vectorized_map': tf.vectorized_map could not vectorise "
+                    f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
+                    "per_example=True to fall back to the Jacobian.") from e
+            why = (f"tf.vectorized_map could not vectorise the single-example pass "
+                   f"({type(e).__name__}: {_reason(e)})")
     return _jacobian(model, inputs, args, single, wrap_errors, why)
+
+
+def forced_fallback(model: Any, plan: capture.Plan, requested: str) -> str:
+    """Why the per-example weight gradients must come from the Jacobian of the
+    batched pass without trying the single-example method, or '' when that
+    method is to be tried, on every backend: `per_example='jacobian'` was
+    requested, or `requested` is `"auto"` (`per_example=True`) and examples
+    interact in the forward pass (`_coupling`). A single-example method named
+    explicitly (`'vectorized_map'`, `'vmap'`, `'loop'`) is tried even then."""
+    if requested == "jacobian":
+        return "per_example='jacobian' was requested"
+    if requested != "auto":
+        return ""
+    if backends.is_functional():
+        return _coupling(model, plan, "the single-example passes would draw once for all "
+                                      "examples (one seed state)")
+    return _coupling(model, plan)
 
 
 def _coupling(model: Any, plan: capture.Plan,
               mapped: str = "tf.vectorized_map would draw once for all examples") -> str:
     """Why examples interact in this forward pass ('' when they do not);
-    `mapped` says what the single-example method would do with random noise.
-    The functional backends use it too."""
+    `mapped` says what the single-example method would do with random noise."""
     if not plan.training:
         return ""
     for node in LayerTree(model).nodes:
