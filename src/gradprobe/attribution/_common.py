@@ -22,9 +22,9 @@ from gradprobe.core.targets import (
     PositionSpec,
     PredictedTarget,
     class_scores,
+    evaluate,
     make_target,
     output_names,
-    select_output,
 )
 from gradprobe.errors import GradprobeError, quoted
 
@@ -133,18 +133,13 @@ def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -
     if isinstance(target, PositionSpec):
         if not (isinstance(target.target, str) and target.target == "predicted"):
             return target
-        with keras.StatelessScope():
-            outputs = model(x, training=training)
-        return target.resolve_predicted(
-            select_output(outputs, output, output_names(model), None, PredictedTarget()))
+        ev = evaluate(model, x, make_target(target, batch_size(x)), output=output,
+                      training=training)
+        return target.resolve_predicted(ev.selected)
     if not (isinstance(target, str) and target == "predicted"):
         return target
-    tgt = PredictedTarget()
-    with keras.StatelessScope():
-        outputs = model(x, training=training)
-    scores = class_scores(select_output(outputs, output, output_names(model), None, tgt),
-                          "target='predicted'")
-    return np.argmax(to_numpy(scores), axis=-1)
+    ev = evaluate(model, x, PredictedTarget(), output=output, training=training)
+    return np.argmax(to_numpy(class_scores(ev.selected, "target='predicted'")), axis=-1)
 
 
 def slice_target(target: Any, start: int, stop: int) -> Any:
@@ -183,13 +178,10 @@ def compiled_target_values(model: Any, x: Any, target: Any, output: Any,
 def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
     """The per-example target values on `x` (one forward pass)."""
     tgt = make_target(target, batch_size(x))
-    with keras.StatelessScope():
-        outputs = model(x, training=training)
-    selected = select_output(outputs, output, output_names(model), None, tgt)
-    value, _, meta = tgt.compute(selected, tgt.args)
-    tgt.check(meta)
+    ev = evaluate(model, x, tgt, output=output, training=training)
+    tgt.check(ev.meta)
     # (outside a capture PyTorch still records the graph of the weights: cut it)
-    return value if on_tensorflow() else ops.stop_gradient(value)
+    return ev.value if on_tensorflow() else ops.stop_gradient(ev.value)
 
 
 # ---------------------------------------------------------------- batching

@@ -23,7 +23,7 @@ from gradprobe.attribution._common import (
 from gradprobe.core import _validate
 from gradprobe.core.engine import batch_size, ensure_built, gradients
 from gradprobe.core.selectors import LayerTree
-from gradprobe.core.targets import output_names
+from gradprobe.core.targets import CallableTarget, output_names
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -173,7 +173,8 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     if backends.is_functional():
         records, depends = _functional_records(model, x, output)
     else:
-        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(model, x, output, _ANY_OUTPUT)
+        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(
+            model, x, output, CallableTarget(_sum_of_outputs))
     spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
     chosen = next((i for i in reversed(spatial) if depends(i)), None)
     if chosen is None:
@@ -214,16 +215,7 @@ def _functional_records(model: Any, x: Any, output: Any) -> tuple[list, Callable
         if all(n is not node for n in leaves):
             wrt.append(node.layer)
 
-    def everything(outputs: Any) -> Any:
-        floats = [t for t in keras.tree.flatten(outputs) if is_floating(t)]
-        if not floats:
-            raise GradprobeError("The selected output is not floating point: nothing to explain.")
-        total = ops.sum(ops.cast(floats[0], "float32"))
-        for t in floats[1:]:
-            total = total + ops.sum(ops.cast(t, "float32"))
-        return total
-
-    g = gradients(model, x, everything, wrt, output=output, unconnected="zero")
+    g = gradients(model, x, _sum_of_outputs, wrt, output=output, unconnected="zero")
     unconnected = set(g.unconnected)
     records = []
     for k in g:
@@ -233,14 +225,16 @@ def _functional_records(model: Any, x: Any, output: Any) -> tuple[list, Callable
     return records, lambda i: records[i][1] not in unconnected
 
 
-class _AnyOutput:
-    """A stand-in target for `select_output`: any (or every) output will do."""
-
-    kind = "any"
-    needs_single_output = False
-
-
-_ANY_OUTPUT = _AnyOutput()
+def _sum_of_outputs(outputs: Any) -> Any:
+    """The target of `grad_cam_layer`'s dependency question: the sum of every
+    floating-point output selected (any output will do), in float32."""
+    floats = [t for t in keras.tree.flatten(outputs) if is_floating(t)]
+    if not floats:
+        raise GradprobeError("The selected output is not floating point: nothing to explain.")
+    total = ops.sum(ops.cast(floats[0], "float32"))
+    for t in floats[1:]:
+        total = total + ops.sum(ops.cast(t, "float32"))
+    return total
 
 
 def _spatial_extent(layer: Any, t: Any) -> int:

@@ -48,7 +48,7 @@ import numpy as np
 from gradprobe import backends
 from gradprobe.core import _patch, _validate, capture, engine
 from gradprobe.core.result import Gradients
-from gradprobe.core.targets import make_target, select_output
+from gradprobe.core.targets import evaluate, make_target
 from gradprobe.errors import GradprobeError
 
 _SIGNATURES = 8  # input signatures kept per cached request
@@ -368,32 +368,36 @@ class _Request:
             layers = plan.probe_layers + plan.order_layers
         if plan.replace is not None:
             recorder.replace = (id(plan.replace), plan.replace_call, args["replacement"])
-        try:
-            # `model.stateless_call` without its `call(x, training=...)`: the model's
-            # own `__call__` passes `training` only to a `call` that takes it, and
-            # sets it for the layers inside. Updated state (moving statistics, seed
-            # generators) stays in the scope, which is discarded.
-            with _patch.wrapped_calls(layers, recorder.hook), \
-                    _scope(variables, values, requested):
-                outputs = model(x, training=plan.training)
-        except GradprobeError:
-            raise
-        except Exception as e:
-            traced = recorder.bk.trace_error(e)
-            if traced is not None:
-                raise GradprobeError(
-                    f"Model {model.name!r} cannot be traced by {recorder.bk.NAME} "
-                    f"({traced}): its call needs concrete values (a Python `if` on a tensor, "
-                    "or a conversion to NumPy). gradprobe traces the model on this backend "
-                    "even with compile=False, to learn which layers run and which sources "
-                    "the target depends on. Use keras.ops.cond / keras.ops.where for "
-                    "branches on values, or the TensorFlow backend.") from e
-            raise capture.call_error(model, x, e) from e
-        finally:
-            recorder.close()
-        selected = select_output(outputs, plan.output, plan.output_names,
-                                 recorder.output_layer_value(plan), plan.target)
-        value, objective, target_meta = plan.target.compute(selected, args)
+
+        def call(model: Any, x: Any, training: bool) -> Any:
+            try:
+                # `model.stateless_call` without its `call(x, training=...)`: the model's
+                # own `__call__` passes `training` only to a `call` that takes it, and
+                # sets it for the layers inside. Updated state (moving statistics, seed
+                # generators) stays in the scope, which is discarded.
+                with _patch.wrapped_calls(layers, recorder.hook), \
+                        _scope(variables, values, requested):
+                    return model(x, training=training)
+            except GradprobeError:
+                raise
+            except Exception as e:
+                traced = recorder.bk.trace_error(e)
+                if traced is not None:
+                    raise GradprobeError(
+                        f"Model {model.name!r} cannot be traced by {recorder.bk.NAME} "
+                        f"({traced}): its call needs concrete values (a Python `if` on a "
+                        "tensor, or a conversion to NumPy). gradprobe traces the model on "
+                        "this backend even with compile=False, to learn which layers run and "
+                        "which sources the target depends on. Use keras.ops.cond / "
+                        "keras.ops.where for branches on values, or the TensorFlow "
+                        "backend.") from e
+                raise capture.call_error(model, x, e) from e
+            finally:
+                recorder.close()
+
+        outputs, selected, value, objective, target_meta = evaluate(
+            model, x, plan.target, args, output=plan.output, training=plan.training, call=call,
+            names=plan.output_names, layer_value=lambda: recorder.output_layer_value(plan))
         recorder.target_meta = target_meta
         if recorder.table is None:  # discovery: which layers produced the selected output
             wanted = {id(t) for t in keras.tree.flatten(selected)}

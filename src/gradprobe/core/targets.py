@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -637,3 +637,70 @@ def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
         f"{quoted(shown) if shown else f'{len(leaves)} unnamed (use an index)'}; a layer "
         "name also works, to compute the target on that layer's activation."
     )
+
+
+# ------------------------------------------------------------- the objective
+class Evaluation(NamedTuple):
+    """What one forward pass gives the target (see `evaluate`).
+
+    Attributes:
+        outputs: The model's outputs.
+        selected: The tensor (or structure) the target is computed from.
+        value: The target value: a scalar, or one value per example.
+        objective: The scalar that is differentiated (`value` summed).
+        meta: Facts for `Target.check`, known once the model has run.
+    """
+
+    outputs: Any
+    selected: Any
+    value: Any
+    objective: Any
+    meta: dict
+
+
+def _stateless_call(model: Any, x: Any, training: bool) -> Any:
+    with keras.StatelessScope():  # moving statistics and seed states stay untouched
+        return model(x, training=training)
+
+
+def evaluate(model: Any, x: Any, target: Target, args: dict[str, Any] | None = None, *,
+             output: Any = None, training: bool = False,
+             call: Callable[[Any, Any, bool], Any] | None = None,
+             layer_value: Callable[[], Any] | None = None,
+             names: list[str] | None = None) -> Evaluation:
+    """Calls the model, selects the output and computes the target: the one
+    place where a forward pass becomes the objective (the capture on every
+    backend, attribution's target values, `gp.hvp`, per-example passes).
+
+    Args:
+        model: The model.
+        x: Its inputs, as `call` takes them.
+        target: A resolved target (`make_target`).
+        args: The target's arguments (default `target.args`; a compiled caller
+            passes the arguments it was given, a cached plan's target has none).
+        output: The `output=` of the request (name, index, layer name or `None`).
+        training: Passed to the model.
+        call: `call(model, x, training) -> outputs`, the forward pass under the
+            caller's hooks, scopes and error handling; default: the model's own
+            call in a `keras.StatelessScope`.
+        layer_value: Called once `call` has returned: the activation of the
+            layer that `output=` names when it is not a model output (`None`
+            when there is none).
+        names: The model's output names (default `output_names(model)`; a
+            cached plan keeps them).
+
+    Returns:
+        An `Evaluation`: `outputs`, `selected`, `value`, `objective`, `meta`.
+        Run it inside the caller's tape (TensorFlow, PyTorch) or differentiated
+        function (JAX) to differentiate `objective`.
+
+    Example:
+
+    >>> ev = evaluate(model, x, make_target(3, len(x)))
+    >>> ev.value            # outputs[:, 3], one score per example
+    """
+    outputs = (call or _stateless_call)(model, x, training)
+    selected = select_output(outputs, output, output_names(model) if names is None else names,
+                             None if layer_value is None else layer_value(), target)
+    value, objective, meta = target.compute(selected, target.args if args is None else args)
+    return Evaluation(outputs, selected, value, objective, meta)
