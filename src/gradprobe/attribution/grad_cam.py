@@ -13,15 +13,13 @@ from keras import ops
 from gradprobe import backends
 from gradprobe.attribution._common import (
     Attribution,
-    fixed_target,
     is_floating,
     layer_key,
     mean,
-    prepare_inputs,
     single_input,
 )
 from gradprobe.core import _validate
-from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.engine import batch_size, gradients, prepare, resolve_request
 from gradprobe.core.selectors import LayerTree
 from gradprobe.core.targets import CallableTarget, output_names
 from gradprobe.errors import GradprobeError, quoted
@@ -76,9 +74,9 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
     _validate.layer(layer)
     for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
         _validate.flag(name, value)
-    x = single_input(model, inputs, "gp.grad_cam")
-    target = fixed_target(model, x, target, output, training)
-    g = gradients(model, x, target, layer, output=output, training=training)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    x = single_input(req.x, "gp.grad_cam")
+    g = req.fixed().gradients(layer)
     key = layer_key(g, layer)
     A, dA = g.activations[key], g[key]
     rank = len(A.shape)
@@ -166,8 +164,7 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     >>> layer = gp.grad_cam_layer(model, images[:1])
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
+    x = prepare(model, inputs)
     batch_size(x)
     x = keras.tree.map_structure(lambda t: t[:1], x)
     if backends.is_functional():

@@ -58,12 +58,23 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
               training: bool, unconnected: str, compile: bool | str,
               differentiable: bool, per_example: bool | str) -> Gradients:
     """`gp.gradients` on a functional backend (arguments validated by the caller)."""
-    bk = backends.get()
-    per_example = _check_per_example(per_example, bk)
+    per_example = _check_per_example(per_example, backends.get())
     x = prepare_inputs(model, inputs)
     engine.ensure_built(model, x)
     tgt = make_target(target, engine.batch_size(x))
-    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
+    return run(model, x, tgt, wrt, output=output, training=bool(training),
+               unconnected=unconnected, compile=compile, differentiable=differentiable,
+               per_example=per_example)
+
+
+def run(model: Any, x: Any, tgt: Any, wrt: Any, *, output: Any, training: bool,
+        unconnected: str, compile: bool | str, differentiable: bool, per_example: bool | str,
+        replacement: Any = None) -> Gradients:
+    """`engine.run` on a functional backend: a request already resolved (inputs
+    prepared, target made); with `replacement`, `gradients_at`."""
+    bk = backends.get()
+    replace = replacement is not None
+    entry = engine._entry(model, wrt, tgt, output, training, unconnected, per_example, replace)
     engine._check_input_dtypes(model, x, entry.plan, _is_floating, _stand_in)
     with _lock:
         request = entry.fn
@@ -73,7 +84,10 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
             if not isinstance(entry.fn, _Request):
                 entry.fn = _Request(model, entry.plan)
             request = entry.fn
-    tensors, meta = request.run(model, x, tgt.args, compile)
+    args = tgt.args
+    if replace:
+        args = dict(args, replacement=keras.ops.convert_to_tensor(replacement))
+    tensors, meta = request.run(model, x, args, compile)
     tgt.check(meta["target"])
     grads = tensors["grads"]
     if not differentiable:
@@ -689,23 +703,8 @@ def gradients_at(model: Any, inputs: Any, target: Any, layer: Any, values: Any, 
     so that new values reuse the compiled function of their shape; the probe is
     added to the replacing values, and the gradient is taken with respect to it.
     """
-    x = prepare_inputs(model, inputs)
-    engine.ensure_built(model, x)
-    tgt = make_target(target, engine.batch_size(x))
-    entry = engine._entry(model, layer, tgt, output, bool(training), "raise", replace=True)
-    with _lock:
-        request = entry.fn
-    if not isinstance(request, _Request):
-        _refuse_float16(model, entry.plan, backends.get().NAME)
-        with _lock:
-            if not isinstance(entry.fn, _Request):
-                entry.fn = _Request(model, entry.plan)
-            request = entry.fn
-    args = dict(tgt.args, replacement=keras.ops.convert_to_tensor(values))
-    tensors, meta = request.run(model, x, args, "auto")
-    tgt.check(meta["target"])
-    return Gradients(tensors["grads"], meta, tensors["values"], tensors["outputs"],
-                     tensors["target"])
+    return engine.gradients_at(model, inputs, target, layer, values, output=output,
+                               training=training)
 
 
 def _replaced(layer: Any, index: int, outputs: Any, call: int | None, values: Any) -> Any:
