@@ -547,7 +547,7 @@ def input_gradients(req: Request, mi: ModelInputs, *, batch_size_: int | None = 
 
     def run(a: int, b: int) -> Any:
         xs = keras.tree.map_structure(lambda t: t[a:b], mi.x)
-        g = req.gradients(keys, x=xs, rows=np.arange(a, b))
+        g = req.gradients(keys, x=xs, rows=None if b - a == mi.n else np.arange(a, b))
         return [g[k] for k in keys], g.target
 
     parts = batched(run, mi.n, batch_size_, label, progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import inspect
@@ -438,12 +437,11 @@ def _alive(key: Any) -> bool:
 def _weak_target(target: Any) -> Any:
     """A copy of a resolved target whose user function (a callable or a loss
     object, which may reference the model) is held weakly, for the cache."""
-    target = copy.copy(target)
+    target = target.for_cache()  # (the arguments arrive with each call)
     fn = getattr(target, "fn", None)
     if fn is not None:
         target.fn = _weak_callable(fn)
     target.cache_key = _weak_key(target.cache_key)
-    target.args = {}  # the arguments arrive with each call
     return target
 
 

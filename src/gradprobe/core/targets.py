@@ -179,6 +179,13 @@ class Target:
         resolved again. A target with no per-example argument is its own view."""
         return self
 
+    def for_cache(self) -> Target:
+        """A copy for a cached plan, without the arguments of this call (they
+        arrive with each call: only what the cache key fixes is read from it)."""
+        target = copy.copy(self)
+        target.args = {}
+        return target
+
     def fixed(self, selected: Any) -> Target:
         """This target with `"predicted"` fixed to each example's class in
         `selected` (the selected output of the original inputs), so that
@@ -491,7 +498,6 @@ class LossValueTarget(Target):
                     f"{value.shape[0]} entries but the inputs have {batch_size} examples. "
                     f"Received: {name}={_validate.shown(getattr(spec, name))}")
         self.fn = spec.fn
-        self.spec = spec
         self.sparse = is_sparse_loss(spec.fn)
         self.labels = np.asarray(spec.y_true) if self.sparse else None
         self._rows_of: dict[str, np.ndarray] | None = None  # see `take`
@@ -500,11 +506,17 @@ class LossValueTarget(Target):
     def take(self, rows):
         rows = np.asarray(rows)
         if self._rows_of is None:  # (the arrays the views are taken from, converted once)
-            self._rows_of = {name: to_numpy(getattr(self.spec, name)) for name in self.args}
+            self._rows_of = {name: to_numpy(value) for name, value in self.args.items()}
         view = copy.copy(self)
         view.args = {name: _argument(arr[rows]) for name, arr in self._rows_of.items()}
         view.labels = None if self.labels is None else self.labels[rows]
+        view._rows_of = None
         return view
+
+    def for_cache(self):
+        target = super().for_cache()
+        target._rows_of = None
+        return target
 
     def compute(self, out, args):
         y_true = args["y_true"]
