@@ -9,9 +9,9 @@ import keras
 from gradprobe import backends
 from gradprobe.backends import Deferred
 from gradprobe.core import _functional_form, _validate
-from gradprobe.core.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe.core.engine import gradients, resolve_request
 from gradprobe.core.tape import Tape
-from gradprobe.core.targets import make_target, output_names, select_output
+from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError, quoted
 
 # TensorFlow's Hessian-vector products, imported when first used (on TensorFlow only).
@@ -129,16 +129,11 @@ def _vectors(keys: list[str], vector: Any) -> list[Any]:
 
 
 def _double_backward(model, inputs, target, wrt, keys, vectors, output, training):
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
-    tgt = make_target(target, batch_size(x))
-    names = output_names(model)
+    req = resolve_request(model, inputs, target, output=output, training=training)
     with Tape(model, watch=wrt, persistent=True) as outer:
         with Tape(model, watch=wrt) as inner:
-            with keras.StatelessScope():
-                outputs = model(x, training=training)
-            selected = select_output(outputs, output, names, None, tgt)
-            _, objective, _ = tgt.compute(selected, tgt.args)
+            objective = evaluate(model, req.x, req.target, output=output,
+                                 training=req.training).objective
         grads = inner.gradient(objective, keys, unconnected="zero")
         dot = tensorflow_higher.vector_dot(grads, vectors)
     result = outer.gradient(dot, keys, unconnected="zero")

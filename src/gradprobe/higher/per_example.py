@@ -53,16 +53,14 @@ from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _patch, _validate, capture
 from gradprobe.core.engine import (
     _Entry,
-    batch_size,
     cached_entry,
     compiled,
-    ensure_built,
     gradients,
     make_plan,
-    prepare_inputs,
+    resolve_request,
 )
 from gradprobe.core.selectors import LayerTree, resolve
-from gradprobe.core.targets import make_target, select_output
+from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError
 
 # TensorFlow's tf.vectorized_map and ghost-norm arithmetic, imported when first used
@@ -142,10 +140,9 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     _validate.choice("method", method, ("auto", "ghost", "vectorized"))
     if backends.is_functional():
         return _functional_norms(model, inputs, target, wrt, output, training, method)
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
-    tgt = make_target(target, batch_size(x))
-    entry = _plan(model, wrt, tgt, output, bool(training), method)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    x, tgt = req.x, req.target
+    entry = _plan(model, wrt, tgt, output, req.training, method)
     if backend.executing_eagerly():
         if entry.fn is None:
             entry.fn = compiled(model, entry.plan, _run)
@@ -212,19 +209,23 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
     ids = set(owners)
     recorder = capture.Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
                                              else set()), frozenset(ids))
+    layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
+
+    def call(model: Any, x: Any, training: bool) -> Any:
+        with _patch.wrapped_calls(layers, recorder.hook), keras.StatelessScope():
+            return model(x, training=training)
+
+    def layer_value() -> Any:
+        calls = recorder.calls_of(plan.output_layer)
+        return calls[0].leaves[0][0] if calls else None
+
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)
-        layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
-        with _patch.wrapped_calls(layers, recorder.hook), keras.StatelessScope():
-            outputs = model(x, training=plan.training)
-        layer_value = None
-        if plan.output_layer is not None:
-            calls = recorder.calls_of(plan.output_layer)
-            layer_value = calls[0].leaves[0][0] if calls else None
-        selected = select_output(outputs, plan.output, plan.output_names, layer_value,
-                                 plan.target)
-        value, objective, target_meta = plan.target.compute(selected, args)
+        _, _, value, objective, target_meta = evaluate(
+            model, x, plan.target, args, output=plan.output, training=plan.training, call=call,
+            layer_value=None if plan.output_layer is None else layer_value,
+            names=plan.output_names)
     value = capture.per_example_values(value, "gp.per_example_norms")
 
     ghost: dict[int, Any] = {}
