@@ -175,9 +175,7 @@ def _functional_norms(model: Any, inputs: Any, target: Any, wrt: Any, output: An
             "'conv*.weights', '*.weights'); for activations and inputs the gradients are "
             f"already per example (use gp.gradient_penalty for their norms). Received: "
             f"wrt={wrt!r}")
-    ops = keras.ops
-    norms = {k: ops.sqrt(ops.sum(ops.square(ops.reshape(g[k], (g[k].shape[0], -1))), axis=1))
-             for k in g}
+    norms = {k: _row_norms(g[k]) for k in g}
     return PerExampleNorms(norms, dict(g.per_example_method), dict(g.per_example_fallbacks),
                            g.target)
 
