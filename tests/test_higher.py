@@ -349,3 +349,13 @@ def test_wgan_gp_step_matches_nested_tapes(float64):
         assert_close(a, b, 1e-10)
     opt = keras.optimizers.SGD(0.01)
     opt.apply_gradients(zip(grads, critic.trainable_weights))  # the step runs
+
+
+def test_per_example_norms_refuses_a_training_flag_that_is_not_a_bool():
+    # The request is resolved as gp.gradients resolves it (engine.resolve_request):
+    # a string such as 'no' would otherwise count as True.
+    model = _ghost_model()
+    x = np.zeros((2, 6, 6, 2), "float32")
+    with pytest.raises(gp.GradprobeError, match=r"Expected `training` to be True or False\. "
+                                                r"Received: training='no'"):
+        gp.per_example_norms(model, x, 0, training="no")

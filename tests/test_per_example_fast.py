@@ -261,3 +261,30 @@ def test_dropout_in_training_mode_keeps_one_mask_per_example(float64):
                  + head.bias.numpy()[0], 1e-12)
     g = gp.gradients(model, x, 0, "o.kernel", per_example=True)  # inference: no noise
     assert dict(g.per_example_method) == {"o.kernel": "vectorized_map"}
+
+
+def test_forced_fallback_forces_the_jacobian_only_for_jacobian_or_coupled_auto():
+    """per_example.forced_fallback: the one decision (TensorFlow, JAX, PyTorch) of
+    whether the single-example method is skipped, and why. It reads only the
+    plan's `training`."""
+    from types import SimpleNamespace
+
+    from gradprobe.higher.per_example import forced_fallback
+
+    keras.utils.set_random_seed(17)
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d"),
+                              layers.BatchNormalization(name="bn"), layers.Dense(2, name="o")])
+    train, infer = SimpleNamespace(training=True), SimpleNamespace(training=False)
+    assert forced_fallback(model, infer, "jacobian") == "per_example='jacobian' was requested"
+    assert forced_fallback(model, train, "jacobian") == "per_example='jacobian' was requested"
+    assert "BatchNormalization layer 'bn'" in forced_fallback(model, train, "auto")
+    assert forced_fallback(model, infer, "auto") == ""
+    # A single-example method named explicitly is tried even when examples interact.
+    assert forced_fallback(model, train, "vectorized_map") == ""
+    x = np.random.default_rng(17).normal(size=(5, 4)).astype("float32")
+    g = gp.gradients(model, x, 0, "o.kernel", per_example="vectorized_map", training=True)
+    assert dict(g.per_example_method) == {"o.kernel": "vectorized_map"}
+    assert dict(g.per_example_fallbacks) == {}
+    dropout = keras.Sequential([keras.Input((4,)), layers.Dropout(0.5, name="drop"),
+                                layers.Dense(2, name="o")])
+    assert "tf.vectorized_map would draw once" in forced_fallback(dropout, train, "auto")

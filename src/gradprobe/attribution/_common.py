@@ -16,16 +16,8 @@ from keras import ops
 from gradprobe import backends
 from gradprobe.backends import tensorflow_attribution_backend as tensorflow_attribution
 from gradprobe.core import _validate
-from gradprobe.core.engine import batch_size, ensure_built, gradients
-from gradprobe.core.targets import (
-    LossTarget,
-    PositionSpec,
-    PredictedTarget,
-    class_scores,
-    make_target,
-    output_names,
-    select_output,
-)
+from gradprobe.core.engine import Request, batch_size, resolve_request
+from gradprobe.core.targets import PositionSpec, evaluate, output_names, to_numpy
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -128,68 +120,39 @@ class Attribution:
 
 # ------------------------------------------------------------------ targets
 def fixed_target(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
-    """The target with `"predicted"` resolved on the original inputs, so that
-    noisy or interpolated copies of an example keep that example's class."""
+    """The `target` argument with `"predicted"` resolved on `x` (the CLI demo and
+    the report show the classes): an array of classes, or the `gp.at` spec."""
+    tgt = resolve_request(model, x, target, output=output, training=training).fixed().target
     if isinstance(target, PositionSpec):
-        if not (isinstance(target.target, str) and target.target == "predicted"):
-            return target
-        with keras.StatelessScope():
-            outputs = model(x, training=training)
-        return target.resolve_predicted(
-            select_output(outputs, output, output_names(model), None, PredictedTarget()))
-    if not (isinstance(target, str) and target == "predicted"):
-        return target
-    tgt = PredictedTarget()
-    with keras.StatelessScope():
-        outputs = model(x, training=training)
-    scores = class_scores(select_output(outputs, output, output_names(model), None, tgt),
-                          "target='predicted'")
-    return np.argmax(to_numpy(scores), axis=-1)
+        return tgt.spec
+    return tgt.classes if isinstance(target, str) and target == "predicted" else target
 
 
-def slice_target(target: Any, start: int, stop: int) -> Any:
-    """The target for rows `start:stop` of the batch."""
-    if isinstance(target, PositionSpec):
-        return target.take(np.arange(start, stop))
-    if isinstance(target, LossTarget):
-        sw = target.sample_weight
-        return LossTarget(target.fn, to_numpy(target.y_true)[start:stop],
-                          None if sw is None else to_numpy(sw)[start:stop])
-    if isinstance(target, (list, tuple, np.ndarray)) or ops.is_tensor(target):
-        arr = to_numpy(target)
-        if arr.ndim == 1:
-            return arr[start:stop]
-    return target
-
-
-def compiled_target_values(model: Any, x: Any, target: Any, output: Any,
-                           training: bool) -> Any:
+def compiled_target_values(req: Request, x: Any = None) -> Any:
     """`target_values`, from the engine's compiled function where it applies: a
     forward pass and the (trivial) gradient at the model's last layer, with no
     eager per-layer Python overhead on repeated calls."""
+    model, output = req.model, req.output
     last = (getattr(model, "layers", None) or [None])[-1]
     names = output_names(model)
     eager = backends.is_functional() or tensorflow_attribution.executing_eagerly()
     if last is not None and eager and (
             output is None or isinstance(output, int) or output in names):
         try:
-            return gradients(model, x, target, last, output=output, training=training,
-                             unconnected="zero").target
+            return req.gradients(last, x=x, unconnected="zero").target
         except GradprobeError:
             pass  # the eager pass below raises the same error, or has none to raise
-    return target_values(model, x, target, output, training)
+    return target_values(req, x)
 
 
-def target_values(model: Any, x: Any, target: Any, output: Any, training: bool) -> Any:
-    """The per-example target values on `x` (one forward pass)."""
-    tgt = make_target(target, batch_size(x))
-    with keras.StatelessScope():
-        outputs = model(x, training=training)
-    selected = select_output(outputs, output, output_names(model), None, tgt)
-    value, _, meta = tgt.compute(selected, tgt.args)
-    tgt.check(meta)
+def target_values(req: Request, x: Any = None) -> Any:
+    """The per-example target values on `x` (default: the request's inputs; one
+    forward pass)."""
+    ev = evaluate(req.model, req.x if x is None else x, req.target, output=req.output,
+                  training=req.training)
+    req.target.check(ev.meta)
     # (outside a capture PyTorch still records the graph of the weights: cut it)
-    return value if on_tensorflow() else ops.stop_gradient(value)
+    return ev.value if on_tensorflow() else ops.stop_gradient(ev.value)
 
 
 # ---------------------------------------------------------------- batching
@@ -307,29 +270,9 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
                  ", or pass max_bytes= to set the limit yourself."))
 
 
-def row_target(target: Any, idx: np.ndarray) -> Any:
-    """The target for the rows of `idx` (one example index per row)."""
-    if isinstance(target, PositionSpec):
-        return target.take(idx)
-    if isinstance(target, LossTarget):
-        sw = target.sample_weight
-        return LossTarget(target.fn, to_numpy(target.y_true)[idx],
-                          None if sw is None else to_numpy(sw)[idx])
-    if isinstance(target, (list, tuple, np.ndarray)) or ops.is_tensor(target):
-        arr = to_numpy(target)
-        if arr.ndim == 1:
-            return arr[idx]
-    return target
-
-
 def accumulator_dtype(dtype: Any) -> str:
     """Sums of gradients are kept in float32 at least (float64 stays float64)."""
     return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A tensor of any backend (or an array) as a NumPy array."""
-    return x if isinstance(x, np.ndarray) else keras.ops.convert_to_numpy(x)
 
 
 # The rows of a chunk are built and summed by TensorFlow's compiled helpers
@@ -493,9 +436,8 @@ class ModelInputs:
         floating: Indices of the floating-point leaves.
     """
 
-    def __init__(self, model: Any, inputs: Any):
-        self.x = prepare_inputs(model, inputs)
-        ensure_built(model, self.x)
+    def __init__(self, x: Any):
+        self.x = x
         self.leaves = keras.tree.flatten(self.x)
         self.keys = input_keys(self.x)
         self.floating = [i for i, t in enumerate(self.leaves) if is_floating(t)]
@@ -579,19 +521,6 @@ class ModelInputs:
         return out
 
 
-def prepare_inputs(model: Any, inputs: Any) -> Any:
-    """The inputs as backend tensors (floating arrays in the model's input dtype),
-    as `gp.gradients` prepares them on this backend."""
-    if on_tensorflow():
-        from gradprobe.core.engine import prepare_inputs as prepare
-
-        return prepare(model, inputs)
-    from gradprobe.core import _functional  # imports the engine: no top-level import
-
-    _validate.model(model)
-    return _functional.prepare_inputs(model, inputs)
-
-
 def is_floating(t: Any) -> bool:
     """True for a floating-point tensor of any backend."""
     return keras.backend.is_float_dtype(keras.backend.standardize_dtype(t.dtype))
@@ -608,8 +537,8 @@ def input_keys(x: Any) -> list[str]:
     return keys(x)
 
 
-def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, training: bool,
-                    batch_size_: int | None = None, label: str = "gradients",
+def input_gradients(req: Request, mi: ModelInputs, *, batch_size_: int | None = None,
+                    label: str = "gradients",
                     progress: bool | None = None) -> tuple[dict[int, Any], Any]:
     """`({leaf index: d target / d input}, target values)` for every floating input
     of a (possibly large) batch, in chunks. The target values are per example, or
@@ -618,8 +547,7 @@ def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, tr
 
     def run(a: int, b: int) -> Any:
         xs = keras.tree.map_structure(lambda t: t[a:b], mi.x)
-        g = gradients(model, xs, slice_target(target, a, b), keys, output=output,
-                      training=training)
+        g = req.gradients(keys, x=xs, rows=None if b - a == mi.n else np.arange(a, b))
         return [g[k] for k in keys], g.target
 
     parts = batched(run, mi.n, batch_size_, label, progress)
@@ -633,9 +561,8 @@ def input_gradients(model: Any, mi: ModelInputs, target: Any, *, output: Any, tr
     return dict(zip(mi.floating, grads)), value
 
 
-def single_input(model: Any, inputs: Any, what: str) -> Any:
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
+def single_input(x: Any, what: str) -> Any:
+    """The one input leaf of prepared inputs `x`, which must be floating point."""
     leaves = keras.tree.flatten(x)
     if len(leaves) != 1:
         raise GradprobeError(

@@ -13,17 +13,15 @@ from keras import ops
 from gradprobe import backends
 from gradprobe.attribution._common import (
     Attribution,
-    fixed_target,
     is_floating,
     layer_key,
     mean,
-    prepare_inputs,
     single_input,
 )
 from gradprobe.core import _validate
-from gradprobe.core.engine import batch_size, ensure_built, gradients
+from gradprobe.core.engine import batch_size, gradients, prepare, resolve_request
 from gradprobe.core.selectors import LayerTree
-from gradprobe.core.targets import output_names
+from gradprobe.core.targets import CallableTarget, output_names
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -76,9 +74,9 @@ def _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, 
     _validate.layer(layer)
     for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
         _validate.flag(name, value)
-    x = single_input(model, inputs, "gp.grad_cam")
-    target = fixed_target(model, x, target, output, training)
-    g = gradients(model, x, target, layer, output=output, training=training)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    x = single_input(req.x, "gp.grad_cam")
+    g = req.fixed().gradients(layer)
     key = layer_key(g, layer)
     A, dA = g.activations[key], g[key]
     rank = len(A.shape)
@@ -166,14 +164,14 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
     >>> layer = gp.grad_cam_layer(model, images[:1])
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
+    x = prepare(model, inputs)
     batch_size(x)
     x = keras.tree.map_structure(lambda t: t[:1], x)
     if backends.is_functional():
         records, depends = _functional_records(model, x, output)
     else:
-        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(model, x, output, _ANY_OUTPUT)
+        records, depends = backends.tensorflow_attribution_backend.grad_cam_records(
+            model, x, output, CallableTarget(_sum_of_outputs))
     spatial = [i for i, (n, _, t) in enumerate(records) if _spatial_extent(n.layer, t) > 1]
     chosen = next((i for i in reversed(spatial) if depends(i)), None)
     if chosen is None:
@@ -214,16 +212,7 @@ def _functional_records(model: Any, x: Any, output: Any) -> tuple[list, Callable
         if all(n is not node for n in leaves):
             wrt.append(node.layer)
 
-    def everything(outputs: Any) -> Any:
-        floats = [t for t in keras.tree.flatten(outputs) if is_floating(t)]
-        if not floats:
-            raise GradprobeError("The selected output is not floating point: nothing to explain.")
-        total = ops.sum(ops.cast(floats[0], "float32"))
-        for t in floats[1:]:
-            total = total + ops.sum(ops.cast(t, "float32"))
-        return total
-
-    g = gradients(model, x, everything, wrt, output=output, unconnected="zero")
+    g = gradients(model, x, _sum_of_outputs, wrt, output=output, unconnected="zero")
     unconnected = set(g.unconnected)
     records = []
     for k in g:
@@ -233,14 +222,16 @@ def _functional_records(model: Any, x: Any, output: Any) -> tuple[list, Callable
     return records, lambda i: records[i][1] not in unconnected
 
 
-class _AnyOutput:
-    """A stand-in target for `select_output`: any (or every) output will do."""
-
-    kind = "any"
-    needs_single_output = False
-
-
-_ANY_OUTPUT = _AnyOutput()
+def _sum_of_outputs(outputs: Any) -> Any:
+    """The target of `grad_cam_layer`'s dependency question: the sum of every
+    floating-point output selected (any output will do), in float32."""
+    floats = [t for t in keras.tree.flatten(outputs) if is_floating(t)]
+    if not floats:
+        raise GradprobeError("The selected output is not floating point: nothing to explain.")
+    total = ops.sum(ops.cast(floats[0], "float32"))
+    for t in floats[1:]:
+        total = total + ops.sum(ops.cast(t, "float32"))
+    return total
 
 
 def _spatial_extent(layer: Any, t: Any) -> int:

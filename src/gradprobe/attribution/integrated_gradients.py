@@ -9,22 +9,19 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradprobe import backends
 from gradprobe.attribution._common import (
     Attribution,
     ModelInputs,
     accumulator_dtype,
     chunk_rows,
     compiled_target_values,
-    fixed_target,
     interpolate_rows,
     layer_key,
     row_bytes,
-    row_target,
     stream,
 )
 from gradprobe.core import _validate
-from gradprobe.core.engine import gradients, gradients_at
+from gradprobe.core.engine import resolve_request
 from gradprobe.errors import GradprobeError
 
 # Gauss-Legendre nodes come from an eigenvalue problem of size steps x steps
@@ -122,15 +119,16 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     """
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)
-    mi = ModelInputs(model, inputs)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    mi = ModelInputs(req.x)
     if layer is None:
         mi.require_floating("gp.integrated_gradients")
-    n, x = mi.n, mi.x
+    n = mi.n
     label = "integrated gradients" if layer is None else "layer integrated gradients"
     rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps})", reps_name="steps",
                       reps=rule.steps, n=n, batch_size_=batch_size, per_row=row_bytes(mi.leaves),
                       max_bytes=max_bytes)
-    target = fixed_target(model, x, target, output, training)
+    req = req.fixed()
     bases = mi.baseline(baseline, hold_fixed=layer is None)
     base = mi.pack_all(bases)
     # The trapezoid rule evaluates f at alpha = 0 and 1: f(baseline) and f(x) come
@@ -143,8 +141,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             alphas = rule.alphas(k)
             path = {i: interpolate_rows(mi.leaves[i], bases[i], idx, alphas) for i in floating}
-            g = gradients(model, mi.rows(idx, path), row_target(target, idx), keys,
-                          output=output, training=training)
+            g = req.gradients(keys, x=mi.rows(idx, path), rows=idx)
             return [g[key] for key in keys], g.target
 
         wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
@@ -157,23 +154,19 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
         parts = list(per_leaf.values())
     else:
-        ga = gradients(model, x, target, layer, output=output, training=training)
+        ga = req.gradients(layer)
         key = layer_key(ga, layer)
         a_x = ga.activations[key]
-        gb = gradients(model, base, target, key, output=output, training=training,
-                       unconnected="zero")
+        gb = req.gradients(key, x=base, unconnected="zero")
         a_b = gb.activations[key]
         wide = accumulator_dtype(a_x.dtype)
         rows = chunk_rows(what=f"gp.integrated_gradients(steps={rule.steps}, layer={key!r})",
                           reps_name="steps", reps=rule.steps, n=n, batch_size_=batch_size,
                           per_row=row_bytes([*mi.leaves, a_x]), max_bytes=max_bytes)
 
-        at = _gradients_at()
-
         def step(idx: np.ndarray, k: np.ndarray, r: np.ndarray) -> Any:
             path = interpolate_rows(a_x, a_b, idx, rule.alphas(k))
-            g = at(model, mi.rows(idx), row_target(target, idx), key, path,
-                   output=output, training=training)
+            g = req.gradients(key, x=mi.rows(idx), rows=idx, replacement=path)
             return [g[key]], g.target
 
         acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
@@ -185,8 +178,8 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
     if not (_per_example(f_x, n) and _per_example(f_b, n)):
-        f_x = compiled_target_values(model, x, target, output, training)
-        f_b = compiled_target_values(model, base, target, output, training)
+        f_x = compiled_target_values(req)
+        f_b = compiled_target_values(req, base)
     wide = "float64" if any(_dtype(p) == "float64" for p in parts) else "float32"
     sums = None
     for p in parts:  # (in order, as tf.add_n adds)
@@ -200,15 +193,6 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
 
 def _dtype(x: Any) -> str:
     return keras.backend.standardize_dtype(x.dtype)
-
-
-def _gradients_at() -> Any:
-    """The backend's `gradients_at` (the layer's activation replaced by given values)."""
-    if backends.is_functional():
-        from gradprobe.core import _functional  # imports the engine: no top-level import
-
-        return _functional.gradients_at
-    return gradients_at
 
 
 def _per_example(values: Any, n: int) -> bool:

@@ -10,14 +10,13 @@ from keras import ops
 from gradprobe.attribution._common import (
     Attribution,
     ModelInputs,
-    fixed_target,
     input_gradients,
     layer_key,
     mean,
     target_values,
 )
 from gradprobe.core import _validate
-from gradprobe.core.engine import gradients
+from gradprobe.core.engine import resolve_request
 from gradprobe.errors import GradprobeError
 
 
@@ -116,9 +115,8 @@ def _layer_gradient(model: Any, inputs: Any, target: Any, layer: Any, output: An
                     training: bool) -> tuple[Any, Any, Any, str]:
     """`(gradient, activation, target values, key)` at one layer's output."""
     _validate.layer(layer)
-    mi = ModelInputs(model, inputs)
-    target = fixed_target(model, mi.x, target, output, training)
-    g = gradients(model, mi.x, target, layer, output=output, training=training)
+    req = resolve_request(model, inputs, target, output=output, training=training).fixed()
+    g = req.gradients(layer)
     key = layer_key(g, layer)
     return g[key], g.activations[key], g.target, key
 
@@ -127,11 +125,11 @@ def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
               batch_size: int | None, method: str) -> tuple[ModelInputs, dict[int, Any], Any]:
     """`(inputs, {leaf index: input gradient}, target values)` for one batch."""
     _validate.optional_count("batch_size", batch_size, "examples per chunk")
-    mi = ModelInputs(model, inputs)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    mi = ModelInputs(req.x)
     mi.require_floating(f"gp.{method}")
-    target = fixed_target(model, mi.x, target, output, training)
-    grads, values = input_gradients(model, mi, target, output=output, training=training,
-                                    batch_size_=batch_size, label=method)
+    req = req.fixed()
+    grads, values = input_gradients(req, mi, batch_size_=batch_size, label=method)
     if values is None:
-        values = target_values(model, mi.x, target, output, training)
+        values = target_values(req)
     return mi, grads, values

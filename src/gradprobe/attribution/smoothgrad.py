@@ -15,15 +15,13 @@ from gradprobe.attribution._common import (
     accumulator_dtype,
     chunk_rows,
     compiled_target_values,
-    fixed_target,
     noisy_rows,
     row_bytes,
-    row_target,
     stream,
 )
 from gradprobe.attribution.saliency import reduce_map
 from gradprobe.core import _validate
-from gradprobe.core.engine import gradients
+from gradprobe.core.engine import resolve_request
 
 
 def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 25,
@@ -78,7 +76,8 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
                                   "of each example's value range")
     _validate.seed(seed)
     _validate.optional_count("batch_size", batch_size, "noisy copies per chunk")
-    mi = ModelInputs(model, inputs)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    mi = ModelInputs(req.x)
     mi.require_floating("gp.smoothgrad")
     n, floating, keys = mi.n, mi.floating, mi.float_keys
     wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
@@ -87,7 +86,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     rows = chunk_rows(what=f"gp.smoothgrad(samples={samples})", reps_name="samples",
                       reps=samples, n=n, batch_size_=batch_size,
                       per_row=row_bytes(mi.leaves) + noise_bytes, max_bytes=max_bytes)
-    target = fixed_target(model, mi.x, target, output, training)
+    req = req.fixed()
     scales = {}
     for i in floating:
         xw = ops.cast(mi.leaves[i], wide[i])
@@ -100,8 +99,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     def step(idx: np.ndarray, s: np.ndarray, r: np.ndarray) -> Any:
         new = {i: noisy_rows(mi.leaves[i], scales[i], idx, r, int(seed), j)
                for j, i in enumerate(floating)}
-        g = gradients(model, mi.rows(idx, new), row_target(target, idx), keys, output=output,
-                      training=training)
+        g = req.gradients(keys, x=mi.rows(idx, new), rows=idx)
         return [g[k] for k in keys], None
 
     acc, _ = stream(n=n, reps=samples, rows=rows,
@@ -109,7 +107,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
                     acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i]) for i in floating],
                     label="smoothgrad", progress=progress)
     maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
-    values = compiled_target_values(model, mi.x, target, output, training)
+    values = compiled_target_values(req)
     return Attribution(mi.pack(maps), values, "smoothgrad", fixed=mi.fixed)
 
 

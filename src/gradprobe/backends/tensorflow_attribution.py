@@ -87,16 +87,16 @@ def _is_floating(x: Any) -> bool:
 
 
 def grad_cam_records(model: Any, x: Any, output: Any,
-                     any_output: Any) -> tuple[list, Callable[[int], bool]]:
+                     everything: Any) -> tuple[list, Callable[[int], bool]]:
     """`gp.grad_cam_layer`'s records on TensorFlow: `(records, depends)`,
     `records` the (node, key, output) of each call of a leaf layer with one
     floating output, in forward order, and `depends(i)` whether the selected
-    output (`any_output`: a stand-in target that takes any output) depends on
-    record `i`, asked of a persistent tape (a backward pass only over the layers
-    after that record)."""
+    output depends on record `i` (`everything`: a target that sums any output),
+    asked of a persistent tape (a backward pass only over the layers after that
+    record)."""
     from gradprobe.core import _patch
     from gradprobe.core.selectors import LayerTree
-    from gradprobe.core.targets import output_names, select_output
+    from gradprobe.core.targets import evaluate, output_names
     from gradprobe.errors import GradprobeError
 
     if not tf.executing_eagerly():
@@ -119,18 +119,19 @@ def grad_cam_records(model: Any, x: Any, output: Any,
             records.append((nodes[id(layer)], index, leaves[0]))
         return out
 
-    with tf.GradientTape(persistent=True) as tape:
+    def call(model: Any, x: Any, training: bool) -> Any:
         with _patch.wrapped_calls([n.layer for n in nodes.values()], hook), \
                 keras.StatelessScope():
-            outputs = model(x, training=False)
-        layer_value = None
-        if output_node is not None:
-            layer_value = next((t for n, _, t in records if n is output_node), None)
-        selected = select_output(outputs, output, output_names(model), layer_value, any_output)
-        floats = [t for t in keras.tree.flatten(selected) if _is_floating(t)]
-        if not floats:
-            raise GradprobeError("The selected output is not floating point: nothing to explain.")
-        objective = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in floats])
+            return model(x, training=training)
+
+    def layer_value() -> Any:
+        if output_node is None:
+            return None
+        return next((t for n, _, t in records if n is output_node), None)
+
+    with tf.GradientTape(persistent=True) as tape:
+        objective = evaluate(model, x, everything, output=output, call=call,
+                             layer_value=layer_value).objective
 
     def key(node: Any, index: int) -> str:
         return f"{node.path}@{index}" if counts[id(node.layer)] > 1 else node.path

@@ -48,7 +48,7 @@ import numpy as np
 from gradprobe import backends
 from gradprobe.core import _patch, _validate, capture, engine
 from gradprobe.core.result import Gradients
-from gradprobe.core.targets import make_target, select_output
+from gradprobe.core.targets import evaluate, make_target
 from gradprobe.errors import GradprobeError
 
 _SIGNATURES = 8  # input signatures kept per cached request
@@ -58,12 +58,23 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
               training: bool, unconnected: str, compile: bool | str,
               differentiable: bool, per_example: bool | str) -> Gradients:
     """`gp.gradients` on a functional backend (arguments validated by the caller)."""
-    bk = backends.get()
-    per_example = _check_per_example(per_example, bk)
+    per_example = _check_per_example(per_example, backends.get())
     x = prepare_inputs(model, inputs)
     engine.ensure_built(model, x)
     tgt = make_target(target, engine.batch_size(x))
-    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
+    return run(model, x, tgt, wrt, output=output, training=bool(training),
+               unconnected=unconnected, compile=compile, differentiable=differentiable,
+               per_example=per_example)
+
+
+def run(model: Any, x: Any, tgt: Any, wrt: Any, *, output: Any, training: bool,
+        unconnected: str, compile: bool | str, differentiable: bool, per_example: bool | str,
+        replacement: Any = None) -> Gradients:
+    """`engine.run` on a functional backend: a request already resolved (inputs
+    prepared, target made); with `replacement`, `gradients_at`."""
+    bk = backends.get()
+    replace = replacement is not None
+    entry = engine._entry(model, wrt, tgt, output, training, unconnected, per_example, replace)
     engine._check_input_dtypes(model, x, entry.plan, _is_floating, _stand_in)
     with _lock:
         request = entry.fn
@@ -73,7 +84,10 @@ def gradients(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any,
             if not isinstance(entry.fn, _Request):
                 entry.fn = _Request(model, entry.plan)
             request = entry.fn
-    tensors, meta = request.run(model, x, tgt.args, compile)
+    args = tgt.args
+    if replace:
+        args = dict(args, replacement=keras.ops.convert_to_tensor(replacement))
+    tensors, meta = request.run(model, x, args, compile)
     tgt.check(meta["target"])
     grads = tensors["grads"]
     if not differentiable:
@@ -368,32 +382,36 @@ class _Request:
             layers = plan.probe_layers + plan.order_layers
         if plan.replace is not None:
             recorder.replace = (id(plan.replace), plan.replace_call, args["replacement"])
-        try:
-            # `model.stateless_call` without its `call(x, training=...)`: the model's
-            # own `__call__` passes `training` only to a `call` that takes it, and
-            # sets it for the layers inside. Updated state (moving statistics, seed
-            # generators) stays in the scope, which is discarded.
-            with _patch.wrapped_calls(layers, recorder.hook), \
-                    _scope(variables, values, requested):
-                outputs = model(x, training=plan.training)
-        except GradprobeError:
-            raise
-        except Exception as e:
-            traced = recorder.bk.trace_error(e)
-            if traced is not None:
-                raise GradprobeError(
-                    f"Model {model.name!r} cannot be traced by {recorder.bk.NAME} "
-                    f"({traced}): its call needs concrete values (a Python `if` on a tensor, "
-                    "or a conversion to NumPy). gradprobe traces the model on this backend "
-                    "even with compile=False, to learn which layers run and which sources "
-                    "the target depends on. Use keras.ops.cond / keras.ops.where for "
-                    "branches on values, or the TensorFlow backend.") from e
-            raise capture.call_error(model, x, e) from e
-        finally:
-            recorder.close()
-        selected = select_output(outputs, plan.output, plan.output_names,
-                                 recorder.output_layer_value(plan), plan.target)
-        value, objective, target_meta = plan.target.compute(selected, args)
+
+        def call(model: Any, x: Any, training: bool) -> Any:
+            try:
+                # `model.stateless_call` without its `call(x, training=...)`: the model's
+                # own `__call__` passes `training` only to a `call` that takes it, and
+                # sets it for the layers inside. Updated state (moving statistics, seed
+                # generators) stays in the scope, which is discarded.
+                with _patch.wrapped_calls(layers, recorder.hook), \
+                        _scope(variables, values, requested):
+                    return model(x, training=training)
+            except GradprobeError:
+                raise
+            except Exception as e:
+                traced = recorder.bk.trace_error(e)
+                if traced is not None:
+                    raise GradprobeError(
+                        f"Model {model.name!r} cannot be traced by {recorder.bk.NAME} "
+                        f"({traced}): its call needs concrete values (a Python `if` on a "
+                        "tensor, or a conversion to NumPy). gradprobe traces the model on "
+                        "this backend even with compile=False, to learn which layers run and "
+                        "which sources the target depends on. Use keras.ops.cond / "
+                        "keras.ops.where for branches on values, or the TensorFlow "
+                        "backend.") from e
+                raise capture.call_error(model, x, e) from e
+            finally:
+                recorder.close()
+
+        outputs, selected, value, objective, target_meta = evaluate(
+            model, x, plan.target, args, output=plan.output, training=plan.training, call=call,
+            names=plan.output_names, layer_value=lambda: recorder.output_layer_value(plan))
         recorder.target_meta = target_meta
         if recorder.table is None:  # discovery: which layers produced the selected output
             wanted = {id(t) for t in keras.tree.flatten(selected)}
@@ -685,23 +703,8 @@ def gradients_at(model: Any, inputs: Any, target: Any, layer: Any, values: Any, 
     so that new values reuse the compiled function of their shape; the probe is
     added to the replacing values, and the gradient is taken with respect to it.
     """
-    x = prepare_inputs(model, inputs)
-    engine.ensure_built(model, x)
-    tgt = make_target(target, engine.batch_size(x))
-    entry = engine._entry(model, layer, tgt, output, bool(training), "raise", replace=True)
-    with _lock:
-        request = entry.fn
-    if not isinstance(request, _Request):
-        _refuse_float16(model, entry.plan, backends.get().NAME)
-        with _lock:
-            if not isinstance(entry.fn, _Request):
-                entry.fn = _Request(model, entry.plan)
-            request = entry.fn
-    args = dict(tgt.args, replacement=keras.ops.convert_to_tensor(values))
-    tensors, meta = request.run(model, x, args, "auto")
-    tgt.check(meta["target"])
-    return Gradients(tensors["grads"], meta, tensors["values"], tensors["outputs"],
-                     tensors["target"])
+    return engine.gradients_at(model, inputs, target, layer, values, output=output,
+                               training=training)
 
 
 def _replaced(layer: Any, index: int, outputs: Any, call: int | None, values: Any) -> Any:

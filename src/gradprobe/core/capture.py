@@ -19,7 +19,7 @@ from gradprobe import backends
 from gradprobe.backends import _keras_private
 from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _patch
-from gradprobe.core.targets import Target, select_output
+from gradprobe.core.targets import Target, evaluate
 from gradprobe.errors import GradprobeError, quoted
 
 
@@ -204,12 +204,15 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         for v in plan.vars:
             backend.watch(tape, v.var)
         inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan.inputs)
-        with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
-            outputs = _call_model(model, inputs, plan.training, wrap_errors)
-        layer_value = _output_layer_value(recorder, plan)
-        selected = select_output(outputs, plan.output, plan.output_names, layer_value,
-                                 plan.target)
-        value, objective, target_meta = plan.target.compute(selected, args)
+
+        def call(model: Any, inputs: Any, training: bool) -> Any:
+            with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
+                return _call_model(model, inputs, training, wrap_errors)
+
+        ev = evaluate(model, inputs, plan.target, args, output=plan.output,
+                      training=plan.training, call=call, names=plan.output_names,
+                      layer_value=lambda: _output_layer_value(recorder, plan))
+        outputs, selected, value, objective = ev.outputs, ev.selected, ev.value, ev.objective
 
     entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)
@@ -246,7 +249,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
         "aliases": aliases,
         "unconnected": [e.key for e in unconnected],
         "skipped": skipped,
-        "target": target_meta,
+        "target": ev.meta,
         "output_keys": [e.key for e in entries if e.layer_id in producers],
     }
     return tensors, meta

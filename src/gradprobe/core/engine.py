@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -30,7 +30,9 @@ from gradprobe.core.selectors import (
     resolve,
 )
 from gradprobe.core.targets import (
+    Target,
     check_output_choice,
+    evaluate,
     make_target,
     output_names,
     pattern_unconnected,
@@ -128,13 +130,35 @@ def gradients(
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
     tgt = make_target(target, batch_size(x))
-    from gradprobe.higher.per_example import annotate, check_method  # it imports this module
+    from gradprobe.higher.per_example import check_method  # it imports this module
 
     per_example = check_method(per_example)
-    entry = _entry(model, wrt, tgt, output, bool(training), unconnected, per_example)
-    _check_input_dtypes(model, x, entry.plan)
+    return run(model, x, tgt, wrt, output=output, training=bool(training),
+               unconnected=unconnected, compile=compile, differentiable=differentiable,
+               per_example=per_example)
 
-    tensors, meta = _execute(model, x, tgt.args, entry, compile)
+
+def run(model: Any, x: Any, tgt: Target, wrt: Any, *, output: Any, training: bool,
+        unconnected: str = "raise", compile: bool | str = "auto", differentiable: bool = True,
+        per_example: bool | str = False, replacement: Any = None) -> Gradients:
+    """`gp.gradients` for a request already resolved, on every backend: inputs
+    prepared, model built, target made and arguments validated (`resolve_request` or
+    the public function did it). With `replacement`, `gradients_at`: the
+    activation of the one layer `wrt` names is replaced by it."""
+    if backends.is_functional():
+        from gradprobe.core import _functional  # imports this module: no top-level import
+
+        return _functional.run(model, x, tgt, wrt, output=output, training=training,
+                               unconnected=unconnected, compile=compile,
+                               differentiable=differentiable, per_example=per_example,
+                               replacement=replacement)
+    from gradprobe.higher.per_example import annotate  # it imports this module
+
+    replace = replacement is not None
+    entry = _entry(model, wrt, tgt, output, training, unconnected, per_example, replace)
+    _check_input_dtypes(model, x, entry.plan)
+    args = dict(tgt.args, replacement=backend.to_tensor(replacement)) if replace else tgt.args
+    tensors, meta = _execute(model, x, args, entry, compile)
     tgt.check(meta["target"])
     grads = tensors["grads"]
     if not differentiable:
@@ -142,6 +166,67 @@ def gradients(
     result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
                        {v.key: v.var for v in entry.plan.vars})
     return annotate(result, meta)
+
+
+# ------------------------------------------------------------ resolved requests
+@dataclass(frozen=True)
+class Request:
+    """A request resolved once (`resolve_request`): the model, its inputs prepared on
+    this backend, the target made once, `output` and `training`.
+
+    Attribution methods resolve one per public call and send every chunk of
+    modified inputs through `gradients(..., rows=...)`, with a view of the same
+    target (`Target.take`): nothing is validated, prepared or resolved again.
+    """
+
+    model: Any
+    x: Any
+    target: Target
+    output: Any = None
+    training: bool = False
+
+    def fixed(self) -> Request:
+        """This request with a `"predicted"` target fixed to each example's class
+        on its own inputs (one forward pass), so that modified copies of an
+        example keep that example's class."""
+        if not self.target.predicts:
+            return self
+        ev = evaluate(self.model, self.x, self.target, output=self.output,
+                      training=self.training)
+        return dataclasses.replace(self, target=self.target.fixed(ev.selected))
+
+    def gradients(self, wrt: Any, *, x: Any = None, rows: Any = None,
+                  unconnected: str = "raise", replacement: Any = None) -> Gradients:
+        """`gp.gradients(model, x, target, wrt)` for this request, on `x` (default:
+        its own inputs), the target taken at `rows` (one example index per row
+        of `x`; default: the whole batch); with `replacement`, `gradients_at`."""
+        tgt = self.target if rows is None else self.target.take(rows)
+        return run(self.model, self.x if x is None else x, tgt, wrt, output=self.output,
+                   training=self.training, unconnected=unconnected, replacement=replacement)
+
+
+def prepare(model: Any, inputs: Any) -> Any:
+    """The inputs prepared as `gp.gradients` prepares them on this backend (the
+    model validated, and built if it was not)."""
+    _validate.model(model)
+    if backends.is_functional():
+        from gradprobe.core import _functional  # imports this module: no top-level import
+
+        x = _functional.prepare_inputs(model, inputs)
+    else:
+        x = prepare_inputs(model, inputs)
+    ensure_built(model, x)
+    return x
+
+
+def resolve_request(model: Any, inputs: Any, target: Any, *, output: Any = None,
+                    training: bool = False) -> Request:
+    """A `Request`: the inputs prepared, the model built, the target made
+    (`make_target`, the one time for a public call) and `training` checked."""
+    _validate.flag("training", training)
+    _validate.backend_supported("gp.gradients", backends.FUNCTIONAL)
+    x = prepare(model, inputs)
+    return Request(model, x, make_target(target, batch_size(x)), output, bool(training))
 
 
 # ------------------------------------------------------------------- planning
@@ -209,17 +294,11 @@ def gradients_at(model: keras.Model, inputs: Any, target: Any, layer: Any, value
                  output: Any = None, training: bool = False) -> Gradients:
     """Gradients with respect to `layer`'s activation when that activation is
     replaced by `values` in the forward pass (the layers before it still run on
-    `inputs`, whose batch must match `values`). Used by layer Integrated Gradients.
+    `inputs`, whose batch must match `values`). Used by layer Integrated Gradients;
+    on every backend.
     """
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
-    tgt = make_target(target, batch_size(x))
-    entry = _entry(model, layer, tgt, output, bool(training), "raise", replace=True)
-    args = dict(tgt.args, replacement=backend.to_tensor(values))
-    tensors, meta = _execute(model, x, args, entry, "auto")
-    tgt.check(meta["target"])
-    return Gradients(tensors["grads"], meta, tensors["values"], tensors["outputs"],
-                     tensors["target"])
+    return resolve_request(model, inputs, target, output=output,
+                           training=training).gradients(layer, replacement=values)
 
 
 def _entry(model: Any, wrt: Any, tgt: Any, output: Any, training: bool,
@@ -358,12 +437,11 @@ def _alive(key: Any) -> bool:
 def _weak_target(target: Any) -> Any:
     """A copy of a resolved target whose user function (a callable or a loss
     object, which may reference the model) is held weakly, for the cache."""
-    target = copy.copy(target)
+    target = target.for_cache()  # (the arguments arrive with each call)
     fn = getattr(target, "fn", None)
     if fn is not None:
         target.fn = _weak_callable(fn)
     target.cache_key = _weak_key(target.cache_key)
-    target.args = {}  # the arguments arrive with each call
     return target
 
 

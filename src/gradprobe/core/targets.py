@@ -17,9 +17,10 @@ batch, so activation and input gradients come out per example):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -58,6 +59,11 @@ def _argument(value: Any) -> Any:
     if keras.backend.backend() == "jax":
         return np.asarray(value)
     return keras.ops.convert_to_tensor(value)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor of any backend (or an array) as a NumPy array."""
+    return x if isinstance(x, np.ndarray) else keras.ops.convert_to_numpy(x)
 
 
 def _argmax(scores: Any) -> Any:
@@ -143,10 +149,15 @@ def is_sparse_loss(fn: Any) -> bool:
 
 
 class Target:
-    """A resolved target: how to compute the objective from the selected output."""
+    """A resolved target: how to compute the objective from the selected output.
+
+    Made once per public call (`make_target`); the chunks of a batched method
+    use views of it (`take`), and `"predicted"` is fixed once (`fixed`).
+    """
 
     kind: str = ""
     needs_single_output = True
+    predicts = False  # True while the class is each example's arg-max (see `fixed`)
 
     def __init__(self, cache_key: Any, args: dict[str, Any]):
         self.cache_key = cache_key
@@ -159,6 +170,28 @@ class Target:
 
     def check(self, meta: dict) -> None:
         """Raises for problems that are only visible once the model has run."""
+
+    def take(self, rows: Any) -> Target:
+        """This target for the examples `rows` of its batch (example indices: a
+        chunk, or copies of examples, as batched attribution evaluates them): a
+        view whose per-example arguments are taken at `rows`, with the same
+        cache key (so the same compiled function). Nothing is validated or
+        resolved again. A target with no per-example argument is its own view."""
+        return self
+
+    def for_cache(self) -> Target:
+        """A copy for a cached plan, without the arguments of this call (they
+        arrive with each call: only what the cache key fixes is read from it)."""
+        target = copy.copy(self)
+        target.args = {}
+        return target
+
+    def fixed(self, selected: Any) -> Target:
+        """This target with `"predicted"` fixed to each example's class in
+        `selected` (the selected output of the original inputs), so that
+        modified copies of an example keep its class; other targets are their
+        own fixed form."""
+        return self
 
 
 def class_scores(out: Any, what: str, sequence_ok: bool = False,
@@ -220,11 +253,18 @@ class ClassTarget(Target):
     def check(self, meta):
         _validate.classes_in_range(self.classes, meta.get("num_classes"), self.raw)
 
+    def take(self, rows):
+        view = copy.copy(self)
+        view.classes = self.classes[np.asarray(rows)]
+        view.args = {"classes": _argument(np.asarray(view.classes, np.int32))}
+        return view
+
 
 class PredictedTarget(Target):
     """The score of each example's arg-max class."""
 
     kind = "predicted"
+    predicts = True
 
     def __init__(self):
         super().__init__(("predicted",), {})
@@ -233,6 +273,11 @@ class PredictedTarget(Target):
         scores = class_scores(out, "target='predicted'")
         value = _pick(scores, _argmax(scores))
         return value, keras.ops.sum(value), {"num_classes": scores.shape[-1]}
+
+    def fixed(self, selected):
+        classes = np.argmax(to_numpy(class_scores(selected, "target='predicted'")), axis=-1)
+        return ClassTarget(_validate.class_indices(classes.astype(np.int64), classes),
+                           same=False, raw=classes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,6 +403,7 @@ class PositionTarget(Target):
 
     def __init__(self, spec: PositionSpec, batch_size: int):
         self.spec = spec
+        self.batch_size = batch_size
         self.classes: np.ndarray | None = None
         args: dict[str, Any] = {}
         if spec.kind == "each":
@@ -371,8 +417,18 @@ class PositionTarget(Target):
         if self.classes is not None:
             args["classes"] = _argument(self.classes.astype(np.int32))
         fixed = spec.positions if spec.kind == "fixed" else None
+        self.predicts = self.classes is None
         super().__init__(("position", spec.kind, fixed, self.classes is None, spec.log_prob),
                          args)
+
+    def take(self, rows):
+        # (the view of a validated spec: its positions and classes taken at `rows`)
+        return PositionTarget(self.spec.take(rows), len(rows))
+
+    def fixed(self, selected):
+        if not self.predicts:
+            return self
+        return PositionTarget(self.spec.resolve_predicted(to_numpy(selected)), self.batch_size)
 
     def compute(self, out, args):
         # Only what the cache key fixes may be read from `self` here: a cached plan
@@ -444,7 +500,23 @@ class LossValueTarget(Target):
         self.fn = spec.fn
         self.sparse = is_sparse_loss(spec.fn)
         self.labels = np.asarray(spec.y_true) if self.sparse else None
+        self._rows_of: dict[str, np.ndarray] | None = None  # see `take`
         super().__init__(("loss", spec.fn, "sample_weight" in args), args)
+
+    def take(self, rows):
+        rows = np.asarray(rows)
+        if self._rows_of is None:  # (the arrays the views are taken from, converted once)
+            self._rows_of = {name: to_numpy(value) for name, value in self.args.items()}
+        view = copy.copy(self)
+        view.args = {name: _argument(arr[rows]) for name, arr in self._rows_of.items()}
+        view.labels = None if self.labels is None else self.labels[rows]
+        view._rows_of = None
+        return view
+
+    def for_cache(self):
+        target = super().for_cache()
+        target._rows_of = None
+        return target
 
     def compute(self, out, args):
         y_true = args["y_true"]
@@ -510,7 +582,10 @@ class CallableTarget(Target):
 
 
 def make_target(target: Any, batch_size: int) -> Target:
-    """Resolves the `target` argument of `gp.gradients` for a batch of `batch_size`."""
+    """Resolves the `target` argument of `gp.gradients` for a batch of `batch_size`:
+    once per public call (an already resolved `Target` is returned as it is)."""
+    if isinstance(target, Target):
+        return target
     if isinstance(target, LossTarget):
         return LossValueTarget(target, batch_size)
     if isinstance(target, PositionSpec):
@@ -637,3 +712,70 @@ def select_output(outputs: Any, output: Any, names: list[str], layer_value: Any,
         f"{quoted(shown) if shown else f'{len(leaves)} unnamed (use an index)'}; a layer "
         "name also works, to compute the target on that layer's activation."
     )
+
+
+# ------------------------------------------------------------- the objective
+class Evaluation(NamedTuple):
+    """What one forward pass gives the target (see `evaluate`).
+
+    Attributes:
+        outputs: The model's outputs.
+        selected: The tensor (or structure) the target is computed from.
+        value: The target value: a scalar, or one value per example.
+        objective: The scalar that is differentiated (`value` summed).
+        meta: Facts for `Target.check`, known once the model has run.
+    """
+
+    outputs: Any
+    selected: Any
+    value: Any
+    objective: Any
+    meta: dict
+
+
+def _stateless_call(model: Any, x: Any, training: bool) -> Any:
+    with keras.StatelessScope():  # moving statistics and seed states stay untouched
+        return model(x, training=training)
+
+
+def evaluate(model: Any, x: Any, target: Target, args: dict[str, Any] | None = None, *,
+             output: Any = None, training: bool = False,
+             call: Callable[[Any, Any, bool], Any] | None = None,
+             layer_value: Callable[[], Any] | None = None,
+             names: list[str] | None = None) -> Evaluation:
+    """Calls the model, selects the output and computes the target: the one
+    place where a forward pass becomes the objective (the capture on every
+    backend, attribution's target values, `gp.hvp`, per-example passes).
+
+    Args:
+        model: The model.
+        x: Its inputs, as `call` takes them.
+        target: A resolved target (`make_target`).
+        args: The target's arguments (default `target.args`; a compiled caller
+            passes the arguments it was given, a cached plan's target has none).
+        output: The `output=` of the request (name, index, layer name or `None`).
+        training: Passed to the model.
+        call: `call(model, x, training) -> outputs`, the forward pass under the
+            caller's hooks, scopes and error handling; default: the model's own
+            call in a `keras.StatelessScope`.
+        layer_value: Called once `call` has returned: the activation of the
+            layer that `output=` names when it is not a model output (`None`
+            when there is none).
+        names: The model's output names (default `output_names(model)`; a
+            cached plan keeps them).
+
+    Returns:
+        An `Evaluation`: `outputs`, `selected`, `value`, `objective`, `meta`.
+        Run it inside the caller's tape (TensorFlow, PyTorch) or differentiated
+        function (JAX) to differentiate `objective`.
+
+    Example:
+
+    >>> ev = evaluate(model, x, make_target(3, len(x)))
+    >>> ev.value            # outputs[:, 3], one score per example
+    """
+    outputs = (call or _stateless_call)(model, x, training)
+    selected = select_output(outputs, output, output_names(model) if names is None else names,
+                             None if layer_value is None else layer_value(), target)
+    value, objective, meta = target.compute(selected, target.args if args is None else args)
+    return Evaluation(outputs, selected, value, objective, meta)

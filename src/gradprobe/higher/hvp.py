@@ -7,13 +7,15 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.backends import tensorflow_library as tf
+from gradprobe.backends import Deferred
 from gradprobe.core import _functional_form, _validate
-from gradprobe.core.engine import batch_size, ensure_built, gradients, prepare_inputs
+from gradprobe.core.engine import gradients, resolve_request
 from gradprobe.core.tape import Tape
-from gradprobe.core.targets import make_target, output_names, select_output
+from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError, quoted
+
+# TensorFlow's Hessian-vector products, imported when first used (on TensorFlow only).
+tensorflow_higher = Deferred("gradprobe.backends.tensorflow_higher")
 
 
 def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
@@ -55,13 +57,14 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
     kinds = {g.kinds[k] for k in keys}
     if kinds == {"weight"}:
         variables = [g.variables[k] for k in keys]
-        with tf.autodiff.ForwardAccumulator(
-                [backend.watchable(v) for v in variables], vectors) as acc:
-            inner = gradients(model, inputs, target, variables, output=output,
+
+        def inner() -> list[Any]:
+            found = gradients(model, inputs, target, variables, output=output,
                               training=training, unconnected="zero", compile=False)
-            grads = [inner[k] for k in keys]
-        return {k: acc.jvp(gr, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                for k, gr in zip(keys, grads)}
+            return [found[k] for k in keys]
+
+        return dict(zip(keys, tensorflow_higher.forward_over_backward(variables, vectors,
+                                                                      inner)))
     if "weight" in kinds:
         raise GradprobeError(
             f"gp.hvp takes weights or activations/inputs, not a mix; got {quoted(keys)}. "
@@ -126,17 +129,12 @@ def _vectors(keys: list[str], vector: Any) -> list[Any]:
 
 
 def _double_backward(model, inputs, target, wrt, keys, vectors, output, training):
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
-    tgt = make_target(target, batch_size(x))
-    names = output_names(model)
+    req = resolve_request(model, inputs, target, output=output, training=training)
     with Tape(model, watch=wrt, persistent=True) as outer:
         with Tape(model, watch=wrt) as inner:
-            with keras.StatelessScope():
-                outputs = model(x, training=training)
-            selected = select_output(outputs, output, names, None, tgt)
-            _, objective, _ = tgt.compute(selected, tgt.args)
+            objective = evaluate(model, req.x, req.target, output=output,
+                                 training=req.training).objective
         grads = inner.gradient(objective, keys, unconnected="zero")
-        dot = tf.add_n([tf.reduce_sum(gr * tf.cast(v, gr.dtype)) for gr, v in zip(grads, vectors)])
+        dot = tensorflow_higher.vector_dot(grads, vectors)
     result = outer.gradient(dot, keys, unconnected="zero")
     return dict(zip(keys, result))

@@ -8,7 +8,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _functional_form, _validate
 from gradprobe.core.engine import gradients
 from gradprobe.errors import GradprobeError
@@ -16,7 +15,7 @@ from gradprobe.errors import GradprobeError
 
 def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "inputs", *,
                      norm: float | str = 2, output: Any = None,
-                     training: bool = False) -> tf.Tensor:
+                     training: bool = False) -> Any:
     """Per-example norms of the gradient of `target` with respect to `wrt`.
 
     The norm of each example's gradient, taken over every non-batch axis of every
@@ -58,32 +57,7 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     if isinstance(norm, (bool, np.bool_)) or norm not in (1, 2, "inf", float("inf")):
         raise _validate.fail("norm", norm, "1, 2 (default) or 'inf', the norm taken over each "
                                            "example's gradient.")
-    if backends.is_functional():
-        return _functional_penalty(model, inputs, target, wrt, norm, output, training)
-    g = gradients(model, inputs, target, wrt, output=output, training=training)
-    weights = [k for k in g if g.kinds[k] == "weight"]
-    if weights:
-        raise GradprobeError(
-            f"gradient_penalty needs per-example sources (activations or inputs); "
-            f"{weights[0]!r} is a weight. Use gp.per_example_norms for weights.")
-    flat = tf.concat([tf.reshape(v, [tf.shape(v)[0], -1]) for v in g.values()], axis=1)
-    if norm == 2:
-        return tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1))
-    if norm == 1:
-        return tf.reduce_sum(tf.abs(flat), axis=1)
-    return tf.reduce_max(tf.abs(flat), axis=1)
-
-
-def _functional_penalty(model: Any, inputs: Any, target: Any, wrt: Any, norm: Any,
-                        output: Any, training: bool) -> Any:
-    """`gp.gradient_penalty` on JAX and PyTorch. JAX: `gp.gradients` (compiled,
-    and differentiable when traced under the caller's `jax.grad`); PyTorch: the
-    gradient of `gp.functional`'s objective with respect to its probes, kept in
-    the autograd graph of the model's parameters."""
-    if backends.name() == "jax":
-        g = gradients(model, inputs, target, wrt, output=output, training=training)
-        grads, kinds = [g[k] for k in g], dict(g.kinds)
-    else:
+    if backends.name() == "torch":
         form = _functional_form.build(model, inputs, target, wrt, output=output,
                                       training=training, live=True,
                                       what="gp.gradient_penalty")
@@ -93,13 +67,17 @@ def _functional_penalty(model: Any, inputs: Any, target: Any, wrt: Any, norm: An
                 lambda probes, x: form.objective(probes, form.variables, x), form.probes,
                 form.inputs)
             grads = [found[k] for k in form.keys]
+    else:  # TensorFlow (under the caller's tape) and JAX (compiled, and differentiable
+        # when traced under the caller's jax.grad): the gradients of gp.gradients
+        g = gradients(model, inputs, target, wrt, output=output, training=training)
+        grads, kinds = [g[k] for k in g], dict(g.kinds)
     weights = [k for k in kinds if kinds[k] == "weight"]
     if weights:
         raise GradprobeError(
             f"gradient_penalty needs per-example sources (activations or inputs); "
             f"{weights[0]!r} is a weight. Use gp.per_example_norms for weights.")
     ops = keras.ops
-    flat = ops.concatenate([ops.reshape(v, (v.shape[0], -1)) for v in grads], axis=1)
+    flat = ops.concatenate([ops.reshape(v, (ops.shape(v)[0], -1)) for v in grads], axis=1)
     if norm == 2:
         return ops.sqrt(ops.sum(ops.square(flat), axis=1))
     if norm == 1:

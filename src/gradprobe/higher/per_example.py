@@ -48,22 +48,24 @@ import keras
 import numpy as np
 
 from gradprobe import backends
+from gradprobe.backends import Deferred
 from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.backends import tensorflow_library as tf
 from gradprobe.core import _patch, _validate, capture
 from gradprobe.core.engine import (
     _Entry,
-    batch_size,
     cached_entry,
     compiled,
-    ensure_built,
     gradients,
     make_plan,
-    prepare_inputs,
+    resolve_request,
 )
 from gradprobe.core.selectors import LayerTree, resolve
-from gradprobe.core.targets import make_target, select_output
+from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError
+
+# TensorFlow's tf.vectorized_map and ghost-norm arithmetic, imported when first used
+# (on TensorFlow only).
+tensorflow_higher = Deferred("gradprobe.backends.tensorflow_higher")
 
 GHOST_TYPES = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
                keras.layers.Embedding, keras.layers.LayerNormalization,
@@ -88,10 +90,7 @@ class PerExampleNorms(Mapping):
         self.method = MappingProxyType(method)
         self.fallbacks = MappingProxyType(fallbacks)
         self.target = target
-        if backends.is_functional():
-            self.total = keras.ops.sqrt(sum(keras.ops.square(n) for n in norms.values()))
-        else:
-            self.total = tf.sqrt(tf.add_n([tf.square(n) for n in norms.values()]))
+        self.total = keras.ops.sqrt(sum(keras.ops.square(n) for n in norms.values()))
 
     def __getitem__(self, key: str) -> Any:
         return self._norms[key]
@@ -141,10 +140,9 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     _validate.choice("method", method, ("auto", "ghost", "vectorized"))
     if backends.is_functional():
         return _functional_norms(model, inputs, target, wrt, output, training, method)
-    x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
-    tgt = make_target(target, batch_size(x))
-    entry = _plan(model, wrt, tgt, output, bool(training), method)
+    req = resolve_request(model, inputs, target, output=output, training=training)
+    x, tgt = req.x, req.target
+    entry = _plan(model, wrt, tgt, output, req.training, method)
     if backend.executing_eagerly():
         if entry.fn is None:
             entry.fn = compiled(model, entry.plan, _run)
@@ -177,9 +175,7 @@ def _functional_norms(model: Any, inputs: Any, target: Any, wrt: Any, output: An
             "'conv*.weights', '*.weights'); for activations and inputs the gradients are "
             f"already per example (use gp.gradient_penalty for their norms). Received: "
             f"wrt={wrt!r}")
-    ops = keras.ops
-    norms = {k: ops.sqrt(ops.sum(ops.square(ops.reshape(g[k], (g[k].shape[0], -1))), axis=1))
-             for k in g}
+    norms = {k: _row_norms(g[k]) for k in g}
     return PerExampleNorms(norms, dict(g.per_example_method), dict(g.per_example_fallbacks),
                            g.target)
 
@@ -211,19 +207,23 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
     ids = set(owners)
     recorder = capture.Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
                                              else set()), frozenset(ids))
+    layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
+
+    def call(model: Any, x: Any, training: bool) -> Any:
+        with _patch.wrapped_calls(layers, recorder.hook), keras.StatelessScope():
+            return model(x, training=training)
+
+    def layer_value() -> Any:
+        calls = recorder.calls_of(plan.output_layer)
+        return calls[0].leaves[0][0] if calls else None
+
     with tape:
         for v in plan.vars:
             backend.watch(tape, v.var)
-        layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
-        with _patch.wrapped_calls(layers, recorder.hook), keras.StatelessScope():
-            outputs = model(x, training=plan.training)
-        layer_value = None
-        if plan.output_layer is not None:
-            calls = recorder.calls_of(plan.output_layer)
-            layer_value = calls[0].leaves[0][0] if calls else None
-        selected = select_output(outputs, plan.output, plan.output_names, layer_value,
-                                 plan.target)
-        value, objective, target_meta = plan.target.compute(selected, args)
+        _, _, value, objective, target_meta = evaluate(
+            model, x, plan.target, args, output=plan.output, training=plan.training, call=call,
+            layer_value=None if plan.output_layer is None else layer_value,
+            names=plan.output_names)
     value = capture.per_example_values(value, "gp.per_example_norms")
 
     ghost: dict[int, Any] = {}
@@ -252,11 +252,11 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         dy = out_grads[lid]
         a = recorder.inputs_of[(lid, 0)]
         if dy is None:
-            dy = tf.zeros_like(call.leaves[0][0])
+            dy = keras.ops.zeros_like(call.leaves[0][0])
         by_var, why = _ghost_squares(layer, a, call.leaves[0][0], dy, method)
         for v in plan.vars:
             if v.owner is layer and id(v.var) in by_var:
-                norms[v.key] = tf.sqrt(tf.maximum(by_var[id(v.var)][0], 0.0))
+                norms[v.key] = keras.ops.sqrt(keras.ops.maximum(by_var[id(v.var)][0], 0.0))
                 methods[v.key] = by_var[id(v.var)][1]
         if why:
             for v in plan.vars:
@@ -268,13 +268,17 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         if v.key not in fallbacks:
             fallbacks[v.key] = shared.get(id(v.owner)) or _why_not(v.owner, owners, recorder,
                                                                     method)
-        j = backend.jacobian(tape, value, v.var)
-        j = tf.reshape(j, [tf.shape(j)[0], -1])
-        norms[v.key] = tf.sqrt(tf.reduce_sum(tf.square(j), axis=1))
+        norms[v.key] = _row_norms(backend.jacobian(tape, value, v.var))
         methods[v.key] = "vectorized"
     order = [v.key for v in plan.vars]
     return norms, {"order": order, "method": methods, "fallbacks": fallbacks,
                    "target": target_meta}
+
+
+def _row_norms(x: Any) -> Any:
+    """The L2 norm of each row of `x` (over every axis but the first)."""
+    ops = keras.ops
+    return ops.sqrt(ops.sum(ops.square(ops.reshape(x, (ops.shape(x)[0], -1))), axis=1))
 
 
 def _why_not(owner: Any, owners: dict, recorder: Any, method: str) -> str:
@@ -297,7 +301,7 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     """{id(variable): (squared per-example norm, method)} and, if some variables
     of the layer are not covered, the reason."""
     if isinstance(layer, keras.layers.Embedding):
-        return _embedding(layer, a, dy), ""
+        return {id(layer.embeddings): (tensorflow_higher.embedding_squares(a, dy), "ghost")}, ""
     if isinstance(layer, keras.layers.LayerNormalization):
         return _layer_norm(layer, a, dy)
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
@@ -310,20 +314,21 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     if isinstance(layer, keras.layers.EinsumDense) and not _einsum_dense_supported(layer):
         return {}, f"EinsumDense equation {layer.equation!r} is not of the form '...k,ko->...o'"
     bias = getattr(layer, "bias", None)
+    ops = keras.ops
     dz = _through_activation(layer, a, y, dy)
-    b = tf.shape(dz)[0]
+    b = ops.shape(dz)[0]
     out_dim = dz.shape[-1]
     if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
-        A = _patches(layer, a)
+        A = tensorflow_higher.conv_patches(layer, a)
     else:
-        A = tf.reshape(a, [b, -1, a.shape[-1]])
-    G = tf.reshape(dz, [b, -1, out_dim])
+        A = ops.reshape(a, (b, -1, a.shape[-1]))
+    G = ops.reshape(dz, (b, -1, out_dim))
     sq_kernel, how = _outer_squares(A, G, method)
     result = {id(layer.kernel): (sq_kernel, how)}
     why = ""
     if bias is not None:
-        if bias.shape.rank == 1 and bias.shape[0] == out_dim:
-            result[id(bias)] = (tf.reduce_sum(tf.square(tf.reduce_sum(G, axis=1)), axis=1), "ghost")
+        if len(bias.shape) == 1 and bias.shape[0] == out_dim:
+            result[id(bias)] = (ops.sum(ops.square(ops.sum(G, axis=1)), axis=1), "ghost")
         else:
             why = "this bias layout is not covered by the ghost identity"
     return result, why
@@ -340,47 +345,25 @@ def _through_activation(layer: Any, a: Any, y: Any, dy: Any) -> Any:
     if activation is None or activation is keras.activations.linear:
         return dy
     if activation is keras.activations.relu:
-        return dy * tf.cast(y > 0, dy.dtype)
+        return dy * keras.ops.cast(y > 0, dy.dtype)
     if activation is keras.activations.tanh:
-        return dy * (1.0 - tf.square(y))
+        return dy * (1.0 - keras.ops.square(y))
     if activation is keras.activations.sigmoid:
         return dy * y * (1.0 - y)
-    if isinstance(layer, keras.layers.Dense):
-        z = tf.matmul(a, layer.kernel.value)
-    elif isinstance(layer, keras.layers.EinsumDense):
-        z = tf.einsum(layer.equation, a, layer.kernel.value)
-    else:
-        z = layer.convolution_op(a, layer.kernel.value)
-    if getattr(layer, "bias", None) is not None:
-        z = z + layer.bias.value
-    with tf.GradientTape() as t:
-        t.watch(z)
-        out = activation(z)
-    return t.gradient(out, z, output_gradients=dy)
+    return tensorflow_higher.pre_activation_gradient(layer, a, dy)
 
 
 def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
-    """Squared Frobenius norm of sum_t A[:, t]^T G[:, t], per example."""
+    """Squared Frobenius norm of sum_t A[:, t]^T G[:, t], per example, and the
+    method: from the Gram matrices over positions (`"ghost"`) or from the
+    per-example sum itself (`"outer"`), whichever is cheaper."""
     t, d, e = A.shape[1], A.shape[2], G.shape[2]
     if t == 1:
-        return tf.reduce_sum(tf.square(A[:, 0]), 1) * tf.reduce_sum(tf.square(G[:, 0]), 1), "ghost"
+        ops = keras.ops
+        return ops.sum(ops.square(A[:, 0]), 1) * ops.sum(ops.square(G[:, 0]), 1), "ghost"
     if method == "ghost" or t is None or t * t * (d + e) <= t * d * e:
-        gram_a = tf.matmul(A, A, transpose_b=True)
-        gram_g = tf.matmul(G, G, transpose_b=True)
-        return tf.reduce_sum(gram_a * gram_g, axis=[1, 2]), "ghost"
-    per_example = tf.einsum("btd,bte->bde", A, G)
-    return tf.reduce_sum(tf.square(per_example), axis=[1, 2]), "outer"
-
-
-def _patches(layer: Any, a: Any) -> Any:
-    if isinstance(layer, keras.layers.Conv1D):
-        a = a[:, None]
-        k, s, r = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
-    else:
-        k, s, r = layer.kernel_size, layer.strides, layer.dilation_rate
-    p = tf.image.extract_patches(a, sizes=[1, *k, 1], strides=[1, *s, 1], rates=[1, *r, 1],
-                                 padding=layer.padding.upper())
-    return tf.reshape(p, [tf.shape(a)[0], -1, p.shape[-1]])
+        return tensorflow_higher.gram_squares(A, G), "ghost"
+    return tensorflow_higher.outer_squares(A, G), "outer"
 
 
 def _einsum_dense_supported(layer: Any) -> bool:
@@ -392,36 +375,14 @@ def _einsum_dense_supported(layer: Any) -> bool:
     return lhs.endswith(k) and out.endswith(o) and lhs[:-1] == out[:-1]
 
 
-def _embedding(layer: Any, ids: Any, dy: Any) -> dict:
-    b = tf.shape(dy)[0]
-    G = tf.reshape(dy, [b, -1, dy.shape[-1]])
-    ids = tf.reshape(ids, [b, -1])
-    same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), G.dtype)
-    gram = tf.matmul(G, G, transpose_b=True)
-    return {id(layer.embeddings): (tf.reduce_sum(same * gram, axis=[1, 2]), "ghost")}
-
-
 def _layer_norm(layer: Any, x: Any, dy: Any) -> tuple[dict, str]:
-    rank = x.shape.rank
+    rank = len(x.shape)
     axes = sorted(a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple))
                                      else [layer.axis]))
     if axes != [rank - 1] or getattr(layer, "rms_scaling", False):
         return {}, "LayerNormalization over axes other than the last, or with rms_scaling"
-    x = tf.cast(x, dy.dtype)
-    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-    xhat = (x - mean) * tf.math.rsqrt(var + layer.epsilon)
-    b = tf.shape(dy)[0]
-    reduce = list(range(1, rank - 1))
-    out = {}
-    if layer.gamma is not None:
-        gg = tf.reshape(tf.reduce_sum(xhat * dy, axis=reduce) if reduce else xhat * dy, [b, -1])
-        out[id(layer.gamma)] = (tf.reduce_sum(tf.square(gg), axis=1), "ghost")
-    if layer.beta is not None:
-        gb = tf.reshape(tf.reduce_sum(dy, axis=reduce) if reduce else dy, [b, -1])
-        out[id(layer.beta)] = (tf.reduce_sum(tf.square(gb), axis=1), "ghost")
-    return out, ""
-
-
+    return {k: (sq, "ghost") for k, sq in
+            tensorflow_higher.layer_norm_squares(layer, x, dy).items()}, ""
 
 
 # --------------------------------------------------- per-example gradients
@@ -459,34 +420,44 @@ def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
         capture.per_example_values(tensors["target"], "per_example=True")
         return tensors, dict(meta, per_example_method={}, per_example_fallbacks={})
 
-    why = ""
-    if requested == "jacobian":
-        why = "per_example='jacobian' was requested"
-    else:
-        coupled = _coupling(model, plan)
-        if coupled and requested == "auto":
-            why = coupled
-        else:
-            try:
-                return _vectorized(model, inputs, args, single, wrap_errors)
-            except GradprobeError:
-                raise
-            except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
-                if requested == "vectorized_map":  # that cannot run on one example
-                    raise GradprobeError(
-                        "per_example='vectorized_map': tf.vectorized_map could not vectorise "
-                        f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
-                        "per_example=True to fall back to the Jacobian.") from e
-                why = (f"tf.vectorized_map could not vectorise the single-example pass "
-                       f"({type(e).__name__}: {_reason(e)})")
+    why = forced_fallback(model, plan, requested)
+    if not why:
+        try:
+            return _vectorized(model, inputs, args, single, wrap_errors)
+        except GradprobeError:
+            raise
+        except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
+            if requested == "vectorized_map":  # that cannot run on one example
+                raise GradprobeError(
+                    "per_example='vectorized_map': tf.vectorized_map could not vectorise "
+                    f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
+                    "per_example=True to fall back to the Jacobian.") from e
+            why = (f"tf.vectorized_map could not vectorise the single-example pass "
+                   f"({type(e).__name__}: {_reason(e)})")
     return _jacobian(model, inputs, args, single, wrap_errors, why)
+
+
+def forced_fallback(model: Any, plan: capture.Plan, requested: str) -> str:
+    """Why the per-example weight gradients must come from the Jacobian of the
+    batched pass without trying the single-example method, or '' when that
+    method is to be tried, on every backend: `per_example='jacobian'` was
+    requested, or `requested` is `"auto"` (`per_example=True`) and examples
+    interact in the forward pass (`_coupling`). A single-example method named
+    explicitly (`'vectorized_map'`, `'vmap'`, `'loop'`) is tried even then."""
+    if requested == "jacobian":
+        return "per_example='jacobian' was requested"
+    if requested != "auto":
+        return ""
+    if backends.is_functional():
+        return _coupling(model, plan, "the single-example passes would draw once for all "
+                                      "examples (one seed state)")
+    return _coupling(model, plan)
 
 
 def _coupling(model: Any, plan: capture.Plan,
               mapped: str = "tf.vectorized_map would draw once for all examples") -> str:
     """Why examples interact in this forward pass ('' when they do not);
-    `mapped` says what the single-example method would do with random noise.
-    The functional backends use it too."""
+    `mapped` says what the single-example method would do with random noise."""
     if not plan.training:
         return ""
     for node in LayerTree(model).nodes:
@@ -526,7 +497,7 @@ def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
         capture.per_example_values(tensors["target"], "per_example=True")
         plan = dataclasses.replace(plan, acts=[], inputs=[])
     mapped = {k: v for k, v in args.items() if getattr(v, "shape", None) is not None
-              and v.shape.rank}
+              and len(v.shape)}
     fixed = {k: v for k, v in args.items() if k not in mapped}
     box: dict[str, Any] = {}
 
@@ -540,12 +511,12 @@ def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
         weights = {k: g for k, g in out["grads"].items() if m["kinds"][k] == "weight"}
         return {"grads": weights, "outputs": out["outputs"], "target": out["target"]}
 
-    stacked = tf.vectorized_map(one, (x, mapped), fallback_to_while_loop=False)
+    stacked = tensorflow_higher.vectorized_map(one, (x, mapped))
     m = box["meta"]
     if tensors is None:
         tensors = {"grads": stacked["grads"], "values": {},
                    "outputs": keras.tree.map_structure(_unstack_one, stacked["outputs"]),
-                   "target": tf.reshape(stacked["target"], [-1])}
+                   "target": keras.ops.reshape(stacked["target"], (-1,))}
         meta = m
     else:
         tensors["grads"] = dict(tensors["grads"], **stacked["grads"])
@@ -556,7 +527,7 @@ def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
 
 def _unstack_one(t: Any) -> Any:
     """`(batch, 1, ...)` -> `(batch, ...)`: a mapped single-example output."""
-    return tf.squeeze(t, axis=1) if t.shape.rank and t.shape.rank > 1 and t.shape[1] == 1 else t
+    return keras.ops.squeeze(t, axis=1) if len(t.shape) > 1 and t.shape[1] == 1 else t
 
 
 def _jacobian(model: Any, x: Any, args: dict, plan: capture.Plan, wrap_errors: bool,
