@@ -25,23 +25,13 @@ TOL = 1e-9 if keras.backend.backend() == "tensorflow" else 2e-6
 
 
 @pytest.fixture
-def x64(float64):
-    """float64 models (on JAX also `jax_enable_x64`)."""
-    if keras.backend.backend() != "jax":
-        yield
-        return
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
-@pytest.fixture
-def mlp(x64):
+def mlp(float64, request):
     """`out = tanh(x W1 + b1) W2 + b2` in float64, and its weights as arrays."""
+    if keras.backend.backend() == "jax":  # (without x64, JAX computes float64 in float32)
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        request.addfinalizer(lambda: jax.config.update("jax_enable_x64", False))
     keras.utils.set_random_seed(3)
     inp = keras.Input((D,))
     h = keras.layers.Dense(H, activation="tanh", name="h")(inp)
