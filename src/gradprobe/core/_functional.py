@@ -608,33 +608,29 @@ class _Request:
                                   non_trainable, x, args)
             return combine(grads, trainable, non_trainable, x, args, aux)
 
-        why = ""
-        if requested == "jacobian":
-            why = "per_example='jacobian' was requested"
-        else:
-            coupled = _coupling(model, plan)
-            if coupled and requested == "auto":
-                why = coupled
-            elif single == "vmap":
-                try:  # traced on abstract values: nothing is computed
-                    bk.eval_shape(vmap_step, *abstract_args)
-                except Exception as e:
-                    # The batched pass traced: what fails here is the mapping (a model
-                    # call error comes wrapped by `capture.call_error`: report its cause).
-                    cause = e.__cause__ if isinstance(e, GradprobeError) and \
-                        e.__cause__ is not None else e
-                    # (Keras frames the message: "Exception encountered when calling
-                    # ...", the message, "Arguments received by ...", "• x=...")
-                    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()
-                             and not ln.strip().startswith(("Exception encountered",
-                                                            "Arguments received", "•"))]
-                    reason = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
-                    if requested == single:
-                        raise GradprobeError(
-                            f"per_example='vmap': {bk.NAME} could not map the single-example "
-                            f"pass over the examples ({reason}). Use per_example=True to "
-                            "fall back to the Jacobian of the batched pass.") from e
-                    why = f"{bk.NAME}.vmap could not map the single-example pass ({reason})"
+        from gradprobe.higher.per_example import forced_fallback  # imports the engine
+
+        why = forced_fallback(model, plan, requested)
+        if not why and single == "vmap":
+            try:  # traced on abstract values: nothing is computed
+                bk.eval_shape(vmap_step, *abstract_args)
+            except Exception as e:
+                # The batched pass traced: what fails here is the mapping (a model
+                # call error comes wrapped by `capture.call_error`: report its cause).
+                cause = e.__cause__ if isinstance(e, GradprobeError) and \
+                    e.__cause__ is not None else e
+                # (Keras frames the message: "Exception encountered when calling
+                # ...", the message, "Arguments received by ...", "• x=...")
+                lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()
+                         and not ln.strip().startswith(("Exception encountered",
+                                                        "Arguments received", "•"))]
+                reason = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+                if requested == single:
+                    raise GradprobeError(
+                        f"per_example='vmap': {bk.NAME} could not map the single-example "
+                        f"pass over the examples ({reason}). Use per_example=True to "
+                        "fall back to the Jacobian of the batched pass.") from e
+                why = f"{bk.NAME}.vmap could not map the single-example pass ({reason})"
         if why:
             prep.step = jacobian_step
             prep.meta.update(per_example_method=dict.fromkeys(weights, "jacobian"),
@@ -731,15 +727,6 @@ def _unstack_one(t: Any) -> Any:
     if len(shape) > 1 and shape[1] == 1:
         return keras.ops.reshape(t, (shape[0], *shape[2:]))
     return t
-
-
-def _coupling(model: Any, plan: capture.Plan) -> str:
-    """Why examples interact in this forward pass ('' when they do not), as
-    on TensorFlow."""
-    from gradprobe.higher.per_example import _coupling  # imports the engine: no top-level import
-
-    return _coupling(model, plan, "the single-example passes would draw once for all "
-                     "examples (one seed state)")
 
 
 def _input_entries(x: Any, plan: capture.Plan) -> tuple[list, list[tuple[str, str]]]:
