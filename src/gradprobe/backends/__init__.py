@@ -110,8 +110,11 @@ class Deferred:
 # TensorFlow's primitives, imported when first used (on the TensorFlow backend only).
 tensorflow_backend = Deferred("gradprobe.backends.tensorflow")
 tensorflow_attribution_backend = Deferred("gradprobe.backends.tensorflow_attribution")
-# TensorFlow itself, for the modules still listed in pyproject.toml as importing it (a
-# ruff rule bans this name everywhere else, like `import tensorflow`).
+# TensorFlow's pieces of gp.hvp and the per-example gradients and norms.
+tensorflow_higher_backend = Deferred("gradprobe.backends.tensorflow_higher")
+# The monitor's train-step and optimizer hooks (the monitor is TensorFlow's only).
+tensorflow_monitor_backend = Deferred("gradprobe.backends.tensorflow_monitor")
+# TensorFlow itself (a ruff rule bans this name outside backends/, like `import tensorflow`).
 tensorflow_library = Deferred("tensorflow")
 
 _LIBRARIES = {"tensorflow": ("TensorFlow", "tensorflow"), "jax": ("JAX", "jax"),

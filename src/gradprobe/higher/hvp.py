@@ -7,15 +7,12 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import Deferred
+from gradprobe.backends import tensorflow_higher_backend as tensorflow_higher
 from gradprobe.core import _functional_form, _validate
 from gradprobe.core.engine import gradients, resolve_request
 from gradprobe.core.tape import Tape
 from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError, quoted
-
-# TensorFlow's Hessian-vector products, imported when first used (on TensorFlow only).
-tensorflow_higher = Deferred("gradprobe.backends.tensorflow_higher")
 
 
 def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,

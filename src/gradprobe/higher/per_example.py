@@ -48,8 +48,8 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import Deferred
 from gradprobe.backends import tensorflow_backend as backend
+from gradprobe.backends import tensorflow_higher_backend as tensorflow_higher
 from gradprobe.core import _patch, _validate, capture
 from gradprobe.core.engine import (
     _Entry,
@@ -62,10 +62,6 @@ from gradprobe.core.engine import (
 from gradprobe.core.selectors import LayerTree, resolve
 from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError
-
-# TensorFlow's tf.vectorized_map and ghost-norm arithmetic, imported when first used
-# (on TensorFlow only).
-tensorflow_higher = Deferred("gradprobe.backends.tensorflow_higher")
 
 GHOST_TYPES = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
                keras.layers.Embedding, keras.layers.LayerNormalization,

@@ -29,7 +29,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradprobe.backends import Deferred, _keras_private
+from gradprobe.backends import _keras_private
+from gradprobe.backends import tensorflow_monitor_backend as hooks
 from gradprobe.core import _patch, _validate
 from gradprobe.core.stats import Finding
 from gradprobe.core.stats import diagnose as diagnose_stats
@@ -37,8 +38,6 @@ from gradprobe.errors import GradprobeError
 from gradprobe.monitor.layout import Skip, Status
 from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, print_table
 
-# The train-step and optimizer hooks (TensorFlow), imported when first used.
-hooks = Deferred("gradprobe.backends.tensorflow_monitor")
 # The attribute naming, on a monitor's per-step train function, the function it stands in for.
 OWN_ATTR = "_gradprobe_own_train_function"
 _OVERFLOW = int(Skip.OVERFLOW)
