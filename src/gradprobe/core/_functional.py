@@ -591,7 +591,7 @@ class _Request:
             mapped = {k: v for k, v in args.items() if len(getattr(v, "shape", ())) > 0}
             fixed = {k: v for k, v in args.items() if k not in mapped}
             grads, outputs, target = mapped_one(trainable, non_trainable, x, mapped, fixed)
-            plain = {"outputs": keras.tree.map_structure(_unstack_one, outputs),
+            plain = {"outputs": keras.tree.map_structure(unstack_one, outputs),
                      "target": keras.ops.reshape(target, (-1,))}
             return combine(grads, trainable, non_trainable, x, args, plain)
 
@@ -721,7 +721,7 @@ def _replaced(layer: Any, index: int, outputs: Any, call: int | None, values: An
     return keras.ops.cast(values, leaves[0].dtype)
 
 
-def _unstack_one(t: Any) -> Any:
+def unstack_one(t: Any) -> Any:
     """`(batch, 1, ...)` -> `(batch, ...)`: a mapped single-example output."""
     shape = tuple(t.shape)
     if len(shape) > 1 and shape[1] == 1:

@@ -51,6 +51,7 @@ from gradprobe import backends
 from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.backends import tensorflow_higher_backend as tensorflow_higher
 from gradprobe.core import _patch, _validate, capture
+from gradprobe.core._functional import unstack_one
 from gradprobe.core.engine import (
     _Entry,
     cached_entry,
@@ -511,7 +512,7 @@ def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
     m = box["meta"]
     if tensors is None:
         tensors = {"grads": stacked["grads"], "values": {},
-                   "outputs": keras.tree.map_structure(_unstack_one, stacked["outputs"]),
+                   "outputs": keras.tree.map_structure(unstack_one, stacked["outputs"]),
                    "target": keras.ops.reshape(stacked["target"], (-1,))}
         meta = m
     else:
@@ -519,11 +520,6 @@ def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
     weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
     return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "vectorized_map"),
                          per_example_fallbacks={})
-
-
-def _unstack_one(t: Any) -> Any:
-    """`(batch, 1, ...)` -> `(batch, ...)`: a mapped single-example output."""
-    return keras.ops.squeeze(t, axis=1) if len(t.shape) > 1 and t.shape[1] == 1 else t
 
 
 def _jacobian(model: Any, x: Any, args: dict, plan: capture.Plan, wrap_errors: bool,
