@@ -34,9 +34,9 @@ demo: $(STAMP_BASE)
 test: $(STAMP_TEST)
 	sh scripts/install-browser.sh
 	$(PY) -m ruff check src tests benchmarks
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
-	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends
-	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends tests/test_request.py
+	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests/backends tests/test_request.py
 
 lint: $(STAMP_TEST)
 	$(PY) -m ruff check src tests benchmarks
