@@ -510,6 +510,13 @@ def test_gradient_statistics_fast_and_exact_paths_against_numpy():
     variables = list(model.trainable_weights)
     probe = hooks.StepProbe(model, variables, [], every=1, histograms=False)
     stats = tf.function(probe._grad_stats, autograph=False)
+    # The usual path reads each gradient in few passes (count of ops, not time):
+    # one L2Loss, Max and Min each, then vector arithmetic for all gradients.
+    specs = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    ops = [op.type for op in stats.get_concrete_function(specs).graph.get_operations()]
+    n = len(variables)
+    assert (ops.count("L2Loss"), ops.count("Max"), ops.count("Min")) == (n, n, n)
+    assert ops.count("If") + ops.count("StatelessIf") == 1 and "MatMul" not in ops
     rng = np.random.default_rng(3)
     grads = []
     for v in variables:

@@ -157,7 +157,7 @@ class StepProbe:
                 return tf.expand_dims(value, 0)
             return tf.tensor_scatter_nd_update(current, [[slot]], [value])
 
-        return var.assign(tf.cond(cond, write, lambda: current))
+        return var.assign(_cond(cond, write, lambda: current))
 
     def current_scale(self) -> Any:
         """The loss scale of this step's loss, as `LossScaleOptimizer.scale_loss`
@@ -168,7 +168,9 @@ class StepProbe:
                        else self.scaler.initial_scale, tf.float32)
 
     def _recording(self, step: Any) -> Any:
-        return tf.equal(step % self.every, 0)
+        """Whether `step` is recorded: a boolean tensor, or Python True with
+        `every=1` (then no cond is built: every step takes the recording branch)."""
+        return True if self.every == 1 else tf.equal(step % self.every, 0)
 
     def _mine(self, grads_and_vars: Any) -> list[Any]:
         """The gradients of the monitored variables, in their order (zeros where
@@ -285,7 +287,7 @@ class StepProbe:
             def check() -> Any:  # the other steps: NaN/Inf flags only
                 return current, self._nonfinite_check(grads)
 
-            stats, flags = tf.cond(recording, record, check)
+            stats, flags = _cond(recording, record, check)
             self.stats.assign(stats)
             self._put(self.flags, slot, flags)
             self._put(self.proof, slot, tf.cast(step, tf.float64))
@@ -293,7 +295,7 @@ class StepProbe:
                 dense = tf.zeros(v.shape) if g is None else tf.cast(tf.convert_to_tensor(g),
                                                                     tf.float32)
                 current = tf.convert_to_tensor(copy)
-                copy.assign(tf.cond(recording, lambda d=dense: d, lambda c=current: c))
+                copy.assign(_cond(recording, lambda d=dense: d, lambda c=current: c))
             if self.copies:
                 self.copies_step.assign(tf.where(recording, step, self.copies_step))
             return reduced
@@ -313,7 +315,7 @@ class StepProbe:
                 skip = lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())]  # noqa: E731
             else:
                 skip = lambda: [tf.zeros((), values[i].dtype) for i in tracked] or [tf.zeros(())]  # noqa: E731
-            before = tf.cond(recording,
+            before = _cond(recording,
                              lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
                              skip)
             result = original(grads, trainable_variables, learning_rate)
@@ -425,6 +427,13 @@ def _status_step(original: Callable, probe: StepProbe) -> Callable:
         return {**logs, STATUS_KEY: probe.pack()}
 
     return train_step
+
+
+def _cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """`tf.cond`, or the branch itself where `pred` is a Python bool."""
+    if isinstance(pred, bool):
+        return true_fn() if pred else false_fn()
+    return tf.cond(pred, true_fn, false_fn)
 
 
 def _value(v: Any) -> Any:
