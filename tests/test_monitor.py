@@ -919,3 +919,108 @@ def test_multi_worker_records_agree(tmp_path):
         for stat, values in h.items():
             assert np.allclose(values, records[1]["history"][path][stat], rtol=1e-6), (path, stat)
     assert all(v > 0 for v in records[0]["history"][next(iter(records[0]["history"]))]["norm"])
+
+
+# ---------------------------------------------------------------- review s4, issue 11 gaps
+class ScaleBeforeStep(keras.callbacks.Callback):
+    """The LossScaleOptimizer's scale as each step starts (the scale that step uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = self.model.optimizer  # its scale variable is made at its first step
+        scale = getattr(optimizer, "dynamic_scale", None)
+        self.scales.append(optimizer.initial_scale if scale is None else float(scale.numpy()))
+
+
+def test_tensorboard_loss_scale_follows_the_optimizers_scale(mixed_precision, tmp_path):
+    """Under dynamic loss scaling the scale comes down (overflow) and goes up
+    again (every 3 finite steps): TensorBoard's `train_step/loss_scale` holds, at
+    each step, the scale the LossScaleOptimizer had when that step started, and
+    `train_step/skipped` is 1 exactly where the optimizer halved it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _cnn()
+    model.compile(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40, dynamic_growth_steps=3), LOSS)
+    x, y = _data(16)
+    x, y = np.tile(x, (30, 1, 1, 1)), np.tile(y, 30)
+    log_dir = str(tmp_path / "tb")
+    spy = ScaleBeforeStep()
+    monitor = gp.GradientMonitor(log_dir=log_dir)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, spy])
+    expected = np.array(spy.scales)
+    after = np.append(expected[1:], float(model.optimizer.dynamic_scale.numpy()))
+    assert len(expected) == 30
+    assert (after < expected).any() and (after > expected).any()  # came down and went up
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("train_step/loss_scale")
+    assert [e.step for e in events] == list(range(1, 31))
+    tb = np.array([float(tf.make_ndarray(e.tensor_proto)) for e in events])
+    assert np.array_equal(tb, expected)
+    assert np.array_equal(monitor.loss_scale, expected)
+    skipped = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train_step/skipped")]
+    assert skipped == (after < expected).astype(float).tolist()
+
+
+def _open_paths():
+    return [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.islink(f"/proc/self/fd/{fd}")]
+
+
+class FailAt(keras.callbacks.Callback):
+    """Raises at `hook` of batch `batch`, after reading the CSV as it is then on disk."""
+
+    def __init__(self, hook, batch, csv_path):
+        super().__init__()
+        self.batch, self.csv_path, self.seen = batch, csv_path, None
+        setattr(self, hook, self._hook)
+
+    def _hook(self, batch, logs=None):
+        if batch == self.batch:
+            with open(self.csv_path) as f:
+                self.seen = len(f.read().splitlines()) - 1
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("order", ["monitor first", "monitor last"])
+def test_csv_is_flushed_and_closed_when_fit_fails(tmp_path, order):
+    """Another callback raises at the end of the third step: every step that ran
+    is in the CSV (the third one even when the monitor's on_train_batch_end never
+    ran), with the hand-computed norms, and the file is closed; likewise when a
+    train step itself fails (a NaN input at the third batch)."""
+    lr = 0.1
+    model, shadow = _cnn(), _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    x, y = _data(80)
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    fail = FailAt("on_train_batch_end", 2, path)
+    callbacks = [monitor, fail] if order == "monitor first" else [fail, monitor]
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    # While the exception was raised, the rows of the steps the monitor had processed were on disk.
+    assert fail.seen == (3 if order == "monitor first" else 2)
+    assert path not in _open_paths()
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    paths = [v.path for v in model.trainable_weights]
+    steps, history = gp.monitor.read_csv(path)
+    assert steps.tolist() == [1, 2, 3] == monitor.steps.tolist()
+    for i, p in enumerate(paths):
+        assert np.allclose(history[p]["norm"], [np.linalg.norm(h[i]) for h in hand], rtol=1e-5), p
+
+    checked = keras.Sequential([keras.Input((8, 8, 1)), layers.Lambda(
+        lambda t: tf.debugging.check_numerics(t, "bad input")), *_cnn().layers])
+    checked.compile(keras.optimizers.SGD(lr), LOSS)
+    bad_x = x.copy()
+    bad_x[40] = np.nan  # in the third batch
+    monitor = gp.GradientMonitor(csv=path)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        checked.fit(bad_x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                    callbacks=[monitor])
+    assert path not in _open_paths()
+    steps, _ = gp.monitor.read_csv(path)
+    assert steps.tolist() == [1, 2] == monitor.steps.tolist()
