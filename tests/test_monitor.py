@@ -1024,3 +1024,67 @@ def test_csv_is_flushed_and_closed_when_fit_fails(tmp_path, order):
     assert path not in _open_paths()
     steps, _ = gp.monitor.read_csv(path)
     assert steps.tolist() == [1, 2] == monitor.steps.tolist()
+
+
+class Alternating(keras.Model):
+    """Odd train steps update the weights by hand (as SGD(0.1) would, without the
+    optimizer: the monitor's hooks do not see them); even steps apply through the
+    optimizer."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.calls.assign_add(1)
+
+        def by_hand():
+            for v, g in zip(self.trainable_weights, grads):
+                v.assign_sub(0.1 * g)
+            return tf.constant(0)
+
+        def applied():
+            self.optimizer.apply(grads, self.trainable_weights)
+            return tf.constant(1)
+
+        tf.cond(self.calls % 2 == 1, by_hand, applied)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("on_nonfinite, run_eagerly, steps_per_execution", [
+    ("warn", True, 1), ("ignore", True, 1), ("ignore", False, 1), ("warn", False, 2),
+    ("ignore", False, 3)])
+def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
+        on_nonfinite, run_eagerly, steps_per_execution):
+    """With 'warn' and 'ignore', each step the hooks did not see is named in a
+    warning (also inside a multi-step execution, where the steps of one call mix
+    seen and unseen), every seen step is recorded under its own number with the
+    hand-computed gradients, and no step is missing from both."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    model = Alternating(inp, layers.Dense(3, name="d")(inp))
+    model.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+    model.compile(keras.optimizers.SGD(0.1), LOSS, run_eagerly=run_eagerly,
+                  steps_per_execution=steps_per_execution)
+    model.optimizer.build(model.trainable_variables)  # its variables are not made inside a cond
+    shadow = keras.Sequential([keras.Input((5,)), layers.Dense(3)])
+    shadow.set_weights(model.get_weights())
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 5)).astype("float32"), rng.integers(0, 3, size=60)
+    monitor = gp.GradientMonitor(on_nonfinite=on_nonfinite)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    unseen = [str(w.message).split(" ran")[0] for w in caught
+              if "ran without the monitor's hooks" in str(w.message)]
+    if steps_per_execution == 3:  # one warning per execution: steps 1 and 3, then step 5
+        assert unseen == ["gradprobe: steps 1 and 3", "gradprobe: step 5"]
+    else:
+        assert unseen == ["gradprobe: step 1", "gradprobe: step 3", "gradprobe: step 5"]
+    assert monitor.steps.tolist() == [2, 4, 6]
+    # Every step is SGD(0.1) on the next batch, by hand or not: the hand-computed
+    # gradients of steps 2, 4 and 6.
+    hand = [h for step, h in enumerate(_hand_gradients(shadow, x, y, 10, 6, 0.1), 1)
+            if step % 2 == 0]
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [2, 4, 6])
+    _no_hooks_left(model)
