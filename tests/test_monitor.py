@@ -1088,3 +1088,93 @@ def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
             if step % 2 == 0]
     _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [2, 4, 6])
     _no_hooks_left(model)
+
+
+def _deny_writes(monkeypatch, *denied):
+    """`os.access(path, W_OK)` is False for `denied` folders and what is under
+    them (the tests run as root, whom file modes do not stop)."""
+    real = os.access
+    denied = tuple(os.path.abspath(d) for d in denied)
+
+    def access(path, mode, *args, **kwargs):
+        p = os.path.abspath(os.fspath(path))
+        if mode & os.W_OK and any(p == d or p.startswith(d + os.sep) for d in denied):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_not_writable_csv_and_log_dir_raise_before_anything_changes(tmp_path, monkeypatch):
+    """A CSV or log_dir the process may not write: a GradprobeError naming the
+    argument and the value, from the constructor, and from fit (where the folder
+    became read-only after the monitor was made) before the model, the weights or
+    an existing CSV change."""
+    import re
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own, weights = model.train_function, model.get_weights()
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    locked.mkdir()
+    free.mkdir()
+    csv_path, tb_path = str(locked / "g.csv"), str(locked / "new" / "tb")
+    kept = free / "kept.csv"
+    kept.write_text("a CSV of an earlier run\n")
+    late = [(gp.GradientMonitor(csv=csv_path),
+             f"Expected csv to be writable. Received: csv={csv_path!r}"),
+            (gp.GradientMonitor(csv=str(kept), log_dir=tb_path),
+             f"Expected log_dir to be a writable folder. Received: log_dir={tb_path!r} "
+             f"\\({str(locked)!r} is not writable\\)")]
+    _deny_writes(monkeypatch, locked)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected csv to be writable. Received: csv={csv_path!r}")):
+        gp.GradientMonitor(csv=csv_path)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected log_dir to be a writable folder. Received: log_dir={tb_path!r}")):
+        gp.GradientMonitor(log_dir=tb_path)
+    for monitor, match in late:
+        with pytest.raises(gp.GradprobeError, match=match):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+        assert model.train_function is own
+        assert int(model.optimizer.iterations.numpy()) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+        _no_hooks_left(model)
+        assert kept.read_text() == "a CSV of an earlier run\n"
+        assert not os.path.exists(csv_path) and not os.path.exists(locked / "new")
+    # An existing file that may not be written, in a writable folder.
+    _deny_writes(monkeypatch, kept)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected csv to be writable. Received: csv={str(kept)!r}")):
+        gp.GradientMonitor(csv=str(kept))
+
+
+def test_csv_that_cannot_be_opened_raises_a_gradprobe_error(tmp_path, monkeypatch):
+    """Where `os.access` says yes but opening fails (a read-only file system
+    answers root so), fit raises a GradprobeError naming csv, its value and the
+    reason, and the model is unchanged."""
+    import builtins
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own = model.train_function
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if os.fspath(file) == path and any(c in mode for c in "wa+"):
+            raise OSError(30, "Read-only file system", path)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Received: csv={path!r} (Read-only file system)")):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    monkeypatch.undo()
+    assert model.train_function is own and int(model.optimizer.iterations.numpy()) == 2
+    _no_hooks_left(model)

@@ -409,12 +409,15 @@ class GradientMonitor(keras.callbacks.Callback):
     # ------------------------------------------------------------ sinks
     def _open_sinks(self, paths: list[str], layers: list[str], optimizer: Any,
                     append: bool) -> None:
+        # Both paths are checked before either sink opens (opening the CSV truncates it).
         if self.csv is not None:
             _check_file("csv", self.csv)
+        if self.log_dir is not None:
+            _check_dir("log_dir", self.log_dir)
+        if self.csv is not None:
             self._csv_sink = CsvSink(self.csv, paths, append)
         if self.log_dir is not None:
             try:
-                _check_dir("log_dir", self.log_dir)
                 self._tb_sink = TensorBoardSink(hooks.SummaryWriter(self.log_dir), paths, layers,
                                                 hooks.loss_scaler(optimizer) is not None)
             except BaseException:
