@@ -1156,6 +1156,7 @@ def test_csv_that_cannot_be_opened_raises_a_gradprobe_error(tmp_path, monkeypatc
     answers root so), fit raises a GradprobeError naming csv, its value and the
     reason, and the model is unchanged."""
     import builtins
+    import re
 
     model = _cnn()
     model.compile(keras.optimizers.SGD(0.1), LOSS)
