@@ -1179,3 +1179,56 @@ def test_csv_that_cannot_be_opened_raises_a_gradprobe_error(tmp_path, monkeypatc
     monkeypatch.undo()
     assert model.train_function is own and int(model.optimizer.iterations.numpy()) == 2
     _no_hooks_left(model)
+
+
+TEST_HOOKS = ["on_test_begin", "on_test_batch_begin", "on_test_batch_end", "on_test_end"]
+
+
+def test_exception_from_another_callback_during_validation_restores_the_model(tmp_path):
+    """`fit(..., validation_data=...)` with another callback raising at each
+    validation hook (after the epoch's train steps ran): the model's own train
+    function is back, no hook is left, the CSV is closed and holds every step
+    that ran, numbered like the optimizer's iterations; a later plain fit trains
+    normally, and the monitor records again."""
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(48)
+    val = (x[32:], y[32:])
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, verbose=0, validation_data=val)
+    own, test_function = model.train_function, model.test_function
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    for hook in TEST_HOOKS:
+        for error in (RuntimeError, KeyboardInterrupt):
+            for order in ("monitor first", "monitor last"):
+                boom = Boom(hook, error)
+                callbacks = [monitor, boom] if order == "monitor first" else [boom, monitor]
+                before = int(model.optimizer.iterations.numpy())
+                with pytest.raises(error, match="boom"):
+                    model.fit(x[:32], y[:32], batch_size=16, epochs=2, verbose=0,
+                              validation_data=val, callbacks=callbacks)
+                where = (hook, error, order)
+                assert model.train_function is own, where
+                assert int(model.optimizer.iterations.numpy()) == before + 2, where
+                assert monitor.steps.tolist()[-2:] == [before + 1, before + 2], where
+                assert path not in _open_paths(), where
+                _no_hooks_left(model)
+    assert monitor.steps.tolist() == list(range(3, 3 + 2 * 16))
+    # The CSV is appended to across the fits of one monitor: every recorded step.
+    assert gp.monitor.read_csv(path)[0].tolist() == monitor.steps.tolist()
+    # The next plain fit (with validation) trains normally: the model's own
+    # functions, nothing recorded.
+    recorded = len(monitor.steps)
+    before = int(model.optimizer.iterations.numpy())
+    history = model.fit(x[:32], y[:32], batch_size=16, epochs=2, verbose=0, validation_data=val)
+    assert int(model.optimizer.iterations.numpy()) == before + 4
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert np.all(np.isfinite(history.history["val_loss"]))
+    assert model.train_function is own and len(monitor.steps) == recorded
+    assert model.test_function is test_function
+    # And fitting with the monitor again records again, its steps after the plain fit's.
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, verbose=0, validation_data=val,
+              callbacks=[monitor])
+    assert monitor.steps.tolist()[recorded:] == [before + 5, before + 6]
+    assert model.train_function is own
+    _no_hooks_left(model)
