@@ -926,3 +926,316 @@ def test_multi_worker_records_agree(tmp_path):
         for stat, values in h.items():
             assert np.allclose(values, records[1]["history"][path][stat], rtol=1e-6), (path, stat)
     assert all(v > 0 for v in records[0]["history"][next(iter(records[0]["history"]))]["norm"])
+
+
+# ---------------------------------------------------------------- review s4, issue 11 gaps
+class ScaleBeforeStep(keras.callbacks.Callback):
+    """The LossScaleOptimizer's scale as each step starts (the scale that step uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = self.model.optimizer  # its scale variable is made at its first step
+        scale = getattr(optimizer, "dynamic_scale", None)
+        self.scales.append(optimizer.initial_scale if scale is None else float(scale.numpy()))
+
+
+def test_tensorboard_loss_scale_follows_the_optimizers_scale(mixed_precision, tmp_path):
+    """Under dynamic loss scaling the scale comes down (overflow) and goes up
+    again (every 3 finite steps): TensorBoard's `train_step/loss_scale` holds, at
+    each step, the scale the LossScaleOptimizer had when that step started, and
+    `train_step/skipped` is 1 exactly where the optimizer halved it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _cnn()
+    model.compile(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40, dynamic_growth_steps=3), LOSS)
+    x, y = _data(16)
+    x, y = np.tile(x, (30, 1, 1, 1)), np.tile(y, 30)
+    log_dir = str(tmp_path / "tb")
+    spy = ScaleBeforeStep()
+    monitor = gp.GradientMonitor(log_dir=log_dir)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, spy])
+    expected = np.array(spy.scales)
+    after = np.append(expected[1:], float(model.optimizer.dynamic_scale.numpy()))
+    assert len(expected) == 30
+    assert (after < expected).any() and (after > expected).any()  # came down and went up
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("train_step/loss_scale")
+    assert [e.step for e in events] == list(range(1, 31))
+    tb = np.array([float(tf.make_ndarray(e.tensor_proto)) for e in events])
+    assert np.array_equal(tb, expected)
+    assert np.array_equal(monitor.loss_scale, expected)
+    skipped = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train_step/skipped")]
+    assert skipped == (after < expected).astype(float).tolist()
+
+
+def _open_paths():
+    return [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.islink(f"/proc/self/fd/{fd}")]
+
+
+class FailAt(keras.callbacks.Callback):
+    """Raises at `hook` of batch `batch`, after reading the CSV as it is then on disk."""
+
+    def __init__(self, hook, batch, csv_path):
+        super().__init__()
+        self.batch, self.csv_path, self.seen = batch, csv_path, None
+        setattr(self, hook, self._hook)
+
+    def _hook(self, batch, logs=None):
+        if batch == self.batch:
+            with open(self.csv_path) as f:
+                self.seen = len(f.read().splitlines()) - 1
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("order", ["monitor first", "monitor last"])
+def test_csv_is_flushed_and_closed_when_fit_fails(tmp_path, order):
+    """Another callback raises at the end of the third step: every step that ran
+    is in the CSV (the third one even when the monitor's on_train_batch_end never
+    ran), with the hand-computed norms, and the file is closed; likewise when a
+    train step itself fails (a NaN input at the third batch)."""
+    lr = 0.1
+    model, shadow = _cnn(), _cnn()
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    x, y = _data(80)
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    fail = FailAt("on_train_batch_end", 2, path)
+    callbacks = [monitor, fail] if order == "monitor first" else [fail, monitor]
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    # While the exception was raised, the rows of the steps the monitor had processed were on disk.
+    assert fail.seen == (3 if order == "monitor first" else 2)
+    assert path not in _open_paths()
+    hand = _hand_gradients(shadow, x, y, 16, 3, lr)
+    paths = [v.path for v in model.trainable_weights]
+    steps, history = gp.monitor.read_csv(path)
+    assert steps.tolist() == [1, 2, 3] == monitor.steps.tolist()
+    for i, p in enumerate(paths):
+        assert np.allclose(history[p]["norm"], [np.linalg.norm(h[i]) for h in hand], rtol=1e-5), p
+
+    checked = keras.Sequential([keras.Input((8, 8, 1)), layers.Lambda(
+        lambda t: tf.debugging.check_numerics(t, "bad input")), *_cnn().layers])
+    checked.compile(keras.optimizers.SGD(lr), LOSS)
+    bad_x = x.copy()
+    bad_x[40] = np.nan  # in the third batch
+    monitor = gp.GradientMonitor(csv=path)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        checked.fit(bad_x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                    callbacks=[monitor])
+    assert path not in _open_paths()
+    steps, _ = gp.monitor.read_csv(path)
+    assert steps.tolist() == [1, 2] == monitor.steps.tolist()
+
+
+class Alternating(keras.Model):
+    """Odd train steps update the weights by hand (as SGD(0.1) would, without the
+    optimizer: the monitor's hooks do not see them); even steps apply through the
+    optimizer."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.calls.assign_add(1)
+
+        def by_hand():
+            for v, g in zip(self.trainable_weights, grads):
+                v.assign_sub(0.1 * g)
+            return tf.constant(0)
+
+        def applied():
+            self.optimizer.apply(grads, self.trainable_weights)
+            return tf.constant(1)
+
+        tf.cond(self.calls % 2 == 1, by_hand, applied)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("on_nonfinite, run_eagerly, steps_per_execution", [
+    ("warn", True, 1), ("ignore", True, 1), ("ignore", False, 1), ("warn", False, 2),
+    ("ignore", False, 3)])
+def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
+        on_nonfinite, run_eagerly, steps_per_execution):
+    """With 'warn' and 'ignore', each step the hooks did not see is named in a
+    warning (also inside a multi-step execution, where the steps of one call mix
+    seen and unseen), every seen step is recorded under its own number with the
+    hand-computed gradients, and no step is missing from both."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    model = Alternating(inp, layers.Dense(3, name="d")(inp))
+    model.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+    model.compile(keras.optimizers.SGD(0.1), LOSS, run_eagerly=run_eagerly,
+                  steps_per_execution=steps_per_execution)
+    model.optimizer.build(model.trainable_variables)  # its variables are not made inside a cond
+    shadow = keras.Sequential([keras.Input((5,)), layers.Dense(3)])
+    shadow.set_weights(model.get_weights())
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 5)).astype("float32"), rng.integers(0, 3, size=60)
+    monitor = gp.GradientMonitor(on_nonfinite=on_nonfinite)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    unseen = [str(w.message).split(" ran")[0] for w in caught
+              if "ran without the monitor's hooks" in str(w.message)]
+    if steps_per_execution == 3:  # one warning per execution: steps 1 and 3, then step 5
+        assert unseen == ["gradprobe: steps 1 and 3", "gradprobe: step 5"]
+    else:
+        assert unseen == ["gradprobe: step 1", "gradprobe: step 3", "gradprobe: step 5"]
+    assert monitor.steps.tolist() == [2, 4, 6]
+    # Every step is SGD(0.1) on the next batch, by hand or not: the hand-computed
+    # gradients of steps 2, 4 and 6.
+    hand = [h for step, h in enumerate(_hand_gradients(shadow, x, y, 10, 6, 0.1), 1)
+            if step % 2 == 0]
+    _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [2, 4, 6])
+    _no_hooks_left(model)
+
+
+def _deny_writes(monkeypatch, *denied):
+    """`os.access(path, W_OK)` is False for `denied` folders and what is under
+    them (the tests run as root, whom file modes do not stop)."""
+    real = os.access
+    denied = tuple(os.path.abspath(d) for d in denied)
+
+    def access(path, mode, *args, **kwargs):
+        p = os.path.abspath(os.fspath(path))
+        if mode & os.W_OK and any(p == d or p.startswith(d + os.sep) for d in denied):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_not_writable_csv_and_log_dir_raise_before_anything_changes(tmp_path, monkeypatch):
+    """A CSV or log_dir the process may not write: a GradprobeError naming the
+    argument and the value, from the constructor, and from fit (where the folder
+    became read-only after the monitor was made) before the model, the weights or
+    an existing CSV change."""
+    import re
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own, weights = model.train_function, model.get_weights()
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    locked.mkdir()
+    free.mkdir()
+    csv_path, tb_path = str(locked / "g.csv"), str(locked / "new" / "tb")
+    kept = free / "kept.csv"
+    kept.write_text("a CSV of an earlier run\n")
+    late = [(gp.GradientMonitor(csv=csv_path),
+             f"Expected csv to be writable. Received: csv={csv_path!r}"),
+            (gp.GradientMonitor(csv=str(kept), log_dir=tb_path),
+             f"Expected log_dir to be a writable folder. Received: log_dir={tb_path!r} "
+             f"\\({str(locked)!r} is not writable\\)")]
+    _deny_writes(monkeypatch, locked)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected csv to be writable. Received: csv={csv_path!r}")):
+        gp.GradientMonitor(csv=csv_path)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected log_dir to be a writable folder. Received: log_dir={tb_path!r}")):
+        gp.GradientMonitor(log_dir=tb_path)
+    for monitor, match in late:
+        with pytest.raises(gp.GradprobeError, match=match):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+        assert model.train_function is own
+        assert int(model.optimizer.iterations.numpy()) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+        _no_hooks_left(model)
+        assert kept.read_text() == "a CSV of an earlier run\n"
+        assert not os.path.exists(csv_path) and not os.path.exists(locked / "new")
+    # An existing file that may not be written, in a writable folder.
+    _deny_writes(monkeypatch, kept)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Expected csv to be writable. Received: csv={str(kept)!r}")):
+        gp.GradientMonitor(csv=str(kept))
+
+
+def test_csv_that_cannot_be_opened_raises_a_gradprobe_error(tmp_path, monkeypatch):
+    """Where `os.access` says yes but opening fails (a read-only file system
+    answers root so), fit raises a GradprobeError naming csv, its value and the
+    reason, and the model is unchanged."""
+    import builtins
+    import re
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    own = model.train_function
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if os.fspath(file) == path and any(c in mode for c in "wa+"):
+            raise OSError(30, "Read-only file system", path)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    with pytest.raises(gp.GradprobeError, match=re.escape(
+            f"Received: csv={path!r} (Read-only file system)")):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    monkeypatch.undo()
+    assert model.train_function is own and int(model.optimizer.iterations.numpy()) == 2
+    _no_hooks_left(model)
+
+
+TEST_HOOKS = ["on_test_begin", "on_test_batch_begin", "on_test_batch_end", "on_test_end"]
+
+
+def test_exception_from_another_callback_during_validation_restores_the_model(tmp_path):
+    """`fit(..., validation_data=...)` with another callback raising at each
+    validation hook (after the epoch's train steps ran): the model's own train
+    function is back, no hook is left, the CSV is closed and holds every step
+    that ran, numbered like the optimizer's iterations; a later plain fit trains
+    normally, and the monitor records again."""
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(48)
+    val = (x[32:], y[32:])
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, verbose=0, validation_data=val)
+    own, test_function = model.train_function, model.test_function
+    path = str(tmp_path / "g.csv")
+    monitor = gp.GradientMonitor(csv=path)
+    for hook in TEST_HOOKS:
+        for error in (RuntimeError, KeyboardInterrupt):
+            for order in ("monitor first", "monitor last"):
+                boom = Boom(hook, error)
+                callbacks = [monitor, boom] if order == "monitor first" else [boom, monitor]
+                before = int(model.optimizer.iterations.numpy())
+                with pytest.raises(error, match="boom"):
+                    model.fit(x[:32], y[:32], batch_size=16, epochs=2, verbose=0,
+                              validation_data=val, callbacks=callbacks)
+                where = (hook, error, order)
+                assert model.train_function is own, where
+                assert int(model.optimizer.iterations.numpy()) == before + 2, where
+                assert monitor.steps.tolist()[-2:] == [before + 1, before + 2], where
+                assert path not in _open_paths(), where
+                _no_hooks_left(model)
+    assert monitor.steps.tolist() == list(range(3, 3 + 2 * 16))
+    # The CSV is appended to across the fits of one monitor: every recorded step.
+    assert gp.monitor.read_csv(path)[0].tolist() == monitor.steps.tolist()
+    # The next plain fit (with validation) trains normally: the model's own
+    # functions, nothing recorded.
+    recorded = len(monitor.steps)
+    before = int(model.optimizer.iterations.numpy())
+    history = model.fit(x[:32], y[:32], batch_size=16, epochs=2, verbose=0, validation_data=val)
+    assert int(model.optimizer.iterations.numpy()) == before + 4
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert np.all(np.isfinite(history.history["val_loss"]))
+    assert model.train_function is own and len(monitor.steps) == recorded
+    assert model.test_function is test_function
+    # And fitting with the monitor again records again, its steps after the plain fit's.
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, verbose=0, validation_data=val,
+              callbacks=[monitor])
+    assert monitor.steps.tolist()[recorded:] == [before + 5, before + 6]
+    assert model.train_function is own
+    _no_hooks_left(model)

@@ -101,6 +101,9 @@ class StepProbe:
                 return tf.Variable(tf.cast(value, dtype), **kw)
 
             self.step = var(self.iterations(), tf.int64)
+            # The number of the train step running (set by the train-step wrapper;
+            # not under a strategy).
+            self.begun = var(self.iterations(), tf.int64)
             self.copies_step = var(-1, tf.int64)
             self.slot_step = var(tf.fill([k], -1.0), tf.float64)
             self.proof = var(tf.fill([k], -1.0), tf.float64)
@@ -377,6 +380,21 @@ class StepProbe:
 
     def set_step(self, step: int) -> None:
         self.step.assign(int(step))
+        self.begun.assign(int(step))
+
+    def begin_step(self) -> None:
+        """At the start of each train step (with `end_step`): the number this step
+        takes if it runs without `apply`."""
+        self.begun.assign(tf.maximum(tf.convert_to_tensor(self.step),
+                                     tf.convert_to_tensor(self.begun)) + 1)
+
+    def end_step(self) -> None:
+        """At the end of each train step: the step counter is at least the number
+        of train steps run, so a step that ran without `apply` (its weights
+        updated by hand) still takes its number, and the callback finds it
+        missing, also inside a multi-step execution."""
+        self.step.assign(tf.maximum(tf.convert_to_tensor(self.step),
+                                    tf.convert_to_tensor(self.begun)))
 
     def iterations(self) -> int:
         """The applying optimizer's raw iteration count, now."""
@@ -421,7 +439,9 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
 
 def _status_step(original: Callable, probe: StepProbe) -> Callable:
     def train_step(*args: Any, **kwargs: Any) -> Any:
+        probe.begin_step()
         logs = original(*args, **kwargs)
+        probe.end_step()
         if not isinstance(logs, dict):
             return logs  # a custom train_step: the status is read from the variables
         return {**logs, STATUS_KEY: probe.pack()}

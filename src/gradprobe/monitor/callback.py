@@ -383,7 +383,7 @@ class GradientMonitor(keras.callbacks.Callback):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _unseen(self, steps: list[int]) -> None:
-        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}"
+        span = _steps_text(steps)
         message = (f"gradprobe: {span} ran without the monitor's hooks, so their gradients "
                    "were not recorded. The train step must apply its gradients with "
                    "model.optimizer.apply() or apply_gradients().")
@@ -409,12 +409,15 @@ class GradientMonitor(keras.callbacks.Callback):
     # ------------------------------------------------------------ sinks
     def _open_sinks(self, paths: list[str], layers: list[str], optimizer: Any,
                     append: bool) -> None:
+        # Both paths are checked before either sink opens (opening the CSV truncates it).
         if self.csv is not None:
             _check_file("csv", self.csv)
+        if self.log_dir is not None:
+            _check_dir("log_dir", self.log_dir)
+        if self.csv is not None:
             self._csv_sink = CsvSink(self.csv, paths, append)
         if self.log_dir is not None:
             try:
-                _check_dir("log_dir", self.log_dir)
                 self._tb_sink = TensorBoardSink(hooks.SummaryWriter(self.log_dir), paths, layers,
                                                 hooks.loss_scaler(optimizer) is not None)
             except BaseException:
@@ -522,6 +525,20 @@ class GradientMonitor(keras.callbacks.Callback):
         if not len(self.steps):
             raise GradprobeError("Nothing recorded yet: fit the model with this monitor first.")
         return gradient_history(self.steps, self.history, path)
+
+
+def _steps_text(steps: list[int]) -> str:
+    """'step 4', 'steps 1 to 3', 'steps 1, 3 and 5 to 7': the runs of `steps`."""
+    runs: list[list[int]] = []
+    for s in steps:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    parts = [str(a) if a == b else f"{a} to {b}" for a, b in runs]
+    if len(steps) == 1:
+        return f"step {parts[0]}"
+    return "steps " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
 
 
 # ---------------------------------------------------------------- validation
