@@ -1,8 +1,10 @@
 """Helpers shared by the backend tests (tests/backends/test_*.py): array
 comparison, the models several of them use, backend-neutral hand oracles (the
-trapezoid rule, the Grad-CAM formulas) and checks that are the same on every
-backend. Imports no backend library (jax, torch): the modules that use it skip
-themselves under another backend first."""
+trapezoid rule, the Grad-CAM formulas), checks that are the same on every
+backend, and `oracle()`: the hand-written gradient code of the active backend
+(`jax.grad` or `torch.autograd.grad`) behind one small interface, for the
+test_common_*.py modules that run on both. Imports no backend library (jax,
+torch) at import time: `oracle()` imports the active backend's own library only."""
 
 import keras
 import numpy as np
@@ -220,3 +222,162 @@ def two_layer(w1, w2):
     model.get_layer("layer1").kernel.assign(w1)
     model.get_layer("layer2").kernel.assign(w2)
     return model
+
+
+# --------------------------------------------------- per-backend hand oracles
+def oracle():
+    """The hand-written gradient code of the active Keras backend: a `JaxOracle`
+    (`jax.grad`) on JAX, a `TorchOracle` (`torch.autograd.grad`) on PyTorch. The
+    tests written once for both backends (test_common_*.py) compute every expected
+    gradient through it, so the oracle stays the backend's own autograd and never
+    goes through gradprobe. Imports `jax` or `torch` here, under that backend only."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return JaxOracle()
+    if backend == "torch":
+        return TorchOracle()
+    raise AssertionError(f"no hand oracle for the {backend!r} backend")
+
+
+def skip_unless_jax_or_torch():
+    """Skips the calling test module (at import) unless Keras runs on JAX or PyTorch."""
+    if keras.backend.backend() not in ("jax", "torch"):
+        pytest.skip("JAX/PyTorch backend tests: run with KERAS_BACKEND=jax or KERAS_BACKEND=torch",
+                    allow_module_level=True)
+
+
+class _Oracle:
+    """What the two oracles share: everything here is written with the backend's
+    own array operations (`tensor`, `grad`) and `model.stateless_call`."""
+
+    def tensors(self, x):
+        """`x` (an array or a structure of arrays) as backend tensors."""
+        return keras.tree.map_structure(self.tensor, x)
+
+    def pick(self, y, cls):
+        """y[i, cls[i]] for every row i (a vector)."""
+        return y[self.tensor(np.arange(y.shape[0])), self.tensor(np.asarray(cls))]
+
+    def class_objective(self, model, cls):
+        """x -> sum over examples of output[i, cls[i]], through stateless_call."""
+        tv, ntv = self.values(model)
+        return lambda x: self.pick(model.stateless_call(tv, ntv, x)[0], cls).sum()
+
+    def weight_grads(self, model, variables, x, objective, training=False, jit=False):
+        """The gradients of objective(stateless_call(...)) with respect to some
+        trainable `variables` (a list, in that order), as NumPy arrays."""
+        tv, ntv = self.values(model)
+        ids = [id(v) for v in model.trainable_variables]
+        pos = [ids.index(id(w)) for w in variables]
+        kw = {"training": True} if training else {}  # (a subclass `call` may not take it)
+        x = self.tensors(x)
+
+        def f(ws):
+            vals = list(tv)
+            for p, w in zip(pos, ws):
+                vals[p] = w
+            return objective(model.stateless_call(vals, ntv, x, **kw)[0])
+
+        return self.grad(f, jit=jit)([tv[p] for p in pos])
+
+    def weight_grad(self, model, var, x, objective, training=False):
+        """`weight_grads` of one variable."""
+        return self.weight_grads(model, [var], x, objective, training)[0]
+
+    def input_grad(self, model, x, objective):
+        """The gradient of objective(stateless_call(x)) with respect to the input `x`."""
+        tv, ntv = self.values(model)
+        return self.grad(lambda v: objective(model.stateless_call(tv, ntv, v)[0]))(x)
+
+
+class JaxOracle(_Oracle):
+    """Hand-written `jax.grad` code. `tol`: the tolerance of float64 oracles on JAX,
+    which agree with gradprobe to rounding."""
+
+    name = "jax"
+    tol = 1e-10
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+        self.library = f"JAX {jax.__version__}"  # as the HTML report names the backend
+
+    def tensor(self, x):
+        return self.jnp.asarray(arr(x))
+
+    def values(self, model):
+        return ([v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables])
+
+    def grad(self, fn, jit=False):
+        """value -> jax.grad of the scalar fn(v) at `value` (an array, or a list of
+        arrays: a list of gradients), as NumPy; `jit`: jitted (faster for big models)."""
+        g = self.jax.grad(fn)
+        if jit:
+            g = self.jax.jit(g)
+
+        def at(value):
+            if isinstance(value, (list, tuple)):
+                return [np.asarray(r) for r in g([self.tensor(v) for v in value])]
+            return np.asarray(g(self.tensor(value)))
+
+        return at
+
+    def log_softmax(self, y):
+        return self.jax.nn.log_softmax(y, axis=-1)
+
+    def amax(self, y, axis):
+        return self.jnp.max(y, axis=axis)
+
+    def resize_bilinear(self, maps, size):
+        """(N, H, W) maps resized to `size` by bilinear interpolation (half-pixel centers)."""
+        return np.asarray(self.jax.image.resize(self.tensor(maps), (maps.shape[0], *size),
+                                                "linear"))
+
+
+class TorchOracle(_Oracle):
+    """Hand-written `torch.autograd.grad` code. `tol`: the tolerance of float64
+    oracles on PyTorch, where Keras' float64 matmul is about 4e-8 off."""
+
+    name = "torch"
+    tol = 1e-6
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.library = f"PyTorch {torch.__version__}"  # as the HTML report names the backend
+
+    def tensor(self, x):
+        return self.torch.as_tensor(arr(x))
+
+    def values(self, model):
+        return ([v.value.detach() for v in model.trainable_variables],
+                [v.value.detach() for v in model.non_trainable_variables])
+
+    def grad(self, fn, jit=False):
+        """value -> torch.autograd.grad of the scalar fn(v) at `value` (an array, or a
+        list of arrays: a list of gradients), as NumPy; `jit` is for JAX only."""
+
+        def at(value):
+            many = isinstance(value, (list, tuple))
+            vs = [self.tensor(v).clone().requires_grad_(True) for v in (value if many else [value])]
+            out = [arr(r) for r in self.torch.autograd.grad(fn(vs if many else vs[0]), vs)]
+            return out if many else out[0]
+
+        return at
+
+    def log_softmax(self, y):
+        return self.torch.log_softmax(y, dim=-1)
+
+    def amax(self, y, axis):
+        return self.torch.amax(y, dim=axis)
+
+    def resize_bilinear(self, maps, size):
+        """(N, H, W) maps resized to `size` by bilinear interpolation (half-pixel centers,
+        as TensorFlow)."""
+        resized = self.torch.nn.functional.interpolate(
+            self.tensor(maps)[:, None], size=size, mode="bilinear", align_corners=False)
+        return arr(resized[:, 0])
