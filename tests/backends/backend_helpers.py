@@ -12,6 +12,7 @@ import pytest
 from keras import layers
 
 import gradprobe as gp
+from gradprobe.core import _patch
 
 
 def arr(t):
@@ -62,6 +63,33 @@ def assert_untouched(model, before):
         np.testing.assert_array_equal(a, b)
     assert all(layer.__dict__.get("call") is None for layer in model._flatten_layers())
 
+
+def sacred_state(model):
+    """What the user's model must keep: its weights (NumPy copies), each layer's
+    attribute names and its instance-level `call` (none)."""
+    return {"weights": [arr(v.value).copy() for v in model.weights],
+            "attrs": {id(layer): sorted(vars(layer)) for layer in model._flatten_layers()},
+            "calls": [layer.__dict__.get("call") for layer in model._flatten_layers()]}
+
+
+def assert_sacred_state(model, before, x=None, out_before=None):
+    """The model is as `sacred_state` saw it `before`, no gradprobe wrapper is left
+    active and, given `x` and `out_before`, model(x) is still `out_before`, bit for bit."""
+    after = sacred_state(model)
+    for a, b in zip(before["weights"], after["weights"]):
+        np.testing.assert_array_equal(a, b)
+    assert before["attrs"] == after["attrs"]
+    assert all(c is None for c in after["calls"])  # no instance-level `call` left
+    assert _patch.active_wrappers() == 0
+    if x is not None:
+        np.testing.assert_array_equal(arr(model(x)), out_before)
+
+
+def tanh_mlp(name="mlp"):
+    """Dense "h" (6, tanh) -> Dense "out" (4), on 5 features."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((5,)), layers.Dense(6, activation="tanh", name="h"),
+                             layers.Dense(4, name="out")], name=name)
 
 # ------------------------------------------------------- attribution oracles
 def cnn(activation="sigmoid"):
