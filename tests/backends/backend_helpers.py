@@ -282,6 +282,10 @@ class _Oracle:
         """`x` (an array or a structure of arrays) as backend tensors."""
         return keras.tree.map_structure(self.tensor, x)
 
+    def normal(self, seed, shape):
+        """A float32 tensor of standard normal values, drawn by NumPy from `seed`."""
+        return self.tensor(np.random.default_rng(seed).normal(size=shape).astype("float32"))
+
     def pick(self, y, cls):
         """y[i, cls[i]] for every row i (a vector)."""
         return y[self.tensor(np.arange(y.shape[0])), self.tensor(np.asarray(cls))]

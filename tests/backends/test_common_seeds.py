@@ -33,14 +33,10 @@ skip_unless_jax_or_torch()
 B = oracle()  # jax.grad on JAX, torch.autograd.grad on PyTorch
 
 
-def normal(seed, shape):
-    return B.tensor(np.random.default_rng(seed).normal(size=shape).astype("float32"))
-
-
 # --------------------------------------------------------------------- seed 000
 def test_seed000_activation_weights_and_pitfalls():
     model = seed000_model()
-    x = normal(1, (3, 6))
+    x = B.normal(1, (3, 6))
     hidden, out = model.get_layer("hidden"), model.get_layer("out")
     h = hidden(x)
     g = gp.gradients(model, x, target=2, wrt="hidden")
@@ -62,7 +58,7 @@ def test_seed000_activation_weights_and_pitfalls():
 def test_seed001_subclassed_cnn_and_rnn_transformer_states():
     keras.utils.set_random_seed(1)
     model = SimpleModel()
-    x = normal(7, (2, 12, 12, 1))
+    x = B.normal(7, (2, 12, 12, 1))
     model(x)
     c1 = model.conv1(x)
 
@@ -76,7 +72,7 @@ def test_seed001_subclassed_cnn_and_rnn_transformer_states():
     assert tuple(both[model.conv2.name].shape) == (2, 6, 6, 16)
 
     model = lstm_attention_model()
-    x = normal(1, (2, 6, 4))
+    x = B.normal(1, (2, 6, 4))
     lstm_out = B.tensor(model.get_layer("lstm")(x))
     mha, ln, gap, out = (model.get_layer(n) for n in ("mha", "ln", "gap", "out"))
 
@@ -95,8 +91,8 @@ def test_seed001_subclassed_cnn_and_rnn_transformer_states():
 def test_seed002_loss_wrt_output_kernel_bias_and_intermediate():
     keras.utils.set_random_seed(3)
     model = SimpleConvModel()
-    x = normal(2, (1, 14, 14, 1))
-    y = normal(3, (1, 12, 12, 8))
+    x = B.normal(2, (1, 14, 14, 1))
+    y = B.normal(3, (1, 12, 12, 8))
     loss_fn = keras.losses.MeanSquaredError()
     model(x)
     out = model(x)
@@ -112,7 +108,7 @@ def test_seed002_loss_wrt_output_kernel_bias_and_intermediate():
 
     keras.utils.set_random_seed(4)
     model = ComplexModel()
-    x = normal(4, (1, 18, 18, 1))
+    x = B.normal(4, (1, 18, 18, 1))
     labels = B.tensor(np.array([7]))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model(x)
@@ -132,7 +128,7 @@ def test_seed002_loss_wrt_output_kernel_bias_and_intermediate():
 def test_seed004_input_intermediate_and_custom_activation():
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.Input((5,)), layers.Dense(units=10, activation="relu")])
-    x = normal(5, (1, 5))
+    x = B.normal(5, (1, 5))
     g = gp.gradients(model, x, lambda y: y.sum(), "inputs")
     close(g["inputs"], B.grad(lambda xx: model(xx).sum())(x), 1e-6)
     close(g.outputs, model(x), 1e-6)
@@ -140,7 +136,7 @@ def test_seed004_input_intermediate_and_custom_activation():
     keras.utils.set_random_seed(6)
     model = keras.Sequential([keras.Input((10,)), layers.Dense(units=32, activation="relu"),
                               layers.Dense(units=16, activation="relu"), layers.Dense(units=5)])
-    x = normal(6, (1, 10))
+    x = B.normal(6, (1, 10))
     first, second = model.layers[0], model.layers[1]
     l1 = first(x)
     g = gp.gradients(model, x, lambda a: a.sum(), [second, first], output=second.name)
@@ -153,7 +149,7 @@ def test_seed004_input_intermediate_and_custom_activation():
 
     model = keras.Sequential([keras.Input((5,)), layers.Dense(units=16), CustomActivation(),
                               layers.Dense(units=5)])
-    x = normal(7, (1, 5))
+    x = B.normal(7, (1, 5))
     custom = model.layers[1].name
     g = gp.gradients(model, x, lambda a: a.sum(), [custom, model.layers[0]], output=custom)
     close(g[custom], np.ones((1, 16)), 1e-6)

@@ -14,19 +14,17 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
-from backend_helpers import arr, close, two_layer  # noqa: E402
+from backend_helpers import arr, close, oracle, two_layer  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 
-
-def normal(seed, shape):
-    return torch.as_tensor(np.random.default_rng(seed).normal(size=shape).astype("float32"))
+B = oracle()  # (its `normal`: the seeds' float32 test data)
 
 
 # --------------------------------------------------------------------- seed 003
 def test_seed003_example1_layer1_output_and_layer2_weights():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    w1, w2 = normal(12, (2, 3)), normal(34, (3, 2))
+    w1, w2 = B.normal(12, (2, 3)), B.normal(34, (3, 2))
     model = two_layer(w1, w2)
     l1 = (x @ w1).requires_grad_(True)
     w2r = w2.clone().requires_grad_(True)
@@ -48,7 +46,7 @@ def test_seed003_gradient_used_in_a_second_loss_through_nested_tapes():
     differentiated with respect to both weights, with that gradient (a) a
     constant, (b) differentiated through."""
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    w1, w2 = normal(56, (2, 3)), normal(78, (3, 2))
+    w1, w2 = B.normal(56, (2, 3)), B.normal(78, (3, 2))
     model = two_layer(w1, w2)
     k1, k2 = model.get_layer("layer1").kernel, model.get_layer("layer2").kernel
 
