@@ -323,11 +323,13 @@ class _Oracle:
 
 
 class JaxOracle(_Oracle):
-    """Hand-written `jax.grad` code. `tol`: the tolerance of float64 oracles on JAX,
-    which agree with gradprobe to rounding."""
+    """Hand-written `jax.grad` (`jax.hessian`, `jax.jvp`, `jax.jacrev`) code. `tol`,
+    `tight`: the tolerances of float64 oracles on JAX, which agree with gradprobe to
+    rounding."""
 
     name = "jax"
     tol = 1e-10
+    tight = 1e-12  # (the Jacobians and penalties: few float64 operations each)
 
     def __init__(self):
         import jax
@@ -357,8 +359,34 @@ class JaxOracle(_Oracle):
 
         return at
 
+    def hessian(self, fn, jit=False):
+        """value -> jax.hessian of the scalar fn(v) at the array `value`, as NumPy."""
+        h = self.jax.hessian(fn)
+        if jit:
+            h = self.jax.jit(h)
+        return lambda value: np.asarray(h(self.tensor(value)))
+
+    def hvp(self, fn):
+        """(values, vectors) -> the product of the Hessian of the scalar fn(list of
+        arrays) at `values` with `vectors` (lists), as NumPy: jax.jvp of jax.grad."""
+
+        def at(values, vectors):
+            _, out = self.jax.jvp(self.jax.grad(fn), ([self.tensor(v) for v in values],),
+                                  ([self.tensor(v) for v in vectors],))
+            return [np.asarray(r) for r in out]
+
+        return at
+
+    def jacobian(self, fn):
+        """value -> jax.jacrev of fn (array -> array) at `value`, as NumPy."""
+        j = self.jax.jacrev(fn)
+        return lambda value: np.asarray(j(self.tensor(value)))
+
     def log_softmax(self, y):
         return self.jax.nn.log_softmax(y, axis=-1)
+
+    def sigmoid(self, y):
+        return self.jax.nn.sigmoid(y)
 
     def amax(self, y, axis):
         return self.jnp.max(y, axis=axis)
@@ -370,11 +398,13 @@ class JaxOracle(_Oracle):
 
 
 class TorchOracle(_Oracle):
-    """Hand-written `torch.autograd.grad` code. `tol`: the tolerance of float64
+    """Hand-written `torch.autograd.grad` (double backward,
+    `torch.autograd.functional`) code. `tol`, `tight`: the tolerances of float64
     oracles on PyTorch, where Keras' float64 matmul is about 4e-8 off."""
 
     name = "torch"
     tol = 1e-6
+    tight = 1e-6
 
     def __init__(self):
         import torch
@@ -401,8 +431,33 @@ class TorchOracle(_Oracle):
 
         return at
 
+    def hessian(self, fn, jit=False):
+        """value -> torch.autograd.functional.hessian of the scalar fn(v) at the array
+        `value`, as NumPy."""
+        return lambda value: arr(self.torch.autograd.functional.hessian(fn, self.tensor(value)))
+
+    def hvp(self, fn):
+        """(values, vectors) -> the product of the Hessian of the scalar fn(list of
+        tensors) at `values` with `vectors` (lists), as NumPy: double backward."""
+
+        def at(values, vectors):
+            vs = [self.tensor(v).clone().requires_grad_(True) for v in values]
+            gs = self.torch.autograd.grad(fn(vs), vs, create_graph=True)
+            dot = sum((g * self.tensor(u)).sum() for g, u in zip(gs, vectors))
+            return [arr(r) for r in self.torch.autograd.grad(dot, vs)]
+
+        return at
+
+    def jacobian(self, fn):
+        """value -> torch.autograd.functional.jacobian of fn (tensor -> tensor) at
+        `value`, as NumPy."""
+        return lambda value: arr(self.torch.autograd.functional.jacobian(fn, self.tensor(value)))
+
     def log_softmax(self, y):
         return self.torch.log_softmax(y, dim=-1)
+
+    def sigmoid(self, y):
+        return self.torch.sigmoid(y)
 
     def amax(self, y, axis):
         return self.torch.amax(y, dim=axis)
