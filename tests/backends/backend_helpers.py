@@ -184,6 +184,43 @@ class Critic(keras.Model):
         return self.d2(self.d1(x))
 
 
+# ------------------------------------------------------ per-example models
+def per_example_image_model():
+    """Conv2D, BatchNormalization (inference, non-trivial statistics), a Dense
+    layer called twice, a Dense head (functional), ReLU throughout. (No
+    LayerNormalization: Keras computes its statistics in float32 on JAX, 1e-6 off
+    in float64.)"""
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((6, 6, 2))
+    h = layers.Conv2D(3, 3, activation="relu", name="conv")(inp)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.Flatten()(h)
+    h = layers.Dense(5, activation="relu", name="pre")(h)
+    shared = layers.Dense(5, activation="relu", name="shared")
+    h = shared(shared(h))
+    model = keras.Model(inp, layers.Dense(3, name="head")(h))
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(3)
+    bn.moving_mean.assign(rng.normal(size=3))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=3))
+    return model
+
+
+def relu_sequential():
+    """Dense "h" (6, relu) -> Dense "out" (4), on 5 features."""
+    keras.utils.set_random_seed(12)
+    return keras.Sequential([keras.Input((5,)), layers.Dense(6, activation="relu", name="h"),
+                             layers.Dense(4, name="out")])
+
+
+def embedding_model():
+    """Embedding "emb" (7 ids, 4) -> Flatten -> Dense "out" (3), on 5 ids."""
+    keras.utils.set_random_seed(13)
+    inp = keras.Input((5,), dtype="int32")
+    h = layers.Embedding(7, 4, name="emb")(inp)
+    h = layers.Flatten()(h)
+    return keras.Model(inp, layers.Dense(3, name="out")(h))
+
 # ------------------------------------------------ the seed scenarios' models
 def seed000_model():
     keras.utils.set_random_seed(0)
@@ -315,6 +352,23 @@ class _Oracle:
     def weight_grad(self, model, var, x, objective, training=False):
         """`weight_grads` of one variable."""
         return self.weight_grads(model, [var], x, objective, training)[0]
+
+    def example_grads(self, model, x, value_of, training=False, jit=False):
+        """{variable path: (batch, *shape)}: the gradient of `value_of(output, i)` for
+        each example `i` of `x` run alone (a batch of one) through `stateless_call`
+        (the per-example oracle)."""
+        tv, ntv = self.values(model)
+        kw = {"training": True} if training else {}
+        rows = []
+        for i in range(len(x)):
+            xi = self.tensor(x[i:i + 1])
+
+            def f(ws, xi=xi, i=i):
+                return value_of(model.stateless_call(ws, ntv, xi, **kw)[0], i).sum()
+
+            rows.append(self.grad(f, jit=jit)(tv))
+        return {v.path: np.stack([r[j] for r in rows])
+                for j, v in enumerate(model.trainable_variables)}
 
     def input_grad(self, model, x, objective):
         """The gradient of objective(stateless_call(x)) with respect to the input `x`."""
