@@ -1,12 +1,12 @@
-"""gp.Tape (chained and second-order gradients), gp.hvp, gp.jacobian,
-gp.gradient_penalty, gp.per_example_norms and gp.functional on the PyTorch
-backend of Keras 3.
+"""gp.Tape (chained and second-order gradients), gp.gradient_penalty under
+PyTorch's backward and gp.functional on the PyTorch backend of Keras 3. gp.hvp,
+gp.jacobian and gp.per_example_norms, the same on JAX and PyTorch, are in
+test_common_higher.py.
 
 Run with `KERAS_BACKEND=torch python -m pytest tests/backends`. Under any other
 backend the module is skipped before `torch` is imported.
 
-Oracles: hand-written `torch.autograd` code of the same model (double backward,
-`torch.autograd.functional.hessian` / `jacobian`, loops over single examples)
+Oracles: hand-written `torch.autograd` code of the same model (double backward)
 and float64 central finite differences of the model's function written in
 NumPy. Keras' matmul and tanh on PyTorch are about 4e-8 off in float64
 (measured; see test_torch.py), so oracles that run the model through Keras
@@ -21,7 +21,7 @@ if keras.backend.backend() != "torch":
     pytest.skip("PyTorch backend tests: run with KERAS_BACKEND=torch", allow_module_level=True)
 
 import torch  # noqa: E402
-from backend_helpers import Critic, arr, close, conv_mlp, mlp  # noqa: E402
+from backend_helpers import Critic, arr, close, mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
@@ -144,68 +144,6 @@ def test_nested_tapes_second_order_matches_fd_of_first_order(x64):
         outer.gradient(const, k2)
 
 
-# ------------------------------------------------------------------------ hvp
-def test_hvp_weights_activations_inputs_against_double_backward(x64):
-    model = mlp(2)
-    x = _t(np.random.default_rng(2).normal(size=(5, 3)))
-    rng = np.random.default_rng(3)
-    l1, l2 = model.get_layer("l1"), model.get_layer("l2")
-    k1 = l1.kernel
-    before = arr(k1.value).copy()
-    v = rng.normal(size=tuple(k1.shape))
-    h = gp.hvp(model, x, 0, "l1.kernel", v)["l1.kernel"]
-    H = torch.autograd.functional.hessian(
-        lambda w: torch.sum(model.stateless_call([w, *[u.value.detach() for u in
-                                                       model.trainable_variables[1:]]],
-                                                 [], x)[0][:, 0]), k1.value.detach())
-    close(h, torch.einsum("ijkl,kl->ij", H, _t(v)), 1e-6, "l1.kernel")
-
-    names = ["l1.kernel", "l1.bias", "l2.kernel", "l2.bias"]
-    vs = {k: rng.normal(size=tuple(w.shape)) for k, w in zip(names, model.trainable_variables)}
-    hs = gp.hvp(model, x, 0, "*.weights", vs)
-    assert list(hs) == names
-    ws = [w.value.detach().clone().requires_grad_(True) for w in model.trainable_variables]
-    s = torch.sum(model.stateless_call(ws, [], x)[0][:, 0])
-    gs = torch.autograd.grad(s, ws, create_graph=True)
-    dot = sum(torch.sum(g * _t(vs[k])) for g, k in zip(gs, names))
-    for k, r in zip(names, torch.autograd.grad(dot, ws)):
-        close(hs[k], r, 1e-6, k)
-
-    a = l1(x).detach()
-    va = rng.normal(size=tuple(a.shape))
-    ha = gp.hvp(model, x, 0, "l1", va)["l1"]
-    Ha = torch.autograd.functional.hessian(lambda a_: torch.sum(l2(a_)[:, 0]), a)
-    close(ha, torch.einsum("ijkl,kl->ij", Ha, _t(va)), 1e-6, "activation")
-    vx = rng.normal(size=tuple(x.shape))
-    hx = gp.hvp(model, x, 0, "inputs", vx)["inputs"]
-    Hx = torch.autograd.functional.hessian(lambda xx: torch.sum(model(xx)[:, 0]), x)
-    close(hx, torch.einsum("ijkl,kl->ij", Hx, _t(vx)), 1e-6, "inputs")
-    with pytest.raises(gp.GradprobeError, match="same shape as the gradient of 'l1'"):
-        gp.hvp(model, x, 0, "l1", np.ones((4, 4)))
-    # the model is untouched: weights, no instance-level `call`, no hook left
-    np.testing.assert_array_equal(arr(k1.value), before)
-    assert "call" not in vars(l1) and _patch.active_wrappers() == 0
-
-
-# ------------------------------------------------------------------- jacobian
-def test_jacobian_matches_autograd_jacobian(x64):
-    model = conv_mlp()
-    x = _t(np.random.default_rng(4).normal(size=(3, 4, 3)))
-    conv, flat, mid = (model.get_layer(n) for n in ("conv", "flat", "mid"))
-    c = conv(x).detach()
-    J = gp.jacobian(model, x, of="mid", wrt="conv")
-    assert tuple(J.shape) == (3, 6, 3, 5)
-    for i in range(3):
-        ref = torch.autograd.functional.jacobian(lambda ci: mid(flat(ci[None]))[0], c[i])
-        close(J[i], ref, 1e-6, f"conv {i}")
-    J = gp.jacobian(model, x, of=mid)
-    assert tuple(J.shape) == (3, 6, 4, 3)
-    ref = torch.autograd.functional.jacobian(lambda xi: mid(flat(conv(xi[None])))[0], x[1])
-    close(J[1], ref, 1e-6, "inputs")
-    with pytest.raises(gp.GradprobeError, match="look swapped"):
-        gp.jacobian(model, x, of="conv", wrt="mid")
-
-
 # ------------------------------------------------------------ gradient penalty
 def test_wgan_gp_backward_matches_double_backward(x64):
     keras.utils.set_random_seed(7)
@@ -233,32 +171,6 @@ def test_wgan_gp_backward_matches_double_backward(x64):
     close(gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0], norm=1), g.abs().sum(1), 1e-12)
     with pytest.raises(gp.GradprobeError, match="is a weight"):
         gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0], wrt="*.kernel")
-
-
-# ------------------------------------------------------------ per-example norms
-def test_per_example_norms_match_loop(x64):
-    keras.utils.set_random_seed(5)
-    inp = keras.Input((6, 2))
-    h = layers.Conv1D(3, 2, activation="sigmoid", name="conv")(inp)
-    h = layers.Flatten()(h)
-    model = keras.Model(inp, layers.Dense(3, name="logits")(h))
-    rng = np.random.default_rng(5)
-    x = _t(rng.normal(size=(4, 6, 2)))
-    labels = np.array([0, 2, 1, 2])
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    params = [v.value for v in model.trainable_variables]
-    ref = np.array([[float(torch.linalg.norm(g)) for g in torch.autograd.grad(
-        torch.sum(loss_fn(_t(labels[i:i + 1]), model(x[i:i + 1]))), params)]
-        for i in range(4)])
-    for method in ("auto", "vectorized"):
-        n = gp.per_example_norms(model, x, gp.loss(loss_fn, labels), method=method)
-        assert list(n) == ["conv.kernel", "conv.bias", "logits.kernel", "logits.bias"]
-        for j, k in enumerate(n):
-            close(n[k], ref[:, j], 1e-6, f"{method} {k}")
-        close(n.total, np.sqrt((ref ** 2).sum(1)), 1e-6)
-        assert set(n.method.values()) == {"loop" if method == "auto" else "jacobian"}
-    with pytest.raises(gp.GradprobeError, match="weight selectors"):
-        gp.per_example_norms(model, x, 0, "conv")
 
 
 # -------------------------------------------------------------- functional form
