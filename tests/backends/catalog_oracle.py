@@ -46,8 +46,6 @@ def _added(layer, addends, record=None):
         if record is not None:
             record.append(out)
         if n < len(addends) and addends[n] is not None:
-            # (`+`, not keras.ops.add: on PyTorch Keras' binary ops return float32
-            # for two float64 operands, see test_catalog_subset.py)
             out = out + addends[n]
         return out
 
