@@ -1,9 +1,10 @@
 """The model-kind × representative-layer subset of tests/catalog.py on JAX and PyTorch.
 
 Every model kind of `catalog.KINDS` (sequential, functional, subclassed, nested
-model, custom layer, a layer shared by two calls, multi-output) with six
+model, custom layer, a layer shared by two calls, multi-output) with seven
 representative layers (Dense, Conv2D, Embedding on integer ids,
-LayerNormalization, MultiHeadAttention, a custom layer with its own weights),
+LayerNormalization, BatchNormalization in inference, MultiHeadAttention, a
+custom layer with its own weights),
 in float64: `gp.gradients` of the layer's activation (one result per call of a
 shared layer), its weights and the input agree with two oracles independent of
 gradprobe (tests/backends/catalog_oracle.py):
@@ -13,7 +14,7 @@ gradprobe (tests/backends/catalog_oracle.py):
 - float64 central finite differences computed with NumPy around
   `model.stateless_call` (a few elements of each gradient).
 
-Tolerances (measured on this machine, max over the 41 cases). Keras' type
+Tolerances (measured on this machine, max over the 48 cases). Keras' type
 promotion maps float64 to float32 on JAX and PyTorch whenever it resolves a
 result type (`keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE`), so some
 float64 ops compute in float32, about 1e-7 off: `keras.ops.tanh` on JAX (every
@@ -52,7 +53,8 @@ from keras import ops  # noqa: E402
 import gradprobe as gp  # noqa: E402
 from catalog import CASES, KINDS, build  # noqa: E402
 
-SUBSET = ["dense", "conv2d", "embedding", "layernorm", "multi_head_attention", "custom_weights"]
+SUBSET = ["dense", "conv2d", "embedding", "layernorm", "batchnorm_inference",
+          "multi_head_attention", "custom_weights"]
 PARAMS = [pytest.param(case, kind, id=f"{case.name}-{kind}")
           for case in CASES if case.name in SUBSET for kind in case.kinds]
 BACKEND = keras.backend.backend()
