@@ -39,6 +39,22 @@ class Square(layers.Layer):
         return ops.square(x)
 
 
+class Looped(keras.Model):
+    """A layer called in a loop body (keras.ops.fori_loop: a lax loop on JAX), for
+    the tests that such a layer is never probed."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pre = layers.Dense(4, name="pre")
+        self.step = layers.Dense(4, activation="tanh", name="step")
+        self.out = layers.Dense(3, name="out")
+
+    def call(self, x):
+        h = self.pre(x)
+        h = keras.ops.fori_loop(0, 3, lambda i, h: self.step(h), h)
+        return self.out(h)
+
+
 def _single(layer, x):
     return layer(x)
 

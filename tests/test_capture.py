@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
+from catalog import Looped
 from gradprobe.core import engine
 from gradprobe.errors import GradprobeError
 
@@ -257,18 +258,6 @@ def _riemann_ig(f, a_x, a_b, steps):
         total += float(w) * tape.gradient(obj, a)
     return ((a_x - a_b) * total).numpy()
 
-
-class Looped(keras.Model):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.pre = layers.Dense(4, name="pre")
-        self.step = layers.Dense(4, activation="tanh", name="step")
-        self.out = layers.Dense(3, name="out")
-
-    def call(self, x):
-        h = self.pre(x)
-        h = keras.ops.fori_loop(0, 3, lambda i, h: self.step(h), h)
-        return self.out(h)
 
 
 def test_layers_called_inside_backend_control_flow_fail_and_skip_alike():

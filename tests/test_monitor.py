@@ -68,6 +68,14 @@ def _assert_norms(monitor, paths, hand, steps, rtol=1e-5):
             assert np.isclose(h["max_abs"][t], np.abs(g).max(), rtol=rtol), (path, step)
 
 
+def _unchanged(model, own, iterations, weights):
+    """The model as it was: its own train function, its iterations and weights, no hooks."""
+    assert model.train_function is own
+    assert int(model.optimizer.iterations.numpy()) == iterations
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+    _no_hooks_left(model)
+
+
 def _no_hooks_left(model):
     assert not any(k in vars(model.optimizer) for k in HOOKED)
     inner = getattr(model.optimizer, "inner_optimizer", None)
@@ -753,10 +761,7 @@ def test_bad_arguments_at_fit_raise_before_the_model_changes(tmp_path):
                            (late, "existing folder")):
         with pytest.raises(gp.GradprobeError, match=match):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
-        assert model.train_function is own
-        assert int(model.optimizer.iterations.numpy()) == 2
-        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
-        _no_hooks_left(model)
+        _unchanged(model, own, 2, weights)
 
 
 def test_unseen_steps_are_an_error_not_a_gap():
@@ -1145,10 +1150,7 @@ def test_not_writable_csv_and_log_dir_raise_before_anything_changes(tmp_path, mo
     for monitor, match in late:
         with pytest.raises(gp.GradprobeError, match=match):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
-        assert model.train_function is own
-        assert int(model.optimizer.iterations.numpy()) == 2
-        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
-        _no_hooks_left(model)
+        _unchanged(model, own, 2, weights)
         assert kept.read_text() == "a CSV of an earlier run\n"
         assert not os.path.exists(csv_path) and not os.path.exists(locked / "new")
     # An existing file that may not be written, in a writable folder.

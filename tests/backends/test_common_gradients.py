@@ -28,6 +28,7 @@ from backend_helpers import (
 from keras import layers
 
 import gradprobe as gp
+from catalog import Looped
 from gradprobe.core import _patch
 
 skip_unless_jax_or_torch()
@@ -217,20 +218,6 @@ def test_lstm_output_and_cell_weights():
     close(w["lstm/lstm_cell.kernel"], B.weight_grad(model, cell.kernel, x,
                                                     lambda y: y[:, 1].sum()))
 
-
-class Looped(keras.Model):
-    """A layer called in a loop body (keras.ops.fori_loop: a lax loop on JAX)."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.pre = layers.Dense(4, name="pre")
-        self.step = layers.Dense(4, activation="tanh", name="step")
-        self.out = layers.Dense(3, name="out")
-
-    def call(self, x):
-        h = self.pre(x)
-        h = keras.ops.fori_loop(0, 3, lambda i, h: self.step(h), h)
-        return self.out(h)
 
 
 @pytest.mark.parametrize("compile", ["auto", False])
