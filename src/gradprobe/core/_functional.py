@@ -88,15 +88,8 @@ def run(model: Any, x: Any, tgt: Any, wrt: Any, *, output: Any, training: bool,
     if replace:
         args = dict(args, replacement=keras.ops.convert_to_tensor(replacement))
     tensors, meta = request.run(model, x, args, compile)
-    tgt.check(meta["target"])
-    grads = tensors["grads"]
-    if not differentiable:
-        grads = bk.stop_gradient(grads)
-    result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
-                       {v.key: v.var for v in entry.plan.vars})
-    from gradprobe.higher.per_example import annotate  # imports the engine: no top-level import
-
-    return annotate(result, meta)  # (empty per_example_method / _fallbacks, as on TF)
+    # (empty per_example_method / _fallbacks, as on TF)
+    return engine.result_of(tensors, meta, tgt, entry.plan, differentiable, bk.stop_gradient)
 
 
 _lock = threading.Lock()

@@ -152,19 +152,27 @@ def run(model: Any, x: Any, tgt: Target, wrt: Any, *, output: Any, training: boo
                                unconnected=unconnected, compile=compile,
                                differentiable=differentiable, per_example=per_example,
                                replacement=replacement)
-    from gradprobe.higher.per_example import annotate  # it imports this module
-
     replace = replacement is not None
     entry = _entry(model, wrt, tgt, output, training, unconnected, per_example, replace)
     _check_input_dtypes(model, x, entry.plan)
     args = dict(tgt.args, replacement=backend.to_tensor(replacement)) if replace else tgt.args
     tensors, meta = _execute(model, x, args, entry, compile)
+    return result_of(tensors, meta, tgt, entry.plan, differentiable, backend.stop_gradient)
+
+
+def result_of(tensors: dict, meta: dict, tgt: Target, plan: capture.Plan,
+              differentiable: bool, stop_gradient: Callable[[Any], Any]) -> Gradients:
+    """The `Gradients` of a capture's run (`tensors`, `meta`) on any backend: the
+    target checked against what the run saw, the gradients made constants unless
+    `differentiable`, and the per-example annotations."""
+    from gradprobe.higher.per_example import annotate  # it imports this module
+
     tgt.check(meta["target"])
     grads = tensors["grads"]
     if not differentiable:
-        grads = backend.stop_gradient(grads)
+        grads = stop_gradient(grads)
     result = Gradients(grads, meta, tensors["values"], tensors["outputs"], tensors["target"],
-                       {v.key: v.var for v in entry.plan.vars})
+                       {v.key: v.var for v in plan.vars})
     return annotate(result, meta)
 
 
