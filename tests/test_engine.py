@@ -331,6 +331,59 @@ def test_cached_plan_follows_model_changes():
     assert list(gp.gradients(model, x, 0, "*")) == ["a", "b"]
 
 
+def test_cached_plan_follows_a_layer_added_inside_a_nested_model():
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="a")], name="inner")
+    model = keras.Sequential([keras.Input((5,)), layers.Dense(4, name="d"), inner])
+    x = np.ones((2, 5), "float32")
+    assert list(gp.gradients(model, x, 0, "*.kernel")) == ["d.kernel", "inner/a.kernel"]
+    inner.add(layers.Dense(3, name="b"))
+    g = gp.gradients(model, x, 0, "*.kernel")
+    assert list(g) == ["d.kernel", "inner/a.kernel", "inner/b.kernel"]
+    assert g.outputs.shape == (2, 3)
+
+
+def test_a_class_target_made_eagerly_or_in_a_graph_is_never_mixed_up():
+    # The target of one class is made once per (class, batch size) and reused, but
+    # only when made eagerly: a graph's class tensor must not reach an eager call.
+    model = _mlp(name="class_target_cache")
+    x = tf.constant(np.ones((3, 5), "float32"))
+
+    @tf.function
+    def inside(xx):
+        return gp.gradients(model, xx, 1, "h")["h"]
+
+    eager = gp.gradients(model, x, 1, "h")["h"].numpy()
+    assert_close(inside(x), eager, 1e-6)
+    assert_close(gp.gradients(model, x, 1, "h")["h"], eager, 1e-6)
+    assert_close(inside(x), eager, 1e-6)
+    other = gp.gradients(model, x, 2, "h")["h"].numpy()  # another class: another target
+    assert not np.allclose(other, eager)
+    from gradprobe.core import targets
+
+    assert targets.make_target(1, 3) is targets.make_target(1, 3)
+    assert targets.make_target(1, 3) is not targets.make_target(1, 4)
+
+
+def test_small_constants_are_shared_only_when_made_eagerly():
+    from gradprobe.backends import tensorflow as backend
+
+    a = np.arange(6, dtype=np.int32)
+    first = backend.constant(a)
+    assert backend.constant(a.copy()) is first
+    assert backend.constant(a.astype(np.int64)) is not first  # another dtype
+    assert backend.constant(a.reshape(2, 3)) is not first  # another shape
+    big = np.zeros(100_000, np.int32)
+    assert backend.constant(big) is not backend.constant(big)  # large: never kept
+
+    @tf.function
+    def graph():
+        t = backend.constant(a)
+        assert not hasattr(t, "numpy")  # a graph tensor, not the cached eager one
+        return t
+
+    np.testing.assert_array_equal(graph(), a)
+
+
 def test_cache_does_not_keep_models_alive():
     import gc
     import weakref

@@ -92,13 +92,18 @@ class Deferred:
     imports that module (and TensorFlow) when first read. Not a module in
     `sys.modules`: the real module is imported, and cached, by `importlib`."""
 
-    __slots__ = ("_name",)
+    __slots__ = ("_name", "_module")
 
     def __init__(self, name: str) -> None:
         object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_module", None)
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
+        module = self._module
+        if module is None:  # (importlib caches it too, at about 2 us an access)
+            module = importlib.import_module(self._name)
+            object.__setattr__(self, "_module", module)
+        return getattr(module, attr)
 
     def __setattr__(self, attr: str, value: Any) -> None:
         raise AttributeError(f"{self._name} is read-only through Deferred")

@@ -9,6 +9,7 @@ never change anything they are given.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -77,10 +78,15 @@ def fail(name: str, value: Any, expected: str) -> GradprobeError:
 
 # ---------------------------------------------------------------------- model
 def _is_tf_keras(obj: Any) -> bool:
+    return _is_tf_keras_type(type(obj))
+
+
+@functools.lru_cache(maxsize=256)
+def _is_tf_keras_type(cls: type) -> bool:
     return any(getattr(c, "__module__", "").split(".")[0] == "tf_keras"
                or getattr(c, "__module__", "").startswith("keras.engine")
                or getattr(c, "__module__", "").startswith("tensorflow.python.keras")
-               for c in type(obj).__mro__)
+               for c in cls.__mro__)
 
 
 def model(value: Any, name: str = "model") -> Any:

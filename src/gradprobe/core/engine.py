@@ -475,8 +475,8 @@ def _referent(ref: Any) -> Any:
 
 
 def _fingerprint(model: Any) -> tuple:
-    """Changes when layers or weights are added to the model."""
-    return (tuple(id(layer) for layer in model.layers), len(model.weights))
+    """Changes when layers or weights are added to the model (or to a layer in it)."""
+    return _keras_private.structure(model)
 
 
 # ------------------------------------------------------------------ execution

@@ -18,6 +18,8 @@ batch, so activation and input gradients come out per example):
 from __future__ import annotations
 
 import copy
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -54,9 +56,16 @@ def _argument(value: Any) -> Any:
     takes it: a tensor on TensorFlow (a `tf.function` would trace again for each new
     NumPy value), a NumPy array on JAX (`jax.jit` takes it as it is; converting it
     first costs an extra dispatch per call). A tensor stays as it is."""
+    backend = keras.backend.backend()
+    if isinstance(value, np.ndarray):
+        if backend == "jax":
+            return value
+        if backend == "tensorflow":  # small ones cached by value (see `constant`)
+            return tensorflow_backend.constant(value)
+        return keras.ops.convert_to_tensor(value)
     if keras.ops.is_tensor(value):
         return value
-    if keras.backend.backend() == "jax":
+    if backend == "jax":
         return np.asarray(value)
     return keras.ops.convert_to_tensor(value)
 
@@ -602,8 +611,7 @@ def make_target(target: Any, batch_size: int) -> Target:
         if not -2**63 <= int(target) < 2**63:
             raise _validate.fail("target", target, "a class index in the range of the selected "
                                                    "output's last axis.")
-        classes = np.full((batch_size,), int(target), dtype=np.int64)
-        return ClassTarget(_validate.class_indices(classes, target), same=True, raw=target)
+        return _same_class(int(target), batch_size, target)
     if isinstance(target, keras.losses.Loss):
         raise _validate.fail(
             "target", target, f"gp.loss({type(target).__name__}(...), y_true): a loss object "
@@ -629,6 +637,37 @@ def make_target(target: Any, batch_size: int) -> Target:
         "target", target, "an int class index, a sequence of ints (one per example), "
         "'predicted', gp.loss(loss_fn, y_true), or a callable f(outputs) returning a scalar or "
         "one value per example.")
+
+
+# The target of one class for a whole batch, by (backend, class, batch size): made
+# once and shared by the calls that ask for it (a Target is never modified: views
+# and cache copies are new objects). Making it again costs about 0.1 ms between the
+# calls of a compiled model, more than the rest of gradprobe's own Python per call.
+# Not on PyTorch, whose class tensor would stay on the device it was made on.
+_SAME_CLASS: OrderedDict = OrderedDict()
+_SAME_CLASS_LOCK = threading.Lock()
+_SAME_CLASS_KEPT = 64
+
+
+def _same_class(k: int, batch_size: int, raw: Any) -> ClassTarget:
+    backend = keras.backend.backend()
+    cacheable = backend == "jax" or (backend == "tensorflow"
+                                     and tensorflow_backend.executing_eagerly())
+    key = (backend, k, batch_size)
+    if cacheable:
+        with _SAME_CLASS_LOCK:
+            target = _SAME_CLASS.get(key)
+            if target is not None:
+                _SAME_CLASS.move_to_end(key)
+                return target
+    _validate.class_indices(np.asarray([k], np.int64), raw)
+    target = ClassTarget(np.full((batch_size,), k, dtype=np.int64), same=True, raw=k)
+    if cacheable:
+        with _SAME_CLASS_LOCK:
+            _SAME_CLASS[key] = target
+            while len(_SAME_CLASS) > _SAME_CLASS_KEPT:
+                _SAME_CLASS.popitem(last=False)
+    return target
 
 
 # ---------------------------------------------------------------- output choice
