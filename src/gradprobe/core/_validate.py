@@ -115,8 +115,15 @@ def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
 
 
 # --------------------------------------------------------------------- inputs
+# Types of leaves found to be dense tensors (not sparse, not ragged): their later
+# leaves only need the dtype check.
+_DENSE_TENSOR_TYPES: set[type] = set()
+
+
 def _leaf_problem(leaf: Any) -> str | None:
     """Why a leaf of `inputs` cannot be fed to the model, or `None`."""
+    if type(leaf) in _DENSE_TENSOR_TYPES:
+        return _complex_problem(_dtype_name(leaf))
     composite = backends.composite_kind(leaf)
     if composite == "sparse":
         return ("a SparseTensor: gradprobe needs dense inputs. Convert it with "
@@ -127,25 +134,27 @@ def _leaf_problem(leaf: Any) -> str | None:
     if leaf is None:
         return "None: every input of the model needs a value."
     if _is_tensor(leaf):
-        dtype = _dtype_name(leaf)
-        if dtype.startswith("complex"):
-            return (f"complex ({dtype}): Keras layers compute in real dtypes and "
-                    "gradients of complex inputs are not defined here. Pass the real and "
-                    "imaginary parts as two real inputs (or channels).")
-        return None
+        _DENSE_TENSOR_TYPES.add(type(leaf))
+        return _complex_problem(_dtype_name(leaf))
     try:
         arr = np.asarray(leaf)
     except Exception:  # ragged Python lists and other odd objects
         return ("not convertible to an array (nested lists of different lengths?): pass a "
                 "NumPy array or a tensor with a leading batch axis.")
     if np.iscomplexobj(arr):
-        return (f"complex ({arr.dtype}): Keras layers compute in real dtypes and gradients of "
-                "complex inputs are not defined here. Pass the real and imaginary parts as "
-                "two real inputs (or channels).")
+        return _complex_problem(str(arr.dtype))
     if arr.dtype == object:
         return ("an object array (nested lists of different lengths, or mixed types): pass a "
                 "numeric NumPy array or a tensor with a leading batch axis.")
     return None
+
+
+def _complex_problem(dtype: str) -> str | None:
+    if not dtype.startswith("complex"):
+        return None
+    return (f"complex ({dtype}): Keras layers compute in real dtypes and gradients of "
+            "complex inputs are not defined here. Pass the real and imaginary parts as two "
+            "real inputs (or channels).")
 
 
 def inputs(value: Any, name: str = "inputs") -> None:

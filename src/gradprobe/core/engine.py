@@ -418,10 +418,13 @@ class _WeakRef:
 
 
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), np.generic)
+_PLAIN_TYPES = frozenset(_PLAIN[:-1])
 
 
 def _weak_key(key: Any) -> Any:
     """`key` with every object that is not a plain value held weakly."""
+    if type(key) is tuple and all(type(k) in _PLAIN_TYPES for k in key):
+        return key  # (the usual options: strings, flags, None)
     if isinstance(key, (*_PLAIN, _WeakRef, type)):
         return key
     if isinstance(key, (tuple, list)):
@@ -569,7 +572,7 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
 
-    leaves = keras.tree.flatten(inputs)
+    leaves = [inputs] if backend.is_tensor(inputs) else keras.tree.flatten(inputs)
     converted = []
     for i, leaf in enumerate(leaves):
         if backend.is_tensor(leaf):

@@ -246,6 +246,7 @@ class ClassTarget(Target):
     def __init__(self, classes: np.ndarray, same: bool, raw: Any = None):
         self.classes = classes
         self.raw = raw
+        self._largest: int | None = None
         super().__init__(("class",), {"classes": _argument(np.asarray(classes, np.int32))})
         self.label = f"class {int(classes[0])}" if same else "per-example classes"
         self.form = str(int(classes[0])) if same else "classes"
@@ -260,10 +261,20 @@ class ClassTarget(Target):
         return value, keras.ops.sum(value), {"num_classes": n}
 
     def check(self, meta):
-        _validate.classes_in_range(self.classes, meta.get("num_classes"), self.raw)
+        n = meta.get("num_classes")
+        if n is not None and self.largest >= n:
+            _validate.classes_in_range(self.classes, n, self.raw)
+
+    @property
+    def largest(self) -> int:
+        """The largest class index (computed once)."""
+        if self._largest is None:
+            self._largest = int(self.classes.max()) if self.classes.size else -1
+        return self._largest
 
     def take(self, rows):
         view = copy.copy(self)
+        view._largest = None
         view.classes = self.classes[np.asarray(rows)]
         view.args = {"classes": _argument(np.asarray(view.classes, np.int32))}
         return view
