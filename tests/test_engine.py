@@ -384,6 +384,39 @@ def test_small_constants_are_shared_only_when_made_eagerly():
     np.testing.assert_array_equal(graph(), a)
 
 
+def test_a_repeated_request_skips_resolution_but_not_its_checks(monkeypatch):
+    model = _mlp(name="repeats")
+    x = tf.constant(np.ones((3, 5), "float32"))
+    first = gp.gradients(model, x, 1, "h")
+    made = []
+    real_make_target = engine.make_target
+    monkeypatch.setattr(engine, "make_target",
+                        lambda *a, **k: made.append(a) or real_make_target(*a, **k))
+    again = gp.gradients(model, x + 1.0, 1, "h")  # same kind of request: remembered
+    assert made == []
+    assert_close(again["h"], gp.gradients(model, (x + 1.0).numpy(), 1, "h")["h"], 1e-6)
+    assert len(made) == 1  # (a NumPy array always takes the full path)
+    assert_close(first["h"], gp.gradients(model, x, 1, "h", compile=False)["h"], 1e-6)
+    gp.gradients(model, tf.ones((4, 5)), 1, "h")  # another shape: resolved again
+    gp.gradients(model, x, 2, "h")  # another class
+    assert len(made) == 4  # the array, compile=False, the shape, the class
+    # An option that compares equal to a valid one but is not one is still refused.
+    with pytest.raises(gp.GradprobeError, match="compile"):
+        gp.gradients(model, x, 1, "h", compile=1)
+    with pytest.raises(gp.GradprobeError, match="training"):
+        gp.gradients(model, x, 1, "h", training=0)
+    # What the run checks is still checked: a class out of range.
+    with pytest.raises(gp.GradprobeError, match="class index"):
+        gp.gradients(model, x, 9, "h")
+    assert len(made) == 5
+    with pytest.raises(gp.GradprobeError, match="class index"):
+        gp.gradients(model, x, 9, "h")  # remembered, and refused again
+    assert len(made) == 5
+    engine.clear_cache()  # forgets the remembered requests too
+    gp.gradients(model, x, 1, "h")
+    assert len(made) == 6
+
+
 def test_cache_does_not_keep_models_alive():
     import gc
     import weakref

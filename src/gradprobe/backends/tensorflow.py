@@ -261,6 +261,12 @@ def is_tensor(x: Any) -> bool:
     return tf.is_tensor(x)
 
 
+def is_eager_tensor(x: Any) -> bool:
+    """A dense tensor with a value (an `EagerTensor`: not a graph's tensor, a variable,
+    a sparse or a ragged tensor)."""
+    return isinstance(x, tf.Tensor) and hasattr(x, "numpy")
+
+
 # Small constant arguments (class indices, positions, labels) of compiled calls,
 # by value: converting the same 32 class indices again on every call costs more
 # than the rest of gradprobe's own Python per call (about 0.5 ms between the
