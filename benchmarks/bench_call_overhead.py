@@ -38,8 +38,9 @@ from bench_core import tensorflow_hand, tensorflow_sync  # noqa: E402
 
 def two_layer() -> keras.Model:
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, name="d1"),
-                             keras.layers.Dense(3, name="d2")], name="two_layer")
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(16, name="d1")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="d2")(hidden), name="two_layer")
 
 
 def measure(model: keras.Model, x, layer: str, calls: int) -> tuple[float, float]:
