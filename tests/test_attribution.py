@@ -12,6 +12,7 @@ from keras import layers
 
 import gradprobe as gp
 from oracle import assert_close
+from tolerance import F32
 
 
 def _functional_cnn(seed=0):
@@ -147,24 +148,24 @@ def test_saliency_gradient_x_input_and_smoothgrad():
     g = t.gradient(s, xt).numpy()
     sal = gp.saliency(model, x, 1)
     assert sal.shape == (3, 10, 10)
-    assert_close(np.asarray(sal), np.abs(g).max(-1), 1e-6)
-    assert_close(np.asarray(gp.saliency(model, x, 1, absolute=False, reduce_channels=None)), g, 1e-6)
-    assert_close(np.asarray(gp.gradient_x_input(model, x, 1)), g * x, 1e-6)
+    assert_close(np.asarray(sal), np.abs(g).max(-1), F32)
+    assert_close(np.asarray(gp.saliency(model, x, 1, absolute=False, reduce_channels=None)), g, F32)
+    assert_close(np.asarray(gp.gradient_x_input(model, x, 1)), g * x, F32)
     sg = gp.smoothgrad(model, x, 1, samples=1, noise=0.0)
-    assert_close(np.asarray(sg), np.asarray(sal), 1e-6)
+    assert_close(np.asarray(sg), np.asarray(sal), F32)
     a = gp.smoothgrad(model, x, 1, samples=6, noise=0.2, seed=3)
     b = gp.smoothgrad(model, x, 1, samples=6, noise=0.2, seed=3, batch_size=5, progress=False)
     assert_close(np.asarray(a), np.asarray(b), 1e-5)
     c = gp.smoothgrad(model, x, 1, samples=6, noise=0.2, seed=4)
     assert not np.allclose(np.asarray(a), np.asarray(c))
-    assert_close(np.asarray(gp.saliency(model, x, 1, batch_size=2)), np.asarray(sal), 1e-6)
+    assert_close(np.asarray(gp.saliency(model, x, 1, batch_size=2)), np.asarray(sal), F32)
     # SmoothGrad with real noise, against an independent value: a linear model's
     # input gradient is its weight column whatever the noise, so the average is too.
     lin = keras.Sequential([keras.Input((4, 4, 2)), layers.Flatten(), layers.Dense(3)])
     w = lin.layers[-1].kernel.numpy()[:, 2].reshape(4, 4, 2)
     xl = np.random.default_rng(5).random((2, 4, 4, 2)).astype("float32")
     sg_lin = gp.smoothgrad(lin, xl, 2, samples=7, noise=0.5, seed=1)
-    assert_close(np.asarray(sg_lin), np.broadcast_to(np.abs(w).max(-1), (2, 4, 4)), 1e-6)
+    assert_close(np.asarray(sg_lin), np.broadcast_to(np.abs(w).max(-1), (2, 4, 4)), F32)
     # Tabular and sequence inputs.
     tab = keras.Sequential([keras.Input((5,)), layers.Dense(3)])
     assert gp.saliency(tab, np.ones((2, 5), "float32"), 0).shape == (2, 5)

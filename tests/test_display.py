@@ -14,6 +14,7 @@ import gradprobe as gp
 from gradprobe.core.result import shorten_keys
 from gradprobe.core.selectors import LayerTree, resolve
 from oracle import assert_close
+from tolerance import F32
 
 
 class Attention(layers.Layer):
@@ -116,9 +117,9 @@ def test_two_selectors_of_one_source_both_work_as_keys():
         y = out(h)[:, 1]
     ref_h, ref_k = t.gradient(y, h), t.gradient(y, d1.kernel.value)
     for name in ("inner/d1", "d1"):
-        assert_close(g[name], ref_h, 1e-6, name)
+        assert_close(g[name], ref_h, F32, name)
     for name in ("inner/d1.kernel", "d1.kernel"):
-        assert_close(g[name], ref_k, 1e-6, name)
+        assert_close(g[name], ref_k, F32, name)
     assert "d1" in g and "nope" not in g
 
 

@@ -13,6 +13,7 @@ from keras import layers
 import gradprobe as gp
 from gradprobe.core import engine
 from oracle import assert_close
+from tolerance import F32
 
 
 def _mlp(seed=0, width=6, classes=4, name=None):
@@ -50,24 +51,24 @@ def test_target_forms_match_tape(mlp_x):
         t = list(target) if isinstance(target, tuple) else target
         g = gp.gradients(model, x, t, ["inputs", "h.kernel"])
         exp = _tape(model, x, fn, ["inputs", model.get_layer("h").kernel])
-        assert_close(g["inputs"], exp[0], 1e-6, str(target))
-        assert_close(g["h.kernel"], exp[1], 1e-6, str(target))
+        assert_close(g["inputs"], exp[0], F32, str(target))
+        assert_close(g["h.kernel"], exp[1], F32, str(target))
         assert g.target.shape == (6,)
-        assert_close(g.target, fn(tf.constant(y)), 1e-6)
+        assert_close(g.target, fn(tf.constant(y)), F32)
 
     g = gp.gradients(model, x, gp.loss(ce, labels), "h.kernel")
     exp = _tape(model, x, lambda o: ce(labels, o), [model.get_layer("h").kernel])
     assert g.target.shape == () and np.isclose(g.target, ce(labels, y))
-    assert_close(g["h.kernel"], exp[0], 1e-6, "loss object")
+    assert_close(g["h.kernel"], exp[0], F32, "loss object")
 
     w = np.linspace(0.5, 1.5, 6).astype("float32")
     g = gp.gradients(model, x, gp.loss(keras.losses.sparse_categorical_crossentropy, labels, w),
                      "h.kernel")
     per = keras.losses.sparse_categorical_crossentropy(labels, y) * w
-    assert_close(g.target, per, 1e-6, "per-example loss")
+    assert_close(g.target, per, F32, "per-example loss")
     exp = _tape(model, x, lambda o: keras.losses.sparse_categorical_crossentropy(labels, o) * w,
                 [model.get_layer("h").kernel])
-    assert_close(g["h.kernel"], exp[0], 1e-6, "loss function")
+    assert_close(g["h.kernel"], exp[0], F32, "loss function")
 
     g = gp.gradients(model, x, gp.loss("mse", np.zeros((6, 4), "float32")), "h")
     assert g.target.shape == (6,)
@@ -87,8 +88,8 @@ def test_per_example_gradients_are_independent(mlp_x):
             h = h_layer(xi)
             t.watch(h)
             score = logits(h)[:, cls]
-        assert_close(g_all["inputs"][i:i + 1], t.gradient(score, xi), 1e-6)
-        assert_close(g_all["h"][i:i + 1], t.gradient(score, h), 1e-6)
+        assert_close(g_all["inputs"][i:i + 1], t.gradient(score, xi), F32)
+        assert_close(g_all["h"][i:i + 1], t.gradient(score, h), F32)
 
 
 def test_output_can_name_an_intermediate_layer(mlp_x):
@@ -99,7 +100,7 @@ def test_output_can_name_an_intermediate_layer(mlp_x):
         xt = tf.constant(x)
         t.watch(xt)
         s = tf.reduce_sum(model.get_layer("h")(xt))
-    assert_close(g["inputs"], t.gradient(s, xt), 1e-6)
+    assert_close(g["inputs"], t.gradient(s, xt), F32)
 
 
 def test_multi_input_dict_and_outputs_by_index():
@@ -115,8 +116,8 @@ def test_multi_input_dict_and_outputs_by_index():
         t.watch(xt)
         s = tf.reduce_sum(model(xt)[1][:, 2])
     exp = t.gradient(s, xt)
-    assert_close(g["inputs:a"], exp["a"], 1e-6)
-    assert_close(g["inputs:b"], exp["b"], 1e-6)
+    assert_close(g["inputs:a"], exp["a"], F32)
+    assert_close(g["inputs:b"], exp["b"], F32)
     g2 = gp.gradients(model, x, 2, "inputs:b", output="o2")
     assert list(g2) == ["inputs:b"] and np.allclose(g2["inputs:b"], g["inputs:b"])
 
@@ -136,7 +137,7 @@ def test_compiled_eager_and_inline_agree(mlp_x):
     for r in results[1:]:
         assert r.keys() == results[0].keys()
         for k in r:
-            assert_close(r[k], results[0][k], 1e-6, k)
+            assert_close(r[k], results[0][k], F32, k)
 
 
 def test_same_shapes_do_not_retrace():
@@ -182,7 +183,7 @@ def test_differentiable_under_outer_tape(mlp_x):
     # d/dW of sum_i (W[:, 0])^2 summed over the batch: 2 * N * W[:, 0] in column 0.
     exp = np.zeros(kernel.shape)
     exp[:, 0] = 2 * x.shape[0] * kernel.numpy()[:, 0]
-    assert_close(d, exp, 1e-6)
+    assert_close(d, exp, F32)
     with tf.GradientTape() as outer:
         g = gp.gradients(model, xt, 0, "h", differentiable=False)
         penalty = tf.reduce_sum(g["h"] ** 2)
@@ -196,8 +197,8 @@ def test_result_views(mlp_x):
     assert list(g) == ["inputs", "h", "h.kernel"]  # forward order
     assert dict(g.kinds) == {"inputs": "input", "h": "activation", "h.kernel": "weight"}
     assert set(g.activations) == {"inputs", "h"}
-    assert_close(g.activations["h"], model.get_layer("h")(tf.constant(x)), 1e-6)
-    assert_close(g.outputs, model(x), 1e-6)
+    assert_close(g.activations["h"], model.get_layer("h")(tf.constant(x)), F32)
+    assert_close(g.outputs, model(x), F32)
     arrays = g.numpy()
     assert list(arrays) == list(g)
     for k, a in arrays.items():
@@ -353,9 +354,9 @@ def test_a_class_target_made_eagerly_or_in_a_graph_is_never_mixed_up():
         return gp.gradients(model, xx, 1, "h")["h"]
 
     eager = gp.gradients(model, x, 1, "h")["h"].numpy()
-    assert_close(inside(x), eager, 1e-6)
-    assert_close(gp.gradients(model, x, 1, "h")["h"], eager, 1e-6)
-    assert_close(inside(x), eager, 1e-6)
+    assert_close(inside(x), eager, F32)
+    assert_close(gp.gradients(model, x, 1, "h")["h"], eager, F32)
+    assert_close(inside(x), eager, F32)
     other = gp.gradients(model, x, 2, "h")["h"].numpy()  # another class: another target
     assert not np.allclose(other, eager)
     from gradprobe.core import targets
@@ -394,9 +395,9 @@ def test_a_repeated_request_skips_resolution_but_not_its_checks(monkeypatch):
                         lambda *a, **k: made.append(a) or real_make_target(*a, **k))
     again = gp.gradients(model, x + 1.0, 1, "h")  # same kind of request: remembered
     assert made == []
-    assert_close(again["h"], gp.gradients(model, (x + 1.0).numpy(), 1, "h")["h"], 1e-6)
+    assert_close(again["h"], gp.gradients(model, (x + 1.0).numpy(), 1, "h")["h"], F32)
     assert len(made) == 1  # (a NumPy array always takes the full path)
-    assert_close(first["h"], gp.gradients(model, x, 1, "h", compile=False)["h"], 1e-6)
+    assert_close(first["h"], gp.gradients(model, x, 1, "h", compile=False)["h"], F32)
     gp.gradients(model, tf.ones((4, 5)), 1, "h")  # another shape: resolved again
     gp.gradients(model, x, 2, "h")  # another class
     assert len(made) == 4  # the array, compile=False, the shape, the class

@@ -15,6 +15,7 @@ from keras import layers
 import gradprobe as gp
 from gradprobe.core import engine
 from oracle import assert_close
+from tolerance import F32
 
 
 class Block(layers.Layer):
@@ -54,7 +55,7 @@ def test_glob_patterns_star_kernel_and_block_weights():
     assert list(g) == list(kernels)  # forward order, no bias
     refs = _tape_vars(model, x, lambda y: y[:, 1], list(kernels.values()))
     for (key, _), ref in zip(kernels.items(), refs):
-        assert_close(g[key], ref, 1e-6, key)
+        assert_close(g[key], ref, F32, key)
 
     g = gp.gradients(model, x, 1, "block1/*.weights")
     expected = {"block1/conv.kernel": b1.conv.kernel, "block1/conv.bias": b1.conv.bias,
@@ -62,7 +63,7 @@ def test_glob_patterns_star_kernel_and_block_weights():
     assert set(g) == set(expected)
     refs = _tape_vars(model, x, lambda y: y[:, 1], list(expected.values()))
     for (key, _), ref in zip(expected.items(), refs):
-        assert_close(g[key], ref, 1e-6, key)
+        assert_close(g[key], ref, F32, key)
 
 
 def test_inputs_by_index():
@@ -78,15 +79,15 @@ def test_inputs_by_index():
         s = tf.reduce_sum(model([ta, tb])[:, 0])
     g = gp.gradients(model, [xa, xb], 0, "inputs:0")
     assert list(g) == ["inputs:0"]
-    assert_close(g["inputs:0"], t.gradient(s, ta), 1e-6)
+    assert_close(g["inputs:0"], t.gradient(s, ta), F32)
     g = gp.gradients(model, [xa, xb], 0, "inputs:1")
-    assert_close(g["inputs:1"], t.gradient(s, tb), 1e-6)
+    assert_close(g["inputs:1"], t.gradient(s, tb), F32)
     # a single-input model: "inputs:0" is its one input
     single = keras.Sequential([keras.Input((3,)), layers.Dense(2)])
     with tf.GradientTape() as t:
         t.watch(ta)
         s = tf.reduce_sum(single(ta)[:, 1])
-    assert_close(gp.gradients(single, xa, 1, "inputs:0")["inputs"], t.gradient(s, ta), 1e-6)
+    assert_close(gp.gradients(single, xa, 1, "inputs:0")["inputs"], t.gradient(s, ta), F32)
     with pytest.raises(gp.GradprobeError, match="inputs:2"):
         gp.gradients(model, [xa, xb], 0, "inputs:2")
 
@@ -112,8 +113,8 @@ def test_class_targets_on_rank_3_outputs_need_a_position():
             value = fn(model(xt))
             total = tf.reduce_sum(value)
         g = gp.gradients(model, x, target, "inputs")
-        assert_close(g.target, value, 1e-6, str(target))
-        assert_close(g["inputs"], t.gradient(total, xt), 1e-6, str(target))
+        assert_close(g.target, value, F32, str(target))
+        assert_close(g["inputs"], t.gradient(total, xt), F32, str(target))
 
 
 def test_class_targets_on_rank_4_outputs_sum_the_other_axes():
@@ -128,8 +129,8 @@ def test_class_targets_on_rank_4_outputs_sum_the_other_axes():
         value = tf.reduce_sum(model(xt)[..., 2], axis=(1, 2))
         total = tf.reduce_sum(value)
     g = gp.gradients(model, x, 2, "inputs")
-    assert_close(g.target, value, 1e-6)
-    assert_close(g["inputs"], t.gradient(total, xt), 1e-6)
+    assert_close(g.target, value, F32)
+    assert_close(g["inputs"], t.gradient(total, xt), F32)
 
 
 def test_grad_cam_channel_axis_on_channels_first_maps():
@@ -170,7 +171,7 @@ def test_gradient_penalty_norms(norm):
         s = tf.reduce_sum(model(xt)[:, 0])
     g = t.gradient(s, xt).numpy().reshape(4, -1)
     expected = {1: np.abs(g).sum(1), "inf": np.abs(g).max(1), 2: np.sqrt((g ** 2).sum(1))}[norm]
-    assert_close(gp.gradient_penalty(model, x, lambda y: y[:, 0], norm=norm), expected, 1e-6)
+    assert_close(gp.gradient_penalty(model, x, lambda y: y[:, 0], norm=norm), expected, F32)
 
 
 def test_clear_cache_and_the_per_model_cache_bound():
@@ -200,7 +201,7 @@ def test_clear_cache_and_the_per_model_cache_bound():
     g = gp.gradients(model, x, 0, "a")  # rebuilt on demand: a fresh function, traced once
     fresh = list(engine._cache[model].values())[0].fn
     assert fresh is not first and fresh.experimental_get_tracing_count() == 1
-    assert_close(g["a"], np.tile(model.get_layer("b").kernel.numpy()[:, 0], (2, 1)), 1e-6)
+    assert_close(g["a"], np.tile(model.get_layer("b").kernel.numpy()[:, 0], (2, 1)), F32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None,

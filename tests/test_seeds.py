@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import gradprobe as gp
 from oracle import assert_close
+from tolerance import F32
 
 
 # --------------------------------------------------------------------- seed 000
@@ -34,7 +35,7 @@ def test_seed000_activations_via_probe_model():
     expected = tape.gradient(score, hidden_output)
     g = gp.gradients(model, x, target=2, wrt="hidden")
     assert g["hidden"].shape == hidden_output.shape
-    assert_close(g["hidden"], expected, 1e-6)
+    assert_close(g["hidden"], expected, F32)
 
 
 def test_seed000_weights_and_reduction_target():
@@ -45,8 +46,8 @@ def test_seed000_weights_and_reduction_target():
         loss = tf.reduce_sum(model(x))
     expected = tape.gradient(loss, layer.trainable_variables)
     g = gp.gradients(model, x, target=lambda y: tf.reduce_sum(y), wrt="hidden.weights")
-    assert_close(g["hidden.kernel"], expected[0], 1e-6)
-    assert_close(g["hidden.bias"], expected[1], 1e-6)
+    assert_close(g["hidden.kernel"], expected[0], F32)
+    assert_close(g["hidden.bias"], expected[1], F32)
 
 
 def test_seed000_pitfalls_are_errors_or_handled():
@@ -66,8 +67,8 @@ def test_seed000_pitfalls_are_errors_or_handled():
         tape.watch(h)
         score = out(h)[:, 0]
     exp_h, exp_k = tape.gradient(score, [h, hidden.kernel.value])
-    assert_close(g["hidden"], exp_h, 1e-6)
-    assert_close(g["hidden.kernel"], exp_k, 1e-6)
+    assert_close(g["hidden"], exp_h, F32)
+    assert_close(g["hidden.kernel"], exp_k, F32)
 
 
 # --------------------------------------------------------------------- seed 001
@@ -259,8 +260,8 @@ def test_seed003_example1_layer1_output_and_layer2_weights():
 
     model = _two_layer(layer1_weights, layer2_weights)
     g = gp.gradients(model, input_tensor, lambda y: tf.reduce_sum(y), ["layer1", "layer2.kernel"])
-    assert_close(g["layer1"], exp[0], 1e-6)
-    assert_close(g["layer2.kernel"], exp[1], 1e-6)
+    assert_close(g["layer1"], exp[0], F32)
+    assert_close(g["layer2.kernel"], exp[1], F32)
 
 
 def test_seed003_gradient_used_in_a_second_loss():
@@ -307,9 +308,9 @@ def test_seed003_gradient_used_in_a_second_loss():
                               "layer1", output="layer1", differentiable=differentiable)["layer1"]
             layer2_out = model(input_tensor)
             loss2 = tf.reduce_sum(layer2_out) + tf.reduce_sum(g1 * layer2_out[:, :1])
-        assert_close(g1, grad1, 1e-6)
-        assert_close(outer.gradient(loss2, kernel2.value), expected2, 1e-6)
-        assert_close(outer.gradient(loss2, kernel1.value), exp_w1, 1e-6, str(differentiable))
+        assert_close(g1, grad1, F32)
+        assert_close(outer.gradient(loss2, kernel2.value), expected2, F32)
+        assert_close(outer.gradient(loss2, kernel1.value), exp_w1, F32, str(differentiable))
 
     # Example 3's intent, consistent shapes: custom_layer(grad1, layer2_input) =
     # matmul(transpose(grad1), layer2_input); loss3 = its sum; d loss3 / d w2.
@@ -325,7 +326,7 @@ def test_seed003_gradient_used_in_a_second_loss():
         g = gp.gradients(model, input_tensor, lambda a: tf.reduce_sum(tf.square(a)), "layer1",
                          output="layer1")
         loss3 = tf.reduce_sum(tf.matmul(tf.transpose(g["layer1"]), model(input_tensor)))
-    assert_close(outer.gradient(loss3, kernel2.value), expected3, 1e-6)
+    assert_close(outer.gradient(loss3, kernel2.value), expected3, F32)
 
 
 # --------------------------------------------------------------------- seed 004
@@ -339,8 +340,8 @@ def test_seed004_input_gradient_of_activation_sum():
         loss = tf.reduce_sum(activations)
     expected = tape.gradient(loss, inputs)
     g = gp.gradients(model, inputs, lambda y: tf.reduce_sum(y), "inputs")
-    assert_close(g["inputs"], expected, 1e-6)
-    assert_close(g.outputs, activations, 1e-6)
+    assert_close(g["inputs"], expected, F32)
+    assert_close(g.outputs, activations, F32)
 
 
 def test_seed004_intermediate_dense_and_custom_activation():
@@ -360,14 +361,14 @@ def test_seed004_intermediate_dense_and_custom_activation():
     expected = tape.gradient(loss, layer2_output)
     second = model.layers[1].name
     g = gp.gradients(model, inputs, lambda a: tf.reduce_sum(a), second, output=second)
-    assert_close(g[second], expected, 1e-6)
+    assert_close(g[second], expected, F32)
     # And a quantity the seed could not reach: the same pseudo-loss w.r.t. layer 1.
     g = gp.gradients(model, inputs, lambda a: tf.reduce_sum(a), model.layers[0], output=second)
     with tf.GradientTape() as tape:
         layer1_output = model.layers[0](inputs)
         tape.watch(layer1_output)
         loss = tf.reduce_sum(model.layers[1](layer1_output))
-    assert_close(g[model.layers[0].name], tape.gradient(loss, layer1_output), 1e-6)
+    assert_close(g[model.layers[0].name], tape.gradient(loss, layer1_output), F32)
 
     model = keras.Sequential([keras.layers.Dense(units=16, input_shape=(5,)), CustomActivation(),
                               keras.layers.Dense(units=5)])
@@ -380,5 +381,5 @@ def test_seed004_intermediate_dense_and_custom_activation():
     custom = model.layers[1].name
     g = gp.gradients(model, inputs, lambda a: tf.reduce_sum(a), [custom, model.layers[0]],
                      output=custom)
-    assert_close(g[custom], expected, 1e-6)
+    assert_close(g[custom], expected, F32)
     assert_close(g[model.layers[0].name], 2 * first, 1e-5)  # d(sum x^2)/dx = 2x

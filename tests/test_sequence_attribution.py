@@ -9,6 +9,7 @@ import pytest
 from keras import layers
 
 import gradprobe as gp
+from tolerance import assert_close
 
 
 def _linear():
@@ -36,7 +37,7 @@ def test_integrated_gradients_with_per_example_positions(batch_size):
     ig = gp.integrated_gradients(model, x, gp.at(positions, classes), steps=8,
                                  batch_size=batch_size, progress=False)
     want = x * _expected(x, kernel, positions, classes)  # linear: IG = x * gradient
-    np.testing.assert_allclose(np.asarray(ig), want, rtol=1e-5, atol=1e-6)
+    assert_close(np.asarray(ig), want, "float32")
     np.testing.assert_allclose(np.asarray(ig.delta), 0.0, atol=1e-5)
 
 
@@ -46,15 +47,14 @@ def test_predicted_class_at_the_position_is_fixed_on_the_original_inputs():
     classes = y[:, -1].argmax(-1)
     grad = _expected(x, kernel, [4, 4, 4], classes)
     sal = gp.saliency(model, x, gp.at(-1), batch_size=2)
-    np.testing.assert_allclose(np.asarray(sal), np.abs(grad).max(axis=-1), rtol=1e-6)
+    assert_close(np.asarray(sal), np.abs(grad).max(axis=-1), "float32")
     # Large noise: the noisy copies' own arg-max classes differ, but each copy keeps
     # its example's class, and a linear model's gradient does not depend on x.
     sg = gp.smoothgrad(model, x, gp.at(-1), samples=16, noise=5.0, seed=0, batch_size=5,
                        absolute=False, reduce_channels=None, progress=False)
-    np.testing.assert_allclose(np.asarray(sg), grad, rtol=1e-5, atol=1e-6)
+    assert_close(np.asarray(sg), grad, "float32")
     # Near the zero baseline every class scores about the same: IG must still use
     # the class predicted at position 2 of the original inputs.
     classes2 = y[:, 2].argmax(-1)
     ig = gp.integrated_gradients(model, x, gp.at(2), steps=6, batch_size=4, progress=False)
-    np.testing.assert_allclose(np.asarray(ig), x * _expected(x, kernel, [2, 2, 2], classes2),
-                               rtol=1e-5, atol=1e-6)
+    assert_close(np.asarray(ig), x * _expected(x, kernel, [2, 2, 2], classes2), "float32")

@@ -14,6 +14,7 @@ from keras import layers
 
 import gradprobe as gp
 from gradprobe.core import _patch
+from tolerance import assert_close
 
 
 def _model(seed: int = 0) -> keras.Model:
@@ -92,7 +93,7 @@ def _assert_same(got, want, where):
         for i, (a, b) in enumerate(zip(got, want)):
             _assert_same(a, b, f"{where}[{i}]")
     else:
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=where)
+        assert_close(got, want, "float32", what=where)
 
 
 def _run_threads(workers, rounds):
@@ -144,10 +145,9 @@ def test_concurrent_requests_on_one_model_see_only_their_own_forward_pass():
         return work
 
     def direct(i):
-        np.testing.assert_allclose(model(x).numpy(), plain, rtol=1e-6, atol=1e-7)
+        assert_close(model(x).numpy(), plain, "float32")
         if i % 5 == 0:
-            np.testing.assert_allclose(model.predict(x, verbose=0), plain, rtol=1e-6,
-                                       atol=1e-7)
+            assert_close(model.predict(x, verbose=0), plain, "float32")
         count("direct")
 
     def new_shape(i):

@@ -13,6 +13,7 @@ from keras import layers
 
 import gradprobe as gp
 from gradprobe.core import _patch
+from tolerance import assert_close
 
 
 def arr(t):
@@ -23,21 +24,16 @@ def arr(t):
 
 
 def close(a, b, tol=1e-5, what=""):
-    """`a` equals `b` within `tol` times max(1, max |b|) (absolute below 1)."""
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
+    """`a` equals `b` within `tol` times max(1, max |b|) (absolute below 1); see
+    tests/tolerance.py, whose `assert_close(a, b, dtype)` derives `tol` from the dtype."""
+    b = arr(b)
     scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    err = float(np.abs(a - b).max()) if a.size else 0.0
-    assert err <= tol * scale, f"{what}: max error {err} (scale {scale})"
+    assert_close(arr(a), b, rtol=tol, scale=scale, what=what)
 
 
 def rel_close(a, b, rtol=1e-6, what=""):
     """`a` equals `b` within `rtol` times max |b| (relative, for float64 oracles)."""
-    a, b = arr(a).astype(np.float64), arr(b).astype(np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(float(np.abs(b).max()), 1e-12)
-    err = float(np.abs(a - b).max())
-    assert err <= rtol * scale, f"{what}: max error {err} (scale {scale})"
+    assert_close(arr(a), arr(b), rtol=rtol, what=what, tiny=1e-12)
 
 
 class Twice(keras.Model):
