@@ -37,7 +37,12 @@ FACTOR = 64
 
 def eps(dtype) -> float:
     """The machine epsilon of `dtype` (a name, a NumPy/Keras dtype or an array's dtype)."""
-    name = getattr(dtype, "name", None) or str(dtype)  # np/tf/jax dtypes have .name
+    name = getattr(dtype, "name", None)  # np/tf/jax dtypes
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(dtype).name  # np.float32, "f4"
+        except TypeError:
+            name = str(dtype)
     name = name.rsplit(".", 1)[-1]  # "torch.float32"
     name = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(name, name)
     if name not in EPS:
@@ -86,8 +91,8 @@ def assert_close(actual, expected, dtype=None, factor: float = FACTOR, *, rtol=N
     diff = np.abs(a - e)
     err = float(np.max(diff))
     if not err <= rtol * scale:  # also fails on NaN
-        worst = np.unravel_index(int(np.nanargmax(diff)) if not np.isnan(diff).all() else 0,
-                                 diff.shape)
+        worst = tuple(int(i) for i in np.unravel_index(int(np.nanargmax(diff)) if not np.isnan(diff).all() else 0,
+                                 diff.shape))
         raise AssertionError(
             f"{what}: max abs error {err:.3g} > tol {rtol:.3g} x scale {scale:.3g} "
             f"(= {rtol * scale:.3g}); relative error {err / scale:.3g}; worst at {worst}: "
