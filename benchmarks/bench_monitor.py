@@ -14,7 +14,7 @@ Rows: the plain fit (the baseline); the plain fit again (A/A control: its
 "overhead" is the noise of the run); a do-nothing callback that reads the loss
 on the host every step (the floor of any per-step monitor); the monitor at
 every=1 and every=10. The load average of the machine is printed with each
-table. The last lines are the table for the README.
+table. The last lines are the table for benchmarks/README.md.
 
 Targets (ResNet and Transformer): overhead at most +3% at every=1 and at most
 +1% at every=10.
@@ -243,7 +243,7 @@ def bench(name: str, args: argparse.Namespace, console: Console) -> dict[str, tu
 
 
 def markdown(results: dict[str, dict[str, tuple]]) -> str:
-    """The README table: one row per model."""
+    """The table of benchmarks/README.md: one row per model."""
     lines = ["| model | plain step | every=1 wall (CPU) | every=10 wall (CPU) | "
              "reading the loss wall (CPU) | A/A control wall (CPU) | load average |",
              "|---|---|---|---|---|---|---|"]

@@ -4,9 +4,22 @@ Gradients of a chosen scalar target (a class score, a loss) with respect to any
 layer's activations, any layer's weights, or the input, for every kind of
 Keras 3 model.
 
+>>> import keras
+>>> import numpy as np
 >>> import gradprobe as gp
+>>> model = keras.Sequential([
+...     keras.Input((8, 8, 1)),
+...     keras.layers.Conv2D(4, 3, activation="relu", name="conv2d"),
+...     keras.layers.Flatten(),
+...     keras.layers.Dense(10, name="dense"),
+... ])
+>>> x = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
 >>> g = gp.gradients(model, x, target=3, wrt=["conv2d", "dense.kernel", "inputs"])
+>>> list(g)
+['inputs', 'conv2d', 'dense.kernel']
 >>> g.summary()
+<BLANKLINE>
+...gradients by source...
 """
 
 from gradprobe.attribution._common import Attribution

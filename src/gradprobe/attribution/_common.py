@@ -99,8 +99,17 @@ class Attribution:
 
         Example:
 
-        >>> ig = gp.integrated_gradients(model, ids, 1, layer="embedding")
-        >>> ig.reduce("sum")     # (batch, steps): one signed score per token
+        >>> text_model = keras.Sequential([
+        ...     keras.Input((4,), dtype="int32"),
+        ...     keras.layers.Embedding(6, 3, name="embedding"),
+        ...     keras.layers.GlobalAveragePooling1D(name="pool"),
+        ...     keras.layers.Dense(2, name="dense"),
+        ... ])
+        >>> ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]])          # token ids, padded
+        >>> ig = gp.integrated_gradients(text_model, ids, 1, layer="embedding",
+        ...                              progress=False)
+        >>> ig.reduce("sum").shape     # (batch, steps): one signed score per token
+        (2, 4)
         """
         _validate.choice("how", how, ("sum", "l2"), "how to reduce the last axis")
         arr = to_numpy(self._single()).astype(np.float64)

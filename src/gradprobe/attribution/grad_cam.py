@@ -48,7 +48,16 @@ def grad_cam(model: keras.Model, inputs: Any, target: Any, layer: Any, *, channe
 
     Example:
 
-    >>> cams = gp.grad_cam(model, images, "predicted", layer="conv5_block3_out")
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(name="gap"),
+    ...     keras.layers.Dense(3, name="dense"),
+    ... ])
+    >>> images = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
+    >>> cams = gp.grad_cam(model, images, "predicted", layer="conv")
+    >>> np.asarray(cams).shape     # upsampled to the input, each map in [0, 1]
+    (2, 8, 8)
     """
     return _cam(model, inputs, target, layer, channel_axis, relu, upsample, normalize, output,
                 training, plus_plus=False)
@@ -161,7 +170,16 @@ def grad_cam_layer(model: keras.Model, inputs: Any, *, output: Any = None) -> st
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(name="gap"),
+    ...     keras.layers.Dense(3, name="dense"),
+    ... ])
+    >>> images = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
     >>> layer = gp.grad_cam_layer(model, images[:1])
+    >>> layer
+    'conv'
     >>> cams = gp.grad_cam(model, images, "predicted", layer)
     """
     x = prepare(model, inputs)

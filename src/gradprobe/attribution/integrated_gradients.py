@@ -113,9 +113,19 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(name="gap"),
+    ...     keras.layers.Dense(3, name="dense"),
+    ... ])
+    >>> images = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
     >>> ig = gp.integrated_gradients(model, images, target="predicted", steps=64,
-    ...                              batch_size=32)
-    >>> np.abs(ig.delta).max()    # small when the integral is well approximated
+    ...                              batch_size=32, progress=False)
+    >>> np.asarray(ig).shape
+    (2, 8, 8, 1)
+    >>> bool(np.abs(np.asarray(ig.delta)).max() < 1e-2)   # small: the integral is well approximated
+    True
     """
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)

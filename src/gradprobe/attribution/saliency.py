@@ -64,10 +64,26 @@ def saliency(model: keras.Model, inputs: Any, target: Any, *, absolute: bool = T
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(name="gap"),
+    ...     keras.layers.Dense(3, name="dense"),
+    ... ])
+    >>> images = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
     >>> maps = gp.saliency(model, images, target="predicted")
     >>> np.asarray(maps).shape    # (batch, height, width)
+    (2, 8, 8)
+    >>> text_model = keras.Sequential([
+    ...     keras.Input((4,), dtype="int32"),
+    ...     keras.layers.Embedding(6, 3, name="embedding"),
+    ...     keras.layers.GlobalAveragePooling1D(name="pool"),
+    ...     keras.layers.Dense(2, name="dense"),
+    ... ])
+    >>> ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]])          # token ids, padded
     >>> tokens = gp.saliency(text_model, ids, 1, layer="embedding")
     >>> np.asarray(tokens).shape  # (batch, steps): the embedding axis reduced by max
+    (2, 4)
     """
     _validate.flag("absolute", absolute)
     if layer is not None:
@@ -98,8 +114,16 @@ def gradient_x_input(model: keras.Model, inputs: Any, target: Any, *, output: An
 
     Example:
 
+    >>> text_model = keras.Sequential([
+    ...     keras.Input((4,), dtype="int32"),
+    ...     keras.layers.Embedding(6, 3, name="embedding"),
+    ...     keras.layers.GlobalAveragePooling1D(name="pool"),
+    ...     keras.layers.Dense(2, name="dense"),
+    ... ])
+    >>> ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]])          # token ids, padded
     >>> gxa = gp.gradient_x_input(text_model, ids, 1, layer="embedding")
     >>> gxa.reduce("sum").shape   # (batch, steps): one score per token
+    (2, 4)
     """
     if layer is not None:
         grad, act, values, key = _layer_gradient(model, inputs, target, layer, output, training)

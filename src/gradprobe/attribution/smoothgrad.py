@@ -68,8 +68,17 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
 
     Example:
 
-    >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0)
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(name="gap"),
+    ...     keras.layers.Dense(3, name="dense"),
+    ... ])
+    >>> images = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
+    >>> maps = gp.smoothgrad(model, images, "predicted", samples=32, batch_size=32, seed=0,
+    ...                      progress=False)
     >>> np.asarray(maps).shape    # (batch, height, width)
+    (2, 8, 8)
     """
     samples = _validate.count("samples", samples, "the number of noisy copies per example")
     noise = _validate.nonnegative("noise", noise, "the noise standard deviation as a fraction "

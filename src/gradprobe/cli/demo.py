@@ -28,6 +28,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     Example:
 
+    >>> import gradprobe.cli.demo
     >>> x, y = gradprobe.cli.demo.load_digits()
     >>> x.shape, y[:5]
     ((1797, 8, 8, 1), array([0, 1, 2, 3, 4]))

@@ -243,15 +243,22 @@ def functional(model: keras.Model, inputs: Any, target: Any, wrt: Any = "*", *,
         `.args` (the three together), `.objective(...)` (the scalar alone),
         `.keys` and `.kinds`.
 
-    Example:
+    Example (JAX):
 
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(8, activation="tanh", name="dense"),
+    ...                           keras.layers.Dense(2, name="dense_1")])
+    >>> x, y = np.ones((3, 4), "float32"), np.zeros((3, 2), "float32")
     >>> form = gp.functional(model, x, gp.loss("mse", y), wrt=["dense", "dense_1.kernel"])
     >>> probes, variables, inputs = form.args
     >>> def penalised(variables):
     ...     # the gradient at layer "dense", differentiated again (second order)
     ...     g = jax.grad(form.objective)(probes, variables, inputs)["dense"]
     ...     return form.objective(probes, variables, inputs) + jnp.sum(g ** 2)
-    >>> jax.grad(penalised)(variables)["dense_1.kernel"]
+    >>> jax.grad(penalised)(variables)["dense_1.kernel"].shape
+    (8, 2)
     """
     return build(model, inputs, target, wrt, output=output, training=training,
                  unconnected=unconnected, live=True)

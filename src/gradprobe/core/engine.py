@@ -109,9 +109,19 @@ def gradients(
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv2d"),
+    ...     keras.layers.Flatten(),
+    ...     keras.layers.Dense(10, name="dense"),
+    ... ])
+    >>> x = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
     >>> g = gp.gradients(model, x, target=3, wrt=["conv2d", "dense.kernel"])
-    >>> g["conv2d"].shape      # same as the conv2d activation
+    >>> tuple(g["conv2d"].shape)      # same as the conv2d activation
+    (2, 6, 6, 4)
     >>> g.summary()
+    <BLANKLINE>
+    ...gradients by source...
     """
     _validate.model(model)
     options = (output, training, unconnected, compile, differentiable, per_example)

@@ -48,12 +48,18 @@ class Tape:
             variables are always watched, as by `tf.GradientTape`.
         persistent: Allow several `gradient` calls.
 
-    Example:
+    Example (TensorFlow, PyTorch):
 
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...                           keras.layers.Dense(4, activation="tanh", name="l1"),
+    ...                           keras.layers.Dense(2, name="l2")])
+    >>> x = np.ones((5, 3), "float32")
     >>> with gp.Tape(model, watch=["l1", "inputs"]) as tape:
     ...     y = model(x)
-    ...     loss = tf.reduce_sum(y) + tf.reduce_sum(tape.activation("l1") ** 2)
+    ...     loss = keras.ops.sum(y) + keras.ops.sum(tape.activation("l1") ** 2)
     >>> g = tape.gradient(loss, ["l1", "l2.kernel", "inputs"])
+    >>> [tuple(t.shape) for t in g]
+    [(5, 4), (4, 2), (5, 3)]
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):

@@ -124,8 +124,13 @@ def loss(loss_fn: Any, y_true: Any, sample_weight: Any = None) -> LossTarget:
 
     Example:
 
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
+    >>> x = np.ones((2, 4), "float32")
+    >>> y = np.array([0, 2])
     >>> loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     >>> g = gp.gradients(model, x, gp.loss(loss_fn, y), wrt="dense.kernel")
+    >>> tuple(g["dense.kernel"].shape)
+    (4, 3)
     """
     if isinstance(loss_fn, str):
         try:
@@ -386,10 +391,17 @@ def at(position: int | Sequence[int] | str, target: Any = "predicted", *, mask: 
 
     Example:
 
+    >>> import keras_hub      # a tiny GPT-2 built from a config: nothing is downloaded
+    >>> backbone = keras_hub.models.GPT2Backbone(
+    ...     vocabulary_size=7, num_layers=1, num_heads=2, hidden_dim=8,
+    ...     intermediate_dim=16, max_sequence_length=8)
+    >>> causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    >>> ids = np.array([[1, 2, 3, 4, 0, 0], [5, 6, 2, 0, 0, 0]])
     >>> x = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
     >>> nxt = gp.at("last", "predicted", mask=x["padding_mask"], log_prob=True)
     >>> g = gp.gradients(causal_lm, x, nxt, wrt="token_embedding@0")
-    >>> g.target           # log p(predicted next token), one value per example
+    >>> np.asarray(g.target).shape   # log p(predicted next token), one value per example
+    (2,)
     """
     kind, positions = _validate.position(position, mask)
     _validate.flag("log_prob", log_prob, "whether to take the log-softmax of the scores")
@@ -821,8 +833,12 @@ def evaluate(model: Any, x: Any, target: Target, args: dict[str, Any] | None = N
 
     Example:
 
+    >>> from gradprobe.core.targets import evaluate, make_target
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4)])
+    >>> x = np.ones((3, 2), "float32")
     >>> ev = evaluate(model, x, make_target(3, len(x)))
-    >>> ev.value            # outputs[:, 3], one score per example
+    >>> tuple(ev.value.shape)   # outputs[:, 3], one score per example
+    (3,)
     """
     outputs = (call or _stateless_call)(model, x, training)
     selected = select_output(outputs, output, output_names(model) if names is None else names,

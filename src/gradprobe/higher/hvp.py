@@ -39,8 +39,14 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
 
     Example:
 
-    >>> v = tf.random.normal(model.get_layer("dense").kernel.shape)
-    >>> gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(6, activation="tanh", name="dense"),
+    ...                           keras.layers.Dense(2, name="dense_1")])
+    >>> x, y = np.ones((3, 4), "float32"), np.zeros((3, 2), "float32")
+    >>> v = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")  # like the kernel
+    >>> hv = gp.hvp(model, x, gp.loss("mse", y), "dense.kernel", v)["dense.kernel"]
+    >>> tuple(hv.shape)
+    (4, 6)
     """
     _validate.backend_supported("gp.hvp", backends.FUNCTIONAL)
     _validate.model(model)

@@ -38,7 +38,13 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
 
     Example:
 
-    >>> J = gp.jacobian(model, x, of="dense_2", wrt="dense_1")   # (batch, 10, 64)
+    >>> model = keras.Sequential([keras.Input((8,)),
+    ...                           keras.layers.Dense(64, activation="relu", name="dense_1"),
+    ...                           keras.layers.Dense(10, name="dense_2")])
+    >>> x = np.ones((2, 8), "float32")
+    >>> J = gp.jacobian(model, x, of="dense_2", wrt="dense_1")
+    >>> tuple(J.shape)     # (batch, 10, 64)
+    (2, 10, 64)
     """
     _validate.backend_supported("gp.jacobian", backends.FUNCTIONAL)
     _validate.model(model)

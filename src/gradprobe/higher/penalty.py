@@ -38,19 +38,23 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     Returns:
         A tensor of shape `(batch,)`.
 
-    Example:
+    Example (JAX):
 
-    >>> # TensorFlow (and PyTorch: loss.backward())
-    >>> with tf.GradientTape() as tape:
-    ...     norms = gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0])
-    ...     loss = w_loss + 10.0 * tf.reduce_mean((norms - 1.0) ** 2)
-    >>> # JAX: the weights as the argument of the differentiated loss
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> critic = keras.Sequential([keras.Input((4,)),
+    ...                            keras.layers.Dense(8, activation="tanh"),
+    ...                            keras.layers.Dense(1)])
+    >>> x_hat = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    >>> # the weights as the argument of the differentiated loss
     >>> def loss_fn(weights):
     ...     with keras.StatelessScope(state_mapping=list(zip(critic.trainable_variables,
     ...                                                      weights))):
     ...         norms = gp.gradient_penalty(critic, x_hat, lambda y: y[:, 0])
     ...     return 10.0 * jnp.mean((norms - 1.0) ** 2)
     >>> grads = jax.grad(loss_fn)([v.value for v in critic.trainable_variables])
+    >>> [tuple(g.shape) for g in grads]
+    [(4, 8), (8,), (8, 1), (1,)]
     """
     _validate.backend_supported("gp.gradient_penalty", backends.FUNCTIONAL)
     _validate.model(model)

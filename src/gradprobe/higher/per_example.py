@@ -130,8 +130,15 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
 
     Example:
 
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(8, activation="relu", name="dense"),
+    ...                           keras.layers.Dense(3, activation="softmax", name="dense_1")])
+    >>> x, y = np.ones((5, 4), "float32"), np.array([0, 1, 2, 1, 0])
     >>> n = gp.per_example_norms(model, x, gp.loss("sparse_categorical_crossentropy", y))
-    >>> n.total            # (batch,): clip or weight examples by it (DP-SGD)
+    >>> np.asarray(n.total).shape     # (batch,): clip or weight examples by it (DP-SGD)
+    (5,)
+    >>> sorted(n)
+    ['dense.bias', 'dense.kernel', 'dense_1.bias', 'dense_1.kernel']
     """
     _validate.backend_supported("gp.per_example_norms", backends.FUNCTIONAL)
     _validate.choice("method", method, ("auto", "ghost", "vectorized"))

@@ -100,12 +100,21 @@ class GradientMonitor(keras.callbacks.Callback):
         activation_history: layer path -> statistic -> array (with `activations=True`).
         first_nonfinite: `None`, or `(step, variable path)`.
 
-    Example:
+    Example (TensorFlow):
 
-    >>> monitor = gp.GradientMonitor(every=10, log_dir="logs", csv="grads.csv")
-    >>> model.fit(x, y, epochs=3, callbacks=[monitor])
-    >>> monitor.history["dense/kernel"]["norm"]
-    >>> monitor.diagnose()
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(8, activation="relu", name="dense"),
+    ...                           keras.layers.Dense(1, name="dense_1")])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    >>> y = x.sum(axis=1, keepdims=True)
+    >>> monitor = gp.GradientMonitor(every=2, log_dir="logs", csv="grads.csv")
+    >>> history = model.fit(x, y, epochs=2, batch_size=16, callbacks=[monitor], verbose=0)
+    >>> monitor.steps
+    array([2, 4, 6, 8])
+    >>> monitor.history["dense.kernel"]["norm"].shape
+    (4,)
+    >>> findings = monitor.diagnose()   # vanishing, exploding, non-finite, dead, over time
     """
 
     def __init__(self, layers: Any = "*", every: int = 1, activations: bool = False,

@@ -167,10 +167,21 @@ def read_csv(path: str, step_columns: bool = False) -> tuple:
         (without `dead_units`, which the CSV does not hold); with
         `step_columns=True`, `(steps, history, {"skipped": ..., "loss_scale": ...})`.
 
-    Example:
+    Example (TensorFlow):
 
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(8, activation="relu", name="dense"),
+    ...                           keras.layers.Dense(1, name="dense_1")])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    >>> y = x.sum(axis=1, keepdims=True)
+    >>> history = model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+    ...                     callbacks=[gp.GradientMonitor(every=2, csv="grads.csv")])
     >>> steps, history = gp.monitor.read_csv("grads.csv")
-    >>> history["dense/kernel"]["norm"][-1]
+    >>> steps
+    array([2, 4, 6, 8])
+    >>> history["dense.kernel"]["norm"].shape
+    (4,)
     """
     with open(path, newline="") as f:
         rows = list(csv_module.reader(f))

@@ -79,8 +79,17 @@ def write_report(path: str, model: keras.Model, inputs: Any, target: Any = "pred
 
     Example:
 
-    >>> gp.write_report("report.html", model, x_test[:32], gp.loss("sparse_categorical_crossentropy", y_test[:32]),
-    ...                 labels=y_test[:32], monitor=monitor, history=fit_history)
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+    ...     keras.layers.GlobalAveragePooling2D(),
+    ...     keras.layers.Dense(3, activation="softmax", name="dense"),
+    ... ])
+    >>> x_test = np.random.default_rng(0).random((4, 8, 8, 1), dtype="float32")
+    >>> y_test = np.array([0, 1, 2, 1])
+    >>> gp.write_report("report.html", model, x_test,
+    ...                 gp.loss("sparse_categorical_crossentropy", y_test), labels=y_test)
+    'report.html'
     """
     _validate.backend_supported("gp.write_report", backends.FUNCTIONAL)
     import jinja2

@@ -90,8 +90,16 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv2"),
+    ...     keras.layers.GlobalAveragePooling2D(),
+    ...     keras.layers.Dense(5),
+    ... ])
+    >>> x = np.random.default_rng(0).random((2, 8, 8, 1), dtype="float32")
     >>> gp.plot.save_maps("maps.png", x, {"saliency": gp.saliency(model, x, 3),
     ...                                   "Grad-CAM": gp.grad_cam(model, x, 3, "conv2")})
+    'maps.png'
     """
     plt = _pyplot(path)
     images = np.asarray(images)
@@ -245,9 +253,17 @@ def tokens(tokens: Any, scores: Any, *, path: Any = None, format: str | None = N
 
     Example:
 
-    >>> a = gp.gradients(model, x, target, wrt="token_embedding")
-    >>> scores = (a["token_embedding"] * a.activations["token_embedding"]).numpy().sum(-1)
-    >>> gp.plot.tokens(["The", "film", "was", "great"], scores[0], path="tokens.html")
+    >>> model = keras.Sequential([keras.Input((4,), dtype="int32"),
+    ...                           keras.layers.Embedding(10, 3, name="token_embedding"),
+    ...                           keras.layers.GlobalAveragePooling1D(),
+    ...                           keras.layers.Dense(2)])
+    >>> x = np.array([[1, 5, 7, 2]])
+    >>> a = gp.gradients(model, x, 1, wrt="token_embedding")
+    >>> scores = (a.numpy()["token_embedding"]
+    ...           * np.asarray(a.activations["token_embedding"])).sum(-1)
+    >>> html = gp.plot.tokens(["The", "film", "was", "great"], scores[0], path="tokens.html")
+    >>> html.count('class="gp-token"')
+    4
     """
     rows, score_rows = _token_rows(tokens, scores, vocabulary)
     top = max((float(np.max(np.abs(r))) for r in score_rows if r.size), default=0.0)
