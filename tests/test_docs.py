@@ -18,12 +18,7 @@ BLOCKS = doc_blocks.all_blocks()
 # Blocks expected to fail until another change lands: block id -> (reason, the one
 # exception type allowed). Remove an entry once its block passes (strict=False, so a
 # pass does not fail the suite; any other exception still does).
-XFAIL = {
-    # The monitor's history keys are spelled "sequential/dense/kernel" so far; the README
-    # uses gp.gradients' selector form "dense.kernel", which the monitor is to accept.
-    "README.md:gradient-monitoring-during-fit:1": ("monitor key spelling (helper mon)",
-                                                   KeyError),
-}
+XFAIL: dict = {}
 
 
 def params(backend: str) -> list:

@@ -35,14 +35,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 # Docstrings expected to fail until another change lands: name -> (reason, text that
 # the failure report must contain). Remove an entry once it passes.
-XFAIL = {
-    # The monitor's history keys are spelled "sequential/dense/kernel" so far; the
-    # examples use gp.gradients' selector form "dense.kernel".
-    "gradprobe.monitor.callback.GradientMonitor": ("monitor key spelling (helper mon)",
-                                                   "KeyError: 'dense.kernel'"),
-    "gradprobe.monitor.sinks.read_csv": ("monitor key spelling (helper mon)",
-                                         "KeyError: 'dense.kernel'"),
-}
+XFAIL: dict = {}
 
 
 def _module_name(path: Path) -> str:

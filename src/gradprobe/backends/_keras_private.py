@@ -195,3 +195,16 @@ def running_callback_list(callback: Any) -> Any:
             return owner
         frame = frame.f_back
     return None
+
+
+def symbolic_build(model: Any, batch_spec: Any) -> None:
+    """Builds `model` (its layers, compiled loss and metrics, optimizer) on
+    symbolic tensors shaped like one batch of its training data, as `fit` does
+    under a distribution strategy; `batch_spec` is an `(x, y[, sample_weight])`
+    structure of objects with `shape` and `dtype` (e.g. `tf.TensorSpec`s).
+
+    Relies on `Trainer._symbolic_build(data_batch=...)`
+    (keras/src/trainers/trainer.py), which maps each leaf to a `KerasTensor` of
+    its shape and dtype and runs the model with `backend.compute_output_spec`.
+    """
+    model._symbolic_build(data_batch=batch_spec)

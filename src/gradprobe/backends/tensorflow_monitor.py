@@ -26,7 +26,8 @@ eager steps (`run_eagerly=True`) run them each time.
 
 What the callback uses: `StepProbe` (`installed`, `unpack`, `iterations`,
 `set_step`, `histogram_values`, `layout`, `slots`), `make_train_function`,
-`STATUS_KEY`, `END_OF_DATA`, `loss_scaler` and `SummaryWriter` (TensorBoard).
+`STATUS_KEY`, `END_OF_DATA`, `loss_scaler`, `build_model` (a model not built
+when training starts) and `SummaryWriter` (TensorBoard).
 Imported only when the Keras backend is TensorFlow.
 """
 
@@ -544,6 +545,35 @@ def _dead(g: Any, zero: Any | None = None) -> Any:
     if g.shape.rank > 1:
         zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
     return tf.reduce_sum(tf.cast(zero, tf.float32))
+
+
+def build_model(model: Any, iterator: Any) -> None:
+    """Builds a model that is not built yet (a subclassed or `Sequential` model
+    never called) from the shapes and dtypes of the batches `iterator` (the one
+    `fit` hands its train function) yields, without taking a batch from it: as
+    Keras' `fit` builds a model under a distribution strategy.
+
+    Raises:
+        GradprobeError: Where the model cannot be built so, with the fix (call
+            the model once on a batch before `fit`).
+    """
+    from gradprobe.errors import GradprobeError
+
+    spec = getattr(iterator, "element_spec", None)
+    fix = (f"Call the model once on a batch (model(x[:1])) before fit, so that it is built "
+           f"when training starts. Received: model {model.name!r} (not built)")
+    if spec is None:
+        raise GradprobeError("GradientMonitor: cannot build the model from the training data "
+                             f"(its iterator has no element_spec). {fix}.")
+    try:
+        _keras_private.symbolic_build(model, spec)
+    except Exception as e:  # noqa: BLE001 - any failure of Keras' symbolic build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradprobeError("GradientMonitor: cannot build the model from the shapes of the "
+                             f"training data ({type(e).__name__}: {first}). {fix}.") from e
+    if not model.built:
+        raise GradprobeError(f"GradientMonitor: the model is still not built after a call on "
+                             f"the training data's shapes. {fix}.")
 
 
 class SummaryWriter:

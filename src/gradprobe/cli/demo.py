@@ -141,7 +141,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
                   metrics=["accuracy"])
     # The GradientMonitor runs on TensorFlow only so far: elsewhere the demo trains
     # without it and says so (no gradients.csv, gradient_history.png).
-    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"]) \
+    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"], overwrite=overwrite) \
         if keras.backend.backend() == "tensorflow" else None
     if monitor is None:
         for name in ("gradients.csv", "gradient_history.png"):

@@ -19,7 +19,10 @@ Leaf layers are layers without sublayers, plus the built-in Keras layers whose
 sublayers are internal (RNNs, `Bidirectional`, `MultiHeadAttention`, ...).
 Every variable has one key, `"<owner path>.<name>"`, where the owner is the
 innermost layer that tracks it (`"embed.class_token"`, `"lstm/lstm_cell.kernel"`);
-a variable of the model itself is keyed `"<model name>.<name>"`.
+a variable of the model itself is keyed `"<model name>.<name>"`. That key is the
+one spelling gradprobe prints (results, `GradientMonitor` history, CSV and
+TensorBoard tags); a variable's Keras path (`v.path`, `"sequential/dense/kernel"`)
+or a unique `/`-suffix of it (`"dense/kernel"`) also selects it.
 """
 
 from __future__ import annotations
@@ -214,6 +217,19 @@ class LayerTree:
             return getattr(var, "path", None) or short
         return f"{node.path}.{short}"
 
+    def variable_by_path(self, text: str) -> Any | None:
+        """The model variable that `text` names by its Keras path (`v.path`, the
+        spelling Keras prints, e.g. `"sequential/dense/kernel"`) or by a unique
+        `/`-suffix of it (`"dense/kernel"`); `None` when none or several match.
+        Its key (`variable_key`) is the one spelling gradprobe prints."""
+        variables = list({id(v): v for v in self.model.weights}.values())
+        for found in ([v for v in variables if getattr(v, "path", None) == text],
+                      [v for v in variables
+                       if (getattr(v, "path", None) or "").endswith("/" + text)]):
+            if found:
+                return found[0] if len(found) == 1 else None
+        return None
+
     def descendants(self, node: LayerNode) -> Iterator[LayerNode]:
         for child in node.children:
             yield child
@@ -357,7 +373,15 @@ def _resolve_one(tree: LayerTree, item: Any) -> list[Source]:
                 f"{text!r}: a call index selects one call's activation; weights are shared "
                 f"by all calls. Use {layer_part + '.' + var_part!r}."
             )
-    node = tree.find(layer_part)
+    try:
+        node = tree.find(layer_part)
+    except GradprobeError:
+        # Not a layer: a variable named by its Keras path ("sequential/dense/kernel",
+        # as `v.path` and Keras print it) is keyed by its selector ("dense.kernel").
+        var = tree.variable_by_path(text) if var_part is None and call is None else None
+        if var is None:
+            raise
+        return [WeightSource(var, tree.variable_key(var), tree.owner(var), text, True)]
     if var_part is None:
         _check_selectable(node, text)
         return [ActivationSource(node, call, text, True)]

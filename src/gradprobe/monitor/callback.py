@@ -76,20 +76,40 @@ class GradientMonitor(keras.callbacks.Callback):
         activations: Also record the gradients of the selected layers'
             activations, captured in the training step's own backward pass.
         histograms: Also write gradient histograms to TensorBoard (needs `log_dir`).
-        log_dir: Write TensorBoard scalars (`gradients/<var>/<stat>`) here.
-        csv: Write one row per recorded step to this CSV file (its folder must exist).
+        log_dir: Write TensorBoard scalars (`gradients/<var>/<stat>`, e.g.
+            `gradients/dense.kernel/norm`) here.
+        csv: Write one row per recorded step to this CSV file (its folder must
+            exist): a `step` column, then `<var>/<stat>` columns
+            (`dense.kernel/norm`). An existing file is never replaced unless
+            `overwrite=True`; the later fits of the same monitor append to the
+            file it wrote.
         on_nonfinite: `"stop"` ends training after the execution holding the
             first step with a NaN/Inf gradient the optimizer applied, and reports
             the step and the first variable (in forward order) where it appeared;
             `"warn"`; `"ignore"`. A step that ran without the monitor's hooks is a
             `GradprobeError` with `"stop"`, a warning otherwise.
         print_every: Print a compact table every this many recorded steps.
+        overwrite: Replace an existing `csv` file. Without it an existing file
+            is never touched: a `GradprobeError` is raised before any work.
+
+    Variables are spelled as in `gp.gradients`' results: `"<layer path>.<name>"`
+    (`"dense.kernel"`, `"block1/conv.bias"`), in `history`, the CSV columns, the
+    TensorBoard tags, the printed tables and messages. A lookup in `history`
+    also accepts the Keras path that `v.path` and Keras print
+    (`"sequential/dense/kernel"`), `"dense/kernel"`, or a unique suffix; a name
+    that matches nothing raises a `KeyError` naming the closest keys.
+
+    A model that is not built yet (a subclassed or `Sequential` model never
+    called) is built at the start of the first training step, from the shapes
+    and dtypes of the training data (what Keras does under a distribution
+    strategy), and recorded from that step on.
 
     Attributes:
         steps: The recorded step numbers (1-based; numbered like the
             optimizer's iterations when the monitor first sees the model, then
             one per train step, steps skipped by loss scaling included).
-        history: variable path -> statistic -> NumPy array over `steps`; the
+        history: variable key (`"dense.kernel"`) -> statistic -> NumPy array
+            over `steps`; the
             statistics are `norm`, `max_abs`, `zero_fraction`, `nonfinite`,
             `update_ratio` (`||delta w|| / ||w||` of that step's update, 0 where
             `||w|| = 0` or where no update was applied), `dead_units`.
@@ -98,7 +118,7 @@ class GradientMonitor(keras.callbacks.Callback):
         loss_scale: Per recorded step, the loss scale of that step (1 without
             loss scaling).
         activation_history: layer path -> statistic -> array (with `activations=True`).
-        first_nonfinite: `None`, or `(step, variable path)`.
+        first_nonfinite: `None`, or `(step, variable key)`.
 
     Example (TensorFlow):
 
@@ -120,7 +140,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def __init__(self, layers: Any = "*", every: int = 1, activations: bool = False,
                  histograms: bool = False, log_dir: str | os.PathLike | None = None,
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
-                 print_every: int | None = None):
+                 print_every: int | None = None, overwrite: bool = False):
         _validate.backend_supported("gp.GradientMonitor")
         super().__init__()
         self.layers = _check_layers(layers)
@@ -133,15 +153,25 @@ class GradientMonitor(keras.callbacks.Callback):
         self.on_nonfinite = on_nonfinite
         self.print_every = None if print_every is None else _positive_int(
             "print_every", print_every, none_ok=True)
+        self.overwrite = _check_bool("overwrite", overwrite)
         self.log_dir = None if log_dir is None else _check_dir("log_dir", log_dir)
         self.csv = None if csv is None else _check_file("csv", csv)
+        # Whether the file at `csv` is this monitor's own (it wrote it): later fits
+        # append to it, or start it over for another model, with no flag.
+        self._csv_own = False
+        if self.csv is not None:
+            self._check_csv_new()
         if self.histograms and self.log_dir is None:
             raise GradprobeError("Expected log_dir with histograms=True (histograms go to "
                                  "TensorBoard). Received: log_dir=None. Pass log_dir='logs'.")
         self.first_nonfinite: tuple[int, str] | None = None
         self._history = History()
-        self._paths: list[str] = []
+        self._paths: list[str] = []  # the variables' keys, as in gp.gradients
+        self._aliases: dict[str, str] = {}  # v.path -> key
         self._variables: list[Any] = []
+        # With a model not built when training starts: (model's own function,
+        # the function armed for the first step, which builds the model).
+        self._unbuilt: tuple[Any, Any] | None = None
         self._layer_paths: list[str] = []
         self._built: tuple | None = None  # (key, probe, function, read_status, wrapper, own)
         self._csv_sink: CsvSink | None = None
@@ -170,18 +200,18 @@ class GradientMonitor(keras.callbacks.Callback):
 
     @property
     def history(self) -> dict[str, dict[str, np.ndarray]]:
-        return self._history.arrays(self._paths, self._layer_paths)[0]
+        return self._history.arrays(self._paths, self._layer_paths, self._aliases)[0]
 
     @property
     def activation_history(self) -> dict[str, dict[str, np.ndarray]]:
-        return self._history.arrays(self._paths, self._layer_paths)[1]
+        return self._history.arrays(self._paths, self._layer_paths, self._aliases)[1]
 
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: Any = None) -> None:
         # Left by a fit that failed outside any callback: sinks open, guards on its
         # CallbackList, a status no callback of this monitor will see.
         self._close_sinks()
-        self._pending_status, self._armed = None, False
+        self._pending_status, self._armed, self._unbuilt = None, False, None
         if self._guards is not None:
             guards, self._guards = self._guards, None
             guards.close()
@@ -196,6 +226,24 @@ class GradientMonitor(keras.callbacks.Callback):
             raise GradprobeError("GradientMonitor needs a model compiled with a Keras optimizer "
                                  f"(model.compile(optimizer=...)). Received: optimizer={optimizer!r}.")
         # Everything that can fail is checked before the model is touched.
+        if not getattr(model, "built", True):
+            # Not built yet (a subclassed or Sequential model never called): Keras
+            # builds it when the first step runs; the monitor builds it then, from
+            # the data's shapes, and sets up (see `_arm`).
+            self._check_sink_paths()
+            self._unbuilt = (own, None)
+        else:
+            self._setup(model, optimizer, own)
+        try:
+            self._guard(_keras_private.running_callback_list(self))
+        except BaseException:
+            self._close_sinks()
+            raise
+        self._fitting = True
+
+    def _setup(self, model: Any, optimizer: Any, own: Any) -> None:
+        """Selects the variables, opens the sinks and builds (or reuses) the
+        monitor's train function; `own` is the model's own train function."""
         paths, variables = self._select(model)
         layers = self._activation_layers(model) if self.activations else []
         key = (model, optimizer, own, *variables)
@@ -215,6 +263,8 @@ class GradientMonitor(keras.callbacks.Callback):
                                own_cell)
                 self._last_iterations = None
             self._paths, self._variables = paths, variables
+            self._aliases = {v.path: p for p, v in zip(paths, variables)
+                             if getattr(v, "path", None) and v.path != p}
             self._layer_paths = [p for p, _ in layers]
             probe = self._built[1]
             iterations = probe.iterations()
@@ -224,11 +274,9 @@ class GradientMonitor(keras.callbacks.Callback):
                 self._last_step += max(iterations - self._last_iterations, 0)
             self._last_iterations = iterations
             probe.set_step(self._last_step)
-            self._guard(_keras_private.running_callback_list(self))
         except BaseException:
             self._close_sinks()
             raise
-        self._fitting = True
 
     def _guard(self, callback_list: Any) -> None:
         """Wraps the running fit's `CallbackList` so that the model's own train
@@ -263,9 +311,38 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _arm(self) -> None:
         model = self.model
+        if self._unbuilt is not None:
+            self._arm_unbuilt(model)
+            return
         self._built[5]["own"] = own_train_function(model.train_function)
         self._armed = True
         set_train_function(model, self._built[4])
+
+    def _arm_unbuilt(self, model: Any) -> None:
+        """Arms, for the first step of a fit of a model that is not built, a
+        function that builds the model from the shapes and dtypes of the data the
+        step's iterator yields (no batch is consumed), sets the monitor up, and
+        runs the step with the monitor's function."""
+        own = own_train_function(model.train_function)
+
+        def first_step(iterator: Any) -> Any:
+            set_train_function(model, own)  # whatever happens next
+            if self._unbuilt is None or self._unbuilt[1] is not first_step or not self._fitting:
+                return own(iterator)  # a wrapper left on the model; this fit is not ours
+            self._unbuilt = None
+            try:
+                if not model.built:
+                    hooks.build_model(model, iterator)
+                self._setup(model, model.optimizer, own)
+            except BaseException:
+                self._abort()
+                raise
+            self._arm()
+            return model.train_function(iterator)
+
+        setattr(first_step, OWN_ATTR, lambda: own)
+        self._unbuilt = (own, first_step)
+        set_train_function(model, first_step)
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         status, self._pending_status = self._pending_status, None
@@ -286,6 +363,10 @@ class GradientMonitor(keras.callbacks.Callback):
     def _finish(self) -> None:
         self._fitting = False
         self._armed = False
+        unbuilt, self._unbuilt = self._unbuilt, None
+        if unbuilt is not None and unbuilt[1] is not None and self.model is not None and \
+                self.model.train_function is unbuilt[1]:
+            set_train_function(self.model, unbuilt[0])
         own = self._built[5]["own"] if self._built is not None else None
         if own is not None and self.model is not None and \
                 self.model.train_function is not own and \
@@ -416,15 +497,28 @@ class GradientMonitor(keras.callbacks.Callback):
                 print_table(self._paths, row)
 
     # ------------------------------------------------------------ sinks
+    def _check_sink_paths(self) -> None:
+        if self.csv is not None:
+            _check_file("csv", self.csv)
+            self._check_csv_new()
+        if self.log_dir is not None:
+            _check_dir("log_dir", self.log_dir)
+
+    def _check_csv_new(self) -> None:
+        """Nothing is lost: an existing file that this monitor did not write is
+        replaced only with `overwrite=True`."""
+        if not self.overwrite and not self._csv_own and os.path.lexists(self.csv):
+            raise GradprobeError(
+                f"Expected csv to be a file that does not exist yet. Received: csv={self.csv!r}, "
+                "which exists; pass overwrite=True to replace it, or choose another path.")
+
     def _open_sinks(self, paths: list[str], layers: list[str], optimizer: Any,
                     append: bool) -> None:
         # Both paths are checked before either sink opens (opening the CSV truncates it).
-        if self.csv is not None:
-            _check_file("csv", self.csv)
-        if self.log_dir is not None:
-            _check_dir("log_dir", self.log_dir)
+        self._check_sink_paths()
         if self.csv is not None:
             self._csv_sink = CsvSink(self.csv, paths, append)
+            self._csv_own = True
         if self.log_dir is not None:
             try:
                 self._tb_sink = TensorBoardSink(hooks.SummaryWriter(self.log_dir), paths, layers,
@@ -441,22 +535,37 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ selection
     def _select(self, model: Any) -> tuple[list[str], list[Any]]:
+        """The monitored variables (forward order) and their keys, spelled as
+        `gp.gradients` spells them (`"dense.kernel"`)."""
         from gradprobe.core.selectors import LayerTree, resolve
 
         variables = list(model.trainable_weights)
         if not variables:
-            raise GradprobeError("GradientMonitor: the model has no trainable variables.")
-        if self.layers == "*":
-            return [v.path for v in variables], variables
+            raise GradprobeError(
+                f"GradientMonitor: model {model.name!r} has no trainable variables"
+                + (" (every layer is frozen: trainable=False)." if model.weights else
+                   ". If it is built in its first call, call it once on a batch "
+                   "(model(x[:1])) before fit.")
+                + " Received: model.trainable_weights=[].")
         tree = LayerTree(model)
+        if self.layers == "*":
+            return [tree.variable_key(v) for v in variables], variables
         chosen: list[Any] = []
         for sel in self.layers:
             if isinstance(sel, keras.layers.Layer):
                 tree.node_of(sel)  # raises if the layer is not part of the model
                 found = list(sel.trainable_weights)
             else:
+                # A layer name selects the layer's trainable weights; else a
+                # variable's Keras path ("sequential/dense/kernel") selects it.
                 text = sel if not isinstance(sel, str) or "." in sel else sel + ".weights"
-                found = [getattr(src, "var", None) for src in resolve(tree, text)]
+                try:
+                    found = [getattr(src, "var", None) for src in resolve(tree, text)]
+                except GradprobeError:
+                    var = tree.variable_by_path(sel) if text != sel else None
+                    if var is None:
+                        raise
+                    found = [var]
             for var in found:
                 if var is not None and all(var is not c for c in chosen):
                     chosen.append(var)
@@ -464,7 +573,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if not ordered:
             raise GradprobeError(f"Expected layers to select at least one trainable variable. "
                                  f"Received: layers={self.layers!r}. Pass '*' or layer names.")
-        return [v.path for v in ordered], ordered
+        return [tree.variable_key(v) for v in ordered], ordered
 
     def _activation_layers(self, model: Any) -> list[tuple[str, Any]]:
         from gradprobe.core.selectors import LayerTree, resolve

@@ -16,6 +16,89 @@ from gradprobe.monitor.layout import ACT_STATS, STATS, STEP_COLUMNS, Skip
 ROW_STATS = (*STATS, "dead_units")
 
 
+class KeyedHistory(dict):
+    """`monitor.history` (and `activation_history`, `read_csv`'s history): a dict
+    keyed by gradprobe's one spelling of a source, the keys of `gp.gradients`'
+    results (`"dense.kernel"`, `"encoder/conv.bias"`, layer paths for
+    activations), that a lookup by another spelling also finds.
+
+    A lookup (`[]`, `in`, `get`) accepts the key, the variable's Keras path
+    (`"sequential/dense/kernel"`, as `v.path` and Keras print it), the key with
+    `/` for its last `.` (`"dense/kernel"`), or a unique `/`-suffix of any of
+    them (`"conv.bias"` for `"encoder/conv.bias"`). A name that matches nothing,
+    or several keys, raises a `KeyError` (also a `GradprobeError`) naming the
+    closest keys. Iteration, `keys()` and printing use the keys only.
+
+    Args:
+        data: key -> statistic -> values.
+        aliases: other spelling -> key (e.g. each variable's `v.path`).
+        prefixed: Also accept a name with one leading path part more than an
+            alias (`"sequential/dense/kernel"` for `"dense/kernel"`): for a
+            history read back from a CSV, where the model's name is not known.
+    """
+
+    def __init__(self, data: dict | None = None, aliases: dict[str, str] | None = None,
+                 prefixed: bool = False):
+        super().__init__(data or {})
+        table: dict[str, set[str]] = {}
+        for key in self:
+            for name in (key, *_spellings(key)):
+                table.setdefault(name, set()).add(key)
+        for name, key in (aliases or {}).items():
+            if key in self:
+                table.setdefault(name, set()).add(key)
+        self._aliases = table
+        self._prefixed = prefixed
+
+    def _lookup(self, name: Any) -> list[str]:
+        """The keys `name` may stand for (one: found; several: ambiguous)."""
+        if not isinstance(name, str):
+            return []
+        if dict.__contains__(self, name):
+            return [name]
+        found = self._aliases.get(name)
+        if not found:
+            found = {k for alias, keys in self._aliases.items()
+                     if alias.endswith("/" + name) for k in keys}
+        if not found and self._prefixed and "/" in name:
+            found = set(self._aliases.get(name.split("/", 1)[1], ()))
+        return sorted(found, key=list(self).index)
+
+    def __missing__(self, name: Any) -> Any:
+        from gradprobe.core.result import GradprobeKeyError
+        from gradprobe.errors import closest, quoted
+
+        keys = self._lookup(name)
+        if len(keys) == 1:
+            return dict.__getitem__(self, keys[0])
+        if keys:
+            raise GradprobeKeyError(f"{name!r} names {len(keys)} recorded sources; index one "
+                                    f"of them: {quoted(keys)}.")
+        spelled = {alias: min(ks, key=list(self).index) for alias, ks in self._aliases.items()}
+        hint = list(dict.fromkeys(spelled[c] for c in closest(str(name), list(spelled))))
+        raise GradprobeKeyError(
+            f"Nothing recorded for {name!r}." + (f" Did you mean {quoted(hint)}?" if hint else "")
+            + (f" The keys are: {quoted(self)}." if self else " Nothing was recorded."))
+
+    def __contains__(self, name: Any) -> bool:
+        return len(self._lookup(name)) == 1
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        keys = self._lookup(name)
+        return dict.__getitem__(self, keys[0]) if len(keys) == 1 else default
+
+
+def _spellings(key: str) -> tuple[str, ...]:
+    """Other spellings of a key: `"dense.kernel"` -> `"dense/kernel"` (the key
+    with `/` for its last `.`), and for a key in Keras' path form (`"seq/dense/kernel"`,
+    a CSV of an older version) the selector-like `"seq/dense.kernel"`."""
+    if "." in key:
+        owner, _, name = key.rpartition(".")
+        return (f"{owner}/{name}",) if owner and "/" not in name else ()
+    owner, _, name = key.rpartition("/")
+    return (f"{owner}.{name}",) if owner else ()
+
+
 class Row(NamedTuple):
     """One recorded step."""
 
@@ -52,18 +135,25 @@ class History:
     def loss_scale(self) -> np.ndarray:
         return np.array([r.loss_scale for r in self.rows], dtype=np.float64)
 
-    def arrays(self, paths: list[str], layers: list[str]) -> tuple[dict, dict]:
-        if self._cached is None or self._cached[0] != len(self.rows):
+    def arrays(self, paths: list[str], layers: list[str],
+               aliases: dict[str, str] | None = None) -> tuple[dict, dict]:
+        """`(history, activation_history)`: `KeyedHistory`s keyed by `paths` (the
+        variables' keys) and `layers` (the layers' paths); `aliases` maps other
+        spellings (each variable's `v.path`) to keys."""
+        if self._cached is None or self._cached[0] != len(self.rows) or \
+                list(self._cached[1]) != list(paths):
             n = len(self.rows)
             grads = (np.stack([r.stats for r in self.rows]) if n
                      else np.zeros((0, len(paths), len(ROW_STATS))))
-            hist = {p: {s: grads[:, i, j].astype(np.float64) for j, s in enumerate(ROW_STATS)}
-                    for i, p in enumerate(paths)}
-            acts: dict = {}
+            hist = KeyedHistory(
+                {p: {s: grads[:, i, j].astype(np.float64) for j, s in enumerate(ROW_STATS)}
+                 for i, p in enumerate(paths)}, aliases)
+            acts = KeyedHistory()
             if layers and n:
                 a = np.stack([r.acts for r in self.rows])
-                acts = {p: {s: a[:, i, j].astype(np.float64) for j, s in enumerate(ACT_STATS)}
-                        for i, p in enumerate(layers)}
+                acts = KeyedHistory(
+                    {p: {s: a[:, i, j].astype(np.float64) for j, s in enumerate(ACT_STATS)}
+                     for i, p in enumerate(layers)})
             self._cached = (n, hist, acts)
         return self._cached[1], self._cached[2]
 
@@ -97,7 +187,8 @@ class CsvSink:
 
 
 class TensorBoardSink:
-    """Scalars `gradients/<var>/<stat>`, `activation_gradients/<layer>/norm`,
+    """Scalars `gradients/<var>/<stat>` (`<var>` the variable's key, as in
+    `gp.gradients`: `gradients/dense.kernel/norm`), `activation_gradients/<layer>/norm`,
     with loss scaling `train_step/skipped` and `train_step/loss_scale`, and
     gradient histograms.
 
@@ -105,7 +196,7 @@ class TensorBoardSink:
         writer: The event-file writer (`at_step(step)`, `scalar(tag, value)`,
             `histogram(tag, values)`, `close()`): TensorFlow's
             `gradprobe.backends.tensorflow_monitor.SummaryWriter`.
-        paths: The monitored variables' paths.
+        paths: The monitored variables' keys.
         layers: The monitored activation layers' paths.
         scaled: Whether the optimizer scales the loss (writes the step-level tags).
     """
@@ -159,12 +250,15 @@ def read_csv(path: str, step_columns: bool = False) -> tuple:
     Args:
         path: The CSV file: a `step` column, the step-level `skipped` and
             `loss_scale` columns (files of older versions lack them), then one
-            `<variable path>/<statistic>` column per variable and statistic.
+            `<variable key>/<statistic>` column per variable and statistic
+            (`dense.kernel/norm`; files of older versions used the Keras path,
+            `sequential/dense/kernel/norm`).
         step_columns: Also return the step-level columns.
 
     Returns:
         `(steps, history)`, shaped like `monitor.steps` and `monitor.history`
-        (without `dead_units`, which the CSV does not hold); with
+        (without `dead_units`, which the CSV does not hold; looked up by the
+        same spellings, see `KeyedHistory`); with
         `step_columns=True`, `(steps, history, {"skipped": ..., "loss_scale": ...})`.
 
     Example (TensorFlow):
@@ -206,4 +300,5 @@ def read_csv(path: str, step_columns: bool = False) -> tuple:
                                  f"'<variable>/<one of {', '.join(STATS)}>'.")
         history.setdefault(var, {})[stat] = table[:, j]
     steps = table[:, 0].astype(np.int64)
+    history = KeyedHistory(history, prefixed=True)
     return (steps, history, extra) if step_columns else (steps, history)

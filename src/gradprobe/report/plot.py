@@ -85,6 +85,9 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
             each is drawn as a colour band behind the signal's curves.
         titles: Optional one title per example.
 
+    Each map (and each overlay, which shows its map scaled to its own min..max)
+    has a colour bar ticked at that map's smallest and largest value.
+
     Returns:
         The path written.
 
@@ -125,6 +128,12 @@ def save_maps(path: Any, images: Any, maps: Any, *, titles: Sequence[str] | None
         for ax, (cell, cell_cmap) in zip(axes[i], cells):
             ax.imshow(cell, cmap=cell_cmap)
             ax.set_axis_off()
+        # A colour bar per map, in the map's own values (each overlay is scaled
+        # to its map's min..max).
+        raw = [m[i] for m in columns.values()] if named else [columns[""][i]]
+        where = axes[i][1:] if named else axes[i][1:2]
+        for ax, m in zip(where, raw):
+            _colorbar(plt, fig, ax, m, cmap)
         axes[i][0].set_title(titles[i] if titles else f"example {i}", fontsize=9)
     heads = list(columns) if named else ["map", "overlay"]
     for j, head in enumerate(heads, start=1):
@@ -158,6 +167,7 @@ def _save_sequence_maps(plt: Any, path: Any, signals: np.ndarray, columns: dict,
                 band = band[(np.arange(steps) * band.shape[0] / steps).astype(int)]
             ax.imshow(band[None, :], aspect="auto", cmap=cmap, alpha=alpha,
                       extent=(-0.5, steps - 0.5, lo, hi), origin="lower")
+            _colorbar(plt, fig, ax, band, cmap)
             ax.plot(np.arange(steps), signals[i], linewidth=0.8, color="black")
             ax.set_ylim(lo, hi)
     for j, head in enumerate(heads, start=1):
@@ -166,6 +176,27 @@ def _save_sequence_maps(plt: Any, path: Any, signals: np.ndarray, columns: dict,
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _colorbar(plt: Any, fig: Any, ax: Any, values: Any, cmap: str) -> Any:
+    """A slim colour bar beside `ax` for a map drawn with `cmap`, ticked at the
+    map's smallest and largest value (the colours span that range)."""
+    import matplotlib
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 3 and v.shape[-1] == 1:
+        v = v[..., 0]
+    finite = v[np.isfinite(v)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    if hi <= lo:
+        hi = lo + 1.0
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(lo, hi), cmap=cmap)
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_ticks([lo, hi])
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("attribution", fontsize=6)
+    return bar
 
 
 # ----------------------------------------------------------------- token maps
@@ -369,6 +400,13 @@ def _pyplot(path: Any) -> Any:
     return plt
 
 
+# The history plot's legend: one entry per variable up to LEGEND_MAX variables;
+# beyond, lines are coloured by depth and the LEGEND_TOP largest and smallest
+# last-step norms are named.
+LEGEND_MAX = 20
+LEGEND_TOP = 5
+
+
 def gradient_history(steps: Any, history: dict[str, dict[str, Any]],
                      path: str | None = None) -> Any:
     """Gradient norms per variable over training, and the gradient flow of the last step.
@@ -381,27 +419,56 @@ def gradient_history(steps: Any, history: dict[str, dict[str, Any]],
 
     Returns:
         The matplotlib figure: norms over steps (log scale) and a bar chart of
-        each variable's norm at the last step, in forward order.
+        each variable's norm at the last step, in forward order. Up to 20
+        variables, a legend beside the axes names each; with more, the lines
+        are coloured by depth (a colour bar names variables along the forward
+        order) and a legend names the 5 largest and 5 smallest at the last step.
     """
     plt = _pyplot(path)
     steps = np.asarray(steps)
     if not len(steps) or not history:
         raise GradprobeError("No recorded steps to plot.")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, h in history.items():
-        ax1.plot(steps, np.maximum(np.asarray(h["norm"], dtype=np.float64), 1e-30), label=name,
-                 linewidth=1)
+    import matplotlib
+
+    names = list(history)
+    many = len(names) > LEGEND_MAX
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14 if many else 15, 4.8))
+    # Up to LEGEND_MAX variables: one legend entry each, outside the axes. More:
+    # coloured by depth (forward order, a colour bar ticked with variable names),
+    # the LEGEND_TOP largest and smallest at the last step named in a legend.
+    depth = matplotlib.colormaps["viridis"]
+    last = [max(float(history[n]["norm"][-1]), 1e-30) for n in names]
+    named = set(names) if not many else set(
+        np.array(names)[np.argsort(last)[np.r_[:LEGEND_TOP, -LEGEND_TOP:0]]].tolist())
+    for i, name in enumerate(names):
+        # Past the default cycle's 10 colours, tab20's 20 keep each line distinct.
+        color = depth(i / max(len(names) - 1, 1)) if many else \
+            matplotlib.colormaps["tab20"](i) if len(names) > 10 else None
+        ax1.plot(steps, np.maximum(np.asarray(history[name]["norm"], dtype=np.float64), 1e-30),
+                 label=name if name in named else "_nolegend_", linewidth=1, color=color)
     ax1.set_yscale("log")
     ax1.set_xlabel("step")
     ax1.set_ylabel("gradient L2 norm")
     ax1.set_title("gradient norms over training")
-    if len(history) <= 12:
-        ax1.legend(fontsize=7)
-    names = list(history)
-    last = [max(float(history[n]["norm"][-1]), 1e-30) for n in names]
+    if many:
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(
+            norm=matplotlib.colors.Normalize(0, len(names) - 1), cmap=depth), ax=ax1, pad=0.02)
+        ticks = sorted({int(round(t)) for t in np.linspace(0, len(names) - 1, 6)})
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([names[t] for t in ticks], fontsize=6)
+        bar.set_label(f"depth: {len(names)} variables in forward order", fontsize=7)
+        ax1.legend(fontsize=6, title=f"largest / smallest {LEGEND_TOP} at the last step",
+                   title_fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=2,
+                   frameon=False)
+    else:
+        ax1.legend(fontsize=7 if len(names) <= 10 else 6, loc="upper left",
+                   bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=1 if len(names) <= 10 else 2)
     ax2.bar(range(len(names)), last)
     ax2.set_yscale("log")
-    ax2.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right")
+    ax2.set_xticks(range(len(names)), names, rotation=75, fontsize=7 if not many else 5,
+                   ha="right")
+    ax2.set_xlabel("variable (forward order)")
+    ax2.set_ylabel("gradient L2 norm (log scale)")
     ax2.set_title(f"gradient flow at step {int(steps[-1])} (forward order)")
     return _finish(fig, path)
 
@@ -436,6 +503,8 @@ def gradient_flow(stats: dict[str, dict], kinds: dict[str, str] | None = None,
         ax.scatter(x, peak, color="#dd8452", marker="_", s=200, label="max |g|", zorder=3)
         ax.set_yscale("log")
         ax.set_xticks(x, keys, rotation=75, fontsize=7, ha="right")
+        ax.set_ylabel("|gradient| (log scale)")
+        ax.set_xlabel("source (forward order)")
         ax.set_title(f"gradient flow: {title} (forward order)")
         ax.legend(fontsize=7)
     return _finish(fig, path)
@@ -463,6 +532,7 @@ def training_curves(history: dict[str, Any], path: str | None = None) -> Any:
                 values = np.asarray(history[key], dtype=np.float64)
                 ax.plot(np.arange(1, len(values) + 1), values, style, label=key, marker=".")
         ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
         ax.set_title(name)
         ax.legend(fontsize=7)
     return _finish(fig, path)
