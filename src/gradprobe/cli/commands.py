@@ -53,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.debug = bool(getattr(args, "debug", False)) or \
         os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        # On JAX and PyTorch each command runs as far as the functions it calls do;
-        from gradprobe import backends
-        from gradprobe.core import _validate
-        # one that is not supported there yet says so (a one-line GradprobeError).
-        _validate.backend_supported("The gradprobe command", backends.FUNCTIONAL)
+        # Each command starts the backend (`_backend`) once its own checks that need
+        # no Keras have passed: --help and argument errors never import it.
         return args.run(args)
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)
@@ -199,7 +195,13 @@ def _request_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated selectors (default 'inputs,*,*.weights', without "
                         "integer inputs such as token ids)")
     p.add_argument("--output", help="the output of a multi-output model (name or index)")
-    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
+    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy; "
+                                  "a crossentropy loss expects probabilities unless "
+                                  "--from-logits (a model whose outputs cannot be "
+                                  "probabilities is refused)")
+    p.add_argument("--from-logits", action="store_true",
+                   help="the model outputs logits (no final softmax/sigmoid), as the demo's "
+                        "model does: --loss applies from_logits=True")
     p.add_argument("--labels", help=".npy labels for --loss (also shown in report captions)")
     _loading_arguments(p)
 
@@ -218,10 +220,18 @@ def _loading_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ commands
+def _backend(args: argparse.Namespace) -> None:
+    """Imports Keras and its backend, quietly unless --debug (see `_startup`)."""
+    from gradprobe.cli._startup import start_backend
+
+    start_backend(args.debug)
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1; got {args.epochs}")
     check_demo_folder(args.out, args.force)
+    _backend(args)
     from gradprobe.cli import demo
 
     demo.run(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.force)
@@ -234,14 +244,15 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     Every file is checked (and arrays read) before the model is loaded."""
     import numpy as np
 
-    import gradprobe as gp
-
     target = _parse_target(args.target)
     check_model_file(args.model)
     x = read_input(args.input, "--input", max_pixels=args.max_image_pixels, by_name=True)
     labels = read_input(args.labels, "--labels", images=False) if args.labels else None
     if args.loss and labels is None:
         raise UserError("--loss needs --labels")
+    if args.from_logits and not args.loss:
+        raise UserError("--from-logits applies to --loss; pass --loss too, or drop it")
+    _backend(args)
     import_modules(args.imports)
     model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
     if isinstance(x, list):
@@ -261,11 +272,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if labels is not None and len(labels) != examples:
         raise UserError(f"--labels has {len(labels)} entries but --input has {examples} "
                         "examples")
-    if args.loss:
-        target = gp.loss(args.loss, labels)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
+    if args.loss:
+        target = _loss_target(args, model, x, labels, output)
     if args.wrt is None:  # integer inputs (token ids) have no gradient: left out
         from gradprobe.report.html import default_wrt
 
@@ -274,6 +285,52 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     return {"model": model, "inputs": x, "labels": labels, "target": target, "output": output,
             "wrt": wrt}
+
+
+def _loss_target(args: argparse.Namespace, model: Any, x: Any, labels: Any,
+                 output: Any) -> Any:
+    """`gp.loss` of --loss (with --from-logits) against --labels, refused when the
+    model's outputs cannot be what the loss expects (logits given to a loss that
+    expects probabilities, or softmax rows with --from-logits): the outputs are
+    computed once here, eagerly, before anything else runs."""
+    import functools
+    import warnings
+
+    import keras
+
+    import gradprobe as gp
+    from gradprobe.core import targets
+
+    fn: Any = args.loss
+    try:
+        fn = keras.losses.get(args.loss)
+    except (ValueError, TypeError):
+        pass  # gp.loss says what it accepts
+    info = targets.probability_loss(fn) if not isinstance(fn, str) else None
+    if args.from_logits:
+        if info is None:
+            raise UserError(f"--from-logits applies to the crossentropy losses "
+                            f"({', '.join(targets.PROBABILITY_LOSSES)}); --loss "
+                            f"{args.loss} takes no from_logits: drop --from-logits")
+        if isinstance(fn, keras.losses.Loss):
+            fn = type(fn).from_config({**fn.get_config(), "from_logits": True})
+        else:
+            fn = functools.partial(fn, from_logits=True)
+    target = gp.loss(fn, labels)
+    if info is None:
+        return target
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", targets.ProbabilityWarning)
+        try:
+            targets.evaluate(model, x, targets.make_target(target, n), output=output)
+        except targets.ProbabilityWarning as w:
+            fix = ("drop --from-logits (the model outputs probabilities)" if w.from_logits
+                   else "pass --from-logits if the model outputs logits")
+            raise UserError(f"--loss {args.loss}{' --from-logits' if w.from_logits else ''}: "
+                            f"the model's outputs {w.evidence.removeprefix('they ')}; "
+                            f"{fix}") from None
+    return target
 
 
 def _check_shapes(x: dict[str, Any], model: Any) -> None:
@@ -361,6 +418,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     check_new_files(paths, args.force)
     for f in args.images:
         check_image(f, args.max_image_pixels)
+    _backend(args)
     import_modules(args.imports)
     model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
     x = load_images(args.images, model_image_shape(model), args.max_image_pixels)
