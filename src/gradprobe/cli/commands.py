@@ -11,6 +11,7 @@ and every check of the inputs and outputs runs before the first write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -104,13 +105,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Trains a small CNN on the 8x8 digits data set bundled with gradprobe (no "
                     "downloads) with a GradientMonitor attached, prints the per-layer gradient "
                     "table and diagnosis of a held-out batch, and writes report.html, Grad-CAM "
-                    "overlays and gradient-flow plots into --out, a new or empty folder.")
+                    "overlays and gradient-flow plots into --out, a new or empty folder. Its "
+                    "model.keras outputs logits: a --loss on it needs --from-logits.")
     d.add_argument("--out", default="gradprobe-demo",
                    help="the directory to write into, new or empty unless --force "
                         "(default ./gradprobe-demo)")
     d.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _force_argument(d, "the demo's files in a folder that is not empty (other files stay)")
+    _force_argument(d, "the demo's files in a folder that is not empty; demo files of an "
+                       "earlier run that this run does not write are removed (other files "
+                       "stay)")
     d.set_defaults(run=_demo)
 
     p = sub.add_parser(
@@ -302,10 +306,8 @@ def _loss_target(args: argparse.Namespace, model: Any, x: Any, labels: Any,
     from gradprobe.core import targets
 
     fn: Any = args.loss
-    try:
+    with contextlib.suppress(ValueError, TypeError):  # else gp.loss says what it accepts
         fn = keras.losses.get(args.loss)
-    except (ValueError, TypeError):
-        pass  # gp.loss says what it accepts
     info = targets.probability_loss(fn) if not isinstance(fn, str) else None
     if args.from_logits:
         if info is None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
