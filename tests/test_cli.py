@@ -106,8 +106,8 @@ def test_json_matches_gp_gradients(saved, kind):
 def test_table_npz_loss_and_help(saved):
     d, x, paths = saved
     out = run("inspect", paths["functional"], "--input", f"{d / 'x.npz'}:images",
-              "--loss", "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"),
-              "--wrt", "conv,logits.kernel")
+              "--loss", "sparse_categorical_crossentropy", "--from-logits",
+              "--labels", str(d / "y.npy"), "--wrt", "conv,logits.kernel")
     assert "conv" in out.stdout and "logits.kernel" in out.stdout
     assert "usage: gradprobe inspect" in run("inspect", "--help").stdout
 

@@ -324,14 +324,19 @@ def _loss_target(args: argparse.Namespace, model: Any, x: Any, labels: Any,
     n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", targets.ProbabilityWarning)
+        # (Keras' own note on a softmax given from_logits=True: refused below anyway)
+        warnings.filterwarnings("ignore", message=".*received `from_logits=True`")
         try:
             targets.evaluate(model, x, targets.make_target(target, n), output=output)
         except targets.ProbabilityWarning as w:
-            fix = ("drop --from-logits (the model outputs probabilities)" if w.from_logits
-                   else "pass --from-logits if the model outputs logits")
-            raise UserError(f"--loss {args.loss}{' --from-logits' if w.from_logits else ''}: "
-                            f"the model's outputs {w.evidence.removeprefix('they ')}; "
-                            f"{fix}") from None
+            if w.from_logits:
+                what = (f"--loss {args.loss} --from-logits: the model's outputs look like "
+                        f"probabilities ({w.evidence.split(':')[0]}); drop --from-logits")
+            else:
+                what = (f"--loss {args.loss}: the model's outputs "
+                        f"{w.evidence.removeprefix('they ')}; pass --from-logits if the "
+                        "model outputs logits")
+            raise UserError(what) from None
     return target
 
 
