@@ -5,6 +5,7 @@ ever replaced without --force, and a failing command writes nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -222,12 +223,14 @@ def test_report_matches_gp_gradients_with_histories(saved, tmp_path, kind):
         out_path.write_text("an older report")
         extra.append("--overwrite")
     out = run("report", paths[kind], "--input", str(d / "x.npy"), "--loss",
-              "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"), "--history",
+              "sparse_categorical_crossentropy", "--from-logits", "--labels",
+              str(d / "y.npy"), "--history",
               str(grads_csv), "--history", str(log_csv), "--out", str(out_path), *extra)
     assert out.stdout.strip().endswith(str(out_path))
     data = _report_data(out_path)
     model = keras.saving.load_model(paths[kind])
-    g = gp.gradients(model, x, gp.loss("sparse_categorical_crossentropy", y),
+    g = gp.gradients(model, x, gp.loss(functools.partial(
+        keras.losses.sparse_categorical_crossentropy, from_logits=True), y),
                      ["inputs", "*", "*.weights"], unconnected="zero")
     stats = g.stats()
     assert [s["name"] for s in data["sources"]] == list(stats)
