@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.cli import _startup
+from gradprobe.cli import commands
 from gradprobe.core import targets
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "gradprobe")
@@ -207,12 +207,12 @@ def test_native_log_filter(capfd):
              "I0000 00:00:1796491032.814802    5758 port.cc:153] oneDNN custom operations\n"
              "E0000 00:00:1796491035.715541    5758 cuda_platform.cc:52] failed call to cuInit\n")
     fatal = "F0000 00:00:1796491035.715541    5758 x.cc:1] Check failed\n"
-    with _startup.filtered_native_logs(3):
+    with commands.filtered_native_logs(3):
         os.write(2, (noise + "a real message\n" + fatal).encode())
     assert capfd.readouterr().err == "a real message\n" + fatal
-    with _startup.filtered_native_logs(1):  # a level the user set: errors stay
+    with commands.filtered_native_logs(1):  # a level the user set: errors stay
         os.write(2, noise.encode())
     assert capfd.readouterr().err == noise.splitlines(keepends=True)[2]
-    with _startup.filtered_native_logs(0):
+    with commands.filtered_native_logs(0):
         os.write(2, noise.encode())
     assert capfd.readouterr().err == noise
