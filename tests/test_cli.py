@@ -5,6 +5,7 @@ ever replaced without --force, and a failing command writes nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -107,8 +108,8 @@ def test_json_matches_gp_gradients(saved, kind):
 def test_table_npz_loss_and_help(saved):
     d, x, paths = saved
     out = run("inspect", paths["functional"], "--input", f"{d / 'x.npz'}:images",
-              "--loss", "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"),
-              "--wrt", "conv,logits.kernel")
+              "--loss", "sparse_categorical_crossentropy", "--from-logits",
+              "--labels", str(d / "y.npy"), "--wrt", "conv,logits.kernel")
     assert "conv" in out.stdout and "logits.kernel" in out.stdout
     assert "usage: gradprobe inspect" in run("inspect", "--help").stdout
 
@@ -223,12 +224,14 @@ def test_report_matches_gp_gradients_with_histories(saved, tmp_path, kind):
         out_path.write_text("an older report")
         extra.append("--overwrite")
     out = run("report", paths[kind], "--input", str(d / "x.npy"), "--loss",
-              "sparse_categorical_crossentropy", "--labels", str(d / "y.npy"), "--history",
+              "sparse_categorical_crossentropy", "--from-logits", "--labels",
+              str(d / "y.npy"), "--history",
               str(grads_csv), "--history", str(log_csv), "--out", str(out_path), *extra)
     assert out.stdout.strip().endswith(str(out_path))
     data = _report_data(out_path)
     model = keras.saving.load_model(paths[kind])
-    g = gp.gradients(model, x, gp.loss("sparse_categorical_crossentropy", y),
+    g = gp.gradients(model, x, gp.loss(functools.partial(
+        keras.losses.sparse_categorical_crossentropy, from_logits=True), y),
                      ["inputs", "*", "*.weights"], unconnected="zero")
     stats = g.stats()
     assert [s["name"] for s in data["sources"]] == list(stats)

@@ -30,15 +30,22 @@ SECTIONS = ["<h2>Diagnosis</h2>", "<h2>Gradient statistics by source (forward or
 @pytest.mark.slow
 def test_demo_runs_on_this_backend(tmp_path):
     out = tmp_path / "demo"
+    # An earlier run on TensorFlow left the monitor's files, and the user a file of
+    # their own: --force removes the former (one run's files), keeps the latter.
+    out.mkdir()
+    for name in ("gradients.csv", "gradient_history.png", "report.html", "notes.txt"):
+        (out / name).write_text("earlier")
     env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, "-m", "gradprobe", "demo", "--epochs", "1",
-                           "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+                           "--out", str(out), "--force"], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"on {BACKEND}: without the GradientMonitor" in proc.stdout
     assert "test accuracy" in proc.stdout and "Report:" in proc.stdout
     assert sorted(os.listdir(out)) == ["gradcam.png", "gradient_flow.png", "model.keras",
-                                       "report.html", "test_images.npy", "test_labels.npy"]
+                                       "notes.txt", "report.html", "test_images.npy",
+                                       "test_labels.npy"]
+    assert (out / "notes.txt").read_text() == "earlier"
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<title>gradprobe demo: a small CNN on 8x8 digits</title>" in html
     positions = [html.find(s) for s in SECTIONS]

@@ -11,10 +11,14 @@ and every check of the inputs and outputs runs before the first write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from gradprobe.cli._io import (
@@ -53,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.debug = bool(getattr(args, "debug", False)) or \
         os.environ.get("GRADPROBE_DEBUG", "").strip() not in ("", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        # On JAX and PyTorch each command runs as far as the functions it calls do;
-        from gradprobe import backends
-        from gradprobe.core import _validate
-        # one that is not supported there yet says so (a one-line GradprobeError).
-        _validate.backend_supported("The gradprobe command", backends.FUNCTIONAL)
+        # Each command starts the backend (`_backend`) once its own checks that need
+        # no Keras have passed: --help and argument errors never import it.
         return args.run(args)
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): no traceback
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_USER
     except Exception as e:  # one line for everything; the traceback only with --debug
         if args.debug:
             traceback.print_exc(file=sys.stderr)
@@ -108,13 +113,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Trains a small CNN on the 8x8 digits data set bundled with gradprobe (no "
                     "downloads) with a GradientMonitor attached, prints the per-layer gradient "
                     "table and diagnosis of a held-out batch, and writes report.html, Grad-CAM "
-                    "overlays and gradient-flow plots into --out, a new or empty folder.")
+                    "overlays and gradient-flow plots into --out, a new or empty folder. Its "
+                    "model.keras outputs logits: a --loss on it needs --from-logits.")
     d.add_argument("--out", default="gradprobe-demo",
                    help="the directory to write into, new or empty unless --force "
                         "(default ./gradprobe-demo)")
     d.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _force_argument(d, "the demo's files in a folder that is not empty (other files stay)")
+    _force_argument(d, "the demo's files in a folder that is not empty; demo files of an "
+                       "earlier run that this run does not write are removed (other files "
+                       "stay)")
     d.set_defaults(run=_demo)
 
     p = sub.add_parser(
@@ -199,7 +207,13 @@ def _request_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated selectors (default 'inputs,*,*.weights', without "
                         "integer inputs such as token ids)")
     p.add_argument("--output", help="the output of a multi-output model (name or index)")
-    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy")
+    p.add_argument("--loss", help="a Keras loss name, e.g. sparse_categorical_crossentropy; "
+                                  "a crossentropy loss expects probabilities unless "
+                                  "--from-logits (a model whose outputs cannot be "
+                                  "probabilities is refused)")
+    p.add_argument("--from-logits", action="store_true",
+                   help="the model outputs logits (no final softmax/sigmoid), as the demo's "
+                        "model does: --loss applies from_logits=True")
     p.add_argument("--labels", help=".npy labels for --loss (also shown in report captions)")
     _loading_arguments(p)
 
@@ -217,11 +231,104 @@ def _loading_arguments(p: argparse.ArgumentParser) -> None:
                         "size Pillow itself refuses: a guard against decompression bombs)")
 
 
+# ------------------------------------------------------------------ start-up
+# Starting the backend for a command: Keras (and TensorFlow, JAX or PyTorch) is
+# imported only by a command that needs it, never for `--help` or an argument error.
+#
+# Unless `--debug`, TensorFlow's native log lines stay out of the output:
+# `TF_CPP_MIN_LOG_LEVEL` defaults to 3 (a value the user set is kept), and the
+# lines its libraries print while loading, before their logging is set up (which
+# ignore that variable), are filtered by the same level; any other output of the
+# import (a Python warning, an error) is passed on.
+
+# absl's format: severity letter, date, time, thread, file:line]
+_NATIVE_LINE = re.compile(r"^([IWEF])\d{4} \d+:\d+:\d+\.\d+\s+\d+ \S+:\d+\] ")
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+_NOISE = ("WARNING: All log messages before absl::InitializeLog() is called",
+          "To enable the following instructions:")
+
+_started = False
+
+
+def native_noise(line: str, level: int) -> bool:
+    """Whether a line printed while loading the backend is a native log line that
+    `TF_CPP_MIN_LOG_LEVEL=level` hides (fatal lines are never hidden)."""
+    m = _NATIVE_LINE.match(line)
+    if m:
+        severity = _SEVERITY[m.group(1)]
+        return severity < min(level, 3)
+    return level >= 1 and line.startswith(_NOISE)
+
+
+@contextlib.contextmanager
+def filtered_native_logs(level: int) -> Iterator[None]:
+    """Inside the block, what is written to file descriptor 2 (native code and
+    Python alike) is collected; on exit, the lines that are not native noise
+    (`native_noise`) are written to standard error."""
+    if level <= 0:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True)
+                    if not native_noise(line, level)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def start_backend(debug: bool = False) -> None:
+    """Imports Keras and its backend (once), quietly unless `debug`, and refuses a
+    backend the command does not run on (a `GradprobeError`)."""
+    global _started
+    if _started:
+        return
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    with filtered_native_logs(0 if debug else level):
+        import keras
+
+        from gradprobe import backends
+        from gradprobe.core import _validate
+
+        # The first tensor starts the devices, whose native lines come now too.
+        keras.ops.convert_to_tensor(0.0)
+    _started = True
+    # On JAX and PyTorch each command runs as far as the functions it calls do;
+    # one that is not supported there yet says so (a one-line GradprobeError).
+    _validate.backend_supported("The gradprobe command", backends.FUNCTIONAL)
+
+
 # ------------------------------------------------------------------ commands
+def _backend(args: argparse.Namespace) -> None:
+    """Imports Keras and its backend, quietly unless --debug (see `_startup`)."""
+    start_backend(args.debug)
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1; got {args.epochs}")
     check_demo_folder(args.out, args.force)
+    _backend(args)
     from gradprobe.cli import demo
 
     demo.run(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.force)
@@ -234,14 +341,15 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     Every file is checked (and arrays read) before the model is loaded."""
     import numpy as np
 
-    import gradprobe as gp
-
     target = _parse_target(args.target)
     check_model_file(args.model)
     x = read_input(args.input, "--input", max_pixels=args.max_image_pixels, by_name=True)
     labels = read_input(args.labels, "--labels", images=False) if args.labels else None
     if args.loss and labels is None:
         raise UserError("--loss needs --labels")
+    if args.from_logits and not args.loss:
+        raise UserError("--from-logits applies to --loss; pass --loss too, or drop it")
+    _backend(args)
     import_modules(args.imports)
     model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
     if isinstance(x, list):
@@ -261,11 +369,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if labels is not None and len(labels) != examples:
         raise UserError(f"--labels has {len(labels)} entries but --input has {examples} "
                         "examples")
-    if args.loss:
-        target = gp.loss(args.loss, labels)
     output: Any = args.output
     if output is not None and output.isdigit():
         output = int(output)
+    if args.loss:
+        target = _loss_target(args, model, x, labels, output)
     if args.wrt is None:  # integer inputs (token ids) have no gradient: left out
         from gradprobe.report.html import default_wrt
 
@@ -274,6 +382,55 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     return {"model": model, "inputs": x, "labels": labels, "target": target, "output": output,
             "wrt": wrt}
+
+
+def _loss_target(args: argparse.Namespace, model: Any, x: Any, labels: Any,
+                 output: Any) -> Any:
+    """`gp.loss` of --loss (with --from-logits) against --labels, refused when the
+    model's outputs cannot be what the loss expects (logits given to a loss that
+    expects probabilities, or softmax rows with --from-logits): the outputs are
+    computed once here, eagerly, before anything else runs."""
+    import functools
+    import warnings
+
+    import keras
+
+    import gradprobe as gp
+    from gradprobe.core import targets
+
+    fn: Any = args.loss
+    with contextlib.suppress(ValueError, TypeError):  # else gp.loss says what it accepts
+        fn = keras.losses.get(args.loss)
+    info = targets.probability_loss(fn) if not isinstance(fn, str) else None
+    if args.from_logits:
+        if info is None:
+            raise UserError(f"--from-logits applies to the crossentropy losses "
+                            f"({', '.join(targets.PROBABILITY_LOSSES)}); --loss "
+                            f"{args.loss} takes no from_logits: drop --from-logits")
+        if isinstance(fn, keras.losses.Loss):
+            fn = type(fn).from_config({**fn.get_config(), "from_logits": True})
+        else:
+            fn = functools.partial(fn, from_logits=True)
+    target = gp.loss(fn, labels)
+    if info is None:
+        return target
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", targets.ProbabilityWarning)
+        # (Keras' own note on a softmax given from_logits=True: refused below anyway)
+        warnings.filterwarnings("ignore", message=".*received `from_logits=True`")
+        try:
+            targets.evaluate(model, x, targets.make_target(target, n), output=output)
+        except targets.ProbabilityWarning as w:
+            if w.from_logits:
+                what = (f"--loss {args.loss} --from-logits: the model's outputs look like "
+                        f"probabilities ({w.evidence.split(':')[0]}); drop --from-logits")
+            else:
+                what = (f"--loss {args.loss}: the model's outputs "
+                        f"{w.evidence.removeprefix('they ')}; pass --from-logits if the "
+                        "model outputs logits")
+            raise UserError(what) from None
+    return target
 
 
 def _check_shapes(x: dict[str, Any], model: Any) -> None:
@@ -361,6 +518,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     check_new_files(paths, args.force)
     for f in args.images:
         check_image(f, args.max_image_pixels)
+    _backend(args)
     import_modules(args.imports)
     model = load_model(args.model, args.unsafe_load, quiet=not args.debug)
     x = load_images(args.images, model_image_shape(model), args.max_image_pixels)

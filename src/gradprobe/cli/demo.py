@@ -17,6 +17,11 @@ import keras
 import numpy as np
 
 TEST_SIZE = 360
+# Every file the demo may write; with `overwrite`, those of an earlier run that this
+# run does not write (the monitor's, after a run on another backend) are removed,
+# so the folder holds one run. No other file is touched.
+DEMO_FILES = ("report.html", "gradcam.png", "gradient_flow.png", "gradient_history.png",
+              "gradients.csv", "model.keras", "test_images.npy", "test_labels.npy")
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +53,11 @@ def split(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple:
 
 
 def build_model() -> keras.Model:
-    """The demo's CNN: three 3×3 convolutions, global pooling, two dense layers."""
+    """The demo's CNN: three 3×3 convolutions, global pooling, two dense layers.
+
+    It outputs logits (its last layer has no softmax) and is trained with
+    `SparseCategoricalCrossentropy(from_logits=True)`: a loss on its outputs needs
+    `from_logits=True` (`gradprobe inspect --loss ... --from-logits`)."""
     return keras.Sequential(
         [
             keras.Input((8, 8, 1), name="digit"),
@@ -110,7 +119,9 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
         seed: Seeds the split, the initial weights and the shuffling.
         console: A `rich.console.Console` (default: a new one).
         overwrite: Write into a folder that is not empty, replacing the demo's
-            files in it (other files stay). Without it such a folder is refused
+            files in it and removing those of an earlier run that this run does
+            not write (`DEMO_FILES`; e.g. the monitor's, after a TensorFlow run,
+            on JAX): the folder then holds one run. Other files stay. Without it such a folder is refused
             with a `GradprobeError` before anything is written.
 
     Returns:
@@ -129,9 +140,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
         if not console.is_terminal:  # piped or logged: do not fold lines at 80 columns
             console = Console(width=max(console.width, 130))
     os.makedirs(out_dir, exist_ok=True)
-    files = {name: os.path.join(out_dir, name) for name in (
-        "report.html", "gradcam.png", "gradient_flow.png", "gradient_history.png",
-        "gradients.csv", "model.keras", "test_images.npy", "test_labels.npy")}
+    files = {name: os.path.join(out_dir, name) for name in DEMO_FILES}
 
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = split(*load_digits(), seed=seed)
@@ -196,14 +205,24 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
                     notes={"test accuracy": f"{accuracy:.1%} on {len(x_test)} held-out digits",
                            "training": f"{epochs} epochs, {len(x_train)} images, "
                                        f"{seconds:.1f} s",
+                           "model output": "logits (no softmax; trained with "
+                                           "SparseCategoricalCrossentropy(from_logits=True))",
                            "data": "8x8 optical handwritten digits (Alpaydin & Kaynak, "
                                    "UCI, CC BY 4.0), bundled"})
+    for name in DEMO_FILES:  # an earlier run's files that this one did not write
+        stale = os.path.join(out_dir, name)
+        if name not in files and os.path.isfile(stale):
+            os.remove(stale)
     console.print(f"\nReport: {os.path.abspath(files['report.html'])}")
     during = "gradients during training (gradient_history.png, gradients.csv), " \
         if monitor is not None else ""
     console.print(f"Also written to {os.path.abspath(out_dir)}: Grad-CAM overlays "
                   f"(gradcam.png), gradient flow (gradient_flow.png), {during}the trained "
-                  "model (model.keras) and a held-out batch (test_images.npy, "
-                  "test_labels.npy).")
+                  "model (model.keras; it outputs logits) and a held-out batch "
+                  "(test_images.npy, test_labels.npy). Try: gradprobe inspect "
+                  f"{os.path.join(out_dir, 'model.keras')} --input "
+                  f"{os.path.join(out_dir, 'test_images.npy')} --labels "
+                  f"{os.path.join(out_dir, 'test_labels.npy')} "
+                  "--loss sparse_categorical_crossentropy --from-logits")
     return {"test_accuracy": float(accuracy), "findings": findings, "files": files,
             "seconds": seconds}

@@ -237,6 +237,7 @@ def result_of(tensors: dict, meta: dict, tgt: Target, plan: capture.Plan,
     from gradprobe.higher.per_example import annotate  # it imports this module
 
     tgt.check(meta["target"])
+    tgt.check_outputs(tensors["outputs"], meta["target"])
     grads = tensors["grads"]
     if not differentiable:
         grads = stop_gradient(grads)

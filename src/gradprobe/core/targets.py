@@ -18,7 +18,9 @@ batch, so activation and input gradients come out per example):
 from __future__ import annotations
 
 import copy
+import functools
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -122,6 +124,14 @@ def loss(loss_fn: Any, y_true: Any, sample_weight: Any = None) -> LossTarget:
     Returns:
         A target for `gp.gradients(..., target=...)`.
 
+    A crossentropy loss that expects probabilities (`from_logits=False`, the
+    default of the loss names and functions) on outputs that cannot be ones
+    (values outside [0, 1], or categorical rows not summing to 1), or a
+    categorical one with `from_logits=True` on softmax outputs, raises a
+    `ProbabilityWarning` naming the loss, the evidence and the fix. The check
+    reads the outputs once they exist: in an eager run, or after the first call
+    of a compiled one (never inside traced code).
+
     Example:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
@@ -155,8 +165,139 @@ def loss(loss_fn: Any, y_true: Any, sample_weight: Any = None) -> LossTarget:
     return LossTarget(loss_fn, y_true, sample_weight)
 
 
+class ProbabilityWarning(UserWarning):
+    """A loss that expects probabilities was given outputs that cannot be ones
+    (or a `from_logits=True` loss outputs that already are): see `gp.loss`.
+
+    Attributes:
+        loss: The loss' name, e.g. `"sparse_categorical_crossentropy"`.
+        evidence: What the outputs showed, e.g. `"they range over [-8.1, 9.3]"`.
+        from_logits: The loss' `from_logits` setting.
+    """
+
+    def __init__(self, message: str, loss: str = "", evidence: str = "",
+                 from_logits: bool = False):
+        super().__init__(message)
+        self.loss, self.evidence, self.from_logits = loss, evidence, from_logits
+
+
+# The Keras losses whose `from_logits=False` form expects probabilities: "softmax"
+# (rows along the last axis sum to 1) or "sigmoid" (each value in [0, 1]).
+PROBABILITY_LOSSES = {
+    "categorical_crossentropy": "softmax",
+    "sparse_categorical_crossentropy": "softmax",
+    "categorical_focal_crossentropy": "softmax",
+    "binary_crossentropy": "sigmoid",
+    "binary_focal_crossentropy": "sigmoid",
+}
+_CLASS_NAMES = {"categorical_crossentropy": "CategoricalCrossentropy",
+                "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+                "categorical_focal_crossentropy": "CategoricalFocalCrossentropy",
+                "binary_crossentropy": "BinaryCrossentropy",
+                "binary_focal_crossentropy": "BinaryFocalCrossentropy"}
+
+
+def probability_loss(fn: Any) -> tuple[str, str, bool] | None:
+    """`(name, kind, from_logits)` for a crossentropy loss of `PROBABILITY_LOSSES`
+    (a Keras loss object, its function, or a `functools.partial` of it), else
+    `None` (also when its `from_logits` setting cannot be read)."""
+    keywords: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    if isinstance(fn, keras.losses.Loss):
+        inner = getattr(fn, "fn", None)
+        name = getattr(inner, "__name__", "")
+        try:
+            from_logits = fn.get_config().get("from_logits")
+        except Exception:  # (a custom loss whose config cannot be read: no check)
+            return None
+    else:
+        name = getattr(fn, "__name__", "")
+        from_logits = keywords.get("from_logits", False)
+    if name not in PROBABILITY_LOSSES or not isinstance(from_logits, bool):
+        return None
+    return name, PROBABILITY_LOSSES[name], from_logits
+
+
+def _eps(dtype: Any) -> float:
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):  # bfloat16 and other ml_dtypes
+        return {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}.get(str(dtype), 2.0 ** -7)
+
+
+def probability_problem(fn: Any, values: Any) -> ProbabilityWarning | None:
+    """Checks concrete outputs `values` against what the loss `fn` expects.
+
+    A loss with `from_logits=False` needs probabilities: values in [0, 1], and for
+    the categorical ones rows (last axis) summing to 1, both within a few units of
+    the dtype's precision (times the number of classes for a sum). A categorical
+    loss with `from_logits=True` on rows that already are probabilities would
+    apply a second softmax. Returns the warning to raise, or `None`.
+    """
+    info = probability_loss(fn)
+    if info is None:
+        return None
+    name, kind, from_logits = info
+    values = np.asarray(values)
+    if values.size == 0 or values.dtype.kind != "f":
+        return None
+    eps = _eps(values.dtype)
+    v = values.astype(np.float64)
+    if not np.all(np.isfinite(v)):
+        return None  # non-finite outputs are reported by the statistics
+    lo, hi = float(v.min()), float(v.max())
+    in_range = lo >= -4 * eps and hi <= 1 + 4 * eps
+    classes = v.shape[-1] if v.ndim >= 2 else 1
+    sums = v.sum(axis=-1) if v.ndim >= 2 else None
+    tol = 4 * classes * eps
+    rows_sum_to_one = sums is not None and classes > 1 and \
+        float(np.max(np.abs(sums - 1.0))) <= tol
+    cls = _CLASS_NAMES[name]
+    if not from_logits:
+        if not in_range:
+            evidence = f"they range over [{lo:.3g}, {hi:.3g}], outside [0, 1]: they look like logits"
+        elif kind == "softmax" and sums is not None and classes > 1 and not rows_sum_to_one:
+            evidence = (f"their rows sum to between {float(sums.min()):.3g} and "
+                        f"{float(sums.max()):.3g}, not 1: they are not a softmax")
+        else:
+            return None
+        return ProbabilityWarning(
+            f"gp.loss: {name} expects probabilities (from_logits=False), but the model's "
+            f"outputs cannot be ones: {evidence}. Treated as probabilities they are clipped "
+            f"and rescaled, and the gradients are wrong (many exact zeros). If the model "
+            f"outputs logits, pass from_logits=True, e.g. gp.loss(keras.losses.{cls}("
+            f"from_logits=True), y).", name, evidence, False)
+    if kind == "softmax" and in_range and rows_sum_to_one:
+        evidence = ("every value is in [0, 1] and every row sums to 1: they already are "
+                    "probabilities (a softmax output)")
+        return ProbabilityWarning(
+            f"gp.loss: {name} was given from_logits=True, but the model's outputs look like "
+            f"probabilities: {evidence}; with from_logits=True they get a second softmax. "
+            f"Pass from_logits=False (e.g. keras.losses.{cls}()).", name, evidence, True)
+    return None
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array when its values exist here (eager), else `None` (a
+    tensor being traced by tf.function, jax.jit or torch.func): no host sync is
+    forced inside traced code."""
+    if isinstance(x, np.ndarray):
+        return x
+    backend = keras.backend.backend()
+    if backend == "tensorflow" and not tensorflow_backend.executing_eagerly():
+        return None
+    try:
+        return np.asarray(keras.ops.convert_to_numpy(x))
+    except Exception:  # a tracer: its values do not exist yet
+        return None
+
+
 def is_sparse_loss(fn: Any) -> bool:
     """True for sparse categorical losses, whose labels are class indices."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     names = [getattr(fn, "__name__", ""), getattr(getattr(fn, "fn", None), "__name__", ""),
              type(fn).__name__]
     return any("sparse_categorical" in n or n.startswith("SparseCategorical") for n in names)
@@ -184,6 +325,10 @@ class Target:
 
     def check(self, meta: dict) -> None:
         """Raises for problems that are only visible once the model has run."""
+
+    def check_outputs(self, outputs: Any, meta: dict) -> None:
+        """Warns about the model's (concrete) outputs after a compiled run (a loss
+        that expects probabilities given logits, see `LossValueTarget`)."""
 
     def take(self, rows: Any) -> Target:
         """This target for the examples `rows` of its batch (example indices: a
@@ -533,6 +678,9 @@ class LossValueTarget(Target):
         self.sparse = is_sparse_loss(spec.fn)
         self.labels = np.asarray(spec.y_true) if self.sparse else None
         self._rows_of: dict[str, np.ndarray] | None = None  # see `take`
+        # Whether the outputs were checked against what the loss expects (see
+        # `check_outputs`): one list, shared by the views of `take`: once per target.
+        self._checked = [probability_loss(spec.fn) is None]
         super().__init__(("loss", spec.fn, "sample_weight" in args), args)
 
     def take(self, rows):
@@ -548,6 +696,9 @@ class LossValueTarget(Target):
     def for_cache(self):
         target = super().for_cache()
         target._rows_of = None
+        # A cached plan serves later calls: its own flag (each eager call is checked;
+        # a compiled one once per trace, see `check_outputs`).
+        target._checked = [probability_loss(self.fn) is None]
         return target
 
     def compute(self, out, args):
@@ -572,7 +723,35 @@ class LossValueTarget(Target):
                 value = keras.ops.mean(value, axis=tuple(range(1, rank)))
             if sw is not None:
                 value = value * keras.ops.cast(keras.ops.reshape(sw, (-1,)), _dtype(value))
+        if not self._checked[0]:
+            values = _concrete(out)
+            if values is None:  # traced: checked after the run (`check_outputs`)
+                meta["probabilities"] = {"output": None, "checked": False}
+            else:
+                self._warn_probabilities(values)
         return value, keras.ops.sum(value), meta
+
+    def _warn_probabilities(self, values: Any) -> None:
+        self._checked[0] = True
+        problem = probability_problem(self.fn, values)
+        if problem is not None:
+            warnings.warn(problem, stacklevel=4)
+
+    def check_outputs(self, outputs: Any, meta: dict) -> None:
+        """After a traced (compiled) run: the outputs against what the loss expects,
+        on the first call of each trace only (`meta` is the trace's own record, the
+        one entry of it that changes), and only where the selected output is one of
+        the model's outputs (`evaluate` noted which)."""
+        pending = meta.get("probabilities")
+        if not pending or pending["checked"] or self._checked[0]:
+            return
+        pending["checked"] = True
+        index = pending["output"]
+        leaves = keras.tree.flatten(outputs)
+        if index is not None and index < len(leaves):
+            values = _concrete(leaves[index])
+            if values is not None:
+                self._warn_probabilities(values)
 
     def check(self, meta):
         if meta.get("num_classes") is not None:
@@ -844,4 +1023,8 @@ def evaluate(model: Any, x: Any, target: Target, args: dict[str, Any] | None = N
     selected = select_output(outputs, output, output_names(model) if names is None else names,
                              None if layer_value is None else layer_value(), target)
     value, objective, meta = target.compute(selected, target.args if args is None else args)
+    pending = meta.get("probabilities")
+    if pending is not None:  # which model output the target reads, for `check_outputs`
+        leaves = keras.tree.flatten(outputs)
+        pending["output"] = next((i for i, t in enumerate(leaves) if t is selected), None)
     return Evaluation(outputs, selected, value, objective, meta)
