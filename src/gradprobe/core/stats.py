@@ -101,7 +101,7 @@ def diagnose(
 
     Measured on untrained Keras models (default initialisers): healthy CNNs,
     residual, batch-normalised, attention and embedding models stay within
-    0.2x to 12x of the reference; a 10-layer sigmoid MLP reaches 1e-5 and a
+    0.1x to 12x of the reference; a 10-layer sigmoid MLP reaches 1e-5 and a
     deep linear stack with weights 4x too large 1e4 and more.
 
     Args:
