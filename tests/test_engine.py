@@ -289,8 +289,9 @@ def test_diagnose_nonfinite_zero_and_dead():
     g = gp.gradients(model, x, 0, ["relu_dense", "relu_dense.weights", "mid", "out",
                                    "out.kernel"])
     found = g.diagnose()
-    assert {(f.kind, f.key) for f in found} == {("dead", "relu_dense.kernel"),
-                                               ("dead", "relu_dense.bias")}, found
+    # the kernel's zero columns carry the finding; biases are not checked for dead
+    # units (a bias before BatchNormalization gets exact zeros with no dead unit)
+    assert {(f.kind, f.key) for f in found} == {("dead", "relu_dense.kernel")}, found
     assert all("3 of 8" in f.message for f in found)
 
     inp = keras.Input((4,))

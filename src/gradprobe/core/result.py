@@ -118,17 +118,45 @@ class Gradients(Mapping):
 
     def diagnose(self, **thresholds: Any) -> list[Finding]:
         """Plain-language findings: vanishing, exploding, non-finite, all-zero
-        gradients and dead units. Keyword arguments go to `gradprobe.core.stats.diagnose`
-        (`vanishing=1e-3`, `exploding=1e3`).
+        gradients and dead units.
+
+        Vanishing and exploding are judged across depth, within this result:
+        each activation is compared with the activations nearest the target
+        (its sum of |gradient| against the median of the `window` activations
+        closest to the target after it), each kernel-like weight with the
+        weights nearest the target (RMS of its non-zero entries, same median).
+        Inputs, biases, normalisation scales/offsets and the layer producing
+        the selected output are not judged. See `gradprobe.core.stats.diagnose`.
+
+        Args:
+            **thresholds: `vanishing=1e-2` (a source below this fraction of its
+                reference is vanishing), `exploding=1e3` (above this multiple:
+                exploding), `window=3` (how many sources nearest the target form
+                the reference).
 
         Returns:
             A list of `Finding` (each prints as its message); empty when all is well.
+
+        Example:
+
+        >>> import keras, numpy as np, gradprobe as gp
+        >>> keras.utils.set_random_seed(0)
+        >>> model = keras.Sequential([keras.Input((16,))] + [
+        ...     keras.layers.Dense(32, activation="sigmoid") for _ in range(10)]
+        ...     + [keras.layers.Dense(3)])
+        >>> x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+        >>> g = gp.gradients(model, x, 0, "*")
+        >>> sorted({f.kind for f in g.diagnose()})
+        ['vanishing']
         """
-        _validate.thresholds(thresholds, ("vanishing", "exploding"))
+        for name, value in thresholds.items():
+            if name == "window":
+                continue  # an integer, checked by `diagnose`
+            _validate.thresholds({name: value}, ("vanishing", "exploding", "window"))
         acts = {k: _to_numpy(v) for k, v in self.activations.items()
                 if self.kinds.get(k) == "activation"}
         return diagnose(self.stats(), self.kinds, self.numpy(), acts,
-                        skip_dead=self._output_keys, **thresholds)
+                        skip_dead=self._output_keys, heads=self._output_keys, **thresholds)
 
     def summary(self, print_fn: Callable[[str], Any] | None = None,
                 findings: bool = True) -> None:
