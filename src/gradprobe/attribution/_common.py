@@ -436,8 +436,9 @@ class ModelInputs:
         floating: Indices of the floating-point leaves.
     """
 
-    def __init__(self, x: Any):
+    def __init__(self, x: Any, model: Any = None):
         self.x = x
+        self.model = model
         self.leaves = keras.tree.flatten(self.x)
         self.keys = input_keys(self.x)
         self.floating = [i for i, t in enumerate(self.leaves) if is_floating(t)]
@@ -457,10 +458,17 @@ class ModelInputs:
         if self.floating:
             return
         ints = ", ".join(f"{k!r} ({dtype_name(self.leaves[i])})" for i, k in enumerate(self.keys))
+        hint = (" For token ids, attribute to the embedding layer's output instead "
+                "(layer=<embedding layer>).")
+        if self.model is not None:
+            from gradprobe.core import _sequence
+
+            _, hint = _sequence.integer_input_hint(self.model, self.keys, list(self.keys),
+                                                   arg="layer")
         raise GradprobeError(
             f"{what} needs floating-point inputs to attribute to; this model's inputs are "
-            f"{ints}. For token ids, attribute to the embedding layer's output instead "
-            "(gp.integrated_gradients(..., layer=<embedding layer>)).")
+            f"{ints}: integer inputs (token ids, masks) have no gradient.{hint} "
+            f"Received: inputs={_validate.shown(self.x)}")
 
     def pack(self, per_leaf: dict[int, Any]) -> Any:
         """`per_leaf` (leaf index -> tensor) in the inputs' structure, with `None`
@@ -517,6 +525,10 @@ class ModelInputs:
                     b = b if isinstance(b, np.ndarray) or not ops.is_tensor(b) else to_numpy(b)
                     _validate.baseline(b, np.empty(tuple(t.shape), dtype_name(t)), name)
                 b = np.asarray(b) if not ops.is_tensor(b) else b
+                if i not in self.floating:  # token ids: integers in the embedding's range
+                    lookups = (_validate.input_lookups(self.model, self.keys)[i]
+                               if self.model is not None else [])
+                    _validate.token_ids(name, b, lookups, spec=dtype_name(t))
                 out.append(ops.broadcast_to(ops.cast(b, t.dtype), tuple(t.shape)))
         return out
 

@@ -120,7 +120,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)
     req = resolve_request(model, inputs, target, output=output, training=training)
-    mi = ModelInputs(req.x)
+    mi = ModelInputs(req.x, req.model)
     if layer is None:
         mi.require_floating("gp.integrated_gradients")
     n = mi.n

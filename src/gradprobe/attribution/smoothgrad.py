@@ -77,7 +77,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     _validate.seed(seed)
     _validate.optional_count("batch_size", batch_size, "noisy copies per chunk")
     req = resolve_request(model, inputs, target, output=output, training=training)
-    mi = ModelInputs(req.x)
+    mi = ModelInputs(req.x, req.model)
     mi.require_floating("gp.smoothgrad")
     n, floating, keys = mi.n, mi.floating, mi.float_keys
     wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
