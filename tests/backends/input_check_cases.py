@@ -161,3 +161,34 @@ def test_jacobian_on_token_ids_names_the_embedding():
     model = keras.Model(ids, keras.layers.Dense(2, name="head")(h))
     refused(lambda: gp.jacobian(model, good()["token_ids"], of="head", wrt="inputs"), model,
             "integer", "wrt='emb'")
+
+
+def image_model():
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((3,))
+    return keras.Model(inp, keras.layers.Dense(2, name="head")(inp))
+
+
+@pytest.mark.parametrize("method, reps", [("integrated_gradients", "steps"),
+                                          ("smoothgrad", "samples")])
+def test_total_work_refused_up_front(method, reps):
+    model = image_model()
+    x = np.ones((2, 3), "float32")
+    msg = refused(lambda: getattr(gp, method)(model, x, 0, batch_size=64, **{reps: 10**9}),
+                  model, f"Received: {reps}=1000000000", "2,000,000,000",
+                  f"Pass fewer {reps}", f"at most {gp_cap() // 2:,}")
+    assert "batch_size only bounds the memory" in msg
+
+
+def test_total_work_at_the_cap_is_accepted_by_the_check():
+    from gradprobe.core import _validate
+
+    assert _validate.total_work("w", "steps", gp_cap(), 1) == gp_cap()
+    with pytest.raises(gp.GradprobeError):
+        _validate.total_work("w", "steps", gp_cap() + 1, 1)
+
+
+def gp_cap():
+    from gradprobe.core import _validate
+
+    return _validate.MAX_TOTAL_ROWS

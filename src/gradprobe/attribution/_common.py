@@ -241,7 +241,8 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
                per_row: int, max_bytes: int | None) -> int:
     """The number of rows per chunk (`batch_size`, or all `reps * n` rows when it
     is `None`), after checking that one chunk's inputs and gradients fit in
-    `max_bytes` (default: the available memory). Refuses before allocating."""
+    `max_bytes` (default: the available memory), and that the whole request stays
+    within `_validate.MAX_TOTAL_ROWS` modified inputs. Refuses before allocating."""
     total = int(reps) * n
     rows = total if not batch_size_ or batch_size_ >= total else int(batch_size_)
     need = rows * per_row * _BYTES_FACTOR
@@ -251,6 +252,7 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
         limit = available_memory()
         named = f"the {limit or 0:,} bytes of memory available" if limit else ""
     if limit is None or need <= limit:
+        _validate.total_work(what, reps_name, reps, n)  # (after the memory: it names GiB)
         return rows
     how = (f"batch_size={batch_size_}" if batch_size_ else
            f"all {reps_name}={reps:,} x {n} example(s) at once (batch_size=None)")

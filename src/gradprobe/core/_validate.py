@@ -492,6 +492,32 @@ def choice(name: str, value: Any, allowed: Iterable[Any], meaning: str = "") -> 
     raise fail(name, value, f"one of {options}{' (' + meaning + ')' if meaning else ''}.")
 
 
+# ---------------------------------------------------------------- total work
+# The most modified inputs (one forward and one backward pass each) a looping
+# method (Integrated Gradients' steps, SmoothGrad's samples, times the batch) is
+# asked to evaluate in one call: 10 million, hours of work for a small model on a
+# GPU. Chunking (batch_size) bounds the memory, never the time: a larger request
+# is refused up front rather than left to run for days.
+MAX_TOTAL_ROWS = 10**7
+
+
+def total_work(what: str, reps_name: str, reps: int, n: int,
+               limit: int = MAX_TOTAL_ROWS) -> int:
+    """`reps * n`, the modified inputs a looping method evaluates (`reps` copies of
+    each of `n` examples), refused up front above `limit` with the fix."""
+    total = int(reps) * int(n)
+    if total <= limit:
+        return total
+    fewer = max(1, limit // max(1, int(n)))
+    raise GradprobeError(
+        f"Expected `{reps_name}` x batch size to be at most {limit:,} modified inputs (one "
+        f"forward and one backward pass each; gradprobe's cap on the work of one call): "
+        f"{what} would evaluate {reps_name}={int(reps):,} x {int(n):,} example(s) = "
+        f"{total:,}. batch_size only bounds the memory, not the time. Pass fewer {reps_name} "
+        f"(at most {fewer:,} for this batch; a few dozen to a few hundred are enough) or split "
+        f"the batch over several calls. Received: {reps_name}={int(reps)!r}")
+
+
 # ------------------------------------------------------------------ targets
 def class_indices(classes: np.ndarray, raw: Any, name: str = "target") -> np.ndarray:
     """Class indices that are >= 0 and fit in int32 (no silent overflow)."""
