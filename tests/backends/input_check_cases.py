@@ -192,3 +192,28 @@ def gp_cap():
     from gradprobe.core import _validate
 
     return _validate.MAX_TOTAL_ROWS
+
+
+def nested_model():
+    keras.utils.set_random_seed(2)
+    inner_in = keras.Input((3,))
+    inner = keras.Model(inner_in, keras.layers.Dense(4, activation="tanh", name="d1")(inner_in),
+                        name="inner")
+    inp = keras.Input((3,))
+    return keras.Model(inp, keras.layers.Dense(2, name="head")(inner(inp)))
+
+
+def test_every_view_takes_the_short_name_of_a_nested_layer():
+    model = nested_model()
+    x = np.ones((2, 3), "float32")
+    g = gp.gradients(model, x, 0, ["d1", "d1.kernel"])
+    full = next(k for k in g if g.kinds[k] == "activation")
+    assert full != "d1" and full.endswith("/d1")
+    np.testing.assert_array_equal(arr(g.activations["d1"]), arr(g.activations[full]))
+    assert g.kinds["d1"] == "activation" and g.kinds["d1.kernel"] == "weight"
+    assert g.variables["d1.kernel"] is g.variables[full + ".kernel"]
+    assert "d1" in g.activations and g.activations.get("nope") is None
+    with pytest.raises(gp.GradprobeError, match="No activation for 'd1.kernel'"):
+        g.activations["d1.kernel"]
+    with pytest.raises(KeyError):
+        g.activations["nope"]
