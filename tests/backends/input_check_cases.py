@@ -217,3 +217,37 @@ def test_every_view_takes_the_short_name_of_a_nested_layer():
         g.activations["d1.kernel"]
     with pytest.raises(KeyError):
         g.activations["nope"]
+
+
+def _tiny_bert_classifier():
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(7)
+    bb = keras_hub.models.BertBackbone(vocabulary_size=16, num_layers=1, num_heads=2,
+                                       hidden_dim=8, intermediate_dim=16, dropout=0.0,
+                                       max_sequence_length=8)
+    return keras_hub.models.BertTextClassifier(backbone=bb, num_classes=3, preprocessor=None)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_ig_delta_uses_the_path_held_inputs(full):
+    """delta == sum(attributions) - (f(x) - f(baseline with the inputs the path holds))."""
+    clf = _tiny_bert_classifier()
+    tokens = np.array([[1, 3, 4, 5, 6, 0, 0], [1, 10, 11, 12, 13, 14, 2]], "int32")
+    x = {"token_ids": tokens, "segment_ids": np.ones_like(tokens),
+         "padding_mask": (tokens != 0).astype("int32")}
+    base_ids = np.where(tokens != 0, 15, 0).astype("int32")
+    base = {"token_ids": base_ids}
+    if full:
+        base.update(segment_ids=np.zeros_like(tokens), padding_mask=np.zeros_like(tokens))
+    before = snapshot(clf)
+    ig = gp.integrated_gradients(clf, x, 1, baseline=base, layer="token_embedding", steps=64)
+    held = dict(x, token_ids=base_ids)  # what the path holds: only the token ids change
+    f_x = arr(clf(x, training=False))[:, 1].astype(np.float64)
+    f_b = arr(clf(held, training=False))[:, 1].astype(np.float64)
+    sums = arr(ig.values).astype(np.float64).reshape(2, -1).sum(axis=1)
+    want = sums - (f_x - f_b)
+    scale = float(np.abs(f_x - f_b).max())
+    # float32 outputs of about 2e-3; their difference (about 2e-4) is the scale
+    np.testing.assert_allclose(arr(ig.delta), want, rtol=0, atol=1e-3 * scale)
+    assert np.abs(arr(ig.delta)).max() < 0.1 * scale  # small next to the output difference
+    assert_untouched(clf, before)

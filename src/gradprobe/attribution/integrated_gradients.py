@@ -106,6 +106,14 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
             structure: one per floating-point input, `None` for the integer
             inputs held fixed (listed in `result.fixed`).
 
+    What the baseline leaves unspecified follows one rule, for the path and for
+    `delta` alike: without `layer=`, integer inputs are held at their values
+    and floating inputs default to zeros; with `layer=`, the baseline gives the
+    layer's baseline activation (integer inputs default to zeros there, e.g. the
+    pad token), and every other input of the model is held at its value along
+    the path, so `f(baseline)` in `delta` is the model with that activation and
+    the held inputs.
+
     Returns:
         An `Attribution` with `.delta`, the per-example completeness error
         `sum(attributions) - (f(x) - f(baseline))`, computed in float32 at least
@@ -172,12 +180,16 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
                         acc=[ops.zeros(tuple(a_x.shape), wide)], label=label,
                         progress=progress)
-        kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
+        # f(baseline) is f at the path's start: the layer's activation replaced by the
+        # baseline's, every other input held at its value, as along the whole path
+        # (one rule for what the baseline leaves unspecified, for the path and delta).
+        start = req.gradients(key, replacement=a_b, unconnected="zero")
+        kept = {0: start.target, rule.steps - 1: ga.target}
         ends = (0, rule.steps - 1)
         attributions = (ops.cast(a_x, wide) - ops.cast(a_b, wide)) * acc[0]
         parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
-    if not (_per_example(f_x, n) and _per_example(f_b, n)):
+    if not (_per_example(f_x, n) and _per_example(f_b, n)) and layer is None:
         f_x = compiled_target_values(req)
         f_b = compiled_target_values(req, base)
     wide = "float64" if any(_dtype(p) == "float64" for p in parts) else "float32"
