@@ -251,3 +251,21 @@ def test_ig_delta_uses_the_path_held_inputs(full):
     np.testing.assert_allclose(arr(ig.delta), want, rtol=0, atol=1e-3 * scale)
     assert np.abs(arr(ig.delta)).max() < 0.1 * scale  # small next to the output difference
     assert_untouched(clf, before)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad"])
+def test_callable_target_with_per_example_constants_points_to_the_fix(method):
+    model = image_model()
+    x = np.random.default_rng(0).random((2, 3)).astype("float32")
+    classes = np.array([1, 0])
+
+    def target(out):  # closes over one class per example: works on a batch of 2 only
+        picked = keras.ops.take_along_axis(out, keras.ops.convert_to_tensor(classes[:, None]),
+                                           axis=1)
+        return picked[:, 0]
+
+    gp.gradients(model, x, target, "inputs")  # fine on the batch itself
+    kwargs = {"steps": 8} if method == "integrated_gradients" else {"samples": 4}
+    refused(lambda: getattr(gp, method)(model, x, target, **kwargs), model,
+            "callable target failed", "gp.at(position, classes)", "any batch size",
+            "Received: target=")

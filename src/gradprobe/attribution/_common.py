@@ -375,7 +375,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
            step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any]], acc: Any,
            label: str, progress: bool | None,
-           keep: tuple[int, ...] = ()) -> tuple[Any, dict[int, Any]]:
+           keep: tuple[int, ...] = (), target: Any = None) -> tuple[Any, dict[int, Any]]:
     """Sums `weights(rep) * gradient` over the `reps * n` rows, `rows` at a time.
 
     `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
@@ -406,11 +406,25 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 advance(int(valid.sum()))
     except Exception as e:
         if not _out_of_memory(e):
-            raise
+            if isinstance(e, GradprobeError) or getattr(target, "kind", None) != "callable":
+                raise
+            raise GradprobeError(
+                f"{label} evaluates the target on chunks of {rows:,} modified copies of the "
+                f"{n} example(s), and the callable target failed there ({type(e).__name__}: "
+                f"{_last_line(e)}). A callable that closes over per-example constants (one "
+                f"class, label or position per example of the batch) only works on a batch "
+                f"of {n}: pass them to gradprobe instead (target=[one class per example], "
+                f"gp.at(position, classes) for sequences, gp.loss(fn, y_true)), or write a "
+                f"target that works for any batch size. Received: target={target.fn!r}") from e
         raise GradprobeError(
             f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
             f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
     return acc, kept
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: int,

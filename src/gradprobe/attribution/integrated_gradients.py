@@ -156,7 +156,8 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         acc, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
                            acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i])
                                 for i in floating],
-                           label=label, progress=progress, keep=ends)
+                           label=label, progress=progress, keep=ends,
+                           target=req.target)
         per_leaf = {i: (ops.cast(mi.leaves[i], wide[i]) - ops.cast(bases[i], wide[i])) * a
                     for i, a in zip(floating, acc)}
         attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
@@ -179,7 +180,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
 
         acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
                         acc=[ops.zeros(tuple(a_x.shape), wide)], label=label,
-                        progress=progress)
+                        progress=progress, target=req.target)
         # f(baseline) is f at the path's start: the layer's activation replaced by the
         # baseline's, every other input held at its value, as along the whole path
         # (one rule for what the baseline leaves unspecified, for the path and delta).
