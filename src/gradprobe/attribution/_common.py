@@ -250,7 +250,8 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
                per_row: int, max_bytes: int | None) -> int:
     """The number of rows per chunk (`batch_size`, or all `reps * n` rows when it
     is `None`), after checking that one chunk's inputs and gradients fit in
-    `max_bytes` (default: the available memory). Refuses before allocating."""
+    `max_bytes` (default: the available memory), and that the whole request stays
+    within `_validate.MAX_TOTAL_ROWS` modified inputs. Refuses before allocating."""
     total = int(reps) * n
     rows = total if not batch_size_ or batch_size_ >= total else int(batch_size_)
     need = rows * per_row * _BYTES_FACTOR
@@ -260,6 +261,7 @@ def chunk_rows(*, what: str, reps_name: str, reps: int, n: int, batch_size_: int
         limit = available_memory()
         named = f"the {limit or 0:,} bytes of memory available" if limit else ""
     if limit is None or need <= limit:
+        _validate.total_work(what, reps_name, reps, n)  # (after the memory: it names GiB)
         return rows
     how = (f"batch_size={batch_size_}" if batch_size_ else
            f"all {reps_name}={reps:,} x {n} example(s) at once (batch_size=None)")
@@ -382,7 +384,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any],
            step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any]], acc: Any,
            label: str, progress: bool | None,
-           keep: tuple[int, ...] = ()) -> tuple[Any, dict[int, Any]]:
+           keep: tuple[int, ...] = (), target: Any = None) -> tuple[Any, dict[int, Any]]:
     """Sums `weights(rep) * gradient` over the `reps * n` rows, `rows` at a time.
 
     `weights(rep)` gives the weight of each copy number in `rep`; `step(idx, rep,
@@ -413,11 +415,25 @@ def stream(*, n: int, reps: int, rows: int, weights: Callable[[np.ndarray], Any]
                 advance(int(valid.sum()))
     except Exception as e:
         if not _out_of_memory(e):
-            raise
+            if isinstance(e, GradprobeError) or getattr(target, "kind", None) != "callable":
+                raise
+            raise GradprobeError(
+                f"{label} evaluates the target on chunks of {rows:,} modified copies of the "
+                f"{n} example(s), and the callable target failed there ({type(e).__name__}: "
+                f"{_last_line(e)}). A callable that closes over per-example constants (one "
+                f"class, label or position per example of the batch) only works on a batch "
+                f"of {n}: pass them to gradprobe instead (target=[one class per example], "
+                f"gp.at(position, classes) for sequences, gp.loss(fn, y_true)), or write a "
+                f"target that works for any batch size. Received: target={target.fn!r}") from e
         raise GradprobeError(
             f"{label} ran out of memory on chunks of {rows:,} modified inputs. Pass a smaller "
             f"batch_size (e.g. batch_size={max(1, rows // 4)}).") from e
     return acc, kept
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _keep_values(so_far: Any, values: Any, idx: np.ndarray, at: np.ndarray, n: int,
@@ -445,8 +461,9 @@ class ModelInputs:
         floating: Indices of the floating-point leaves.
     """
 
-    def __init__(self, x: Any):
+    def __init__(self, x: Any, model: Any = None):
         self.x = x
+        self.model = model
         self.leaves = keras.tree.flatten(self.x)
         self.keys = input_keys(self.x)
         self.floating = [i for i, t in enumerate(self.leaves) if is_floating(t)]
@@ -466,10 +483,17 @@ class ModelInputs:
         if self.floating:
             return
         ints = ", ".join(f"{k!r} ({dtype_name(self.leaves[i])})" for i, k in enumerate(self.keys))
+        hint = (" For token ids, attribute to the embedding layer's output instead "
+                "(layer=<embedding layer>).")
+        if self.model is not None:
+            from gradprobe.core import _sequence
+
+            _, hint = _sequence.integer_input_hint(self.model, self.keys, list(self.keys),
+                                                   arg="layer")
         raise GradprobeError(
             f"{what} needs floating-point inputs to attribute to; this model's inputs are "
-            f"{ints}. For token ids, attribute to the embedding layer's output instead "
-            "(gp.integrated_gradients(..., layer=<embedding layer>)).")
+            f"{ints}: integer inputs (token ids, masks) have no gradient.{hint} "
+            f"Received: inputs={_validate.shown(self.x)}")
 
     def pack(self, per_leaf: dict[int, Any]) -> Any:
         """`per_leaf` (leaf index -> tensor) in the inputs' structure, with `None`
@@ -526,6 +550,10 @@ class ModelInputs:
                     b = b if isinstance(b, np.ndarray) or not ops.is_tensor(b) else to_numpy(b)
                     _validate.baseline(b, np.empty(tuple(t.shape), dtype_name(t)), name)
                 b = np.asarray(b) if not ops.is_tensor(b) else b
+                if i not in self.floating:  # token ids: integers in the embedding's range
+                    lookups = (_validate.input_lookups(self.model, self.keys)[i]
+                               if self.model is not None else [])
+                    _validate.token_ids(name, b, lookups, spec=dtype_name(t))
                 out.append(ops.broadcast_to(ops.cast(b, t.dtype), tuple(t.shape)))
         return out
 

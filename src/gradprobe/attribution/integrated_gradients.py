@@ -106,6 +106,14 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
             structure: one per floating-point input, `None` for the integer
             inputs held fixed (listed in `result.fixed`).
 
+    What the baseline leaves unspecified follows one rule, for the path and for
+    `delta` alike: without `layer=`, integer inputs are held at their values
+    and floating inputs default to zeros; with `layer=`, the baseline gives the
+    layer's baseline activation (integer inputs default to zeros there, e.g. the
+    pad token), and every other input of the model is held at its value along
+    the path, so `f(baseline)` in `delta` is the model with that activation and
+    the held inputs.
+
     Returns:
         An `Attribution` with `.delta`, the per-example completeness error
         `sum(attributions) - (f(x) - f(baseline))`, computed in float32 at least
@@ -130,7 +138,7 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
     _validate.optional_count("batch_size", batch_size, "interpolated examples per chunk")
     rule = IntegrationRule(steps, method)
     req = resolve_request(model, inputs, target, output=output, training=training)
-    mi = ModelInputs(req.x)
+    mi = ModelInputs(req.x, req.model)
     if layer is None:
         mi.require_floating("gp.integrated_gradients")
     n = mi.n
@@ -158,7 +166,8 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
         acc, kept = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
                            acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i])
                                 for i in floating],
-                           label=label, progress=progress, keep=ends)
+                           label=label, progress=progress, keep=ends,
+                           target=req.target)
         per_leaf = {i: (ops.cast(mi.leaves[i], wide[i]) - ops.cast(bases[i], wide[i])) * a
                     for i, a in zip(floating, acc)}
         attributions, key, fixed = mi.pack(per_leaf), None, mi.fixed
@@ -181,13 +190,17 @@ def integrated_gradients(model: keras.Model, inputs: Any, target: Any, *, baseli
 
         acc, _ = stream(n=n, reps=rule.steps, rows=rows, weights=rule.weights, step=step,
                         acc=[ops.zeros(tuple(a_x.shape), wide)], label=label,
-                        progress=progress)
-        kept = {0: gb.target, rule.steps - 1: ga.target}  # f(baseline) and f(x), as documented
+                        progress=progress, target=req.target)
+        # f(baseline) is f at the path's start: the layer's activation replaced by the
+        # baseline's, every other input held at its value, as along the whole path
+        # (one rule for what the baseline leaves unspecified, for the path and delta).
+        start = req.gradients(key, replacement=a_b, unconnected="zero")
+        kept = {0: start.target, rule.steps - 1: ga.target}
         ends = (0, rule.steps - 1)
         attributions = (ops.cast(a_x, wide) - ops.cast(a_b, wide)) * acc[0]
         parts, fixed = [attributions], ()
     f_b, f_x = (kept.get(k) for k in ends) if ends else (None, None)
-    if not (_per_example(f_x, n) and _per_example(f_b, n)):
+    if not (_per_example(f_x, n) and _per_example(f_b, n)) and layer is None:
         f_x = compiled_target_values(req)
         f_b = compiled_target_values(req, base)
     wide = "float64" if any(_dtype(p) == "float64" for p in parts) else "float32"

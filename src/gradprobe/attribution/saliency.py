@@ -150,7 +150,7 @@ def _gradient(model: Any, inputs: Any, target: Any, output: Any, training: bool,
     """`(inputs, {leaf index: input gradient}, target values)` for one batch."""
     _validate.optional_count("batch_size", batch_size, "examples per chunk")
     req = resolve_request(model, inputs, target, output=output, training=training)
-    mi = ModelInputs(req.x)
+    mi = ModelInputs(req.x, req.model)
     mi.require_floating(f"gp.{method}")
     req = req.fixed()
     grads, values = input_gradients(req, mi, batch_size_=batch_size, label=method)

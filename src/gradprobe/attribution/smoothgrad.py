@@ -86,7 +86,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     _validate.seed(seed)
     _validate.optional_count("batch_size", batch_size, "noisy copies per chunk")
     req = resolve_request(model, inputs, target, output=output, training=training)
-    mi = ModelInputs(req.x)
+    mi = ModelInputs(req.x, req.model)
     mi.require_floating("gp.smoothgrad")
     n, floating, keys = mi.n, mi.floating, mi.float_keys
     wide = {i: accumulator_dtype(mi.leaves[i].dtype) for i in floating}
@@ -114,7 +114,7 @@ def smoothgrad(model: keras.Model, inputs: Any, target: Any, *, samples: int = 2
     acc, _ = stream(n=n, reps=samples, rows=rows,
                     weights=lambda s: np.full(s.shape, 1.0 / samples), step=step,
                     acc=[ops.zeros(tuple(mi.leaves[i].shape), wide[i]) for i in floating],
-                    label="smoothgrad", progress=progress)
+                    label="smoothgrad", progress=progress, target=req.target)
     maps = {i: reduce_map(g, absolute, reduce_channels) for i, g in zip(floating, acc)}
     values = compiled_target_values(req)
     return Attribution(mi.pack(maps), values, "smoothgrad", fixed=mi.fixed)

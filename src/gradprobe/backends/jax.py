@@ -174,6 +174,11 @@ def is_array(x: Any) -> bool:
     return isinstance(x, jax.Array)
 
 
+def is_concrete(x: Any) -> bool:
+    """An array with values (not a tracer of jax.jit or jax.grad)."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
 def is_floating(x: Any) -> bool:
     return is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
 

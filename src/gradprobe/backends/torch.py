@@ -221,6 +221,14 @@ def is_array(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def is_concrete(x: Any) -> bool:
+    """A tensor with values (not a fake tensor of torch.compile's tracing)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return not (compiling is not None and compiling())
+
+
 # Keras' control flow on PyTorch (keras/src/backend/torch/core.py, rnn.py): Python
 # loops and branches. A layer called there is reported as on TensorFlow and JAX,
 # where its per-step outputs cannot be probed, so that results agree across backends.

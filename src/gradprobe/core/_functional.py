@@ -136,12 +136,17 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
     leaves = keras.tree.flatten(inputs)
+    leaves = [leaf if keras.ops.is_tensor(leaf) else np.asarray(leaf) for leaf in leaves]
+    keys = capture.input_keys(inputs)
+    for key, leaf in zip(keys, leaves):
+        _validate.text_input(_validate.leaf_name("inputs", key), leaf)
+    _validate.model_inputs(model, inputs, leaves, [getattr(d, "name", d) for d in spec_dtypes])
     converted = []
     for i, leaf in enumerate(leaves):
         if keras.ops.is_tensor(leaf):
             converted.append(leaf)
             continue
-        arr = np.asarray(leaf)
+        arr = leaf
         if arr.dtype == object:
             raise GradprobeError(f"Input {i} is an object array; pass numeric arrays or tensors.")
         dtype = None

@@ -4,6 +4,8 @@ embedding layer, and which outputs a model has."""
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any
 
 import keras
@@ -38,14 +40,41 @@ def _input_names(tensor: Any) -> set[Any]:
     return names
 
 
+_feeds_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def embedding_lookups(model: Any) -> dict[Any, list[tuple[str, int]]]:
+    """`embedding_feeds` with each embedding's vocabulary size: for each Input
+    layer (by name, tensor name and tensor id), `[(selector, input_dim), ...]`.
+    Cached per model until its layers change (input checks read it on every call)."""
+    fingerprint = _keras_private.structure(model)
+    try:
+        cached = _feeds_cache.get(model)
+    except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
+        cached = None
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    found = _embedding_lookups(model)
+    with contextlib.suppress(TypeError):  # (a model that cannot be weakly referenced)
+        _feeds_cache[model] = (fingerprint, found)
+    return found
+
+
 def embedding_feeds(model: Any) -> dict[Any, list[str]]:
+    """For each Input layer (by name, tensor name and tensor id, see `_input_names`),
+    the embedding calls its integer ids feed, as `wrt` selectors (see
+    `_embedding_lookups`)."""
+    return {k: [sel for sel, _ in v] for k, v in embedding_lookups(model).items()}
+
+
+def _embedding_lookups(model: Any) -> dict[Any, list[tuple[str, int]]]:
     """For each Input layer (by name, tensor name and tensor id, see `_input_names`),
     the embedding calls its integer ids feed, as `wrt`
     selectors: `"token_embedding"`, or `"token_embedding@0"` when the layer is called
     more than once (a tied embedding that also computes the output logits).
     Empty for models without a functional graph (subclassed models)."""
     tree = LayerTree(model)
-    feeds: dict[str, list[str]] = {}
+    feeds: dict[Any, list[tuple[str, int]]] = {}
     for node in tree.nodes:
         if not isinstance(node.layer, keras.layers.Embedding):
             continue
@@ -68,11 +97,12 @@ def embedding_feeds(model: Any) -> dict[Any, list[str]]:
             # Several lookups (an embedding shared by several id inputs): their order
             # in the forward pass is Keras' business, so no call index is claimed.
             selector = name
+        entry = (selector, int(getattr(node.layer, "input_dim", 0) or 0))
         for tensor in lookups:
             for source in _input_names(tensor):
                 feeds.setdefault(source, [])
-                if selector not in feeds[source]:
-                    feeds[source].append(selector)
+                if entry not in feeds[source]:
+                    feeds[source].append(entry)
     return feeds
 
 
@@ -102,10 +132,12 @@ def _fed(feeds: dict[Any, list[str]], ids: list[Any]) -> list[str]:
     return []
 
 
-def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str, str]:
+def integer_input_hint(model: Any, keys: list[str], bad: list[str],
+                       arg: str = "wrt") -> tuple[str, str]:
     """Of the requested integer inputs `bad`, the one to name in the error (the one
     that feeds an embedding, e.g. token ids rather than a padding mask), and the
-    hint: the embedding layer to differentiate at instead."""
+    hint: the embedding layer to differentiate at instead, as the argument `arg`
+    (`wrt=` for gp.gradients, `layer=` for the attribution methods)."""
     try:
         feeds = embedding_feeds(model)
     except Exception:  # pragma: no cover - an exotic graph: fall back to the plain hint
@@ -123,7 +155,7 @@ def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str
         tied = (" (the layer is called more than once: a tied embedding that also "
                 "computes the output logits; @0 is the lookup)" if "@" in first else "")
         hint = (f" It feeds the embedding layer {first.split('@')[0]!r}: differentiate with "
-                f"respect to that layer's output instead: wrt={first!r}{tied}.")
+                f"respect to that layer's output instead: {arg}={first!r}{tied}.")
         if len(targets) > 1:
             hint += f" It also feeds {quoted(targets[1:])}."
         return key, hint + also
@@ -132,13 +164,13 @@ def integer_input_hint(model: Any, keys: list[str], bad: list[str]) -> tuple[str
         selectors = list(dict.fromkeys(selectors))
         return key, (f" It feeds no embedding layer (a mask or an index input: it has no "
                      f"gradient and is held fixed). Differentiate with respect to an embedding's "
-                     f"output instead: wrt={selectors[0]!r} (embedding calls: "
+                     f"output instead: {arg}={selectors[0]!r} (embedding calls: "
                      f"{quoted(selectors)})." + also)
     tree = LayerTree(model)
     embeddings = [n.path for n in tree.nodes if isinstance(n.layer, keras.layers.Embedding)]
     if embeddings:
         hint = (" Differentiate with respect to the embedding layer's output instead: "
-                f"wrt={embeddings[0]!r}.")
+                f"{arg}={embeddings[0]!r}.")
         if len(embeddings) > 1:
             hint += f" Embedding layers: {quoted(embeddings)}."
     else:

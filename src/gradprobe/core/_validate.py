@@ -221,6 +221,200 @@ def batch(leaves: list[Any], spec_dtypes: list[Any] | None = None,
     return sizes[0] if sizes else None
 
 
+# ------------------------------------------------- the model's own inputs
+def model_input_names(model: Any) -> list[str]:
+    """The names of a functional model's inputs (the dict keys of a dict-input
+    model, else the input tensors' names); empty when the model does not declare
+    them (a subclassed model). The CLI's `.npz` matching reads the same names."""
+    try:
+        struct = model.input  # public for functional models; raises for subclassed ones
+    except (AttributeError, ValueError, RuntimeError, TypeError):
+        struct = None
+    if isinstance(struct, dict):
+        return [str(k) for k in struct]
+    try:
+        flat = list(getattr(model, "inputs", None) or [])
+    except (AttributeError, ValueError, RuntimeError):  # pragma: no cover
+        flat = []
+    return [str(getattr(t, "name", "")) for t in flat]
+
+
+def input_names(model: Any, inputs: Any, name: str = "inputs") -> None:
+    """A dict of inputs has exactly the model's input names as keys: an extra key
+    would be dropped silently by Keras, a missing one fails deep in the model."""
+    if not isinstance(inputs, dict):
+        return
+    names = model_input_names(model)
+    if not names or not all(names):
+        return
+    keys = [str(k) for k in inputs]
+    unknown = [k for k in keys if k not in names]
+    missing = [n for n in names if n not in keys]
+    if not unknown and not missing:
+        return
+    what = "; ".join(part for part in (
+        f"no model input is named {unknown} (drop {'it' if len(unknown) == 1 else 'them'})"
+        if unknown else "",
+        f"it lacks {missing} (add one array per input)" if missing else "") if part)
+    raise GradprobeError(
+        f"Expected `{name}` to have exactly the model's input names as keys, {names}: {what}. "
+        f"Received: {name}={{{', '.join(repr(k) for k in keys)}}}")
+
+
+def _concrete(leaf: Any) -> np.ndarray | None:
+    """The values of a NumPy array or an eager (concrete) tensor, or `None` for a
+    symbolic one (inside the caller's tf.function or jax.jit): no host round-trip
+    is added to a compiled path."""
+    if isinstance(leaf, np.ndarray):
+        return leaf
+    if backends.is_functional():
+        if not backends.get().is_concrete(leaf):
+            return None
+    elif not backends.tensorflow_backend.is_eager_tensor(leaf):
+        return None
+    try:
+        return np.asarray(keras.ops.convert_to_numpy(leaf))
+    except Exception:  # pragma: no cover - a value that cannot be read here
+        return None
+
+
+def _int_dtype(dtype: Any) -> bool:
+    try:
+        return keras.backend.is_int_dtype(_dtype_name(dtype))
+    except (ValueError, TypeError):  # text, or a dtype Keras does not know
+        return False
+
+
+def _float_dtype(dtype: Any) -> bool:
+    try:
+        return keras.backend.is_float_dtype(_dtype_name(dtype))
+    except (ValueError, TypeError):
+        return False
+
+
+def leaf_name(name: str, key: str) -> str:
+    """`inputs`, `inputs['token_ids']` or `inputs[1]` for the result key of a leaf."""
+    if ":" not in key:
+        return name
+    part = key.split(":", 1)[1]
+    return f"{name}[{part}]" if part.isdigit() else f"{name}[{part!r}]"
+
+
+def input_lookups(model: Any, keys: list[str]) -> list[list[tuple[str, int]]]:
+    """For each input leaf (by result key), the embedding calls its ids feed, with
+    their vocabulary sizes."""
+    from gradprobe.core import _sequence  # (it imports the selectors, which import this)
+
+    try:
+        feeds = _sequence.embedding_lookups(model)
+    except Exception:  # pragma: no cover - an exotic graph: no range to check
+        return [[] for _ in keys]
+    if not feeds:
+        return [[] for _ in keys]
+    out = []
+    for key in keys:
+        found: list[tuple[str, int]] = []
+        for ident in _sequence.input_ids(model, key, keys):
+            if ident is not None and feeds.get(ident):
+                found = feeds[ident]
+                break
+        out.append(found)
+    return out
+
+
+def token_ids(name: str, value: Any, lookups: list[tuple[str, int]],
+              spec: Any = None) -> None:
+    """Integer values for an integer input: no fraction (a float array for an
+    integer input would be truncated silently), and, for ids that feed an
+    embedding (`lookups`: `(selector, input_dim)`), ids in `[0, input_dim)` (out of
+    range, TensorFlow and PyTorch fail deep in the model and JAX returns NaN).
+    Checked on concrete values only."""
+    dtype = _dtype_name(value)
+    spec_int = spec is not None and _int_dtype(spec)
+    is_float = _float_dtype(dtype)
+    if not lookups and not (spec_int and is_float):
+        return
+    if not (is_float or _int_dtype(dtype)):
+        return
+    arr = _concrete(value)
+    if arr is None or not arr.size:
+        return
+    feeds = ""
+    if lookups:
+        selector = lookups[0][0]
+        layer = selector.split("@")[0]
+        tied = " (a tied embedding: @0 is its lookup)" if "@" in selector else ""
+        feeds = (f" it feeds the embedding layer {layer!r} (wrt={selector!r}{tied})")
+    if is_float:
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            first = arr[bad].ravel()[:4].tolist()
+            kind = f"the model's input is {_dtype_name(spec)}" if spec_int else "they are ids"
+            raise GradprobeError(
+                f"Expected `{name}` to hold integer values ({kind}); got {dtype} values with "
+                f"a fractional part or not finite ({', '.join(map(repr, first))}), which would "
+                f"be truncated silently{';' + feeds if feeds else ''}. Pass integer ids, e.g. "
+                f"x.astype('int32'). Received: {name}={shown(value)}")
+    if not lookups:
+        return
+    dims = [d for _, d in lookups if d > 0]
+    if not dims:
+        return
+    size = min(dims)
+    lo, hi = arr.min(), arr.max()
+    if lo >= 0 and hi < size:
+        return
+    flat = arr.ravel()
+    bad_ids = sorted({int(v) for v in flat[(flat < 0) | (flat >= size)][:4096].tolist()})
+    raise GradprobeError(
+        f"Expected `{name}` to hold token ids in [0, {size - 1}]:{feeds}, whose vocabulary "
+        f"has {size} entries (input_dim={size}). Id(s) {', '.join(map(str, bad_ids[:8]))} "
+        f"are out of range (JAX would return NaN for them, TensorFlow and PyTorch fail "
+        f"inside the model). Map unknown tokens to an id in range (the tokenizer's "
+        f"unknown-token id) or build the embedding with a larger input_dim. "
+        f"Received: {name}={shown(value)}")
+
+
+def model_inputs(model: Any, inputs: Any, leaves: list[Any], spec_dtypes: list[Any],
+                 name: str = "inputs") -> None:
+    """The one input check of every backend, before anything is traced: a dict's
+    keys are exactly the model's input names, integer inputs get integer values,
+    and token ids are in the range of the embedding they feed (`token_ids`).
+    `leaves` are the flat inputs as NumPy arrays or backend tensors, in
+    `keras.tree.flatten` order; `spec_dtypes` the model's input dtypes (or empty)."""
+    input_names(model, inputs, name)
+    aligned = len(spec_dtypes) == len(leaves)
+    wanted = []
+    for i, leaf in enumerate(leaves):
+        dtype = _dtype_name(leaf)
+        spec = spec_dtypes[i] if aligned else None
+        if _int_dtype(dtype) or (spec is not None and _int_dtype(spec) and _float_dtype(dtype)):
+            wanted.append(i)
+    if not wanted:
+        return
+    from gradprobe.core.capture import input_keys  # (capture imports this module)
+
+    keys = input_keys(inputs)
+    if len(keys) != len(leaves):  # pragma: no cover - a nested structure: no names to match
+        return
+    lookups = input_lookups(model, keys)
+    for i in wanted:
+        token_ids(leaf_name(name, keys[i]), leaves[i], lookups[i],
+                  spec_dtypes[i] if aligned else None)
+
+
+def text_input(name: str, value: Any) -> None:
+    """Text (a NumPy string array) refused with the fix, on backends whose models
+    take only numbers (JAX, PyTorch), before a backend fails to convert it."""
+    kind = getattr(getattr(value, "dtype", None), "kind", "")
+    if kind in ("U", "S"):
+        raise GradprobeError(
+            f"Expected `{name}` to be numeric: {keras.backend.backend()} models take numbers, "
+            f"and got strings. Preprocess the text first (a tokenizer, or a "
+            f"keras.layers.TextVectorization outside the model) and pass the token ids. "
+            f"Received: {name}={shown(value)}")
+
+
 def differentiable_input(key: str, leaf: Any, hint: str) -> None:
     """A gradient with respect to the input `key` needs a floating dtype."""
     dtype = getattr(leaf, "dtype", None)
@@ -296,6 +490,32 @@ def choice(name: str, value: Any, allowed: Iterable[Any], meaning: str = "") -> 
             return value
     options = ", ".join(repr(a) for a in allowed)
     raise fail(name, value, f"one of {options}{' (' + meaning + ')' if meaning else ''}.")
+
+
+# ---------------------------------------------------------------- total work
+# The most modified inputs (one forward and one backward pass each) a looping
+# method (Integrated Gradients' steps, SmoothGrad's samples, times the batch) is
+# asked to evaluate in one call: 10 million, hours of work for a small model on a
+# GPU. Chunking (batch_size) bounds the memory, never the time: a larger request
+# is refused up front rather than left to run for days.
+MAX_TOTAL_ROWS = 10**7
+
+
+def total_work(what: str, reps_name: str, reps: int, n: int,
+               limit: int = MAX_TOTAL_ROWS) -> int:
+    """`reps * n`, the modified inputs a looping method evaluates (`reps` copies of
+    each of `n` examples), refused up front above `limit` with the fix."""
+    total = int(reps) * int(n)
+    if total <= limit:
+        return total
+    fewer = max(1, limit // max(1, int(n)))
+    raise GradprobeError(
+        f"Expected `{reps_name}` x batch size to be at most {limit:,} modified inputs (one "
+        f"forward and one backward pass each; gradprobe's cap on the work of one call): "
+        f"{what} would evaluate {reps_name}={int(reps):,} x {int(n):,} example(s) = "
+        f"{total:,}. batch_size only bounds the memory, not the time. Pass fewer {reps_name} "
+        f"(at most {fewer:,} for this batch; a few dozen to a few hundred are enough) or split "
+        f"the batch over several calls. Received: {reps_name}={int(reps)!r}")
 
 
 # ------------------------------------------------------------------ targets

@@ -179,8 +179,8 @@ def _repeat_key(inputs: Any, target: Any, wrt: Any, options: tuple) -> tuple | N
         return None
     if not all(type(o) in _PLAIN_OPTION_TYPES for o in options):
         return None
-    if not backend.is_eager_tensor(inputs):
-        return None
+    if not backend.is_eager_tensor(inputs) or not inputs.dtype.is_floating:
+        return None  # (integer inputs, token ids, are checked against the vocabulary each call)
     return (wrt, target, tuple((type(o), o) for o in options), inputs.dtype,
             tuple(inputs.shape))
 
@@ -662,12 +662,15 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
 
     leaves = [inputs] if backend.is_tensor(inputs) else keras.tree.flatten(inputs)
+    leaves = [leaf if backend.is_tensor(leaf) else np.asarray(leaf) for leaf in leaves]
+    _validate.model_inputs(model, inputs, leaves,
+                           [getattr(d, "name", d) for d in spec_dtypes])
     converted = []
     for i, leaf in enumerate(leaves):
         if backend.is_tensor(leaf):
             converted.append(leaf)
             continue
-        arr = np.asarray(leaf)
+        arr = leaf
         if arr.dtype == object:
             raise GradprobeError(
                 f"Input {i} is an object array; pass numeric arrays or tensors.")

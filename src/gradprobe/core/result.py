@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
 from typing import Any
 
 import keras
@@ -22,6 +21,36 @@ class GradprobeKeyError(GradprobeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class _View(Mapping):
+    """A read-only view of one part of a result (`activations`, `kinds`,
+    `variables`) that takes the same keys as the result itself (`Gradients.resolve`):
+    `g.activations["d1"]` works wherever `g["d1"]` does."""
+
+    __slots__ = ("_data", "_owner", "_what")
+
+    def __init__(self, data: dict[str, Any], owner: Gradients, what: str):
+        self._data, self._owner, self._what = data, owner, what
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._data:
+            return self._data[key]
+        resolved = self._owner.resolve(key)
+        if resolved not in self._data:
+            raise GradprobeKeyError(
+                f"No {self._what} for {key!r} ({resolved!r}, a {self._owner.kinds[resolved]} "
+                f"key); the {self._what} keys are: {quoted(self._data)}.")
+        return self._data[resolved]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 class Gradients(Mapping):
@@ -49,12 +78,12 @@ class Gradients(Mapping):
                  outputs: Any, target: Any, variables: Mapping[str, Any] | None = None):
         order = meta["order"]
         variables = variables or {}
-        self.variables: Mapping[str, Any] = MappingProxyType(
-            {k: variables[k] for k in order if k in variables})
+        self.variables: Mapping[str, Any] = _View(
+            {k: variables[k] for k in order if k in variables}, self, "variable")
         self._grads = {k: grads[k] for k in order}
-        self.kinds: Mapping[str, str] = MappingProxyType(dict(meta["kinds"]))
-        self.activations: Mapping[str, Any] = MappingProxyType(
-            {k: values[k] for k in order if k in values})
+        self.kinds: Mapping[str, str] = _View(dict(meta["kinds"]), self, "kind")
+        self.activations: Mapping[str, Any] = _View(
+            {k: values[k] for k in order if k in values}, self, "activation")
         self.outputs = outputs
         self.target = target
         self.unconnected: tuple[str, ...] = tuple(meta.get("unconnected", ()))
@@ -67,11 +96,20 @@ class Gradients(Mapping):
     def __getitem__(self, key: str) -> Any:
         if key in self._grads:
             return self._grads[key]
+        return self._grads[self.resolve(key)]
+
+    def resolve(self, key: str) -> str:
+        """The result key that `key` names: a key itself, the `wrt` selector that
+        named exactly one source, or a nested layer's short name (`"d1"` for
+        `"inner/d1"`). One rule for every view of the result (the gradients,
+        `activations`, `kinds`, `variables`)."""
+        if key in self._grads:
+            return key
         keys = self._aliases.get(key)
         if keys is None and isinstance(key, str):
             keys = self._by_suffix(key)
         if keys and len(keys) == 1:
-            return self._grads[keys[0]]
+            return keys[0]
         if keys:
             raise GradprobeKeyError(
                 f"{key!r} selected {len(keys)} sources; index one of them: {quoted(keys)}.")

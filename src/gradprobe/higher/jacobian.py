@@ -63,6 +63,8 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
         return _functional_jacobian(model, inputs, of, wrt, training, max_bytes)
     x = prepare_inputs(model, inputs)
     ensure_built(model, x)
+    if wrt == "inputs":
+        _integer_inputs(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
     if wrt == "inputs":
         watch.append("inputs")
@@ -106,6 +108,19 @@ def _no_target(outputs: Any) -> Any:
     """The target of the forward pass `gp.jacobian` reads activations from (unused:
     a module-level function, so that the cached request is found again)."""
     return keras.ops.sum(keras.ops.convert_to_tensor(0.0))
+
+
+def _integer_inputs(model: Any, x: Any) -> None:
+    """Refuses a Jacobian with respect to integer inputs (token ids), naming the
+    embedding layer they feed, as `gp.gradients(wrt="inputs")` does."""
+    from gradprobe.core import _sequence, capture
+
+    keys = capture.input_keys(x)
+    leaves = keras.tree.flatten(x)
+    bad = [k for k, leaf in zip(keys, leaves) if not backend.is_floating(leaf)]
+    if bad:
+        key, hint = _sequence.integer_input_hint(model, keys, bad)
+        _validate.differentiable_input(key, leaves[keys.index(key)], hint)
 
 
 def _functional_jacobian(model: Any, inputs: Any, of: Any, wrt: Any, training: bool,
