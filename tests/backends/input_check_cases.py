@@ -123,6 +123,19 @@ def test_token_baseline_checked(value, shown):
             model, "baseline['inputs:token_ids']", shown, "Received:")
 
 
+def test_integer_tensor_baseline_accepted_like_an_integer_array():
+    """A baseline given as an integer tensor (keras.ops.zeros(..., "int32")) is the same
+    reference as the NumPy integer array (both cast to the inputs' dtype)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    from_tensor = gp.integrated_gradients(model, x, 0, baseline=keras.ops.ones((2, 4), "int32"),
+                                          steps=4, progress=False)
+    from_array = gp.integrated_gradients(model, x, 0, baseline=np.ones((2, 4), "int32"),
+                                         steps=4, progress=False)
+    np.testing.assert_array_equal(arr(from_tensor), arr(from_array))
+
+
 def test_dict_with_an_extra_key_refused():
     model = token_model()
     x = dict(good(), segment_ids=np.zeros((2, 4), "int32"))

@@ -41,7 +41,7 @@ def _is_float(value: Any) -> bool:
     return keras.backend.is_float_dtype(_dtype_name(value))
 
 
-def _is_int(value: Any) -> bool:
+def _is_int_dtype(value: Any) -> bool:
     return keras.backend.is_int_dtype(_dtype_name(value))
 
 
@@ -599,7 +599,7 @@ def baseline(value: Any, x: Any, name: str = "baseline") -> None:
     if value is None:
         return
     arr = value if _is_tensor(value) else numeric_array(name, value, "the reference input")
-    if _is_tensor(arr) and not (_is_float(arr) or _is_int(arr)):
+    if _is_tensor(arr) and not (_is_float(arr) or _is_int_dtype(arr)):
         raise fail(name, value, f"a real-valued array like the inputs ({_dtype_name(x)}).")
     try:
         out = np.broadcast_shapes(_shape(arr), _shape(x))
@@ -616,7 +616,7 @@ def like(name: str, value: Any, ref: Any, what: str) -> Any:
     if isinstance(value, keras.Variable):
         value = value.value
     if _is_tensor(value):
-        if not (_is_float(value) or _is_int(value)):
+        if not (_is_float(value) or _is_int_dtype(value)):
             raise fail(name, value, f"a real-valued tensor shaped like {what} {_shape(ref)}.")
         tensor = value
     else:
