@@ -136,6 +136,28 @@ def test_integer_tensor_baseline_accepted_like_an_integer_array():
     np.testing.assert_array_equal(arr(from_tensor), arr(from_array))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="JAX traces the model even with compile=False (an untraceable "
+                           "model is refused whatever compile is); PyTorch runs eagerly")
+def test_compile_true_on_an_untraceable_model_names_the_fix():
+    class NumpyInside(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(2, name="dense")
+
+        def call(self, x):
+            return self.d(x) * (float(np.asarray(x).mean()) * 0 + 1.0)  # needs a concrete x
+
+    model = NumpyInside()
+    x = np.ones((2, 3), "float32")
+    model(x)
+    message = refused(lambda: gp.gradients(model, x, 0, "dense", compile=True), model,
+                      "could not be compiled", "Received: compile=True", "compile=False",
+                      "compile='auto'")
+    assert model.name in message
+    assert arr(gp.gradients(model, x, 0, "dense", compile=False)["dense"]).shape == (2, 2)
+
+
 def test_dict_with_an_extra_key_refused():
     model = token_model()
     x = dict(good(), segment_ids=np.zeros((2, 4), "int32"))

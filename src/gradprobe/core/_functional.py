@@ -666,7 +666,7 @@ class _Request:
                 raise
             except Exception as e:
                 if compile is True:
-                    raise
+                    raise engine.compile_error(model, e, f"{bk.NAME}.jit") from e
                 aux, grads = prep.step(*call_args)
                 prep.eager_only = True
                 warnings.warn(

@@ -571,8 +571,10 @@ def _execute(model: Any, x: Any, args: dict, entry: _Entry,
         # A failed trace can leave a Keras name scope open: close it, or every
         # variable the user creates afterwards would be named under it.
         _keras_private.close_name_scopes_above(depth)
-        if isinstance(e, GradprobeError) or compile is True:
+        if isinstance(e, GradprobeError):
             raise
+        if compile is True:
+            raise compile_error(model, e, "tf.function") from e
         tensors, meta = capture.run(model, x, args, plan, wrap_errors=True)
         entry.eager_only = True
         warnings.warn(
@@ -581,6 +583,17 @@ def _execute(model: Any, x: Any, args: dict, entry: _Entry,
             "Pass compile=False to silence this.",
             RuntimeWarning, stacklevel=3)
     return tensors, meta
+
+
+def compile_error(model: Any, e: BaseException, tool: str) -> GradprobeError:
+    """The error of `compile=True` when `model` cannot be traced by `tool`: what failed,
+    and the two ways to run it (the eager fallback of 'auto', or eager on request)."""
+    return GradprobeError(
+        f"Model {getattr(model, 'name', model)!r} could not be compiled with {tool} "
+        f"({type(e).__name__}: {_last_line(e)}). Received: compile=True. Pass "
+        "compile='auto' (the default: falls back to eager with a warning) or compile=False "
+        "to run it eagerly, or make its call traceable (no NumPy conversion or Python "
+        "control flow on tensor values).")
 
 
 def _last_line(e: BaseException) -> str:
