@@ -269,3 +269,19 @@ def test_bad_keywords_name_the_argument(kw, name):
         with pytest.raises(GradprobeError, match=name) as err:
             call()
         assert "Received" in str(err.value)
+
+
+@pytest.mark.parametrize("kw, name", [({"vanishng": 1e-3}, "vanishng"),
+                                      ({"vanishing": 2.0}, "vanishing"),
+                                      ({"window": 0}, "window")])
+def test_monitor_diagnose_checks_its_keywords(kw, name):
+    model = _stack(2, 4, "tanh", inputs=3)
+    model.compile(optimizer="sgd", loss="mse")
+    x = _x(8, 3)
+    monitor = gp.GradientMonitor()
+    model.fit(x, np.zeros((8, 1), "float32"), batch_size=4, epochs=1, verbose=0,
+              callbacks=[monitor])
+    assert isinstance(monitor.diagnose(vanishing=1e-3, exploding=1e4, window=2), list)
+    with pytest.raises(GradprobeError, match=name) as err:
+        monitor.diagnose(**kw)
+    assert "Received" in str(err.value)

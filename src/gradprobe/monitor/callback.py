@@ -595,7 +595,18 @@ class GradientMonitor(keras.callbacks.Callback):
         """Findings over the recorded steps (vanishing, exploding, non-finite,
         all-zero, dead units), one per variable and kind, naming the steps.
         Steps skipped by dynamic loss scaling are left out (their overflow is
-        how loss scaling works, not a training failure)."""
+        how loss scaling works, not a training failure).
+
+        Args:
+            **thresholds: `vanishing`, `exploding` and `window`, as in
+                `gp.diagnose` (`gradprobe.core.stats.diagnose`); any other name
+                is a `GradprobeError` listing these.
+
+        Returns:
+            A list of `Finding`, one per variable and kind, naming its steps.
+        """
+        _validate.thresholds({k: v for k, v in thresholds.items() if k != "window"},
+                             ("vanishing", "exploding", "window"))
         found: dict[tuple[str, str], tuple[Finding, list[int]]] = {}
         history = self.history
         kinds = dict.fromkeys(history, "weight")
