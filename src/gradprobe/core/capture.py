@@ -200,19 +200,28 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
         recorder.replace_call = plan.replace_call
-    with tape:
-        for v in plan.vars:
-            backend.watch(tape, v.var)
-        inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan.inputs)
+    # The recorder holds the caller's frames while the forward pass runs (to tell
+    # control-flow bodies apart); closed on every exit, or those frames (and the
+    # tensors in their locals: this call's whole result) would form a reference
+    # cycle that only the garbage collector frees, gigabytes later on a big model.
+    try:
+        with tape:
+            for v in plan.vars:
+                backend.watch(tape, v.var)
+            inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan.inputs)
 
-        def call(model: Any, inputs: Any, training: bool) -> Any:
-            with _patch.wrapped_calls(plan.probe_layers + plan.order_layers, recorder.hook):
-                return _call_model(model, inputs, training, wrap_errors)
+            def call(model: Any, inputs: Any, training: bool) -> Any:
+                with _patch.wrapped_calls(plan.probe_layers + plan.order_layers,
+                                          recorder.hook):
+                    return _call_model(model, inputs, training, wrap_errors)
 
-        ev = evaluate(model, inputs, plan.target, args, output=plan.output,
-                      training=plan.training, call=call, names=plan.output_names,
-                      layer_value=lambda: _output_layer_value(recorder, plan))
-        outputs, selected, value, objective = ev.outputs, ev.selected, ev.value, ev.objective
+            ev = evaluate(model, inputs, plan.target, args, output=plan.output,
+                          training=plan.training, call=call, names=plan.output_names,
+                          layer_value=lambda: _output_layer_value(recorder, plan))
+            outputs, selected, value, objective = ev.outputs, ev.selected, ev.value, \
+                ev.objective
+    finally:
+        recorder.close()
 
     entries, skipped, extra_aliases = _collect(recorder, plan)
     producers = recorder.producers(selected)

@@ -23,23 +23,66 @@ class GradprobeKeyError(GradprobeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class _Keys:
+    """The keys of one result and the one rule that resolves a name to one of them
+    (`Gradients.resolve`), shared by the result and its views. It holds no tensor
+    and no reference to the result: a view kept alive does not keep the result's
+    gradients alive, and a result is freed as soon as its last reference goes
+    (no reference cycle left to the garbage collector)."""
+
+    __slots__ = ("order", "kinds", "aliases")
+
+    def __init__(self, order: list[str], kinds: dict[str, str], aliases: dict[str, list]):
+        self.order = tuple(order)
+        self.kinds = kinds
+        self.aliases = {a: ks for a, ks in aliases.items() if a not in kinds}
+
+    def resolve(self, key: str) -> str:
+        if key in self.kinds:
+            return key
+        keys = self.aliases.get(key)
+        if keys is None and isinstance(key, str):
+            keys = self._by_suffix(key)
+        if keys and len(keys) == 1:
+            return keys[0]
+        if keys:
+            raise GradprobeKeyError(
+                f"{key!r} selected {len(keys)} sources; index one of them: {quoted(keys)}.")
+        hint = closest(str(key), list(self.order) + list(self.aliases))
+        raise GradprobeKeyError(
+            f"No gradient for {key!r}." + (f" Did you mean {quoted(hint)}?" if hint else "")
+            + f" The keys are: {quoted(self.order)}.")
+
+    def _by_suffix(self, name: str) -> list[str] | None:
+        """Keys that `name` names as a layer path suffix, as selectors do: `"d1"`
+        for `"inner/d1"`, `"d1.kernel"` for `"inner/d1.kernel"` (also each
+        call `"inner/d1@i"` of a layer called several times)."""
+        def names(k: str) -> bool:
+            if k.endswith("/" + name):
+                return True
+            base = k.split("@")[0]  # "inner/d1@1" -> "inner/d1", for name "d1"
+            return "@" in k and "@" not in name and (base == name or base.endswith("/" + name))
+
+        return [k for k in self.order if names(k)] or None
+
+
 class _View(Mapping):
     """A read-only view of one part of a result (`activations`, `kinds`,
     `variables`) that takes the same keys as the result itself (`Gradients.resolve`):
     `g.activations["d1"]` works wherever `g["d1"]` does."""
 
-    __slots__ = ("_data", "_owner", "_what")
+    __slots__ = ("_data", "_keys", "_what")
 
-    def __init__(self, data: dict[str, Any], owner: Gradients, what: str):
-        self._data, self._owner, self._what = data, owner, what
+    def __init__(self, data: dict[str, Any], keys: _Keys, what: str):
+        self._data, self._keys, self._what = data, keys, what
 
     def __getitem__(self, key: str) -> Any:
         if key in self._data:
             return self._data[key]
-        resolved = self._owner.resolve(key)
+        resolved = self._keys.resolve(key)
         if resolved not in self._data:
             raise GradprobeKeyError(
-                f"No {self._what} for {key!r} ({resolved!r}, a {self._owner.kinds[resolved]} "
+                f"No {self._what} for {key!r} ({resolved!r}, a {self._keys.kinds[resolved]} "
                 f"key); the {self._what} keys are: {quoted(self._data)}.")
         return self._data[resolved]
 
@@ -78,17 +121,18 @@ class Gradients(Mapping):
                  outputs: Any, target: Any, variables: Mapping[str, Any] | None = None):
         order = meta["order"]
         variables = variables or {}
-        self.variables: Mapping[str, Any] = _View(
-            {k: variables[k] for k in order if k in variables}, self, "variable")
         self._grads = {k: grads[k] for k in order}
-        self.kinds: Mapping[str, str] = _View(dict(meta["kinds"]), self, "kind")
+        self._keys = keys = _Keys(order, {k: meta["kinds"][k] for k in order},
+                                  meta.get("aliases", {}))
+        self.variables: Mapping[str, Any] = _View(
+            {k: variables[k] for k in order if k in variables}, keys, "variable")
+        self.kinds: Mapping[str, str] = _View(dict(meta["kinds"]), keys, "kind")
         self.activations: Mapping[str, Any] = _View(
-            {k: values[k] for k in order if k in values}, self, "activation")
+            {k: values[k] for k in order if k in values}, keys, "activation")
         self.outputs = outputs
         self.target = target
         self.unconnected: tuple[str, ...] = tuple(meta.get("unconnected", ()))
         self.skipped: tuple[str, ...] = tuple(meta.get("skipped", ()))
-        self._aliases = {a: ks for a, ks in meta.get("aliases", {}).items() if a not in self._grads}
         self._output_keys = tuple(meta.get("output_keys", ()))
         self._stats: dict[str, dict] | None = None
 
@@ -103,32 +147,7 @@ class Gradients(Mapping):
         named exactly one source, or a nested layer's short name (`"d1"` for
         `"inner/d1"`). One rule for every view of the result (the gradients,
         `activations`, `kinds`, `variables`)."""
-        if key in self._grads:
-            return key
-        keys = self._aliases.get(key)
-        if keys is None and isinstance(key, str):
-            keys = self._by_suffix(key)
-        if keys and len(keys) == 1:
-            return keys[0]
-        if keys:
-            raise GradprobeKeyError(
-                f"{key!r} selected {len(keys)} sources; index one of them: {quoted(keys)}.")
-        hint = closest(str(key), list(self._grads) + list(self._aliases))
-        raise GradprobeKeyError(
-            f"No gradient for {key!r}." + (f" Did you mean {quoted(hint)}?" if hint else "")
-            + f" The keys are: {quoted(self._grads)}.")
-
-    def _by_suffix(self, name: str) -> list[str] | None:
-        """Keys that `name` names as a layer path suffix, as selectors do: `"d1"`
-        for `"inner/d1"`, `"d1.kernel"` for `"inner/d1.kernel"` (also each
-        call `"inner/d1@i"` of a layer called several times)."""
-        def names(k: str) -> bool:
-            if k.endswith("/" + name):
-                return True
-            base = k.split("@")[0]  # "inner/d1@1" -> "inner/d1", for name "d1"
-            return "@" in k and "@" not in name and (base == name or base.endswith("/" + name))
-
-        return [k for k in self._grads if names(k)] or None
+        return self._keys.resolve(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._grads)

@@ -221,13 +221,16 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         calls = recorder.calls_of(plan.output_layer)
         return calls[0].leaves[0][0] if calls else None
 
-    with tape:
-        for v in plan.vars:
-            backend.watch(tape, v.var)
-        _, _, value, objective, target_meta = evaluate(
-            model, x, plan.target, args, output=plan.output, training=plan.training, call=call,
-            layer_value=None if plan.output_layer is None else layer_value,
-            names=plan.output_names)
+    try:  # closed on every exit: see capture.run
+        with tape:
+            for v in plan.vars:
+                backend.watch(tape, v.var)
+            _, _, value, objective, target_meta = evaluate(
+                model, x, plan.target, args, output=plan.output, training=plan.training,
+                call=call, layer_value=None if plan.output_layer is None else layer_value,
+                names=plan.output_names)
+    finally:
+        recorder.close()
     value = capture.per_example_values(value, "gp.per_example_norms")
 
     ghost: dict[int, Any] = {}
