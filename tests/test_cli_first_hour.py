@@ -216,3 +216,17 @@ def test_native_log_filter(capfd):
     with commands.filtered_native_logs(0):
         os.write(2, noise.encode())
     assert capfd.readouterr().err == noise
+
+
+def test_a_layer_path_in_the_cli_is_one_line_with_the_fix(saved):
+    d = saved[0]
+    ok = run("inspect", str(d / "logits.keras"), "--input", str(d / "x.npy"), "--target", "1",
+             "--wrt", "logits_model/hidden")
+    assert ok.returncode == 0, ok.stderr
+    assert "hidden" in ok.stdout
+    bad = run("inspect", str(d / "logits.keras"), "--input", str(d / "x.npy"), "--target", "1",
+              "--wrt", "hidden/kernel_x")
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "no layer named 'hidden/kernel_x'" in lines[0] and "relative to the model" in lines[0]

@@ -37,6 +37,31 @@ def test_unknown_layer_suggests_closest(cnn, x):
         gp.gradients(cnn, x, 0, "conv_c")
 
 
+def test_a_keras_path_from_the_model_side_resolves(cnn, x):
+    # Keras prints paths with the model's name first (v.path of a Sequential model:
+    # "sequential/dense/kernel"); gradprobe's paths are relative to the model.
+    g = gp.gradients(cnn, x, 0, ["cnn/conv_a", "cnn/conv_b.kernel"])
+    assert list(g) == ["conv_a", "conv_b.kernel"]
+    np.testing.assert_array_equal(g["cnn/conv_a"], gp.gradients(cnn, x, 0, "conv_a")["conv_a"])
+
+
+def test_a_path_that_names_no_layer_says_how_paths_are_written(cnn, x):
+    with pytest.raises(gp.GradprobeError) as err:
+        gp.gradients(cnn, x, 0, "conv_a/kernel_x")
+    message = str(err.value)
+    assert "no layer named 'conv_a/kernel_x'" in message
+    assert "relative to the model" in message and "'layer.variable'" in message
+    assert "Did you mean 'conv_a'" in message
+
+
+def test_input_layers_are_not_suggested_as_layers():
+    inp = keras.Input((3,), name="digit")
+    model = keras.Model(inp, layers.Dense(2, name="dense")(inp), name="digits_cnn")
+    with pytest.raises(gp.GradprobeError) as err:
+        gp.gradients(model, np.ones((1, 3), "float32"), 0, "digits_cnn/dense2")
+    assert "'digit'" not in str(err.value), str(err.value)
+
+
 def test_unknown_variable_lists_variables(cnn, x):
     with pytest.raises(gp.GradprobeError, match=r"no variable 'kernal'.*'kernel'"):
         gp.gradients(cnn, x, 0, "conv_a.kernal")

@@ -146,9 +146,17 @@ class LayerTree:
         node = self.by_path.get(name)
         if node is not None:
             return node
+        relative = name
+        if name.startswith(self.root.name + "/"):
+            # A Keras path printed from the model's side (`sequential/dense`, as in
+            # `v.path`): gradprobe's paths are relative to the model.
+            relative = name[len(self.root.name) + 1:]
+            node = self.by_path.get(relative)
+            if node is not None:
+                return node
         for matches in (
-            [n for n in self.nodes if n.name == name],
-            [n for n in self.nodes if n.path.endswith("/" + name)],
+            [n for n in self.nodes if n.name == relative],
+            [n for n in self.nodes if n.path.endswith("/" + relative)],
         ):
             if len(matches) == 1:
                 return matches[0]
@@ -158,11 +166,16 @@ class LayerTree:
                     f"{self.root.name!r} match it: {quoted(m.path for m in matches)}. "
                     "Use the full path."
                 )
-        hint = closest(name, self.all_names())
+        layers = [n for n in self.nodes if not n.is_input]
+        hint = closest(name, [n.name for n in layers] + [n.path for n in layers])
+        where = ""
+        if "/" in name:
+            where = (" A path is relative to the model, outer layer first ('block/conv'); "
+                     "a variable is 'layer.variable' or its Keras path (v.path).")
         raise GradprobeError(
             f"Model {self.root.name!r} has no layer named {name!r}."
-            + (f" Did you mean {quoted(hint)}?" if hint else "")
-            + f" Its layers are: {quoted(n.path for n in self.nodes if not n.is_input)}."
+            + (f" Did you mean {quoted(hint)}?" if hint else "") + where
+            + f" Its layers are: {quoted(n.path for n in layers)}."
         )
 
     def node_of(self, layer: Any) -> LayerNode:
