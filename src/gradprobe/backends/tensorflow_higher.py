@@ -20,6 +20,21 @@ import tensorflow as tf
 from gradprobe.backends import tensorflow as backend
 
 
+# ------------------------------------------------------------ vectorized_map
+def onednn_enabled() -> bool:
+    """Whether this process runs TensorFlow's oneDNN kernels (the default on x86-64
+    Linux; off with TF_ENABLE_ONEDNN_OPTS=0 set before TensorFlow is imported)."""
+    # Private TensorFlow API (tensorflow.python.util._pywrap_util_port.IsMklEnabled),
+    # which follows TF_ENABLE_ONEDNN_OPTS. If it is ever gone, assume oneDNN is on
+    # (the default): the caller then takes a slower path, never a wrong one.
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return True
+
+
 # -------------------------------------------------------------------- gp.hvp
 def forward_over_backward(variables: list[Any], vectors: list[Any],
                           gradients_of: Callable[[], list[Any]]) -> list[Any]:

@@ -428,6 +428,13 @@ def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
         return tensors, dict(meta, per_example_method={}, per_example_fallbacks={})
 
     why = forced_fallback(model, plan, requested)
+    if requested == "vectorized_map":
+        crash = vectorized_map_crashes(model)
+        if crash:
+            raise GradprobeError(
+                f"per_example='vectorized_map': {crash}. Received: "
+                "per_example='vectorized_map'. Use per_example=True (the Jacobian of the "
+                "batched pass, exact) or set TF_ENABLE_ONEDNN_OPTS=0.")
     if not why:
         try:
             return _vectorized(model, inputs, args, single, wrap_errors)
@@ -458,7 +465,27 @@ def forced_fallback(model: Any, plan: capture.Plan, requested: str) -> str:
     if backends.is_functional():
         return _coupling(model, plan, "the single-example passes would draw once for all "
                                       "examples (one seed state)")
-    return _coupling(model, plan)
+    return _coupling(model, plan) or vectorized_map_crashes(model)
+
+
+def vectorized_map_crashes(model: Any) -> str:
+    """Why `tf.vectorized_map` over `model` would crash the process ('' if no known
+    reason). With oneDNN on (TensorFlow's default on x86-64 Linux), the vectorised
+    Einsum of an `EinsumDense` layer (also inside `MultiHeadAttention` and
+    keras-hub's transformer layers) corrupts the heap: the process aborts or
+    segfaults, at random, a little later (TensorFlow 2.21: a tiny keras-hub
+    `BertBackbone`, a `MultiHeadAttention`, an `EinsumDense` without bias; with
+    TF_ENABLE_ONEDNN_OPTS=0 every run passes). No Python error can be caught, so
+    the case is recognised before the pass runs."""
+    if not tensorflow_higher.onednn_enabled():
+        return ""
+    for node in LayerTree(model).nodes:
+        if isinstance(node.layer, keras.layers.EinsumDense):
+            return (f"tf.vectorized_map over EinsumDense layer {node.path!r} crashes the "
+                    "process when TensorFlow's oneDNN kernels are on (with "
+                    "TF_ENABLE_ONEDNN_OPTS=0 set before TensorFlow is imported, "
+                    "per_example=True uses it)")
+    return ""
 
 
 def _coupling(model: Any, plan: capture.Plan,
