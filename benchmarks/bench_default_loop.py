@@ -209,6 +209,9 @@ def main() -> None:
                          f"{BACKEND!r}.")
     console = Console(width=200)
     models = [m for m in args.models.split(",") if not (args.quick and m == "resnet")]
+    # The process's own first-call costs (imports, the backend's first trace) would land
+    # on whichever row runs first: one throwaway round on another MLP pays them.
+    bench("mlp", args.size, args.batch, 2, Console(quiet=True))
     rows = []
     for m in models:
         rows += bench(m, args.size, args.batch, args.calls, console)
