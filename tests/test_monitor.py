@@ -586,6 +586,105 @@ def test_norms_and_update_ratios_of_a_million_entry_variable_to_float64():
     assert_close((ratios / olds).numpy(), want, "float32", 128)  # the old bug: 5e-3
 
 
+class WeightsAroundSteps(keras.callbacks.Callback):
+    """The trainable weights before and after every step (float64), read
+    outside gradprobe: the oracle of the update ratio."""
+
+    def __init__(self):
+        super().__init__()
+        self.before, self.after = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append([v.numpy().astype(np.float64) for v in self.model.trainable_weights])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after.append([v.numpy().astype(np.float64) for v in self.model.trainable_weights])
+
+
+class DirectSGD(keras.optimizers.Optimizer):
+    """An optimizer of the user's own that writes its variables directly (not
+    through `self.assign_sub`)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        # (TensorFlow's update step hands over the tf.Variable)
+        variable.assign_sub(tf.cast(learning_rate, variable.dtype) *
+                            tf.convert_to_tensor(gradient))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "direct", "momentum"])
+def test_update_ratios_equal_the_weights_change_around_each_step(optimizer):
+    """The update ratio ||w_after - w_before|| / ||w_before|| of every step and
+    variable, against the weights read around the step: Keras' optimizers
+    (whose changes the monitor reads at their `assign_*`, including the sparse
+    change of an embedding with repeated ids), and an optimizer of the user's
+    own (read from copies of the weights)."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6,), dtype="int32")
+    h = layers.Embedding(12, 8, name="emb")(tokens)
+    h = layers.Dense(8, activation="tanh", name="mix")(layers.Flatten()(h))
+    model = keras.Model(tokens, layers.Dense(3, name="out")(h))
+    made = {"adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+            "sgd": lambda: keras.optimizers.SGD(0.5),
+            "momentum": lambda: keras.optimizers.SGD(0.5, momentum=0.9),
+            "direct": lambda: DirectSGD(0.5)}[optimizer]()
+    model.compile(made, LOSS)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(48, 6)).astype("int32")  # ids repeat within a batch
+    y = rng.integers(0, 3, size=48)
+    weights = WeightsAroundSteps()
+    monitor = gp.GradientMonitor()
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[weights, monitor])
+    assert monitor.steps.tolist() == [1, 2, 3]
+    keys = list(monitor.history)
+    for t in range(3):
+        for i, key in enumerate(keys):
+            before, after = weights.before[t][i], weights.after[t][i]
+            if optimizer == "adamw":
+                # AdamW decays the weights before its update step; the ratio is of
+                # the update step's change, from the decayed weights
+                before = before - 0.01 * 0.1 * before
+            norm = np.linalg.norm(before)
+            want = np.linalg.norm(after - before) / norm if norm else 0.0
+            got = monitor.history[key]["update_ratio"][t]
+            # the change the optimizer computes against the change float32
+            # weights took (their rounding): relative to the weights' size
+            assert abs(got - want) <= 64 * np.finfo(np.float32).eps * max(
+                np.abs(after).max() / max(norm, 1e-30) * 8, want), (optimizer, key, t, got, want)
+    _no_hooks_left(model)
+
+
+def test_changes_collected_at_the_optimizers_assign_methods():
+    """The wrappers of `assign_add`, `assign_sub` and `assign` collect each
+    monitored variable's change (dense and sparse) and pass every call on."""
+    from gradprobe.backends import tensorflow_monitor as hooks
+    from gradprobe.core import _patch
+
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(2, name="d")])
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    kernel, bias = model.trainable_weights
+    probe = hooks.StepProbe(model, [kernel], [], every=1, histograms=False)
+    kernel.assign(np.ones((3, 2), "float32"))
+    changes: dict = {}
+
+    @tf.function(autograph=False)
+    def run():
+        opt = model.optimizer
+        with _patch.wrapped_methods(opt, probe._increment_wrappers(changes)):
+            opt.assign_add(kernel, tf.fill([3, 2], 0.5))
+            opt.assign_sub(kernel, tf.IndexedSlices(tf.ones([2, 2]), tf.constant([0, 0]),
+                                                    tf.constant([3, 2])))
+            opt.assign(kernel, tf.fill([3, 2], 4.0))
+            opt.assign_add(bias, tf.ones([2]))  # not monitored
+        return hooks._dense_sum(changes[id(kernel.value)], kernel)
+
+    total = run().numpy()
+    # 1 + 0.5 = 1.5; row 0 minus 2 (repeated index) = -0.5; then set to 4
+    assert np.array_equal(total, np.full((3, 2), 3.0))
+    assert np.array_equal(kernel.numpy(), np.full((3, 2), 4.0))
+    assert np.array_equal(bias.numpy(), np.ones(2))
+    assert "assign" not in vars(model.optimizer)
+
+
 def test_private_keras_apis_of_the_monitor_mean_what_the_hooks_assume():
     """The private Keras names the monitor's hooks use (all in
     gradprobe.backends._keras_private) exist on this Keras and behave as their

@@ -292,17 +292,23 @@ class StepProbe:
                 return current, self._nonfinite_check(grads)
 
             stats, flags = _cond(recording, record, check)
-            self.stats.assign(stats)
-            self._put(self.flags, slot, flags)
-            self._put(self.proof, slot, tf.cast(step, tf.float64))
+            writes = [self.stats.assign(stats), self._put(self.flags, slot, flags),
+                      self._put(self.proof, slot, tf.cast(step, tf.float64))]
             for copy, g, v in zip(self.copies, grads, self.variables):
                 dense = tf.zeros(v.shape) if g is None else tf.cast(tf.convert_to_tensor(g),
                                                                     tf.float32)
                 current = tf.convert_to_tensor(copy)
-                copy.assign(_cond(recording, lambda d=dense: d, lambda c=current: c))
+                writes.append(copy.assign(_cond(recording, lambda d=dense: d,
+                                                lambda c=current: c)))
             if self.copies:
-                self.copies_step.assign(tf.where(recording, step, self.copies_step))
-            return reduced
+                writes.append(self.copies_step.assign(tf.where(recording, step,
+                                                               self.copies_step)))
+            # The update starts once the statistics are made: a gradient that
+            # the statistics still read when the optimizer's ops run cannot be
+            # updated in place by them (TensorFlow then allocates a new buffer
+            # per op: most of the monitor's cost on CPU, before).
+            with tf.control_dependencies(writes):
+                return [(_identity(g), v) for g, v in reduced]
 
         return all_reduce
 
@@ -312,38 +318,101 @@ class StepProbe:
             tracked = [i for i, v in enumerate(values) if id(v) in self._index]
             step = tf.convert_to_tensor(self.step)
             slot, recording = self._slot(step), self._recording(step)
-            # Snapshots on recorded steps only. XLA needs both branches shaped
-            # alike; elsewhere the other branch holds one scalar per variable
-            # (no full-size zeros written on the steps that are not recorded).
-            if self.jit:
-                skip = lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())]  # noqa: E731
-            else:
-                skip = lambda: [tf.zeros((), values[i].dtype) for i in tracked] or [tf.zeros(())]  # noqa: E731
-            before = _cond(recording,
-                             lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
-                             skip)
-            result = original(grads, trainable_variables, learning_rate)
+            if self.distributed or not _writes_through_assign(self.applier):
+                return self._update_by_snapshots(original, grads, trainable_variables,
+                                                 learning_rate, tracked, slot, recording)
+            # ||delta w|| from the increments the optimizer applies (its public
+            # `assign_add` / `assign_sub` / `assign`), ||w|| from the weights
+            # before the update, summed BEFORE the update starts: a read of a
+            # variable still alive when the optimizer writes it makes TensorFlow
+            # copy the variable (a snapshot of every weight, used before, cost
+            # more than all the statistics).
+            olds = _cond(recording, lambda: _sums_of_squares(
+                [tf.convert_to_tensor(values[i]) for i in tracked] or [tf.zeros(())]),
+                lambda: tf.zeros([max(len(tracked), 1)]))
+            increments: dict[int, list[Any]] = {}
+            with tf.control_dependencies([olds]), _patch.wrapped_methods(
+                    self.applier, self._increment_wrappers(increments)):
+                result = original(grads, trainable_variables, learning_rate)
 
             def ratios() -> Any:
-                # |new - before| / |before| per tracked variable, as one vector
-                # (0 where |before| is 0), scattered to the monitored order.
-                deltas = [tf.cast(tf.convert_to_tensor(values[i]) - b, tf.float32)
-                          for b, i in zip(before, tracked)]
-                olds = [tf.cast(b, tf.float32) for b in before[:len(tracked)]]
-                out = tf.sqrt(tf.math.divide_no_nan(_sums_of_squares(deltas),
-                                                    _sums_of_squares(olds)))
-                if [self._index[id(values[i])] for i in tracked] == list(
-                        range(len(self.variables))):
-                    return out
-                where = [[self._index[id(values[i])]] for i in tracked]
-                return tf.scatter_nd(where, out, [len(self.variables)]) if tracked \
-                    else tf.zeros([len(self.variables)])
+                if not tracked:
+                    return tf.zeros([len(self.variables)])
+                # (a variable the optimizer did not write: no change)
+                deltas = [_dense_sum(increments.get(id(values[i]), []), values[i])
+                          for i in tracked]
+                out = tf.sqrt(tf.math.divide_no_nan(_sums_of_squares(deltas), olds))
+                return self._scatter(out, [self._index[id(values[i])] for i in tracked])
 
             with tf.control_dependencies(tf.nest.flatten(result) if result is not None else []):
                 self._put_if(recording, self.ratios, slot, ratios)
             return result
 
         return update
+
+    def _increment_wrappers(self, increments: dict[int, list[Any]]) -> dict[str, Callable]:
+        """Wrappers of the applying optimizer's `assign_add`, `assign_sub` and
+        `assign` that collect, per monitored variable (by id), the change each
+        call makes (`assign`: the new value minus the value read just before)."""
+        index = self._index
+
+        def wrap(sign: float | None) -> Callable[[Callable], Callable]:
+            def make(original: Callable) -> Callable:
+                def method(variable: Any, value: Any) -> Any:
+                    key = id(_value(variable))
+                    if key in index:
+                        if sign is None:
+                            old = tf.convert_to_tensor(_value(variable))
+                            change = tf.cast(value, old.dtype) - old
+                        else:
+                            change = value if sign > 0 else _negate(value)
+                        increments.setdefault(key, []).append(change)
+                    return original(variable, value)
+                return method
+            return make
+
+        return {"assign_add": wrap(1.0), "assign_sub": wrap(-1.0), "assign": wrap(None)}
+
+    def _scatter(self, values: Any, where: list[int]) -> Any:
+        """A vector over the monitored variables from `values` at `where` (0 elsewhere)."""
+        if where == list(range(len(self.variables))):
+            return values
+        if not where:
+            return tf.zeros([len(self.variables)])
+        return tf.scatter_nd([[i] for i in where], values, [len(self.variables)])
+
+    def _update_by_snapshots(self, original: Callable, grads: Any, trainable_variables: Any,
+                             learning_rate: Any, tracked: list[int], slot: Any,
+                             recording: Any) -> Any:
+        """The update ratios from copies of the weights taken before the update
+        (under a distribution strategy, whose update runs per replica on each
+        replica's copy of a variable, and for an optimizer whose update step is
+        not Keras' own, which may write the variables without its `assign`
+        methods)."""
+        values = [_value(v) for v in trainable_variables]
+        # Snapshots on recorded steps only. XLA needs both branches shaped
+        # alike; elsewhere the other branch holds one scalar per variable
+        # (no full-size zeros written on the steps that are not recorded).
+        if self.jit:
+            skip = lambda: [tf.zeros_like(values[i]) for i in tracked] or [tf.zeros(())]  # noqa: E731
+        else:
+            skip = lambda: [tf.zeros((), values[i].dtype) for i in tracked] or [tf.zeros(())]  # noqa: E731
+        before = _cond(recording,
+                       lambda: [tf.identity(values[i]) for i in tracked] or [tf.zeros(())],
+                       skip)
+        result = original(grads, trainable_variables, learning_rate)
+
+        def ratios() -> Any:
+            deltas = [tf.cast(tf.convert_to_tensor(values[i]) - b, tf.float32)
+                      for b, i in zip(before, tracked)]
+            olds = [tf.cast(b, tf.float32) for b in before[:len(tracked)]]
+            out = tf.sqrt(tf.math.divide_no_nan(_sums_of_squares(deltas),
+                                                _sums_of_squares(olds)))
+            return self._scatter(out, [self._index[id(values[i])] for i in tracked])
+
+        with tf.control_dependencies(tf.nest.flatten(result) if result is not None else []):
+            self._put_if(recording, self.ratios, slot, ratios)
+        return result
 
     def _activation_hook(self, layer: Any, outputs: Any, args: tuple = (),
                          kwargs: dict | None = None) -> Any:
@@ -459,6 +528,41 @@ def _cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) ->
 
 def _value(v: Any) -> Any:
     return v.value if isinstance(v, keras.Variable) else v
+
+
+def _identity(g: Any) -> Any:
+    """`g` (a tensor, `IndexedSlices` or None) through an identity op (so that
+    control dependencies of the enclosing block apply to its users)."""
+    if g is None:
+        return None
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.identity(g.values), tf.identity(g.indices), g.dense_shape)
+    return tf.identity(g)
+
+
+def _negate(value: Any) -> Any:
+    if isinstance(value, tf.IndexedSlices):
+        return tf.IndexedSlices(-value.values, value.indices, value.dense_shape)
+    return -tf.convert_to_tensor(value)
+
+
+def _dense_sum(changes: list[Any], variable: Any) -> Any:
+    """The total change of `variable` from its `changes` (tensors or
+    `IndexedSlices`, whose repeated indices add up), dense, in float32."""
+    if not changes:
+        return tf.zeros(variable.shape, tf.float32)
+    dense = [tf.reshape(tf.cast(tf.convert_to_tensor(c), tf.float32), variable.shape)
+             for c in changes]
+    return dense[0] if len(dense) == 1 else tf.add_n(dense)
+
+
+def _writes_through_assign(optimizer: Any) -> bool:
+    """Whether `optimizer`'s update step is Keras' own: Keras' optimizers write
+    the model's variables only through the optimizer's public `assign`,
+    `assign_add` and `assign_sub` (keras/src/optimizers/*.py), so the monitor
+    can read each update's change there."""
+    return all(getattr(type(optimizer), name).__module__.startswith("keras.")
+               for name in ("update_step", "assign", "assign_add", "assign_sub"))
 
 
 def _grad_stats(g: Any) -> Any:
