@@ -223,3 +223,43 @@ def test_an_existing_csv_is_replaced_only_with_overwrite(tmp_path):
     with pytest.raises(gp.GradprobeError, match="pass overwrite=True"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert late.read_text() == "written meanwhile\n"
+
+
+# ------------------------------------------------------------ exclude
+def test_exclude_drops_variables_and_activation_layers_with_the_layers_selectors():
+    model = _sequential()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(16)
+    everything = gp.GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[everything])
+    all_keys = list(everything.history)
+    # a layer name, a glob and a variable key; the layers' activations follow
+    for exclude, gone in (("head", {"head.kernel", "head.bias"}),
+                          (["*.bias"], {k for k in all_keys if k.endswith(".bias")}),
+                          ("dense.kernel", {"dense.kernel"})):
+        monitor = gp.GradientMonitor(exclude=exclude, activations=True)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+        assert list(monitor.history) == [k for k in all_keys if k not in gone], exclude
+        layers_seen = set(monitor.activation_history)
+        if exclude == "head":
+            assert "head" not in layers_seen and "dense" in layers_seen
+        else:  # a variable selector drops no layer's activation
+            assert {"dense", "head"} <= layers_seen
+    with_include = gp.GradientMonitor(layers="dense", exclude="dense.bias")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[with_include])
+    assert list(with_include.history) == ["dense.kernel"]
+
+
+def test_exclude_errors_name_the_argument():
+    with pytest.raises(gp.GradprobeError, match=r"Expected exclude to be None, .*Received: exclude=3"):
+        gp.GradientMonitor(exclude=3)
+    model = _sequential()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    x, y = _data(16)
+    with pytest.raises(gp.GradprobeError, match="exclude: .*no layer named 'hed'"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[gp.GradientMonitor(exclude="hed")])
+    with pytest.raises(gp.GradprobeError, match=r"layers \(less exclude\).*exclude=\['\*'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[gp.GradientMonitor(exclude="*")])
+    assert not hasattr(model.train_function, "_gradprobe_own_train_function")

@@ -71,6 +71,10 @@ class GradientMonitor(keras.callbacks.Callback):
             (`"*"`: all trainable variables; `"conv*"`: the variables of the
             matching layers; a list of selectors). Resolved against the model
             when training starts.
+        exclude: Variables NOT to record, with the same selectors as `layers`
+            (`"embedding"`, `"*norm*"`, `"dense.bias"`, a list): applied after
+            `layers`, so `layers="*", exclude="*norm*"` records every
+            trainable variable outside normalisation layers. `None`: none.
         every: Record every `every` steps (non-finite gradients are checked at
             every step regardless).
         activations: Also record the gradients of the selected layers'
@@ -140,10 +144,12 @@ class GradientMonitor(keras.callbacks.Callback):
     def __init__(self, layers: Any = "*", every: int = 1, activations: bool = False,
                  histograms: bool = False, log_dir: str | os.PathLike | None = None,
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
-                 print_every: int | None = None, overwrite: bool = False):
+                 print_every: int | None = None, overwrite: bool = False,
+                 exclude: Any = None):
         _validate.backend_supported("gp.GradientMonitor")
         super().__init__()
         self.layers = _check_layers(layers)
+        self.exclude = None if exclude is None else _check_layers(exclude, "exclude")
         self.every = _positive_int("every", every)
         self.activations = _check_bool("activations", activations)
         self.histograms = _check_bool("histograms", histograms)
@@ -548,46 +554,40 @@ class GradientMonitor(keras.callbacks.Callback):
                    "(model(x[:1])) before fit.")
                 + " Received: model.trainable_weights=[].")
         tree = LayerTree(model)
-        if self.layers == "*":
-            return [tree.variable_key(v) for v in variables], variables
-        chosen: list[Any] = []
-        for sel in self.layers:
-            if isinstance(sel, keras.layers.Layer):
-                tree.node_of(sel)  # raises if the layer is not part of the model
-                found = list(sel.trainable_weights)
-            else:
-                # A layer name selects the layer's trainable weights; else a
-                # variable's Keras path ("sequential/dense/kernel") selects it.
-                text = sel if not isinstance(sel, str) or "." in sel else sel + ".weights"
-                try:
-                    found = [getattr(src, "var", None) for src in resolve(tree, text)]
-                except GradprobeError:
-                    var = tree.variable_by_path(sel) if text != sel else None
-                    if var is None:
-                        raise
-                    found = [var]
-            for var in found:
-                if var is not None and all(var is not c for c in chosen):
-                    chosen.append(var)
+        chosen = variables if self.layers == "*" else _selected(tree, self.layers, resolve)
         ordered = [v for v in variables if any(v is c for c in chosen)]
+        if self.exclude is not None:
+            dropped = _selected(tree, self.exclude, resolve, "exclude")
+            ordered = [v for v in ordered if all(v is not d for d in dropped)]
         if not ordered:
-            raise GradprobeError(f"Expected layers to select at least one trainable variable. "
-                                 f"Received: layers={self.layers!r}. Pass '*' or layer names.")
+            raise GradprobeError(
+                "Expected layers (less exclude) to select at least one trainable variable. "
+                f"Received: layers={self.layers!r}, exclude={self.exclude!r}. Pass '*' or "
+                "layer names, and an exclude that leaves some of them.")
         return [tree.variable_key(v) for v in ordered], ordered
 
     def _activation_layers(self, model: Any) -> list[tuple[str, Any]]:
         from gradprobe.core.selectors import LayerTree, resolve
 
         tree = LayerTree(model)
-        out: list[tuple[str, Any]] = []
-        for sel in (["*"] if self.layers == "*" else self.layers):
-            if isinstance(sel, keras.Variable):
-                continue
-            for src in resolve(tree, sel):
-                node = getattr(src, "node", None)
-                if node is not None and hasattr(src, "call") and all(
-                        node.layer is not lay for _, lay in out):
-                    out.append((node.path, node.layer))
+
+        def layers_of(selectors: list[Any]) -> list[tuple[str, Any]]:
+            out: list[tuple[str, Any]] = []
+            for sel in selectors:
+                if isinstance(sel, keras.Variable):
+                    continue
+                for src in resolve(tree, sel):
+                    node = getattr(src, "node", None)
+                    if node is not None and hasattr(src, "call") and all(
+                            node.layer is not lay for _, lay in out):
+                        out.append((node.path, node.layer))
+            return out
+
+        out = layers_of(["*"] if self.layers == "*" else self.layers)
+        if self.exclude is not None:
+            dropped = layers_of([s for s in self.exclude if not (
+                isinstance(s, str) and "." in s)])  # a variable selector drops no layer
+            out = [(p, lay) for p, lay in out if all(lay is not d for _, d in dropped)]
         return out
 
     # ------------------------------------------------------------- reading
@@ -685,17 +685,44 @@ def _check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _check_layers(layers: Any) -> Any:
-    if layers is None or (isinstance(layers, str) and layers == "*"):
+def _check_layers(layers: Any, name: str = "layers") -> Any:
+    if name == "layers" and (layers is None or (isinstance(layers, str) and layers == "*")):
         return "*"
     items = [layers] if isinstance(layers, str | keras.Variable | keras.layers.Layer) else layers
     if not isinstance(items, list | tuple) or not items or not all(
             (isinstance(s, str) and s.strip()) or isinstance(s, keras.Variable | keras.layers.Layer)
             for s in items):
-        raise GradprobeError("Expected layers to be '*', a selector (a layer name or glob, "
+        start = "'*', " if name == "layers" else "None, "
+        raise GradprobeError(f"Expected {name} to be {start}a selector (a layer name or glob, "
                              "'name.kernel', a layer, a variable) or a list of them (e.g. "
-                             f"['conv*', 'dense']). Received: layers={layers!r}.")
+                             f"['conv*', 'dense']). Received: {name}={layers!r}.")
     return list(items)
+
+
+def _selected(tree: Any, selectors: list[Any], resolve: Any, name: str = "layers") -> list[Any]:
+    """The trainable variables that `selectors` name (as `layers=` reads them)."""
+    chosen: list[Any] = []
+    for sel in selectors:
+        if isinstance(sel, keras.layers.Layer):
+            tree.node_of(sel)  # raises if the layer is not part of the model
+            found = list(sel.trainable_weights)
+        else:
+            # A layer name selects the layer's trainable weights; else a
+            # variable's Keras path ("sequential/dense/kernel") selects it.
+            text = sel if not isinstance(sel, str) or "." in sel else sel + ".weights"
+            try:
+                found = [getattr(src, "var", None) for src in resolve(tree, text)]
+            except GradprobeError as e:
+                var = tree.variable_by_path(sel) if text != sel else None
+                if var is None:
+                    if name == "layers":
+                        raise
+                    raise GradprobeError(f"exclude: {e}") from e
+                found = [var]
+        for var in found:
+            if var is not None and all(var is not c for c in chosen):
+                chosen.append(var)
+    return chosen
 
 
 def _check_file(name: str, path: Any) -> str:
