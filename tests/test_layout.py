@@ -114,7 +114,7 @@ LAYOUT = {
     "attribution": ["__init__", "_common", "saliency", "smoothgrad", "integrated_gradients",
                     "grad_cam"],
     "higher": ["__init__", "hvp", "jacobian", "penalty", "per_example"],
-    "monitor": ["__init__", "callback", "layout", "sinks"],
+    "monitor": ["__init__", "callback", "layout", "replay", "sinks"],
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
     "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_higher",

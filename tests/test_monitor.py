@@ -1346,3 +1346,91 @@ def test_exception_from_another_callback_during_validation_restores_the_model(tm
     assert monitor.steps.tolist()[recorded:] == [before + 5, before + 6]
     assert model.train_function is own
     _no_hooks_left(model)
+
+
+# ------------------------------------------------------------ replay: where a NaN starts
+class BackwardNaN(layers.Layer):
+    """Identity forward; its backward pass hands back NaN for batches whose
+    first feature is above 50 (its input's gradient, not its weights')."""
+
+    def call(self, x):
+        flag = tf.reduce_max(x[:, 0]) > 50.0
+
+        @tf.custom_gradient
+        def through(t):
+            def grad(dy):
+                return dy + tf.where(flag, np.nan, 0.0)
+
+            return tf.identity(t), grad
+
+        return through(x)
+
+
+def _replay_model(kind, **compile_kw):
+    """A model whose step 3 (batches of 10) makes a NaN: in the forward pass (a
+    log of a negative number in layer 'log') or in the backward pass (layer
+    'backward' or the weight gradient of layer 'poison')."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    h = layers.Dense(5, name="first", kernel_initializer="identity")(inp)
+    if kind == "forward":
+        h = layers.Lambda(lambda t: keras.ops.log(t[:, :1] + 3.0) + t, name="log")(h)
+    elif kind == "backward":
+        h = BackwardNaN(name="backward")(h)
+    else:
+        h = layers.Concatenate()([Poison(name="poison")(h), h[:, 4:]])
+    model = keras.Model(inp, layers.Dense(3, name="last")(layers.Dense(4, name="mid")(h)))
+    model.compile(keras.optimizers.SGD(0.01), LOSS, **compile_kw)
+    x = np.random.default_rng(0).random((60, 5)).astype("float32")
+    x[:, -1] = 0.0
+    x[20:30, 0] = -100.0 if kind == "forward" else 100.0
+    if kind == "weights":
+        x[20:30, -1] = 1.0
+    return model, x, np.zeros(60, dtype=int)
+
+
+@pytest.mark.parametrize("compile_kw", [{}, {"run_eagerly": True}, {"jit_compile": True}],
+                         ids=["compiled", "eager", "xla"])
+@pytest.mark.parametrize("kind,phase,layer", [("forward", "forward", "log"),
+                                              ("backward", "backward", "backward"),
+                                              ("weights", "backward", "poison")])
+def test_replay_names_the_layer_where_the_nan_starts(kind, phase, layer, compile_kw):
+    model, x, y = _replay_model(kind, **compile_kw)
+    twin, _, _ = _replay_model(kind, **compile_kw)
+    twin.fit(x[:20], y[:20], batch_size=10, shuffle=False, verbose=0)  # steps 1 and 2 only
+    monitor = gp.GradientMonitor(replay=True)
+    with pytest.warns(RuntimeWarning, match=rf"step 3, .*Replay: it starts in the {phase} "
+                                            rf"pass.*'{layer}'.*step 3 was not applied"):
+        model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[monitor])
+    origin = monitor.nonfinite_origin
+    assert (origin.step, origin.phase, origin.layer) == (3, phase, layer)
+    assert monitor.first_nonfinite[0] == 3
+    assert monitor.skipped.tolist() == [0, 0, 3]
+    # the model keeps the weights step 3 started from: those of a model fitted 2 steps
+    assert int(model.optimizer.iterations.numpy()) == 2
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        assert_close(a, b, "float32", 16)
+    _no_hooks_left(model)
+
+
+def test_replay_leaves_healthy_training_as_without_the_monitor():
+    model, x, y = _replay_model("backward")
+    twin, _, _ = _replay_model("backward")
+    x[20:30, 0] = 0.5  # no NaN anywhere
+    monitor = gp.GradientMonitor(replay=True, every=2)
+    model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[monitor])
+    twin.fit(x, y, batch_size=10, shuffle=False, verbose=0)
+    assert monitor.nonfinite_origin is None and monitor.first_nonfinite is None
+    assert monitor.steps.tolist() == [2, 4, 6]
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        assert_close(a, b, "float32", 16)
+
+
+def test_replay_refuses_what_it_cannot_replay_before_the_model_changes():
+    with pytest.raises(gp.GradprobeError, match=r"on_nonfinite='stop' with replay=True"):
+        gp.GradientMonitor(replay=True, on_nonfinite="warn")
+    model, x, y = _replay_model("forward", steps_per_execution=2)
+    with pytest.raises(gp.GradprobeError, match=r"steps_per_execution=2.*replay=False"):
+        model.fit(x, y, batch_size=10, verbose=0, callbacks=[gp.GradientMonitor(replay=True)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    _no_hooks_left(model)

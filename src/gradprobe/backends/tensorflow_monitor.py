@@ -46,6 +46,8 @@ from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"
+# With replay=True: the step's batch, handed back beside the status.
+BATCH_KEY = "_gradprobe_monitor_batch"
 # What a call of the train function raises where the data runs out.
 END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
 
@@ -76,11 +78,15 @@ class StepProbe:
         layers: The `(path, layer)` pairs whose activation gradients are recorded.
         every: Statistics are computed on steps that are multiples of `every`.
         histograms: Keep a copy of the last recorded step's gradients.
+        replay: A step with a NaN/Inf gradient is not applied (`Skip.NONFINITE`)
+            and the train step hands back its batch (`BATCH_KEY`), so that the
+            callback can replay it on the weights it started from.
     """
 
     def __init__(self, model: Any, variables: list[Any], layers: list[tuple[str, Any]],
-                 every: int, histograms: bool):
+                 every: int, histograms: bool, replay: bool = False):
         self.model = model
+        self.replay = bool(replay)
         self.optimizer = model.optimizer
         self.scaler = loss_scaler(self.optimizer)
         self.applier = applying_optimizer(self.optimizer)
@@ -235,6 +241,9 @@ class StepProbe:
             step = tf.convert_to_tensor(self.step) + 1
             slot = self._slot(step)
             advance = [self.step.assign(step), self._put(self.slot_step, slot, step)]
+            if self.replay:
+                return self._apply_if_finite(original, grads, trainable_variables, step, slot,
+                                             advance)
             if self.scaler is None and not self.accumulation:
                 with tf.control_dependencies(advance):
                     return original(grads, trainable_variables)
@@ -274,6 +283,40 @@ class StepProbe:
 
         return apply
 
+    def _apply_if_finite(self, original: Callable, grads: list[Any], trainable_variables: Any,
+                         step: Any, slot: Any, advance: list[Any]) -> Any:
+        """`replay=True`: the update runs only where every gradient is finite; a
+        step with a NaN/Inf gradient is recorded here (flags, statistics on a
+        recorded step) and not applied, so the model keeps the weights the step
+        started from. One sum per gradient decides (`_nonfinite_check`), as on
+        the steps that are not recorded."""
+        pairs = zip(grads, trainable_variables if trainable_variables is not None
+                    else _keras_private.optimizer_default_variables(self.optimizer))
+        mine = self._mine(pairs)
+        present = [g for g in grads if g is not None]
+        finite = tf.equal(tf.reduce_max(self._nonfinite_check(present)), 0.0) if present \
+            else tf.constant(True)
+        skipped = tf.logical_not(finite)
+        unscaled = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+                    for g in mine]
+        writes = advance + [
+            self._put(self.skipped, slot, tf.where(finite, float(Skip.APPLIED),
+                                                   float(Skip.NONFINITE))),
+            self._put(self.loss_scale, slot, tf.constant(1.0)),
+            self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
+            self._put_if(skipped & self._recording(step), self.stats, slot,
+                         lambda: self._grad_stats(unscaled)),
+            self._put_if(skipped, self.ratios, slot, lambda: tf.zeros([len(self.variables)])),
+            self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
+        ]
+
+        def apply() -> Any:
+            original(grads, trainable_variables)
+            return tf.constant(True)
+
+        with tf.control_dependencies(writes):
+            return tf.cond(finite, apply, lambda: tf.constant(False))
+
     def _wrap_all_reduce(self, original: Callable) -> Callable:
         def all_reduce(grads_and_vars: Any) -> Any:
             reduced = list(original(grads_and_vars))
@@ -289,6 +332,8 @@ class StepProbe:
                 return row, tf.cast(stats[:, 3] > 0, tf.float32)
 
             def check() -> Any:  # the other steps: NaN/Inf flags only
+                if self.replay:  # checked by `_apply_if_finite`: this update runs if finite
+                    return current, tf.zeros([len(self.variables)])
                 return current, self._nonfinite_check(grads)
 
             stats, flags = _cond(recording, record, check)
@@ -514,9 +559,22 @@ def _status_step(original: Callable, probe: StepProbe) -> Callable:
         probe.end_step()
         if not isinstance(logs, dict):
             return logs  # a custom train_step: the status is read from the variables
-        return {**logs, STATUS_KEY: probe.pack()}
+        out = {**logs, STATUS_KEY: probe.pack()}
+        if probe.replay and args:
+            # the batch as the train step received it, by position (`unbatch`)
+            items = args[0] if isinstance(args[0], tuple) else (args[0],)
+            out[BATCH_KEY] = {str(i): tf.nest.map_structure(tf.identity, a)
+                              for i, a in enumerate(items) if a is not None}
+        return out
 
     return train_step
+
+
+def unbatch(batch: dict[str, Any]) -> tuple:
+    """The batch handed back under `BATCH_KEY`, as the train step received it."""
+    size = max((int(k) for k in batch), default=-1) + 1
+    items = tuple(batch.get(str(i)) for i in range(size))
+    return items if size != 1 else items[0]
 
 
 def _cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:

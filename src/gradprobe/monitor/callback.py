@@ -41,6 +41,8 @@ from gradprobe.monitor.sinks import CsvSink, History, Row, TensorBoardSink, prin
 # The attribute naming, on a monitor's per-step train function, the function it stands in for.
 OWN_ATTR = "_gradprobe_own_train_function"
 _OVERFLOW = int(Skip.OVERFLOW)
+# Steps whose update the optimizer did not apply (no iteration counted).
+_NOT_APPLIED = (int(Skip.OVERFLOW), int(Skip.NONFINITE))
 _GUARDED_HOOKS = ("on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
                   "on_epoch_end", "on_train_end", "on_test_begin", "on_test_batch_begin",
                   "on_test_batch_end", "on_test_end")
@@ -95,6 +97,15 @@ class GradientMonitor(keras.callbacks.Callback):
         print_every: Print a compact table every this many recorded steps.
         overwrite: Replace an existing `csv` file. Without it an existing file
             is never touched: a `GradprobeError` is raised before any work.
+        replay: Find where the first NaN/Inf starts (with `on_nonfinite="stop"`):
+            the step with a non-finite gradient is not applied (the model keeps
+            its last finite weights), and its batch is replayed eagerly to name
+            the first layer whose output is not finite, or, where the forward
+            pass is finite, the layer whose backward pass first makes a gradient
+            non-finite (`nonfinite_origin`, and the warning). Costs nothing on
+            healthy steps but one sum per gradient (the non-finite check every
+            step has) and keeping each step's batch until the next. Needs
+            `steps_per_execution=1`, no distribution strategy and no loss scaling.
 
     Variables are spelled as in `gp.gradients`' results: `"<layer path>.<name>"`
     (`"dense.kernel"`, `"block1/conv.bias"`), in `history`, the CSV columns, the
@@ -123,6 +134,9 @@ class GradientMonitor(keras.callbacks.Callback):
             loss scaling).
         activation_history: layer path -> statistic -> array (with `activations=True`).
         first_nonfinite: `None`, or `(step, variable key)`.
+        nonfinite_origin: With `replay=True`, where the first non-finite step's
+            NaN/Inf starts (a `gradprobe.monitor.replay.NonfiniteOrigin`: `step`,
+            `phase`, `layer`, `message`), else `None`.
 
     Example (TensorFlow):
 
@@ -145,7 +159,7 @@ class GradientMonitor(keras.callbacks.Callback):
                  histograms: bool = False, log_dir: str | os.PathLike | None = None,
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
                  print_every: int | None = None, overwrite: bool = False,
-                 exclude: Any = None):
+                 exclude: Any = None, replay: bool = False):
         _validate.backend_supported("gp.GradientMonitor")
         super().__init__()
         self.layers = _check_layers(layers)
@@ -160,6 +174,11 @@ class GradientMonitor(keras.callbacks.Callback):
         self.print_every = None if print_every is None else _positive_int(
             "print_every", print_every, none_ok=True)
         self.overwrite = _check_bool("overwrite", overwrite)
+        self.replay = _check_bool("replay", replay)
+        if self.replay and on_nonfinite != "stop":
+            raise GradprobeError(
+                "Expected on_nonfinite='stop' with replay=True (the replayed step is not "
+                f"applied, and training stops there). Received: on_nonfinite={on_nonfinite!r}.")
         self.log_dir = None if log_dir is None else _check_dir("log_dir", log_dir)
         self.csv = None if csv is None else _check_file("csv", csv)
         # Whether the file at `csv` is this monitor's own (it wrote it): later fits
@@ -171,6 +190,8 @@ class GradientMonitor(keras.callbacks.Callback):
             raise GradprobeError("Expected log_dir with histograms=True (histograms go to "
                                  "TensorBoard). Received: log_dir=None. Pass log_dir='logs'.")
         self.first_nonfinite: tuple[int, str] | None = None
+        self.nonfinite_origin: Any = None
+        self._pending_batch: Any = None
         self._history = History()
         self._paths: list[str] = []  # the variables' keys, as in gp.gradients
         self._aliases: dict[str, str] = {}  # v.path -> key
@@ -260,8 +281,11 @@ class GradientMonitor(keras.callbacks.Callback):
         append = bool(self._history.rows) and paths == self._paths
         self._open_sinks(paths, [p for p, _ in layers], optimizer, append)
         try:
+            if self.replay:
+                self._check_replay(model, optimizer)
             if not same:
-                probe = hooks.StepProbe(model, variables, layers, self.every, self.histograms)
+                probe = hooks.StepProbe(model, variables, layers, self.every, self.histograms,
+                                        replay=self.replay)
                 function, read_status = hooks.make_train_function(model, probe)
                 own_cell: dict[str, Any] = {"own": None}
                 self._built = (key, probe, function, read_status,
@@ -283,6 +307,23 @@ class GradientMonitor(keras.callbacks.Callback):
         except BaseException:
             self._close_sinks()
             raise
+
+    def _check_replay(self, model: Any, optimizer: Any) -> None:
+        why = None
+        if int(model.steps_per_execution or 1) != 1:
+            why = (f"steps_per_execution={model.steps_per_execution} (the batch of every step "
+                   "but the last of an execution is not handed back)")
+        elif hooks.is_distributed(model):
+            why = "a distribution strategy (the update runs per replica)"
+        elif hooks.loss_scaler(optimizer) is not None:
+            why = "loss scaling (its skipped steps are not NaN origins)"
+        elif getattr(hooks.applying_optimizer(optimizer), "gradient_accumulation_steps", None):
+            why = "gradient accumulation"
+        if why is not None:
+            raise GradprobeError(
+                f"GradientMonitor(replay=True) cannot replay a step of model {model.name!r} "
+                f"with {why}. Received: replay=True. Fit with steps_per_execution=1 on one "
+                "device in float32 to find where the NaN starts, or pass replay=False.")
 
     def _guard(self, callback_list: Any) -> None:
         """Wraps the running fit's `CallbackList` so that the model's own train
@@ -369,6 +410,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def _finish(self) -> None:
         self._fitting = False
         self._armed = False
+        self._pending_batch = None
         unbuilt, self._unbuilt = self._unbuilt, None
         if unbuilt is not None and unbuilt[1] is not None and self.model is not None and \
                 self.model.train_function is unbuilt[1]:
@@ -396,6 +438,7 @@ class GradientMonitor(keras.callbacks.Callback):
                        read_status: Any, own_cell: dict[str, Any]) -> Any:
         """The function armed as `model.train_function` for one step."""
         status_key, end_of_data = hooks.STATUS_KEY, hooks.END_OF_DATA
+        batch_key = getattr(hooks, "BATCH_KEY", None)
 
         def train_function(iterator: Any) -> Any:
             own = own_cell["own"]
@@ -412,6 +455,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 if isinstance(logs, dict) and status_key in logs:
                     logs = dict(logs)
                     status = logs.pop(status_key)
+                    self._pending_batch = logs.pop(batch_key, None)
                 if status is None:
                     status = read_status()
                 self._pending_status = probe.unpack(status)
@@ -445,7 +489,7 @@ class GradientMonitor(keras.callbacks.Callback):
         rows = ran % slots
         ok = (status.slot_step[rows] == ran) & (status.proof[rows] == ran)
         seen, missing = ran[ok].tolist(), ran[~ok].tolist()
-        overflowed = int(np.count_nonzero(status.skipped[rows[ok]] == _OVERFLOW))
+        overflowed = int(np.count_nonzero(np.isin(status.skipped[rows[ok]], _NOT_APPLIED)))
         extra = max(applier_calls - (len(seen) - overflowed), 0)
         if not len(ran) and extra == 0:
             extra = 1  # the call returned, so at least one step ran
@@ -462,15 +506,32 @@ class GradientMonitor(keras.callbacks.Callback):
             if self.first_nonfinite is None and skipped != _OVERFLOW and status.flags[i].any():
                 where = self._paths[int(np.argmax(status.flags[i] > 0))]
                 self.first_nonfinite = (s, where)
-                self._nonfinite(s, where)
+                self._nonfinite(s, where, self._replay(s, skipped, s == last))
         if missing or extra:
             probe.set_step(self._last_step)
             unseen = missing + list(range(last + 1, last + extra + 1))
             self._unseen(unseen)
 
-    def _nonfinite(self, step: int, where: str) -> None:
+    def _replay(self, step: int, skipped: int, last: bool) -> str:
+        """With `replay=True`: replays the non-finite step (not applied) and
+        returns the sentence naming where its NaN/Inf starts."""
+        batch, self._pending_batch = self._pending_batch, None
+        if not self.replay:
+            return ""
+        from gradprobe.monitor.replay import NonfiniteOrigin, find_origin
+
+        if skipped != int(Skip.NONFINITE) or batch is None or not last:
+            origin = NonfiniteOrigin(step, "not reproduced", None,
+                                     f"step {step} could not be replayed (its batch or "
+                                     "weights were not kept)")
+        else:
+            origin = find_origin(self.model, hooks.unbatch(batch), step)
+        self.nonfinite_origin = origin
+        return f" Replay: {origin.message}; the update of step {step} was not applied."
+
+    def _nonfinite(self, step: int, where: str, origin: str = "") -> None:
         message = (f"gradprobe: non-finite gradient (NaN/Inf) at step {step}, first in "
-                   f"forward order in {where!r}.")
+                   f"forward order in {where!r}.{origin}")
         if self.on_nonfinite == "stop":
             self.model.stop_training = True
             warnings.warn(message + " Training stopped (on_nonfinite='stop').",

@@ -38,6 +38,7 @@ class Skip(IntEnum):
     APPLIED = 0      # the update was applied
     OVERFLOW = 1     # dynamic loss scaling skipped it: the scaled gradients overflowed
     ACCUMULATED = 2  # gradient accumulation: added to the accumulators, applied later
+    NONFINITE = 3    # replay=True: a NaN/Inf gradient, the update not applied (replayed)
 
 
 class Status(NamedTuple):

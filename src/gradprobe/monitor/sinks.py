@@ -233,6 +233,8 @@ def print_table(paths: list[str], row: Row) -> None:
         title += f" (skipped: loss scale {row.loss_scale:g} overflowed)"
     elif row.skipped == Skip.ACCUMULATED:
         title += " (accumulated, not applied yet)"
+    elif row.skipped == Skip.NONFINITE:
+        title += " (not applied: non-finite, replayed)"
     table = Table(title=title, title_justify="left")
     for col in ("variable", "norm", "max |g|", "zeros", "non-finite", "update ratio"):
         table.add_column(col, justify="left" if col == "variable" else "right")
