@@ -8,10 +8,11 @@ each step, and only for the duration of that step's call, the model's
 place; the statistics are computed in-graph and read after the call. No extra
 forward or backward pass runs.
 
-This module is backend-neutral (Keras and NumPy): the hooks, the in-graph
-statistics and the TensorBoard writer are TensorFlow code, in
-`gradprobe.backends.tensorflow_monitor` (imported on first use; the monitor runs
-on TensorFlow only and says so on other backends).
+This module is backend-neutral (Keras and NumPy): the hooks, the per-step
+statistics and the TensorBoard writer are backend code, in
+`gradprobe.backends.tensorflow_monitor`, `jax_monitor` and `torch_monitor`
+(`gradprobe.backends.monitor_backend` picks the current backend's, imported on
+first use).
 
 The model is always put back: the model's own train function is restored at the
 start of every call of the monitor's function (so an exception raised anywhere,
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 
 from gradprobe.backends import _keras_private
-from gradprobe.backends import tensorflow_monitor_backend as hooks
+from gradprobe.backends import monitor_backend as hooks
 from gradprobe.core import _patch, _validate
 from gradprobe.core.stats import Finding
 from gradprobe.core.stats import diagnose as diagnose_stats
@@ -141,7 +142,7 @@ class GradientMonitor(keras.callbacks.Callback):
                  histograms: bool = False, log_dir: str | os.PathLike | None = None,
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
                  print_every: int | None = None, overwrite: bool = False):
-        _validate.backend_supported("gp.GradientMonitor")
+        _validate.backend_supported("gp.GradientMonitor", functional=("jax", "torch"))
         super().__init__()
         self.layers = _check_layers(layers)
         self.every = _positive_int("every", every)
@@ -164,6 +165,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.histograms and self.log_dir is None:
             raise GradprobeError("Expected log_dir with histograms=True (histograms go to "
                                  "TensorBoard). Received: log_dir=None. Pass log_dir='logs'.")
+        if keras.backend.backend() != "tensorflow":
+            hooks.check_options(activations=self.activations, log_dir=self.log_dir)
         self.first_nonfinite: tuple[int, str] | None = None
         self._history = History()
         self._paths: list[str] = []  # the variables' keys, as in gp.gradients
@@ -310,7 +313,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._arm()  # without the fit's CallbackList: armed here
 
     def _arm(self) -> None:
-        model = self.model
+        # (not `self.model`: on JAX, reading it copies the training state back
+        # into the model's variables, at every step)
+        model = _keras_private.callback_model(self) or self.model
         if self._unbuilt is not None:
             self._arm_unbuilt(model)
             return
@@ -325,20 +330,20 @@ class GradientMonitor(keras.callbacks.Callback):
         runs the step with the monitor's function."""
         own = own_train_function(model.train_function)
 
-        def first_step(iterator: Any) -> Any:
+        def first_step(*args: Any) -> Any:
             set_train_function(model, own)  # whatever happens next
             if self._unbuilt is None or self._unbuilt[1] is not first_step or not self._fitting:
-                return own(iterator)  # a wrapper left on the model; this fit is not ours
+                return own(*args)  # a wrapper left on the model; this fit is not ours
             self._unbuilt = None
             try:
                 if not model.built:
-                    hooks.build_model(model, iterator)
+                    hooks.build_model(model, args[-1])
                 self._setup(model, model.optimizer, own)
             except BaseException:
                 self._abort()
                 raise
             self._arm()
-            return model.train_function(iterator)
+            return model.train_function(*args)
 
         setattr(first_step, OWN_ATTR, lambda: own)
         self._unbuilt = (own, first_step)
@@ -391,17 +396,18 @@ class GradientMonitor(keras.callbacks.Callback):
         """The function armed as `model.train_function` for one step."""
         status_key, end_of_data = hooks.STATUS_KEY, hooks.END_OF_DATA
 
-        def train_function(iterator: Any) -> Any:
+        def train_function(*args: Any) -> Any:
+            # (`iterator` on TensorFlow, `data` on PyTorch, `state, iterator` on JAX)
             own = own_cell["own"]
             # The model's own function goes back first: whatever happens next.
             set_train_function(model, own)
             if not (self._armed and self._fitting and self._built is not None
                     and self._built[4] is train_function):
-                return own(iterator)  # a wrapper left on the model; this fit is not ours
+                return own(*args)  # a wrapper left on the model; this fit is not ours
             self._armed = False
             try:
                 with probe.installed():
-                    logs = function(iterator)
+                    logs = function(*args)
                 status = None
                 if isinstance(logs, dict) and status_key in logs:
                     logs = dict(logs)
