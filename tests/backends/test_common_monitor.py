@@ -261,7 +261,8 @@ def _events(folder):
 
     out = []
     for name in sorted(os.listdir(folder)):
-        data = open(os.path.join(folder, name), "rb").read()
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
         at = 0
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])

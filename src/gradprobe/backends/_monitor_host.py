@@ -136,8 +136,8 @@ class EventWriter:
         event_pb2, summary_pb2, record_writer = _tensorboard_modules()
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
         os.makedirs(log_dir, exist_ok=True)
-        name = "events.out.tfevents.%010d.%s.%s.%s.gradprobe" % (
-            time.time(), socket.gethostname(), os.getpid(), next(_uid))
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(_uid)}.gradprobe")
         self._file = open(os.path.join(log_dir, name), "wb")  # noqa: SIM115
         self._writer = record_writer(self._file)
         self._step = 0
