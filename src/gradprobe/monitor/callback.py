@@ -121,7 +121,7 @@ class GradientMonitor(keras.callbacks.Callback):
         activation_history: layer path -> statistic -> array (with `activations=True`).
         first_nonfinite: `None`, or `(step, variable key)`.
 
-    Example (TensorFlow):
+    Example:
 
     >>> model = keras.Sequential([keras.Input((4,)),
     ...                           keras.layers.Dense(8, activation="relu", name="dense"),
