@@ -19,7 +19,7 @@ rounds of the fit time over the baseline's in the same round, wall and process
 CPU time, with the interquartile range.
 
 Usage: KERAS_BACKEND=jax python benchmarks/bench_monitor_backends.py [--steps S]
-       [--rounds N] [--batch B]
+       [--rounds N] [--batch B] [--threads T]
 """
 
 from __future__ import annotations
@@ -52,7 +52,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per fit")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch's threads (0: its default; less noise on a busy machine)")
     args = parser.parse_args()
+    if args.threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    elif args.threads:
+        parser.error("--threads: PyTorch only")
     x, y = make_data("cnn", args.steps * args.batch, np.random.default_rng(0))
     model = cnn()  # 28x28x1, two conv layers, Adam
     variants = {"no monitor": [], "no monitor (A/A control)": [],

@@ -36,6 +36,11 @@ def record_size(variables: int, layers: int) -> int:
     return len(HEAD) + variables * (2 + len(GRAD_STATS)) + layers * len(ACT_STATS)
 
 
+# A record may end with the optimizer's iteration count as two float32 values,
+# `count // ITERATION_SPLIT` and `count % ITERATION_SPLIT` (-1, 0 where unknown).
+ITERATION_SPLIT = 65536
+
+
 class Records:
     """The rows of the status (one per slot, as on TensorFlow) filled from the
     records of the steps that ran, numbered on the host.
@@ -55,6 +60,7 @@ class Records:
         self.stats = np.zeros((k, n, len(GRAD_STATS)))
         self.ratios = np.zeros((k, n))
         self.acts = np.zeros((m, k, len(ACT_STATS)))
+        self.size = record_size(n, m)
         self.pending: list[tuple[int, Any, Any]] = []  # (step, record, iterations)
         self.step = 0
         self.iterations = 0
@@ -79,6 +85,10 @@ class Records:
                 self.slot_step[row] = self.proof[row] = -1.0
                 continue
             v = np.asarray(to_numpy(record), dtype=np.float64).reshape(-1)
+            if v.size == self.size + 2:  # the iteration count appended (hi, lo: exact in float32)
+                if v[-2] >= 0:
+                    self.iterations = int(v[-2]) * ITERATION_SPLIT + int(v[-1])
+                v = v[:-2]
             self.slot_step[row] = step if v[0] > 0 else -1.0
             self.proof[row] = step if v[1] > 0 else -1.0
             self.skipped[row], self.loss_scale[row] = v[2], v[3]

@@ -48,7 +48,12 @@ import keras
 import numpy as np
 
 from gradprobe.backends import _keras_private
-from gradprobe.backends._monitor_host import EventWriter, Records, check_tensorboard
+from gradprobe.backends._monitor_host import (
+    ITERATION_SPLIT,
+    EventWriter,
+    Records,
+    check_tensorboard,
+)
 from gradprobe.core import _patch
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor.layout import GRAD_STATS, Skip, Status, StatusLayout
@@ -162,7 +167,13 @@ class StepProbe:
                 if not isinstance(logs, dict):
                     return logs, new_state  # a custom train_step: its steps are unseen
                 copies = cell.get("grads") if recording and self.histograms else None
-                status = (self._record(cell), self._iterations_in(new_state), copies)
+                # One array per step (one copy to the host): the record, then the
+                # iteration count as two float32 values, exact.
+                count = self._iterations_in(new_state)
+                tail = (jnp.array([-1.0, 0.0], jnp.float32) if count is None else
+                        jnp.stack([count // ITERATION_SPLIT,
+                                   count % ITERATION_SPLIT]).astype(jnp.float32))
+                status = (jnp.concatenate([self._record(cell), tail]), copies)
                 return {**logs, STATUS_KEY: status}, new_state
 
             return train_step
@@ -277,8 +288,8 @@ class StepProbe:
             if status is None:
                 self.records.add(number, None)
             else:
-                record, iterations, copies = status
-                self.records.add(number, record, iterations)
+                record, copies = status
+                self.records.add(number, record)
                 if copies is not None:
                     self._copies, self.records.copies_step = copies, number
             return logs, state
