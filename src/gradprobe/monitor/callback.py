@@ -105,6 +105,9 @@ class GradientMonitor(keras.callbacks.Callback):
     and dtypes of the training data (what Keras does under a distribution
     strategy), and recorded from that step on.
 
+    Runs on TensorFlow, JAX and PyTorch (`activations=True`: TensorFlow and
+    PyTorch); the hooks of each backend are in `gradprobe.backends.*_monitor`.
+
     Attributes:
         steps: The recorded step numbers (1-based; numbered like the
             optimizer's iterations when the monitor first sees the model, then
