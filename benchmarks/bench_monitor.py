@@ -33,6 +33,10 @@ smaller (the overhead itself does not depend on it).
 
 Usage: python benchmarks/bench_monitor.py [--quick] [--models resnet,transformer,cnn]
        [--rounds N] [--steps S] [--threads T]
+
+On JAX and PyTorch: `KERAS_BACKEND=jax` (or `torch`) `python benchmarks/bench_monitor.py
+--models cnn` (the same variants and ratios; `--threads` sets PyTorch's threads, and is
+refused on JAX, whose CPU threads are fixed when it starts).
 `--quick`: ResNet-20 and the Transformer only, 10 steps x 5 rounds (about 4-5
 minutes on an idle 2-core machine; the full run takes about 12).
 """
@@ -219,8 +223,9 @@ def bench(name: str, args: argparse.Namespace, console: Console) -> dict[str, tu
             cpu[k].append(c)
     load1 = os.getloadavg()[0]
     threads = args.threads or "default"
-    table = Table(title=f"{name}: {n_vars} trainable variables, fit of {steps} steps of batch "
-                        f"{batch}, {rounds} rounds, TensorFlow threads: {threads}, load "
+    table = Table(title=f"{name} on {keras.backend.backend()}: {n_vars} trainable variables, "
+                        f"fit of {steps} steps of batch {batch}, {rounds} rounds, threads: "
+                        f"{threads}, load "
                         f"average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs")
     for col in ("variant", "median step ms", "step overhead (paired median)", "IQR",
                 "CPU ms/step", "CPU overhead (paired median)", "IQR "):
@@ -265,7 +270,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="0: the model's default")
     parser.add_argument("--steps", type=int, default=0, help="steps per fit; 0: the default")
     parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default)")
+                        help="TensorFlow intra- and inter-op threads, or PyTorch's threads "
+                             "(0: the backend's default)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['models']}, {QUICK['steps']} steps, {QUICK['rounds']} "
                              "rounds (explicit --models/--steps/--rounds win)")
@@ -275,11 +281,17 @@ def main() -> None:
             args.models = QUICK["models"]
         args.steps = args.steps or QUICK["steps"]
         args.rounds = args.rounds or QUICK["rounds"]
-    if args.threads:
+    if args.threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    elif args.threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    elif args.threads:
+        parser.error(f"--threads is not supported on {keras.backend.backend()}")
     console = Console(width=150) if not Console().is_terminal else Console()
     names = args.models.split(",")
     for name in names:

@@ -118,7 +118,8 @@ LAYOUT = {
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
     "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_higher",
-                 "tensorflow_monitor", "jax", "torch", "_keras_private"],
+                 "tensorflow_monitor", "jax", "jax_monitor", "torch", "torch_monitor",
+                 "_monitor_host", "_keras_private"],
 }
 
 PUBLIC_API = [
@@ -248,6 +249,13 @@ z = u @ w1  # the directional derivative of x @ w1
 want_hu = ((-2 * h * (1 - h ** 2) * z) * w2[:, 1]) @ w1.T
 np.testing.assert_allclose(keras.ops.convert_to_numpy(hu["inputs"]), want_hu, rtol=1e-3,
                            atol=1e-5)
+# The monitor, its CSV and its TensorBoard files (the `tensorboard` package alone).
+model.compile(keras.optimizers.SGD(0.1), "mse")
+monitor = gp.GradientMonitor(csv="grads.csv", log_dir="logs")
+model.fit(x, np.zeros((5, 2), "float32"), batch_size=5, epochs=2, verbose=0, callbacks=[monitor])
+assert monitor.steps.tolist() == [1, 2] and gp.monitor.read_csv("grads.csv")[0].tolist() == [1, 2]
+import os
+assert any(name.startswith("events.out.tfevents") for name in os.listdir("logs"))
 assert sys.modules["tensorflow"] is None, "TensorFlow was imported"
 assert "gradprobe.backends.tensorflow" not in sys.modules
 print("without TensorFlow:", keras.backend.backend(), gp.__version__)

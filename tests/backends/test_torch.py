@@ -61,8 +61,5 @@ def test_options_and_refusals():
         g = gp.gradients(model, x, 0, ["h", "out.kernel"], compile=compile)
         for k in ref:
             close(g[k], ref[k], 0.0, k)
-    with pytest.raises(gp.GradprobeError) as info:
-        gp.GradientMonitor()
-    assert "gp.GradientMonitor" in str(info.value) and "'torch'" in str(info.value)
     model.get_layer("out").kernel.assign(np.zeros((6, 4), "float32"))  # weights read per call
     assert not np.any(arr(gp.gradients(model, x, 0, "h")["h"]))

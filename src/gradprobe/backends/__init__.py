@@ -62,7 +62,7 @@ import keras
 from gradprobe.errors import GradprobeError
 
 FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe.core._functional
-SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but gp.GradientMonitor, the "
+SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but the "
                        "tf.distribute strategies and gp.Tape on JAX (use gp.functional there)")
 
 
@@ -117,8 +117,36 @@ tensorflow_backend = Deferred("gradprobe.backends.tensorflow")
 tensorflow_attribution_backend = Deferred("gradprobe.backends.tensorflow_attribution")
 # TensorFlow's pieces of gp.hvp and the per-example gradients and norms.
 tensorflow_higher_backend = Deferred("gradprobe.backends.tensorflow_higher")
-# The monitor's train-step and optimizer hooks (the monitor is TensorFlow's only).
+# The monitor's train-step and optimizer hooks on TensorFlow.
 tensorflow_monitor_backend = Deferred("gradprobe.backends.tensorflow_monitor")
+
+
+class _MonitorBackend:
+    """The module holding `gp.GradientMonitor`'s train-step and optimizer hooks
+    for the Keras backend in use (`tensorflow_monitor`, `jax_monitor` or
+    `torch_monitor`), chosen at each attribute access (imported on first use)."""
+
+    __slots__ = ()
+    _MODULES = {"tensorflow": "gradprobe.backends.tensorflow_monitor",
+                "jax": "gradprobe.backends.jax_monitor",
+                "torch": "gradprobe.backends.torch_monitor"}
+
+    def module(self) -> ModuleType:
+        current = name()
+        if current not in self._MODULES:
+            raise GradprobeError(f"gp.GradientMonitor has no hooks for Keras backend {current!r}; "
+                                 "it runs on TensorFlow, JAX and PyTorch.")
+        return importlib.import_module(self._MODULES[current])
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.module(), attr)
+
+    def __repr__(self) -> str:
+        return "<gp.GradientMonitor hooks of the current Keras backend>"
+
+
+# The monitor's hooks of the current backend (`monitor_backend.StepProbe`, ...).
+monitor_backend = _MonitorBackend()
 # TensorFlow itself (a ruff rule bans this name outside backends/, like `import tensorflow`).
 tensorflow_library = Deferred("tensorflow")
 

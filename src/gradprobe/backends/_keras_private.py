@@ -208,3 +208,70 @@ def symbolic_build(model: Any, batch_spec: Any) -> None:
     its shape and dtype and runs the model with `backend.compute_output_spec`.
     """
     model._symbolic_build(data_batch=batch_spec)
+
+
+# ---------------------------------------------------------------- gp.GradientMonitor on JAX and PyTorch
+def optimizer_update_step_wrapper(update: Callable[[Callable], Callable]
+                                  ) -> dict[str, Callable[[Callable], Callable]]:
+    """The wrapper `{method name: wrapper}` (for `gradprobe.core._patch.wrapped_methods`)
+    of the step of a JAX or PyTorch optimizer's update that receives the
+    gradients exactly as they are applied.
+
+    Relies on `BaseOptimizer._backend_apply_gradients` calling
+    `self._backend_update_step(grads, trainable_variables, learning_rate)` after
+    loss-scale unscaling, gradient accumulation and clipping
+    (keras/src/optimizers/base_optimizer.py; `JaxOptimizer` and
+    `TorchParallelOptimizer` keep that call), looked up on the instance.
+    """
+    return {"_backend_update_step": update}
+
+
+def optimizer_clip_gradients(optimizer: Any, grads: list[Any]) -> list[Any]:
+    """`grads` clipped as `optimizer` clips them before its update step
+    (`clipnorm`, `clipvalue`, `global_clipnorm`; a pure function of `grads`).
+
+    Relies on `BaseOptimizer._clip_gradients(grads)` (keras/src/optimizers/base_optimizer.py).
+    """
+    return optimizer._clip_gradients(grads)
+
+
+def jax_step_function_wrapper(wrap: Callable[[Callable], Callable]
+                              ) -> dict[str, Callable[[Callable], Callable]]:
+    """The wrapper `{method name: wrapper}` of a JAX model's `_make_function`,
+    so that `wrap(step_function)` (the jitted, or eager, train step
+    `(state, data) -> (logs, state)`) is what Keras' multi-step loop calls at
+    each step.
+
+    Relies on `JAXTrainer.make_train_function` building `jit(self.train_step)`
+    (the instance's `train_step`, looked up then) and handing it to
+    `self._make_function(step_function)`, which returns the function `fit`
+    calls as `train_function(state, iterator)`, running `steps_per_execution`
+    steps (keras/src/backend/jax/trainer.py).
+    """
+    def make(original: Callable) -> Callable:
+        def make_function(step_function: Callable, *args: Any, **kwargs: Any) -> Any:
+            return original(wrap(step_function), *args, **kwargs)
+
+        return make_function
+
+    return {"_make_function": make}
+
+
+def callback_model(callback: Any) -> Any:
+    """The model a Keras callback is attached to, without syncing JAX state.
+
+    Relies on `Callback._model` (set by `set_model`): the public `model` property
+    (keras/src/callbacks/callback.py) copies a JAX model's training state back
+    into its variables at each read, which a per-step hook must not cause.
+    """
+    return getattr(callback, "_model", None)
+
+
+def jax_variable_value(variable: Any) -> Any:
+    """A Keras variable's value on JAX, or `None` while `fit` holds the model's
+    state outside its variables.
+
+    Relies on `KerasVariable._value`, which `JAXTrainer._purge_model_variables`
+    sets to `None` during `fit` (keras/src/backend/jax/trainer.py).
+    """
+    return variable._value

@@ -8,10 +8,11 @@ each step, and only for the duration of that step's call, the model's
 place; the statistics are computed in-graph and read after the call. No extra
 forward or backward pass runs.
 
-This module is backend-neutral (Keras and NumPy): the hooks, the in-graph
-statistics and the TensorBoard writer are TensorFlow code, in
-`gradprobe.backends.tensorflow_monitor` (imported on first use; the monitor runs
-on TensorFlow only and says so on other backends).
+This module is backend-neutral (Keras and NumPy): the hooks, the per-step
+statistics and the TensorBoard writer are backend code, in
+`gradprobe.backends.tensorflow_monitor`, `jax_monitor` and `torch_monitor`
+(`gradprobe.backends.monitor_backend` picks the current backend's, imported on
+first use).
 
 The model is always put back: the model's own train function is restored at the
 start of every call of the monitor's function (so an exception raised anywhere,
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 
 from gradprobe.backends import _keras_private
-from gradprobe.backends import tensorflow_monitor_backend as hooks
+from gradprobe.backends import monitor_backend as hooks
 from gradprobe.core import _patch, _validate
 from gradprobe.core.stats import Finding
 from gradprobe.core.stats import diagnose as diagnose_stats
@@ -119,6 +120,9 @@ class GradientMonitor(keras.callbacks.Callback):
     and dtypes of the training data (what Keras does under a distribution
     strategy), and recorded from that step on.
 
+    Runs on TensorFlow, JAX and PyTorch (`activations=True`: TensorFlow and
+    PyTorch); the hooks of each backend are in `gradprobe.backends.*_monitor`.
+
     Attributes:
         steps: The recorded step numbers (1-based; numbered like the
             optimizer's iterations when the monitor first sees the model, then
@@ -138,7 +142,7 @@ class GradientMonitor(keras.callbacks.Callback):
             NaN/Inf starts (a `gradprobe.monitor.replay.NonfiniteOrigin`: `step`,
             `phase`, `layer`, `message`), else `None`.
 
-    Example (TensorFlow):
+    Example:
 
     >>> model = keras.Sequential([keras.Input((4,)),
     ...                           keras.layers.Dense(8, activation="relu", name="dense"),
@@ -160,7 +164,7 @@ class GradientMonitor(keras.callbacks.Callback):
                  csv: str | os.PathLike | None = None, on_nonfinite: str = "stop",
                  print_every: int | None = None, overwrite: bool = False,
                  exclude: Any = None, replay: bool = False):
-        _validate.backend_supported("gp.GradientMonitor")
+        _validate.backend_supported("gp.GradientMonitor", functional=("jax", "torch"))
         super().__init__()
         self.layers = _check_layers(layers)
         self.exclude = None if exclude is None else _check_layers(exclude, "exclude")
@@ -175,6 +179,11 @@ class GradientMonitor(keras.callbacks.Callback):
             "print_every", print_every, none_ok=True)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.replay = _check_bool("replay", replay)
+        if self.replay and keras.backend.backend() != "tensorflow":
+            raise GradprobeError(
+                "GradientMonitor(replay=True) runs on TensorFlow only for now. Received: "
+                f"replay=True on the {keras.backend.backend()!r} backend. Pass replay=False "
+                "(the first non-finite step and variable are still reported).")
         if self.replay and on_nonfinite != "stop":
             raise GradprobeError(
                 "Expected on_nonfinite='stop' with replay=True (the replayed step is not "
@@ -189,6 +198,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.histograms and self.log_dir is None:
             raise GradprobeError("Expected log_dir with histograms=True (histograms go to "
                                  "TensorBoard). Received: log_dir=None. Pass log_dir='logs'.")
+        if keras.backend.backend() != "tensorflow":
+            hooks.check_options(activations=self.activations, log_dir=self.log_dir)
         self.first_nonfinite: tuple[int, str] | None = None
         self.nonfinite_origin: Any = None
         self._pending_batch: Any = None
@@ -285,7 +296,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 self._check_replay(model, optimizer)
             if not same:
                 probe = hooks.StepProbe(model, variables, layers, self.every, self.histograms,
-                                        replay=self.replay)
+                                        **({"replay": True} if self.replay else {}))
                 function, read_status = hooks.make_train_function(model, probe)
                 own_cell: dict[str, Any] = {"own": None}
                 self._built = (key, probe, function, read_status,
@@ -357,7 +368,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._arm()  # without the fit's CallbackList: armed here
 
     def _arm(self) -> None:
-        model = self.model
+        # (not `self.model`: on JAX, reading it copies the training state back
+        # into the model's variables, at every step)
+        model = _keras_private.callback_model(self) or self.model
         if self._unbuilt is not None:
             self._arm_unbuilt(model)
             return
@@ -372,20 +385,20 @@ class GradientMonitor(keras.callbacks.Callback):
         runs the step with the monitor's function."""
         own = own_train_function(model.train_function)
 
-        def first_step(iterator: Any) -> Any:
+        def first_step(*args: Any) -> Any:
             set_train_function(model, own)  # whatever happens next
             if self._unbuilt is None or self._unbuilt[1] is not first_step or not self._fitting:
-                return own(iterator)  # a wrapper left on the model; this fit is not ours
+                return own(*args)  # a wrapper left on the model; this fit is not ours
             self._unbuilt = None
             try:
                 if not model.built:
-                    hooks.build_model(model, iterator)
+                    hooks.build_model(model, args[-1])
                 self._setup(model, model.optimizer, own)
             except BaseException:
                 self._abort()
                 raise
             self._arm()
-            return model.train_function(iterator)
+            return model.train_function(*args)
 
         setattr(first_step, OWN_ATTR, lambda: own)
         self._unbuilt = (own, first_step)
@@ -440,17 +453,18 @@ class GradientMonitor(keras.callbacks.Callback):
         status_key, end_of_data = hooks.STATUS_KEY, hooks.END_OF_DATA
         batch_key = getattr(hooks, "BATCH_KEY", None)
 
-        def train_function(iterator: Any) -> Any:
+        def train_function(*args: Any) -> Any:
+            # (`iterator` on TensorFlow, `data` on PyTorch, `state, iterator` on JAX)
             own = own_cell["own"]
             # The model's own function goes back first: whatever happens next.
             set_train_function(model, own)
             if not (self._armed and self._fitting and self._built is not None
                     and self._built[4] is train_function):
-                return own(iterator)  # a wrapper left on the model; this fit is not ours
+                return own(*args)  # a wrapper left on the model; this fit is not ours
             self._armed = False
             try:
                 with probe.installed():
-                    logs = function(iterator)
+                    logs = function(*args)
                 status = None
                 if isinstance(logs, dict) and status_key in logs:
                     logs = dict(logs)

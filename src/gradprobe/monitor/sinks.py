@@ -263,7 +263,7 @@ def read_csv(path: str, step_columns: bool = False) -> tuple:
         same spellings, see `KeyedHistory`); with
         `step_columns=True`, `(steps, history, {"skipped": ..., "loss_scale": ...})`.
 
-    Example (TensorFlow):
+    Example:
 
     >>> model = keras.Sequential([keras.Input((4,)),
     ...                           keras.layers.Dense(8, activation="relu", name="dense"),
