@@ -11,7 +11,8 @@ the backward pass is seeded with a power of two and the result unscaled in
 float32; the power is measured, not guessed: a first backward pass at scale 1
 gives the largest source gradient, and the second runs at the power of two that
 brings it to about 2**14 (between 2**-14 and 2**15, so that the seed itself is a
-normal float16 number). A source whose scaled gradient is not finite (an
+normal float16 number; 2**15 when every gradient is zero at scale 1, which is
+what a float16 pass gives when all of them underflow). A source whose scaled gradient is not finite (an
 intermediate gradient overflowed at that scale) keeps its unscaled one; when
 the first pass itself overflowed, the scale is 2**-2 (the largest gradient is
 taken as 2**16). bfloat16 has float32's exponent range: it needs no scaling.
@@ -46,7 +47,8 @@ def scale_for(first: list) -> Any:
     for p in peaks[1:]:
         peak = ops.maximum(peak, p)
     peak = ops.where(ops.isfinite(peak), peak, _OVERFLOWED)
-    peak = ops.where(peak > 0, peak, HEADROOM)
+    # (every gradient zero at scale 1 may be every gradient underflowed: the largest scale)
+    peak = ops.where(peak > 0, peak, HEADROOM * 2.0 ** -MAX_EXPONENT)
     exponent = ops.clip(ops.floor(ops.log2(HEADROOM / peak)), MIN_EXPONENT, MAX_EXPONENT)
     return ops.cast(ops.power(2.0, exponent), "float32")
 
