@@ -30,6 +30,11 @@ of the same forward pass mapped over the batch (`jax.vmap` on JAX, a loop on
 PyTorch), or from the Jacobian of the batched pass's per-example targets where
 examples interact (see `_Request._per_example_step`).
 
+A model that computes in float16 (`capture._uses_float16`, as on TensorFlow) is
+differentiated with loss scaling (the backend's `scaled_value_and_grad`, the rule
+in `gradprobe.backends._loss_scale`), and float16/bfloat16 gradients and values
+come back in float32 (`_in_float32`).
+
 Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
 """
 
