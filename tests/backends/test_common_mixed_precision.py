@@ -198,6 +198,28 @@ def test_bfloat16_gradients_need_no_loss_scaling(kind):
         assert_close(arr(g[key]), want[key], "bfloat16", 8, what=key)
 
 
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16", "float16"])
+def test_result_dtypes_per_key(name):
+    """The same dtypes on every backend: gradients (activations, weights, inputs, an
+    unconnected source's zeros) and values in float32; the target and the outputs in
+    the model's own dtype."""
+    low = name.split("_")[-1]
+    with policy(name):
+        inp = keras.Input((4,))
+        a = layers.Dense(3, name="a")(inp)
+        side = layers.Dense(2, name="side")(inp)
+        model = keras.Model(inp, [layers.Dense(2, name="b")(a), side])
+    x = np.ones((2, 4), "float32")
+    g = gp.gradients(model, x, 0, ["a", "b.kernel", "inputs", "side"], output=0,
+                     unconnected="zero")
+    assert list(g.unconnected) == ["side"]
+    assert_float32_result(g)
+    assert np.all(arr(g["side"]) == 0)
+    assert sorted(g.activations) == ["a", "inputs", "side"]
+    assert dtype_of(g.target) == low
+    assert [dtype_of(t) for t in g.outputs] == [low, low]
+
+
 # ------------------------------------------------------------------ overflow
 def linear(kernels, x_dim=4, side=None):
     """Dense layers "a", "b", "c" without bias or activation, kernels filled with the
