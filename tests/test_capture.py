@@ -288,53 +288,6 @@ def test_layers_called_inside_backend_control_flow_fail_and_skip_alike():
     assert skipped[0] == skipped[1] and any(s.startswith("step: ") for s in skipped[0])
 
 
-# ------------------------------------------------------------ mixed precision
-@pytest.fixture
-def policy():
-    old = keras.config.dtype_policy()
-    try:
-        yield keras.config.set_dtype_policy
-    finally:
-        keras.config.set_dtype_policy(old)
-
-
-def _deep(weights=None):
-    keras.utils.set_random_seed(12)
-    inp = keras.Input((8,))
-    h = inp
-    for i in range(3):
-        h = layers.Dense(16, activation="tanh", name=f"h{i}")(h)
-    model = keras.Model(inp, layers.Dense(3, name="out", dtype="float32")(h))
-    if weights is None:
-        # Small output weights: activation gradients around 1e-7, below float16's
-        # smallest normal number (6e-5) and partly below its smallest subnormal (6e-8).
-        out = model.get_layer("out")
-        out.kernel.assign(out.kernel * 1e-6)
-    else:
-        model.set_weights(weights)
-    return model
-
-
-@pytest.mark.parametrize("name,rtol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 6e-2)])
-def test_low_precision_activation_gradients_match_float32(policy, name, rtol):
-    x = np.random.default_rng(13).normal(size=(4, 8)).astype("float32")
-    ref = _deep()
-    wrt = ["h0", "h1", "h2", "h0.kernel"]
-    want = gp.gradients(ref, x, 1, wrt)
-    policy(name)
-    model = _deep(ref.get_weights())
-    assert model.get_layer("h1").compute_dtype == name.split("_")[1]
-    for compile in ("auto", False):
-        got = gp.gradients(model, x, 1, wrt, compile=compile)
-        for key in wrt:
-            g, w = np.asarray(got[key]), np.asarray(want[key])
-            assert got[key].dtype == tf.float32, key
-            assert np.abs(w).min() > 0
-            assert not np.any(g == 0), f"{key}: {np.mean(g == 0):.0%} spurious zeros"
-            np.testing.assert_allclose(g, w, rtol=0, atol=rtol * np.abs(w).max(), err_msg=key)
-        assert got.activations["h1"].dtype == tf.float32
-
-
 def test_requests_differing_only_in_batch_size_share_a_trace():
     model = _nested()
     rng = np.random.default_rng(14)

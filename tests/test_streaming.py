@@ -259,21 +259,3 @@ def test_max_bytes_refuses_with_numbers_and_fix():
         gp.integrated_gradients(model, x, 0, steps=50, layer="fc", batch_size=2, max_bytes=fits)
     with pytest.raises(gp.GradprobeError, match="at most 1024 steps"):
         gp.integrated_gradients(model, x, 0, steps=10**9, method="gausslegendre")
-
-
-def test_float16_model_delta_in_float32():
-    """A float16 model: gradients are summed, and delta computed, in float32."""
-    model, _, _ = _front_back(3)
-    x = np.random.default_rng(5).random((2, 6, 6, 2)).astype("float32")
-    ref = gp.integrated_gradients(model, x, 1, steps=32)
-    old = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float16")
-    try:
-        half, _, _ = _front_back(3)
-        half.set_weights([w.astype("float16") for w in model.get_weights()])
-        ig = gp.integrated_gradients(half, x.astype("float16"), 1, steps=32, batch_size=8,
-                                     progress=False)
-    finally:
-        keras.config.set_dtype_policy(old)
-    assert ig.values.dtype == tf.float32 and ig.delta.dtype == tf.float32
-    assert_close(np.asarray(ig), np.asarray(ref), 2e-2)

@@ -272,14 +272,3 @@ def test_untraceable_model_gets_a_clear_error(compile):
     with pytest.raises(gp.GradprobeError, match=r"cannot be traced by jax.*keras.ops.cond"):
         gp.gradients(model, x, 0, "d", compile=compile)
     assert _patch.active_wrappers() == 0
-
-
-def test_float16_models_are_refused_not_underflowed():
-    old = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        model = keras.Sequential([keras.Input((3,)), layers.Dense(2, name="d")])
-    finally:
-        keras.config.set_dtype_policy(old)
-    with pytest.raises(gp.GradprobeError, match="float16.*not supported on the jax backend"):
-        gp.gradients(model, np.ones((2, 3), "float32"), 0, "d")

@@ -7,7 +7,9 @@ uses and nothing else:
 * `NAME`: the Keras backend name.
 * `value_and_grad(fn)`: for `fn(diff, *rest) -> (objective, aux)`, a function
   `(diff, *rest) -> ((objective, aux), grads)`, `grads` shaped like `diff` (a
-  pytree of floating arrays).
+  pytree of floating arrays); `scaled_value_and_grad(fn)`: the same for a model
+  that computes in float16, its gradients loss-scaled and in float32 (the rule
+  is in `gradprobe.backends._loss_scale`).
 * `connected(fn, diff, *rest)`: for each leaf of `diff`, whether the objective
   of `fn` depends on it at all (a structural test, on abstract values: a
   gradient that is zero only because of the numbers, such as a dead ReLU,

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from gradprobe.backends import _loss_scale
+
 NAME = "jax"
 
 _traces = itertools.count()
@@ -25,6 +27,29 @@ trace_count = 0  # how many times functions compiled by `jit` were traced
 def value_and_grad(fn: Any) -> Any:
     """`(diff, *rest) -> ((objective, aux), grads)` for `fn(diff, *rest) -> (objective, aux)`."""
     return jax.value_and_grad(fn, argnums=0, has_aux=True)
+
+
+def scaled_value_and_grad(fn: Any) -> Any:
+    """`value_and_grad` for a forward pass that computes in float16: the gradients
+    are loss-scaled and returned in float32 (`gradprobe.backends._loss_scale`).
+
+    One forward pass (`jax.vjp`) and two backward passes of its pullback: at
+    scale 1, to measure the largest gradient, then at the chosen power of two.
+    Under `jax.vmap` the scale is chosen per mapped example."""
+
+    def run(diff: Any, *rest: Any) -> tuple[tuple[Any, Any], Any]:
+        objective, pullback, aux = jax.vjp(lambda d: fn(d, *rest), diff, has_aux=True)
+        ones = jnp.ones_like(objective)
+        (first,) = pullback(ones)
+        leaves, treedef = jax.tree.flatten(first)
+        scale = _loss_scale.scale_for(leaves)
+        if scale is None:  # (no source, or only empty ones)
+            return (objective, aux), first
+        (second,) = pullback(_loss_scale.seed(objective, scale))
+        grads = _loss_scale.unscale(leaves, jax.tree.leaves(second), scale)
+        return (objective, aux), jax.tree.unflatten(treedef, grads)
+
+    return run
 
 
 PER_EXAMPLE = True  # `vmap` and `jacobian` below: per-example gradients are supported

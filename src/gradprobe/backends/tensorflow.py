@@ -106,7 +106,8 @@ def scaled_gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]
     scale and the result unscaled in float32; the scale is chosen, not guessed:
     a first pass at scale 1 measures the largest source gradient, the second
     runs at the power of two that brings it to about 2**14 (between 2**-14 and
-    2**15, so the seed itself is a float16 number), and a source whose scaled
+    2**15, so the seed itself is a float16 number; 2**15 when every gradient
+    is zero at scale 1, as when all of them underflow), and a source whose scaled
     gradient is not finite keeps its unscaled one. Needs a persistent tape.
     Works eagerly and in a trace (no Python branch on values).
     """
@@ -120,7 +121,8 @@ def scaled_gradient(tape: tf.GradientTape, target: tf.Tensor, sources: list[Any]
         return first
     peak = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in present]))
     peak = tf.where(tf.math.is_finite(peak), peak, 2.0 ** 16)
-    peak = tf.where(peak > 0, peak, _HEADROOM)
+    # (every gradient zero at scale 1 may be every gradient underflowed: the largest scale)
+    peak = tf.where(peak > 0, peak, _HEADROOM * 2.0 ** -15)
     exponent = tf.clip_by_value(tf.floor(tf.math.log(_HEADROOM / peak) / np.log(2.0)),
                                 -14.0, 15.0)
     scale = tf.pow(2.0, exponent)

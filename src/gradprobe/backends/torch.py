@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import torch
 
+from gradprobe.backends import _loss_scale
+
 NAME = "torch"
 
 trace_count = 0  # nothing is compiled on PyTorch: calls run eagerly
@@ -50,6 +52,34 @@ def value_and_grad(fn: Any) -> Any:
         return (objective, aux), grads
 
     return run
+
+
+def scaled_value_and_grad(fn: Any) -> Any:
+    """`value_and_grad` for a forward pass that computes in float16: the gradients
+    are loss-scaled and returned in float32 (`gradprobe.backends._loss_scale`):
+    one forward pass, two backward passes (at scale 1, then at the chosen
+    power of two)."""
+
+    def run(diff: Any, *rest: Any) -> tuple[tuple[Any, Any], Any]:
+        (objective, aux), grads, _ = _differentiate(fn, diff, rest, scaled=True)
+        return (objective, aux), grads
+
+    return run
+
+
+def _backward(objective: Any, sources: list, scaled: bool) -> list:
+    """`torch.autograd.grad` of `objective` for `sources` (`None` for an unused
+    one); `scaled`: loss-scaled, in float32 (see `scaled_value_and_grad`)."""
+    if not scaled:
+        return list(torch.autograd.grad(objective, sources, allow_unused=True))
+    first = torch.autograd.grad(objective, sources, retain_graph=True, allow_unused=True)
+    scale = _loss_scale.scale_for(list(first))
+    if scale is None:
+        return list(first)
+    second = torch.autograd.grad(objective, sources,
+                                 grad_outputs=_loss_scale.seed(objective, scale),
+                                 allow_unused=True)
+    return _loss_scale.unscale(list(first), list(second), scale)
 
 
 def _flatten(tree: Any) -> tuple[list, Any]:
@@ -82,7 +112,8 @@ def _detached(tree: Any) -> Any:
         lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
-def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], Any, list[bool]]:
+def _differentiate(fn: Any, diff: Any, rest: tuple, scaled: bool = False
+                   ) -> tuple[tuple[Any, Any], Any, list[bool]]:
     leaves, pack = _flatten(diff)
     fresh = [leaf if isinstance(leaf, Probe) else leaf.detach().requires_grad_(True)
              for leaf in leaves]
@@ -93,8 +124,7 @@ def _differentiate(fn: Any, diff: Any, rest: tuple) -> tuple[tuple[Any, Any], An
         if missing:  # pragma: no cover - discovery found every probed call
             raise RuntimeError(f"probe slots {missing} were not filled by the forward pass")
         wanted = [i for i, s in enumerate(sources) if s.requires_grad]
-        found = torch.autograd.grad(objective, [sources[i] for i in wanted],
-                                    allow_unused=True) if wanted and \
+        found = _backward(objective, [sources[i] for i in wanted], scaled) if wanted and \
             objective.requires_grad else [None] * len(wanted)
     grads: list[Any] = [None] * len(sources)
     for i, g in zip(wanted, found):

@@ -30,6 +30,11 @@ of the same forward pass mapped over the batch (`jax.vmap` on JAX, a loop on
 PyTorch), or from the Jacobian of the batched pass's per-example targets where
 examples interact (see `_Request._per_example_step`).
 
+A model that computes in float16 (`capture._uses_float16`, as on TensorFlow) is
+differentiated with loss scaling (the backend's `scaled_value_and_grad`, the rule
+in `gradprobe.backends._loss_scale`), and float16/bfloat16 gradients and values
+come back in float32 (`_in_float32`).
+
 Only `keras.ops`, `keras.tree`, NumPy and `gradprobe.backends` are used here.
 """
 
@@ -79,7 +84,6 @@ def run(model: Any, x: Any, tgt: Any, wrt: Any, *, output: Any, training: bool,
     with _lock:
         request = entry.fn
     if not isinstance(request, _Request):
-        _refuse_float16(model, entry.plan, bk.NAME)
         with _lock:
             if not isinstance(entry.fn, _Request):
                 entry.fn = _Request(model, entry.plan)
@@ -180,15 +184,56 @@ def _is_floating(x: Any) -> bool:
     return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(_dtype(x))
 
 
-def _refuse_float16(model: Any, plan: capture.Plan, name: str) -> None:
+def _refuse_float16(model: Any, plan: capture.Plan, name: str,
+                    what: str = "gp.functional") -> None:
+    """`what` (a pure-function form: `gp.functional`, `gp.hvp`, `gp.jacobian`,
+    `gp.gradient_penalty`) has no loss scaling: refused for float16/bfloat16 models."""
     layers = [model, *plan.probe_layers, *plan.order_layers]
     dtypes = {getattr(layer, "compute_dtype", None) for layer in layers}
     low = sorted(d for d in dtypes if d in ("float16", "bfloat16"))
     if low:
         raise GradprobeError(
-            f"Model {model.name!r} computes in {low[0]}; gradients of float16/bfloat16 "
-            f"models are not supported on the {name} backend yet (no loss scaling there: "
-            "small gradients would silently flush to zero). Use a float32 model.")
+            f"Model {model.name!r} computes in {low[0]}; {what} does not support "
+            f"float16/bfloat16 models on the {name} backend yet (no loss scaling in a "
+            "pure-function form: small gradients would silently flush to zero). "
+            "gp.gradients and the attribution functions do (loss-scaled, float32 "
+            "results); otherwise use a float32 model.")
+
+
+def _value_and_grad(bk: Any, loss_scaled: bool) -> Any:
+    """The backend's `value_and_grad`, loss-scaled for a model that computes in
+    float16 (`gradprobe.backends._loss_scale`, TensorFlow's rule)."""
+    return bk.scaled_value_and_grad if loss_scaled else bk.value_and_grad
+
+
+_LOW = ("float16", "bfloat16")
+
+
+def _low_precision(prep: _Prepared, variables: list) -> bool:
+    """Whether a result of this signature could come out in float16 or bfloat16
+    (a probed activation or input, or a requested variable, of such a dtype)."""
+    dtypes = [d for _, d in prep.probe_specs.values()]
+    dtypes += [variables[pos].dtype for pos in prep.var_keys.values()]
+    return any(keras.backend.standardize_dtype(d) in _LOW for d in dtypes)
+
+
+def _in_float32(step: Any) -> Any:
+    """`step` with every gradient and every activation (and input) value in float32
+    where it is float16 or bfloat16, as on TensorFlow (`capture.run`): statistics,
+    diagnosis and attribution sums downstream are then computed in float32."""
+
+    def run(trainable: list, non_trainable: list, x: Any, args: dict) -> tuple[Any, Any]:
+        aux, grads = step(trainable, non_trainable, x, args)
+        grads = {part: {k: _to_float32(g) for k, g in leaves.items()}
+                 for part, leaves in grads.items()}
+        aux = dict(aux, values={k: _to_float32(v) for k, v in aux["values"].items()})
+        return aux, grads
+
+    return run
+
+
+def _to_float32(x: Any) -> Any:
+    return keras.ops.cast(x, "float32") if _dtype(x) in _LOW else x
 
 
 # ------------------------------------------------------------------ recording
@@ -310,6 +355,7 @@ class _Prepared:
     meta: dict
     unconnected: list[str]
     step: Any = None
+    loss_scaled: bool = False  # the model computes in float16: gradients are loss-scaled
     eager_only: bool = False
     compiled: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -509,7 +555,8 @@ class _Request:
         prep.unconnected = [e.key for e in missing]
         prep.meta["unconnected"] = prep.unconnected
 
-        grad_fn = bk.value_and_grad(objective)
+        prep.loss_scaled = capture._uses_float16(model, plan)
+        grad_fn = _value_and_grad(bk, prep.loss_scaled)(objective)
 
         def step(trainable: list, non_trainable: list, x: Any, args: dict) -> tuple[Any, Any]:
             # (the requested variables' values are taken from the lists here, inside
@@ -525,6 +572,8 @@ class _Request:
         if plan.per_example:
             self._per_example_step(bk, model, prep, probe_ids, step,
                                    (trainable, non_trainable, ax, aargs))
+        if _low_precision(prep, variables):
+            prep.step = _in_float32(prep.step)
         return prep
 
     def _per_example_step(self, bk: Any, model: Any, prep: _Prepared, probe_ids: set[int],
@@ -572,7 +621,7 @@ class _Request:
                 return aux, {"probes": grads["probes"], "vars": per_weight}
             return dict(plain, values={}), {"probes": {}, "vars": per_weight}
 
-        single_grad = bk.value_and_grad(forward_plain)
+        single_grad = _value_and_grad(bk, prep.loss_scaled)(forward_plain)
 
         def one(trainable: list, non_trainable: list, xi: Any, mapped: dict,
                 fixed: dict) -> tuple[dict, Any, Any]:

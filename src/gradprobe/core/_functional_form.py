@@ -184,10 +184,11 @@ def build(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any = None,
     entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, False)
     engine._check_input_dtypes(model, x, entry.plan, _functional._is_floating,
                                _functional._stand_in)
+    # (every time: gp.gradients may have made this request already, loss-scaled)
+    _functional._refuse_float16(model, entry.plan, bk.NAME, what)
     with _functional._lock:
         request = entry.fn
         if not isinstance(request, _functional._Request):
-            _functional._refuse_float16(model, entry.plan, bk.NAME)
             request = entry.fn = _functional._Request(model, entry.plan)
     signature = request.key(model, x, tgt.args)
     with request.lock:
