@@ -1,0 +1,154 @@
+"""Run by test_jax_distribution.py in a subprocess (XLA's host device count must be
+set before JAX is imported): gp.gradients, the attribution functions, per-example
+gradients, statistics and gp.functional on a small CNN built under
+`keras.distribution` on 4 host CPU devices, and the same calls on the same
+weights built without a distribution. Prints JSON: for each case, the arrays of
+both runs (as lists) and the shardings seen.
+
+Usage: python _jax_distribution_run.py {dp,mp,fsdp}
+  dp:   DataParallel over the 4 devices (variables replicated, batch split in 4).
+  mp:   ModelParallel on a (batch 2, model 2) mesh; a LayoutMap shards the conv
+        kernel's output channels and the dense kernel's input rows over "model",
+        and relayouts the conv activation (".../conv/output").
+  fsdp: ModelParallel on a 1-D mesh of 4 named "batch": the dense kernel sharded
+        over the same axis as the batch.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gradprobe as gp  # noqa: E402
+from gradprobe.backends import jax as bk  # noqa: E402
+
+MODE = sys.argv[1]
+WRT = ["conv", "conv.kernel", "dense.kernel", "dense.bias", "inputs"]
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+        keras.layers.Flatten(name="flat"),
+        keras.layers.Dense(3, name="dense"),
+    ], name="cnn")
+
+
+def distribution():
+    devices = keras.distribution.list_devices("cpu")
+    if MODE == "dp":
+        return keras.distribution.DataParallel(devices=devices)
+    if MODE == "mp":
+        mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), devices)
+        layouts = keras.distribution.LayoutMap(mesh)
+        layouts[".*conv/kernel"] = (None, None, None, "model")
+        layouts[".*dense/kernel"] = ("model", None)
+        layouts[".*conv/output"] = ("batch", None, None, "model")
+        return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+    mesh = keras.distribution.DeviceMesh((4,), ("batch",), devices)
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts[".*dense/kernel"] = ("batch", None)
+    return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+
+
+def spec(x):
+    """A sharding as text: its partition spec over the mesh, or "single"."""
+    s = getattr(x, "sharding", None)
+    if s is None or len(s.device_set) == 1:
+        return "single"
+    return str(tuple(s.spec)) + " on " + str(dict(s.mesh.shape))
+
+
+def arrays(g):
+    return {k: np.asarray(v).tolist() for k, v in g.items()}
+
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+x2 = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+y = rng.integers(0, 3, size=8)
+classes = [0, 1, 2, 0, 1, 2, 0, 1]
+
+single = build()
+keras.distribution.set_distribution(distribution())
+sharded = build()
+out = {"devices": jax.device_count(),
+       "variables": {v.path.split("/", 1)[1]: spec(v.value) for v in sharded.variables}}
+
+
+def both(name, fn, shardings=None):
+    """fn(model) on both models: {"single": ..., "sharded": ...} (arrays as lists)."""
+    keras.distribution.set_distribution(None)
+    a = fn(single)
+    keras.distribution.set_distribution(dist)
+    b = fn(sharded)
+    out[name] = {"single": a, "sharded": b}
+    return b
+
+
+dist = keras.distribution.distribution()
+traces = {}
+
+
+def plain(model):
+    g = gp.gradients(model, x, classes, WRT)
+    if model is sharded:
+        out["shardings"] = {k: spec(v) for k, v in g.items()}
+        out["input_sharding"] = spec(gp.functional(model, x, classes, "inputs").inputs)
+        before = bk.trace_count
+        g2 = gp.gradients(model, x2, classes, WRT)
+        traces["second call"] = bk.trace_count - before
+        out["second"] = arrays(g2)
+    return arrays(g)
+
+
+both("gradients", plain)
+both("eager", lambda m: arrays(gp.gradients(m, x, classes, WRT, compile=False)))
+both("one_example", lambda m: arrays(gp.gradients(m, x[:1], 2, WRT)))
+both("loss", lambda m: arrays(gp.gradients(
+    m, x, gp.loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y), "*.weights")))
+
+
+def per_example(model):
+    g = gp.gradients(model, x, classes, ["dense.kernel", "conv.kernel"], per_example=True)
+    if model is sharded:
+        out["per_example_shardings"] = {k: spec(v) for k, v in g.items()}
+    return arrays(g)
+
+
+both("per_example", per_example)
+
+
+def stats(model):
+    g = gp.gradients(model, x, classes, WRT)
+    return {"stats": g.stats(), "findings": [f.message for f in g.diagnose()]}
+
+
+both("stats", stats)
+both("attributions", lambda m: {
+    "saliency": gp.saliency(m, x, classes).numpy().tolist(),
+    "ig": gp.integrated_gradients(m, x, classes, steps=8).numpy().tolist(),
+    "smoothgrad": gp.smoothgrad(m, x, classes, samples=4, seed=1).numpy().tolist(),
+    "grad_cam": gp.grad_cam(m, x, classes, "conv").numpy().tolist(),
+})
+
+
+def functional(model):
+    form = gp.functional(model, x, classes, wrt=["conv", "dense.kernel"])
+    probes, variables = jax.grad(form.objective, argnums=(0, 1))(*form.args)
+    return arrays({**probes, **variables})
+
+
+both("functional", functional)
+out["traces"] = traces
+json.dump(out, sys.stdout)
