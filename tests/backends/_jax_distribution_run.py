@@ -5,7 +5,7 @@ gradients, statistics and gp.functional on a small CNN built under
 weights built without a distribution. Prints JSON: for each case, the arrays of
 both runs (as lists) and the shardings seen.
 
-Usage: python _jax_distribution_run.py {dp,mp,fsdp}
+Usage: python _jax_distribution_run.py MODE [MODE ...], each MODE one of
   dp:   DataParallel over the 4 devices (variables replicated, batch split in 4).
   mp:   ModelParallel on a (batch 2, model 2) mesh; a LayoutMap shards the conv
         kernel's output channels and the dense kernel's input rows over "model",
@@ -30,7 +30,6 @@ import numpy as np  # noqa: E402
 import gradprobe as gp  # noqa: E402
 from gradprobe.backends import jax as bk  # noqa: E402
 
-MODE = sys.argv[1]
 WRT = ["conv", "conv.kernel", "dense.kernel", "dense.bias", "inputs"]
 
 
@@ -38,17 +37,31 @@ def build():
     keras.utils.set_random_seed(0)
     return keras.Sequential([
         keras.Input((6, 6, 2)),
-        keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+        # (the last channel's bias keeps the ReLU off everywhere: a dead channel to find)
+        keras.layers.Conv2D(4, 3, name="conv",
+                            bias_initializer=keras.initializers.Constant([0.0, 0.0, 0.0, -50.0])),
+        keras.layers.ReLU(name="relu"),
         keras.layers.Flatten(name="flat"),
         keras.layers.Dense(3, name="dense"),
     ], name="cnn")
 
 
-def distribution():
+def build_two_inputs():
+    """Token ids and features, as a dict: an integer input leaf is placed too."""
+    keras.utils.set_random_seed(1)
+    ids = keras.Input((5,), dtype="int32", name="ids")
+    feats = keras.Input((3,), name="feats")
+    h = keras.layers.Flatten()(keras.layers.Embedding(11, 2, name="embed")(ids))
+    h = keras.layers.Concatenate()([h, feats])
+    out = keras.layers.Dense(2, activation="tanh", name="head")(h)
+    return keras.Model({"ids": ids, "feats": feats}, out, name="two")
+
+
+def distribution(mode):
     devices = keras.distribution.list_devices("cpu")
-    if MODE == "dp":
+    if mode == "dp":
         return keras.distribution.DataParallel(devices=devices)
-    if MODE == "mp":
+    if mode == "mp":
         mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), devices)
         layouts = keras.distribution.LayoutMap(mesh)
         layouts[".*conv/kernel"] = (None, None, None, "model")
@@ -66,89 +79,97 @@ def spec(x):
     s = getattr(x, "sharding", None)
     if s is None or len(s.device_set) == 1:
         return "single"
-    return str(tuple(s.spec)) + " on " + str(dict(s.mesh.shape))
+    parts = list(s.spec)
+    while parts and parts[-1] is None:  # (P("model") is P("model", None))
+        parts.pop()
+    return str(tuple(parts)) + " on " + str(dict(s.mesh.shape))
 
 
 def arrays(g):
     return {k: np.asarray(v).tolist() for k, v in g.items()}
 
 
-rng = np.random.default_rng(0)
-x = rng.normal(size=(8, 6, 6, 2)).astype("float32")
-x2 = rng.normal(size=(8, 6, 6, 2)).astype("float32")
-y = rng.integers(0, 3, size=8)
-classes = [0, 1, 2, 0, 1, 2, 0, 1]
-
-single = build()
-keras.distribution.set_distribution(distribution())
-sharded = build()
-out = {"devices": jax.device_count(),
-       "variables": {v.path.split("/", 1)[1]: spec(v.value) for v in sharded.variables}}
-
-
-def both(name, fn, shardings=None):
-    """fn(model) on both models: {"single": ..., "sharded": ...} (arrays as lists)."""
+def run(mode):
+    """Every case on a model built without a distribution and on the same weights
+    built under `mode`'s distribution."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+    x2 = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, size=8)
+    classes = [0, 1, 2, 0, 1, 2, 0, 1]
+    dist = distribution(mode)
     keras.distribution.set_distribution(None)
-    a = fn(single)
+    single = build()
     keras.distribution.set_distribution(dist)
-    b = fn(sharded)
-    out[name] = {"single": a, "sharded": b}
-    return b
+    sharded = build()
+    out = {"variables": {v.path.split("/", 1)[1]: spec(v.value) for v in sharded.variables}}
+
+    def both(name, fn, models=(single, sharded)):
+        """fn(model) without, then under, the distribution: {"single", "sharded"}."""
+        keras.distribution.set_distribution(None)
+        a = fn(models[0])
+        keras.distribution.set_distribution(dist)
+        out[name] = {"single": a, "sharded": fn(models[1])}
+
+    def plain(model):
+        g = gp.gradients(model, x, classes, WRT)
+        if model is sharded:
+            out["shardings"] = {k: spec(v) for k, v in g.items()}
+            out["input_sharding"] = spec(gp.functional(model, x, classes, "inputs").inputs)
+            before = bk.trace_count
+            gp.gradients(model, x2, classes, WRT)
+            out["retraces"] = bk.trace_count - before
+        return arrays(g)
+
+    def per_example(model):
+        g = gp.gradients(model, x, classes, ["dense.kernel", "conv.kernel"], per_example=True)
+        if model is sharded:
+            out["per_example_shardings"] = {k: spec(v) for k, v in g.items()}
+        return arrays(g)
+
+    def stats(model):
+        g = gp.gradients(model, x, classes, WRT)
+        if model is sharded:  # which gradients the statistics reduce on their devices
+            out["reduced"] = sorted(k for k, v in g.items()
+                                    if bk.reduced_stats(v) is not None)
+        return {"stats": {k: {s: v for s, v in d.items() if s != "shape"}
+                          for k, d in g.stats().items()},
+                "findings": sorted(f.kind + " " + f.key for f in g.diagnose())}
+
+    def functional(model):
+        form = gp.functional(model, x, classes, wrt=["conv", "dense.kernel"])
+        probes, variables = jax.grad(form.objective, argnums=(0, 1))(*form.args)
+        return arrays({**probes, **variables})
+
+    both("gradients", plain)
+    both("second", lambda m: arrays(gp.gradients(m, x2, classes, WRT)))
+    both("eager", lambda m: arrays(gp.gradients(m, x, classes, WRT, compile=False)))
+    both("one_example", lambda m: arrays(gp.gradients(m, x[:1], 2, WRT)))
+    both("loss", lambda m: arrays(gp.gradients(
+        m, x, gp.loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y),
+        "*.weights")))
+    both("per_example", per_example)
+    both("stats", stats)
+    both("attributions", lambda m: {
+        "saliency": gp.saliency(m, x, classes).numpy().tolist(),
+        "integrated_gradients": gp.integrated_gradients(m, x, classes, steps=8).numpy().tolist(),
+        "smoothgrad": gp.smoothgrad(m, x, classes, samples=4, seed=1).numpy().tolist(),
+        "grad_cam": gp.grad_cam(m, x, classes, "conv").numpy().tolist(),
+    })
+    both("functional", functional)
+    if mode == "dp":
+        keras.distribution.set_distribution(None)
+        two_single = build_two_inputs()
+        keras.distribution.set_distribution(dist)
+        two_sharded = build_two_inputs()
+        inputs = {"ids": rng.integers(0, 11, size=(8, 5)).astype("int32"),
+                  "feats": rng.normal(size=(8, 3)).astype("float32")}
+        both("dict_inputs", lambda m: arrays(gp.gradients(
+            m, inputs, 1, ["embed", "embed.embeddings", "head.kernel", "inputs:feats"])),
+            (two_single, two_sharded))
+    keras.distribution.set_distribution(None)
+    return out
 
 
-dist = keras.distribution.distribution()
-traces = {}
-
-
-def plain(model):
-    g = gp.gradients(model, x, classes, WRT)
-    if model is sharded:
-        out["shardings"] = {k: spec(v) for k, v in g.items()}
-        out["input_sharding"] = spec(gp.functional(model, x, classes, "inputs").inputs)
-        before = bk.trace_count
-        g2 = gp.gradients(model, x2, classes, WRT)
-        traces["second call"] = bk.trace_count - before
-        out["second"] = arrays(g2)
-    return arrays(g)
-
-
-both("gradients", plain)
-both("eager", lambda m: arrays(gp.gradients(m, x, classes, WRT, compile=False)))
-both("one_example", lambda m: arrays(gp.gradients(m, x[:1], 2, WRT)))
-both("loss", lambda m: arrays(gp.gradients(
-    m, x, gp.loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y), "*.weights")))
-
-
-def per_example(model):
-    g = gp.gradients(model, x, classes, ["dense.kernel", "conv.kernel"], per_example=True)
-    if model is sharded:
-        out["per_example_shardings"] = {k: spec(v) for k, v in g.items()}
-    return arrays(g)
-
-
-both("per_example", per_example)
-
-
-def stats(model):
-    g = gp.gradients(model, x, classes, WRT)
-    return {"stats": g.stats(), "findings": [f.message for f in g.diagnose()]}
-
-
-both("stats", stats)
-both("attributions", lambda m: {
-    "saliency": gp.saliency(m, x, classes).numpy().tolist(),
-    "ig": gp.integrated_gradients(m, x, classes, steps=8).numpy().tolist(),
-    "smoothgrad": gp.smoothgrad(m, x, classes, samples=4, seed=1).numpy().tolist(),
-    "grad_cam": gp.grad_cam(m, x, classes, "conv").numpy().tolist(),
-})
-
-
-def functional(model):
-    form = gp.functional(model, x, classes, wrt=["conv", "dense.kernel"])
-    probes, variables = jax.grad(form.objective, argnums=(0, 1))(*form.args)
-    return arrays({**probes, **variables})
-
-
-both("functional", functional)
-out["traces"] = traces
-json.dump(out, sys.stdout)
+json.dump({"devices": jax.device_count(), **{mode: run(mode) for mode in sys.argv[1:]}},
+          sys.stdout)
