@@ -118,7 +118,7 @@ LAYOUT = {
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
     "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_higher",
-                 "tensorflow_monitor", "jax", "torch", "_keras_private"],
+                 "tensorflow_monitor", "jax", "jax_distribution", "torch", "_keras_private"],
 }
 
 PUBLIC_API = [
