@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from gradprobe.backends import jax as bk  # noqa: E402
+from gradprobe.core.stats import tensor_stats  # noqa: E402
 
 WRT = ["conv", "conv.kernel", "dense.kernel", "dense.bias", "inputs"]
 
@@ -167,6 +168,13 @@ def run(mode):
         both("dict_inputs", lambda m: arrays(gp.gradients(
             m, inputs, 1, ["embed", "embed.embeddings", "head.kernel", "inputs:feats"])),
             (two_single, two_sharded))
+        # Statistics of a sharded array with NaN, Inf, exact zeros and entries whose
+        # squares overflow float32, on its devices and on the host (float64).
+        edge = rng.normal(size=(8, 6)).astype("float32") * 3e30
+        edge[0, 0], edge[1, 1], edge[2, :3] = np.inf, np.nan, 0.0
+        placed = jax.device_put(edge, dist.get_data_layout(edge.shape).backend_layout)
+        out["edge_stats"] = {"device": bk.reduced_stats(placed),
+                             "host": tensor_stats(edge)}
     keras.distribution.set_distribution(None)
     return out
 

@@ -124,3 +124,14 @@ def test_statistics_of_sharded_gradients_are_reduced_on_their_devices(runs, mode
     # the sharded activation gradient as in the single-device one.
     assert sharded["findings"] == single["findings"]
     assert "dead conv" in single["findings"] and "dead conv.kernel" in single["findings"]
+
+
+@pytest.mark.slow
+def test_on_device_statistics_of_extreme_values(runs):
+    device, host = runs["dp"]["edge_stats"]["device"], runs["dp"]["edge_stats"]["host"]
+    assert device["nonfinite"] == host["nonfinite"] == 2
+    assert device["zero_fraction"] == host["zero_fraction"] == 3 / 48
+    assert device["shape"] == host["shape"] == [8, 6]
+    for name in ("norm", "mean_abs", "max_abs", "std"):  # (squares of 3e30 overflow float32)
+        assert np.isfinite(device[name]), name
+        assert_close(device[name], host[name], "float32", what=name)

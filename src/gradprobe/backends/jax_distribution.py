@@ -183,8 +183,14 @@ def is_sharded(x: Any) -> bool:
 
 
 @jax.jit
-def _reduce(g: Any) -> dict:
-    # float16/bfloat16 read as float32 (exact); float32 and float64 as they are.
+def device_stats(g: Any) -> dict:
+    """The statistics of `gradprobe.core.stats.tensor_stats` as scalars computed
+    where `g` lies (XLA reduces each shard, then combines the partial results):
+    `norm`, `mean_abs`, `max_abs`, `std` over the finite entries, `zeros` (exact
+    zeros) and `finite` (finite entries), the counts as int32. Jitted: callable
+    inside another compiled step too (a training step's own gradients), where it
+    is inlined. float16/bfloat16 are read as float32 (exactly); float32 and
+    float64 are summed in their own precision."""
     if not jnp.issubdtype(g.dtype, jnp.floating) or jnp.finfo(g.dtype).bits < 32:
         g = g.astype(jnp.float32)
     finite = jnp.isfinite(g)
@@ -213,7 +219,7 @@ def reduced_stats(x: Any) -> dict | None:
     host then). Equal to `tensor_stats` within float32 rounding."""
     if not is_sharded(x):
         return None
-    r = jax.device_get(_reduce(x))
+    r = jax.device_get(device_stats(x))
     size = int(np.prod(x.shape, dtype=np.int64))
     finite = int(r["finite"])
     empty = finite == 0
