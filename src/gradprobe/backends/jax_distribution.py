@@ -61,17 +61,24 @@ def current() -> Any:
 
 
 # ------------------------------------------------------------------ inputs
-def place_inputs(tree: Any, batch: int | None) -> Any:
-    """`tree` (inputs, or a target's arguments) with every leaf whose leading axis
-    is the batch laid out as Keras lays out a batch under the current
-    distribution (see the module docstring). Unchanged without a distribution,
-    and for traced values (a call under the caller's own `jax.grad`)."""
+def place_inputs(x: Any, args: dict) -> tuple[Any, dict]:
+    """`(x, args)`, the inputs and a target's arguments, with every leaf whose
+    leading axis is the batch laid out as Keras lays out a batch under the
+    current distribution (see the module docstring). Unchanged without a
+    distribution (one lookup), and for traced values (a call under the caller's
+    own `jax.grad`)."""
     dist = current()
-    if dist is None or batch is None:
-        return tree
-    if isinstance(tree, dict) and not tree:
-        return tree
-    return keras.tree.map_structure(lambda leaf: _place(dist, leaf, batch), tree)
+    if dist is None:
+        return x, args
+    leaves = keras.tree.flatten(x)
+    shape = tuple(getattr(leaves[0], "shape", ())) if leaves else ()
+    if not shape:
+        return x, args
+    batch = shape[0]
+    x = keras.tree.map_structure(lambda leaf: _place(dist, leaf, batch), x)
+    if args:
+        args = keras.tree.map_structure(lambda leaf: _place(dist, leaf, batch), args)
+    return x, args
 
 
 def _place(dist: Any, leaf: Any, batch: int) -> Any:

@@ -101,10 +101,7 @@ def _placed_inputs(bk: Any, x: Any, args: dict) -> tuple[Any, dict]:
     arguments laid out as Keras' trainer lays out a batch (`bk.place_inputs`);
     unchanged otherwise."""
     place = getattr(bk, "place_inputs", None)
-    if place is None:
-        return x, args
-    batch = engine.batch_size(x)
-    return place(x, batch), place(args, batch)
+    return (x, args) if place is None else place(x, args)
 
 
 def _constrained(bk: Any, step: Any, owners: dict) -> Any:
