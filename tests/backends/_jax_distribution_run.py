@@ -1,6 +1,7 @@
 """Run by test_jax_distribution.py in a subprocess (XLA's host device count must be
 set before JAX is imported): gp.gradients, the attribution functions, per-example
-gradients, statistics and gp.functional on a small CNN built under
+gradients, statistics, gp.functional and the higher-order functions (gp.hvp,
+gp.jacobian, gp.per_example_norms, gp.gradient_penalty) on a small CNN built under
 `keras.distribution` on 4 host CPU devices, and the same calls on the same
 weights built without a distribution. Prints JSON: for each case, the arrays of
 both runs (as lists) and the shardings seen.
@@ -158,6 +159,18 @@ def run(mode):
         "grad_cam": gp.grad_cam(m, x, classes, "conv").numpy().tolist(),
     })
     both("functional", functional)
+    if mode != "fsdp":  # (the higher-order functions and layer attributions: two modes)
+        ones = np.ones((3, 3, 2, 4), "float32")
+        both("higher", lambda m: {
+            "hvp": np.asarray(gp.hvp(m, x, classes, "conv.kernel", {"conv.kernel": ones})[
+                "conv.kernel"]).tolist(),
+            "jacobian": np.asarray(gp.jacobian(m, x, "dense", "inputs")).tolist(),
+            "per_example_norms": np.asarray(gp.per_example_norms(m, x, classes).total).tolist(),
+            "gradient_penalty": np.asarray(gp.gradient_penalty(m, x, classes)).tolist(),
+            "integrated_gradients_layer": gp.integrated_gradients(
+                m, x, classes, layer="conv", steps=4).numpy().tolist(),
+            "grad_cam_plus_plus": gp.grad_cam_plus_plus(m, x, classes, "conv").numpy().tolist(),
+        })
     if mode == "dp":
         keras.distribution.set_distribution(None)
         two_single = build_two_inputs()

@@ -1,5 +1,6 @@
-"""gp.gradients, the attribution functions, per-example gradients, statistics and
-gp.functional under `keras.distribution` on JAX (issue 25, item 3).
+"""gp.gradients, the attribution functions, per-example gradients, statistics,
+gp.functional and the higher-order functions under `keras.distribution` on JAX
+(issue 25, item 3).
 
 XLA's host device count must be set before JAX is imported, so the work runs in
 a subprocess (`_jax_distribution_run.py`, on 4 host CPU devices) that builds the
@@ -61,7 +62,8 @@ CASES = ["gradients", "second", "eager", "one_example", "loss", "per_example", "
 def test_results_equal_the_single_device_run(runs, mode):
     assert runs["devices"] == 4
     run = runs[mode]
-    for case in CASES + (["dict_inputs"] if mode == "dp" else []):
+    for case in CASES + (["dict_inputs"] if mode == "dp" else []) + \
+            (["higher"] if mode != "fsdp" else []):
         single = dict(_leaves(run[case]["single"]))
         sharded = dict(_leaves(run[case]["sharded"]))
         assert sorted(single) == sorted(sharded), case
