@@ -152,12 +152,23 @@ def run(mode):
         "*.weights")))
     both("per_example", per_example)
     both("stats", stats)
-    both("attributions", lambda m: {
-        "saliency": gp.saliency(m, x, classes).numpy().tolist(),
-        "integrated_gradients": gp.integrated_gradients(m, x, classes, steps=8).numpy().tolist(),
-        "smoothgrad": gp.smoothgrad(m, x, classes, samples=4, seed=1).numpy().tolist(),
-        "grad_cam": gp.grad_cam(m, x, classes, "conv").numpy().tolist(),
-    })
+    def attributions(model, inputs=x):
+        maps = {
+            "saliency": gp.saliency(model, inputs, classes),
+            "integrated_gradients": gp.integrated_gradients(model, inputs, classes, steps=8),
+            # (in chunks of 12 rows: sliced and padded on the devices)
+            "integrated_gradients_chunked": gp.integrated_gradients(
+                model, inputs, classes, steps=8, batch_size=12),
+            "smoothgrad": gp.smoothgrad(model, inputs, classes, samples=4, seed=1),
+            "grad_cam": gp.grad_cam(model, inputs, classes, "conv"),
+        }
+        if model is sharded and inputs is x:
+            before = bk.trace_count
+            attributions(model, x2)
+            out["attribution_retraces"] = bk.trace_count - before
+        return {k: v.numpy().tolist() for k, v in maps.items()}
+
+    both("attributions", attributions)
     both("functional", functional)
     if mode != "fsdp":  # (the higher-order functions and layer attributions: two modes)
         ones = np.ones((3, 3, 2, 4), "float32")

@@ -102,8 +102,9 @@ def test_inputs_and_gradients_keep_keras_layouts(runs):
 
 @pytest.mark.slow
 def test_no_retrace_for_new_values(runs):
-    for mode in MODES:
+    for mode in MODES:  # gp.gradients, and every attribution method (chunked IG too)
         assert runs[mode]["retraces"] == 0, mode
+        assert runs[mode]["attribution_retraces"] == 0, mode
 
 
 @pytest.mark.slow
