@@ -130,6 +130,7 @@ def _unsharded(bk: Any, tree: Any) -> Any:
     replicate = getattr(bk, "replicated", None)
     return tree if replicate is None else replicate(tree)
 
+
 def _check_per_example(per_example: Any, bk: Any) -> bool | str:
     """The validated `per_example` argument: `False`, `True` (the fastest correct
     method), the backend's single-example method (`"vmap"` on JAX, `"loop"` on
