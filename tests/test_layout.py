@@ -118,8 +118,8 @@ LAYOUT = {
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
     "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_higher",
-                 "tensorflow_monitor", "jax", "jax_monitor", "torch", "torch_monitor",
-                 "_monitor_host", "_keras_private", "_loss_scale"],
+                 "tensorflow_monitor", "jax", "jax_monitor", "jax_distribution", "torch",
+                 "torch_monitor", "_monitor_host", "_keras_private", "_loss_scale"],
 }
 
 PUBLIC_API = [

@@ -1,6 +1,7 @@
 """JAX's primitives for the functional capture (see `gradprobe.backends`).
 
-The only gradprobe module that imports `jax`. Private Keras access: the Keras
+With `gradprobe.backends.jax_distribution` (placement under `keras.distribution`),
+the only gradprobe module that imports `jax`. Private Keras access: the Keras
 mask of a JAX array (which cannot carry attributes) lives in a Keras-internal
 table, read and written with `keras.src.backend.common.masking` (see `add_probe`).
 """
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from gradprobe.backends import _loss_scale
+from gradprobe.backends import _loss_scale, jax_distribution
 
 NAME = "jax"
 
@@ -265,3 +266,11 @@ def batch_jacobian(fn: Any, source: Any, *rest: Any) -> Any:
     out_rank = len(value.shape) - 1
     j = jax.jacrev(lambda s: jnp.sum(fn(s, *rest), axis=0))(source)  # (*out, batch, *src)
     return jnp.moveaxis(j, out_rank, 0)
+
+
+# ------------------------- keras.distribution (DataParallel, ModelParallel): see jax_distribution
+place_inputs = jax_distribution.place_inputs  # the batch laid out as Keras' trainer lays it out
+constrain_gradients = jax_distribution.constrain_gradients  # weight gradients: variables' sharding
+replicated = jax_distribution.replicated  # (per-example vmap: see jax_distribution)
+reduced_stats = jax_distribution.reduced_stats  # statistics of a sharded array, on its devices
+unit_activity = jax_distribution.unit_activity  # per-unit "any non-zero", on its devices

@@ -44,9 +44,21 @@ def new_tape(persistent: bool = False, watch_accessed_variables: bool = False) -
 
 
 def watchable(source: Any) -> Any:
-    """The object a tape watches for `source` (a Keras variable wraps a tf.Variable)."""
+    """The object a tape watches for `source` (a Keras variable wraps a tf.Variable).
+
+    A variable created under a `tf.distribute` strategy (a `MirroredVariable`)
+    has no handle of its own in the strategy's cross-replica context (a
+    `gp.gradients` call inside `with strategy.scope():`): there it is read
+    through its copy on the current device (or its primary copy), so the tape
+    watches that copy (`_get_on_device_or_primary`, private TensorFlow API:
+    what `MirroredVariable`'s cross-replica reads use, TF 2.16-2.21). In a
+    replica context (`strategy.run`, `fit`'s step) it is watched as it is.
+    """
     if isinstance(source, keras.Variable):
-        return source.value
+        source = source.value
+        if isinstance(source, tf.distribute.DistributedValues) and \
+                tf.distribute.in_cross_replica_context():
+            source = source._get_on_device_or_primary()
     return source
 
 

@@ -91,12 +91,49 @@ def run(model: Any, x: Any, tgt: Any, wrt: Any, *, output: Any, training: bool,
     args = tgt.args
     if replace:
         args = dict(args, replacement=keras.ops.convert_to_tensor(replacement))
+    x, args = _placed_inputs(bk, x, args)
     tensors, meta = request.run(model, x, args, compile)
     # (empty per_example_method / _fallbacks, as on TF)
     return engine.result_of(tensors, meta, tgt, entry.plan, differentiable, bk.stop_gradient)
 
 
 _lock = threading.Lock()
+
+
+def _placed_inputs(bk: Any, x: Any, args: dict) -> tuple[Any, dict]:
+    """Under a `keras.distribution` (JAX), the inputs and the target's batch-shaped
+    arguments laid out as Keras' trainer lays out a batch (`bk.place_inputs`);
+    unchanged otherwise."""
+    place = getattr(bk, "place_inputs", None)
+    return (x, args) if place is None else place(x, args)
+
+
+def _constrained(bk: Any, step: Any, owners: dict) -> Any:
+    """`step` with its weight gradients constrained to their variables' sharding
+    (`bk.constrain_gradients`, JAX: a sharded kernel's gradient stays sharded like
+    it); `step` itself on a backend without it."""
+    constrain = getattr(bk, "constrain_gradients", None)
+    if constrain is None or not owners:
+        return step
+
+    def constrained_step(*args: Any) -> tuple[Any, Any]:
+        aux, grads = step(*args)
+        return aux, dict(grads, vars=constrain(grads["vars"], owners))
+
+    return constrained_step
+
+
+def _unsharded(bk: Any, tree: Any) -> Any:
+    """`tree` replicated on the mesh of the current `keras.distribution` (JAX), for
+    the single-example passes mapped over the batch (their inputs and their
+    results): XLA's SPMD partitioner computes wrong per-example Conv kernel
+    gradients (the `batch_group_count` convolution of `vmap` over the kernel
+    gradient) when the mapped batch is sharded, or when the mapped result is
+    constrained to be (JAX 0.10.2, host CPU devices: every shard but the first
+    is wrong). Unchanged on other backends and without a distribution."""
+    replicate = getattr(bk, "replicated", None)
+    return tree if replicate is None else replicate(tree)
+
 
 def _check_per_example(per_example: Any, bk: Any) -> bool | str:
     """The validated `per_example` argument: `False`, `True` (the fastest correct
@@ -162,8 +199,10 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
                     [getattr(d, "name", d) for d in spec_dtypes],
                     exact_count=not isinstance(inputs, dict))
     if len(leaves) == 1 and not isinstance(inputs, (list, tuple, dict)):
-        return converted[0]
-    return keras.tree.pack_sequence_as(inputs, converted)
+        x = converted[0]
+    else:
+        x = keras.tree.pack_sequence_as(inputs, converted)
+    return _placed_inputs(backends.get(), x, {})[0]
 
 
 _REAL = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -572,6 +611,7 @@ class _Request:
         if plan.per_example:
             self._per_example_step(bk, model, prep, probe_ids, step,
                                    (trainable, non_trainable, ax, aargs))
+        prep.step = _constrained(bk, prep.step, {k: variables[pos] for k, pos in var_keys.items()})
         if _low_precision(prep, variables):
             prep.step = _in_float32(prep.step)
         return prep
@@ -637,7 +677,8 @@ class _Request:
                       ) -> tuple[dict, dict]:
             mapped = {k: v for k, v in args.items() if len(getattr(v, "shape", ())) > 0}
             fixed = {k: v for k, v in args.items() if k not in mapped}
-            grads, outputs, target = mapped_one(trainable, non_trainable, x, mapped, fixed)
+            grads, outputs, target = _unsharded(bk, mapped_one(
+                trainable, non_trainable, *_unsharded(bk, (x, mapped)), fixed))
             plain = {"outputs": keras.tree.map_structure(unstack_one, outputs),
                      "target": keras.ops.reshape(target, (-1,))}
             return combine(grads, trainable, non_trainable, x, args, plain)

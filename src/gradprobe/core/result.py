@@ -170,7 +170,7 @@ class Gradients(Mapping):
         """key -> `shape`, `norm` (L2), `mean_abs`, `max_abs`, `std`,
         `zero_fraction` (exact zeros) and `nonfinite` (NaN/Inf count)."""
         if self._stats is None:
-            self._stats = {k: tensor_stats(a) for k, a in self.numpy().items()}
+            self._stats = {k: _stats_of(v) for k, v in self._grads.items()}
         return {k: dict(v) for k, v in self._stats.items()}
 
     def diagnose(self, **thresholds: Any) -> list[Finding]:
@@ -210,9 +210,8 @@ class Gradients(Mapping):
             if name == "window":
                 continue  # an integer, checked by `diagnose`
             _validate.thresholds({name: value}, ("vanishing", "exploding", "window"))
-        acts = {k: _to_numpy(v) for k, v in self.activations.items()
-                if self.kinds.get(k) == "activation"}
-        return diagnose(self.stats(), self.kinds, self.numpy(), acts,
+        arrays, acts = _unit_views(self._grads, self.activations, self.kinds)
+        return diagnose(self.stats(), self.kinds, arrays, acts,
                         skip_dead=self._output_keys, heads=self._output_keys, **thresholds)
 
     def summary(self, print_fn: Callable[[str], Any] | None = None,
@@ -347,3 +346,34 @@ def _to_numpy(x: Any) -> np.ndarray:
     if backends.is_functional():
         return keras.ops.convert_to_numpy(x)
     return backend.to_numpy(x)
+
+
+def _reducer(name: str) -> Callable[..., Any] | None:
+    """The functional backend's on-device reduction `name` (JAX: `reduced_stats`,
+    `unit_activity` for arrays sharded by `keras.distribution`), else `None`."""
+    return getattr(backends.get(), name, None) if backends.is_functional() else None
+
+
+def _stats_of(x: Any) -> dict:
+    """`tensor_stats` of one gradient; a gradient sharded over several devices is
+    reduced where it lies (`gradprobe.backends.jax_distribution`), not gathered."""
+    reduce = _reducer("reduced_stats")
+    stats = reduce(x) if reduce is not None else None
+    return stats if stats is not None else tensor_stats(_to_numpy(x))
+
+
+def _unit_views(grads: Mapping[str, Any], values: Mapping[str, Any],
+                kinds: Mapping[str, str]) -> tuple[dict, dict]:
+    """What `diagnose` reads of the gradients (and activations) to find dead
+    units: the arrays themselves, or for a sharded gradient (and its activation)
+    a `(1, ..., 1, units)` array of per-unit "any non-zero" flags computed on
+    its devices, which gives the same findings."""
+    units = _reducer("unit_activity")
+    arrays, acts = {}, {}
+    for k, g in grads.items():
+        reduced = units(g) if units is not None else None
+        arrays[k] = reduced if reduced is not None else _to_numpy(g)
+        if kinds.get(k) == "activation" and k in values:
+            act = units(values[k], always=True) if reduced is not None else None
+            acts[k] = act if act is not None else _to_numpy(values[k])
+    return arrays, acts
