@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import keras
 import numpy as np
 import pytest
-from backend_helpers import arr
+from backend_helpers import arr, assert_sacred_state, sacred_state
 from keras import layers
 
 import gradprobe as gp
@@ -167,7 +167,9 @@ def test_float16_gradients_equal_a_hand_written_loss_scaled_gradient(kind, tiny)
     x = planted_inputs(kind)
     want = hand_gradients(model, x, 1, 2.0 ** 15)
     plain = hand_gradients(model, x, 1, 1.0)
+    before, out_before = sacred_state(model), arr(model(x))
     g = gp.gradients(model, x, 1, WRT)  # (compiled and eager: the float32-twin test)
+    assert_sacred_state(model, before, x, out_before)
     assert list(g) == ["inputs", "h0", "h0.kernel", "h1"]
     assert_float32_result(g)
     for key in WRT:
