@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import keras
 import numpy as np
 import pytest
-from backend_helpers import arr
+from backend_helpers import arr, assert_sacred_state, sacred_state
 from keras import layers
 
 import gradprobe as gp
@@ -167,19 +167,20 @@ def test_float16_gradients_equal_a_hand_written_loss_scaled_gradient(kind, tiny)
     x = planted_inputs(kind)
     want = hand_gradients(model, x, 1, 2.0 ** 15)
     plain = hand_gradients(model, x, 1, 1.0)
-    for compile in ("auto", False):
-        g = gp.gradients(model, x, 1, WRT, compile=compile)
-        assert list(g) == ["inputs", "h0", "h0.kernel", "h1"]
-        assert_float32_result(g)
-        for key in WRT:
-            got, w = arr(g[key]), want[key]
-            assert np.abs(w).max() > 0, key
-            assert_close(got, w, "float16", F16, what=f"{key} (compile={compile})")
-            tol = tolerance("float16", F16) * np.abs(w).max()
-            assert not np.any((got == 0) & (np.abs(w) > tol)), f"{key}: spurious zeros"
-            if tiny == 1e-8:
-                # What a float16 backward pass without loss scaling gives here.
-                assert np.all(plain[key] == 0), key
+    before, out_before = sacred_state(model), arr(model(x))
+    g = gp.gradients(model, x, 1, WRT)  # (compiled and eager: the float32-twin test)
+    assert_sacred_state(model, before, x, out_before)
+    assert list(g) == ["inputs", "h0", "h0.kernel", "h1"]
+    assert_float32_result(g)
+    for key in WRT:
+        got, w = arr(g[key]), want[key]
+        assert np.abs(w).max() > 0, key
+        assert_close(got, w, "float16", F16, what=key)
+        tol = tolerance("float16", F16) * np.abs(w).max()
+        assert not np.any((got == 0) & (np.abs(w) > tol)), f"{key}: spurious zeros"
+        if tiny == 1e-8:
+            # What a float16 backward pass without loss scaling gives here.
+            assert np.all(plain[key] == 0), key
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
