@@ -415,3 +415,52 @@ def test_monitor_runs_without_warnings_on_a_plain_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[gp.GradientMonitor()])
+
+
+class ByHand(keras.Model):
+    """Updates its weights by hand, without the optimizer: no hook sees its steps."""
+
+    def __init__(self):
+        super().__init__(name="by_hand")
+        self.d = layers.Dense(2, name="d")
+
+    def call(self, x):
+        return self.d(x)
+
+    if BACKEND == "jax":
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer, metrics = state
+            return ({"loss": keras.ops.mean(data[0])},
+                    ([v - 0.01 for v in trainable], non_trainable, optimizer, metrics))
+    else:
+        def train_step(self, data):
+            self.d.kernel.assign(self.d.kernel - 0.01)
+            return {"loss": keras.ops.mean(data[0])}
+
+
+def test_steps_that_ran_without_the_hooks_are_an_error_or_a_warning_never_a_gap():
+    model = ByHand()
+    model(np.ones((1, 3), "float32"))
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = np.ones((8, 3), "float32"), np.ones((8, 2), "float32")
+    with pytest.raises(gp.GradprobeError, match=r"step 1 ran without the monitor's hooks"):
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[gp.GradientMonitor()])
+    _no_hooks_left(model)
+    monitor = gp.GradientMonitor(on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match=r"step \d ran without the monitor's hooks"):
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[monitor])
+    assert len(monitor.steps) == 0
+    _no_hooks_left(model)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow writes with tf.summary")
+def test_log_dir_without_the_tensorboard_package_is_refused_with_the_fix(monkeypatch):
+    from gradprobe.backends import _monitor_host
+
+    def missing():
+        raise ImportError("No module named 'tensorboard'")
+
+    monkeypatch.setattr(_monitor_host, "_tensorboard_modules", missing)
+    with pytest.raises(gp.GradprobeError, match=r"pip install tensorboard.*Received: log_dir='logs'\."):
+        gp.GradientMonitor(log_dir="logs")
+    gp.GradientMonitor(csv=None)  # without log_dir: no TensorBoard needed

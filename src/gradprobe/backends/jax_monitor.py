@@ -73,7 +73,7 @@ def check_options(activations: bool, log_dir: Any) -> None:
             "activations=True with KERAS_BACKEND='jax'. Pass activations=False, or use "
             "gp.gradients(model, x, target, 'layer_name') for one batch's activation gradients.")
     if log_dir is not None:
-        check_tensorboard()
+        check_tensorboard(log_dir)
 
 
 def loss_scaler(optimizer: Any) -> Any:

@@ -485,7 +485,8 @@ class GradientMonitor(keras.callbacks.Callback):
         span = _steps_text(steps)
         message = (f"gradprobe: {span} ran without the monitor's hooks, so their gradients "
                    "were not recorded. The train step must apply its gradients with "
-                   "model.optimizer.apply() or apply_gradients().")
+                   "model.optimizer.apply() or apply_gradients() (on JAX: "
+                   "model.optimizer.stateless_apply()).")
         if self.on_nonfinite == "stop":
             raise GradprobeError(message + " (Pass on_nonfinite='warn' to only warn.)")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
