@@ -464,3 +464,24 @@ def test_log_dir_without_the_tensorboard_package_is_refused_with_the_fix(monkeyp
     with pytest.raises(gp.GradprobeError, match=r"pip install tensorboard.*Received: log_dir='logs'\."):
         gp.GradientMonitor(log_dir="logs")
     gp.GradientMonitor(csv=None)  # without log_dir: no TensorBoard needed
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "loss_scale"])
+def test_clipped_gradients_are_recorded_as_applied(scaled):
+    """clipnorm: the recorded gradients are the clipped ones (on JAX under loss
+    scaling, where the inner optimizer applies them inside lax.cond, too)."""
+    model = _functional()
+    optimizer = keras.optimizers.SGD(LR, clipnorm=0.05)
+    if scaled:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 10)
+    model.compile(optimizer, "mse")
+    x, y = _data(24)
+    monitor, oracle = gp.GradientMonitor(), Oracle()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[oracle, monitor])
+    assert monitor.skipped.tolist() == [0, 0, 0]
+    for step in (1, 2, 3):
+        _assert_step(monitor, step, oracle.before[step - 1], oracle.grads(step))
+    assert np.all(monitor.history["dense.kernel"]["norm"] <= 0.05 * (1 + 1e-5))
+    assert np.any(monitor.history["dense.kernel"]["norm"] > 0.049)  # clipping was active
+    _no_hooks_left(model)
