@@ -485,3 +485,56 @@ def test_clipped_gradients_are_recorded_as_applied(scaled):
     assert np.all(monitor.history["dense.kernel"]["norm"] <= 0.05 * (1 + 1e-5))
     assert np.any(monitor.history["dense.kernel"]["norm"] > 0.049)  # clipping was active
     _no_hooks_left(model)
+
+
+_DATA_PARALLEL = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, keras, numpy as np
+import gradprobe as gp
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"),
+                          keras.layers.Dense(2, name="d2")])
+model.compile(keras.optimizers.SGD(0.1), "mse")
+x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+y = np.ones((32, 2), "float32")
+
+class Oracle(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.norms = []
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = np.asarray(self.model.get_weights()[0], np.float64)
+    def on_train_batch_end(self, batch, logs=None):
+        after = np.asarray(self.model.get_weights()[0], np.float64)
+        self.norms.append(np.linalg.norm((self.before - after) / 0.1))
+
+monitor, oracle = gp.GradientMonitor(), Oracle()
+model.fit(x, y, batch_size=8, verbose=0, shuffle=False, callbacks=[oracle, monitor])
+assert len(jax.devices()) == 2
+got = monitor.history["d1.kernel"]["norm"]
+assert monitor.steps.tolist() == [1, 2, 3, 4], monitor.steps
+assert np.allclose(got, oracle.norms, rtol=1e-4, atol=1e-6), (got, oracle.norms)
+print("data parallel ok", gp.__file__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on two CPU devices: JAX")
+def test_jax_data_parallel_records_the_global_gradients(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "data_parallel.py"
+    script.write_text(_DATA_PARALLEL)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(src),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "data parallel ok" in result.stdout
+    assert os.path.abspath(src) in result.stdout  # this checkout's gradprobe
