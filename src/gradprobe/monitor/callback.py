@@ -105,8 +105,8 @@ class GradientMonitor(keras.callbacks.Callback):
     and dtypes of the training data (what Keras does under a distribution
     strategy), and recorded from that step on.
 
-    Runs on TensorFlow, JAX and PyTorch (`activations=True`: TensorFlow and
-    PyTorch); the hooks of each backend are in `gradprobe.backends.*_monitor`.
+    Runs on TensorFlow, JAX and PyTorch; the hooks of each backend are in
+    `gradprobe.backends.*_monitor`.
 
     Attributes:
         steps: The recorded step numbers (1-based; numbered like the
