@@ -388,24 +388,40 @@ def test_loss_scale_overflow_steps_are_skipped_not_reported():
     _no_hooks_left(model)
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="activation gradients: TensorFlow and PyTorch")
-def test_activation_gradients_of_the_output_layer():
+@pytest.mark.parametrize("steps_per_execution", STEPS_PER_EXECUTION)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_activation_gradients_of_the_output_layer(mode, steps_per_execution):
+    """The gradient of the mean squared error w.r.t. the output, by hand:
+    2 (p - y) / size, from the predictions before each recorded step."""
     model = _functional()
-    model.compile(keras.optimizers.SGD(LR), "mse")
-    x, y = _data(16)
-    before = np.asarray(model.predict(x[:8], verbose=0), np.float64)
-    monitor = gp.GradientMonitor(layers=["dense"], activations=True)
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
-    hand = 2.0 * (before - y[:8]) / before.size  # d mean((p - y)^2) / dp
-    got = monitor.activation_history["dense"]["norm"][0]
-    assert_close(got, np.linalg.norm(hand), "float32", scale=np.linalg.norm(hand))
+    model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=steps_per_execution,
+                  **MODES[mode])
+    x, y = _data(32)
+
+    class Predictions(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.before = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before.append(np.asarray(self.model.predict(x, verbose=0), np.float64))
+
+    monitor, predictions = gp.GradientMonitor(layers=["dense"], activations=True, every=2), \
+        Predictions()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[predictions, monitor])
+    assert monitor.steps.tolist() == [2, 4]
+    for t, step in enumerate([2, 4]):
+        if steps_per_execution == 1:
+            p = predictions.before[step - 1][(step - 1) * 8:step * 8]
+            hand = 2.0 * (p - y[(step - 1) * 8:step * 8]) / p.size
+            got = monitor.activation_history["dense"]["norm"][t]
+            assert_close(got, np.linalg.norm(hand), "float32", scale=np.linalg.norm(hand),
+                         what=f"step {step}")
+        else:  # the second step of each execution: recorded, non-zero
+            assert monitor.activation_history["dense"]["norm"][t] > 0
+        assert monitor.activation_history["dense"]["nonfinite"][t] == 0
     _no_hooks_left(model)
-
-
-@pytest.mark.skipif(BACKEND != "jax", reason="JAX's refusal")
-def test_activation_gradients_are_refused_on_jax_with_the_fix():
-    with pytest.raises(gp.GradprobeError, match=r"activations=True.*TensorFlow and PyTorch"):
-        gp.GradientMonitor(activations=True)
 
 
 def test_monitor_runs_without_warnings_on_a_plain_fit():
@@ -415,3 +431,137 @@ def test_monitor_runs_without_warnings_on_a_plain_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[gp.GradientMonitor()])
+
+
+class ByHand(keras.Model):
+    """Updates its weights by hand, without the optimizer: no hook sees its steps."""
+
+    def __init__(self):
+        super().__init__(name="by_hand")
+        self.d = layers.Dense(2, name="d")
+
+    def call(self, x):
+        return self.d(x)
+
+    if BACKEND == "jax":
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer, metrics = state
+            return ({"loss": keras.ops.mean(data[0])},
+                    ([v - 0.01 for v in trainable], non_trainable, optimizer, metrics))
+    else:
+        def train_step(self, data):
+            self.d.kernel.assign(self.d.kernel - 0.01)
+            return {"loss": keras.ops.mean(data[0])}
+
+
+def test_steps_that_ran_without_the_hooks_are_an_error_or_a_warning_never_a_gap():
+    model = ByHand()
+    model(np.ones((1, 3), "float32"))
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = np.ones((8, 3), "float32"), np.ones((8, 2), "float32")
+    with pytest.raises(gp.GradprobeError, match=r"step 1 ran without the monitor's hooks"):
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[gp.GradientMonitor()])
+    _no_hooks_left(model)
+    monitor = gp.GradientMonitor(on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match=r"step \d ran without the monitor's hooks"):
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[monitor])
+    assert len(monitor.steps) == 0
+    _no_hooks_left(model)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow writes with tf.summary")
+def test_log_dir_without_the_tensorboard_package_is_refused_with_the_fix(monkeypatch):
+    from gradprobe.backends import _monitor_host
+
+    def missing():
+        raise ImportError("No module named 'tensorboard'")
+
+    monkeypatch.setattr(_monitor_host, "_tensorboard_modules", missing)
+    with pytest.raises(gp.GradprobeError, match=r"pip install tensorboard.*Received: log_dir='logs'\."):
+        gp.GradientMonitor(log_dir="logs")
+    gp.GradientMonitor(csv=None)  # without log_dir: no TensorBoard needed
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "loss_scale"])
+def test_clipped_gradients_are_recorded_as_applied(scaled):
+    """clipnorm: the recorded gradients are the clipped ones (on JAX under loss
+    scaling, where the inner optimizer applies them inside lax.cond, too)."""
+    model = _functional()
+    optimizer = keras.optimizers.SGD(LR, clipnorm=0.05)
+    if scaled:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 10)
+    model.compile(optimizer, "mse")
+    x, y = _data(24)
+    monitor, oracle = gp.GradientMonitor(), Oracle()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[oracle, monitor])
+    assert monitor.skipped.tolist() == [0, 0, 0]
+    for step in (1, 2, 3):
+        _assert_step(monitor, step, oracle.before[step - 1], oracle.grads(step))
+    assert np.all(monitor.history["dense.kernel"]["norm"] <= 0.05 * (1 + 1e-5))
+    assert np.any(monitor.history["dense.kernel"]["norm"] > 0.049)  # clipping was active
+    _no_hooks_left(model)
+
+
+_DATA_PARALLEL = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, keras, numpy as np
+import gradprobe as gp
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"),
+                          keras.layers.Dense(2, name="d2")])
+model.compile(keras.optimizers.SGD(0.1), "mse")
+x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+y = np.ones((32, 2), "float32")
+
+class Oracle(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.norms = []
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = np.asarray(self.model.get_weights()[0], np.float64)
+    def on_train_batch_end(self, batch, logs=None):
+        after = np.asarray(self.model.get_weights()[0], np.float64)
+        self.norms.append(np.linalg.norm((self.before - after) / 0.1))
+
+monitor, oracle = gp.GradientMonitor(), Oracle()
+model.fit(x, y, batch_size=8, verbose=0, shuffle=False, callbacks=[oracle, monitor])
+assert len(jax.devices()) == 2
+got = monitor.history["d1.kernel"]["norm"]
+assert monitor.steps.tolist() == [1, 2, 3, 4], monitor.steps
+assert np.allclose(got, oracle.norms, rtol=1e-4, atol=1e-6), (got, oracle.norms)
+print("data parallel ok", gp.__file__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on two CPU devices: JAX")
+def test_jax_data_parallel_records_the_global_gradients(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "data_parallel.py"
+    script.write_text(_DATA_PARALLEL)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(src),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "data parallel ok" in result.stdout
+    assert os.path.abspath(src) in result.stdout  # this checkout's gradprobe
+
+
+def test_replay_is_tensorflows_and_refused_elsewhere_with_the_fix():
+    """`replay=True` (where a NaN starts) runs on TensorFlow (tests/test_monitor.py);
+    on JAX and PyTorch it is refused when the monitor is made, naming the value."""
+    if BACKEND == "tensorflow":
+        assert gp.GradientMonitor(replay=True).replay is True
+        return
+    with pytest.raises(gp.GradprobeError, match=rf"TensorFlow only.*replay=True on the "
+                                                rf"'{BACKEND}' backend.*replay=False"):
+        gp.GradientMonitor(replay=True)

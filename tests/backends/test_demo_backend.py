@@ -3,8 +3,8 @@
 Runs the demo for one epoch in a subprocess with the current KERAS_BACKEND and
 checks the files it writes and the sections of its report. Skipped on
 TensorFlow, where tests/test_cli.py and tests/test_browser.py cover the demo.
-The GradientMonitor is TensorFlow-only so far: on these backends the demo
-trains without it, so no gradients.csv / gradient_history.png.
+The demo trains with the GradientMonitor on these backends too (gradients.csv,
+gradient_history.png).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 import keras
 import numpy as np
 import pytest
+
+from gradprobe.monitor import read_csv
 
 BACKEND = keras.backend.backend()
 if BACKEND not in ("jax", "torch"):
@@ -30,8 +32,8 @@ SECTIONS = ["<h2>Diagnosis</h2>", "<h2>Gradient statistics by source (forward or
 @pytest.mark.slow
 def test_demo_runs_on_this_backend(tmp_path):
     out = tmp_path / "demo"
-    # An earlier run on TensorFlow left the monitor's files, and the user a file of
-    # their own: --force removes the former (one run's files), keeps the latter.
+    # An earlier run left its files, and the user a file of their own: --force
+    # replaces the former, keeps the latter.
     out.mkdir()
     for name in ("gradients.csv", "gradient_history.png", "report.html", "notes.txt"):
         (out / name).write_text("earlier")
@@ -40,11 +42,14 @@ def test_demo_runs_on_this_backend(tmp_path):
                            "--out", str(out), "--force"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"on {BACKEND}: without the GradientMonitor" in proc.stdout
+    assert f"on {BACKEND}, GradientMonitor attached" in proc.stdout
     assert "test accuracy" in proc.stdout and "Report:" in proc.stdout
-    assert sorted(os.listdir(out)) == ["gradcam.png", "gradient_flow.png", "model.keras",
+    assert sorted(os.listdir(out)) == ["gradcam.png", "gradient_flow.png",
+                                       "gradient_history.png", "gradients.csv", "model.keras",
                                        "notes.txt", "report.html", "test_images.npy",
                                        "test_labels.npy"]
+    steps, history = read_csv(str(out / "gradients.csv"))
+    assert len(steps) and np.all(np.isfinite(history["logits.kernel"]["norm"]))
     assert (out / "notes.txt").read_text() == "earlier"
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<title>gradprobe demo: a small CNN on 8x8 digits</title>" in html

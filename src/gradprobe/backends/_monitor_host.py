@@ -111,7 +111,7 @@ class Records:
 _uid = itertools.count()
 
 
-def check_tensorboard() -> None:
+def check_tensorboard(log_dir: Any) -> None:
     """Raises a `GradprobeError` with the fix where the `tensorboard` package
     (which writes the event files on JAX and PyTorch) is not installed."""
     try:
@@ -121,7 +121,7 @@ def check_tensorboard() -> None:
             "GradientMonitor(log_dir=...) on JAX and PyTorch writes TensorBoard event files "
             f"with the `tensorboard` package, which cannot be imported ({e}). Install it "
             "(pip install tensorboard; TensorFlow is not needed), or pass csv=... instead "
-            "of log_dir. Received: log_dir=...") from None
+            f"of log_dir. Received: log_dir={log_dir!r}.") from None
 
 
 def _tensorboard_modules() -> tuple[Any, Any, Any]:

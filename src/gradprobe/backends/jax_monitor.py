@@ -31,9 +31,14 @@ duration of each call of the monitor's function, removed in `finally`):
   step's gradients unscaled and clipped as the inner optimizer clips them (the
   same values; gradient accumulation inside a `LossScaleOptimizer` is refused).
 
-`activations=True` is TensorFlow and PyTorch only for now (a `GradprobeError`
-at construction). Keras' NNX mode calls the class's `train_step`, not the
-instance's: refused too.
+- with `activations=True`, `call` of the selected layers: each output passes
+  through an identity with a custom gradient (`jax.custom_vjp`) whose backward
+  rule computes the statistics of the gradient of the loss w.r.t. the output,
+  in the step's own backward pass, and hands them to the host with
+  `jax.debug.callback`, tagged with the step's number (an input of the recorded
+  step); the callback waits for them (`jax.effects_barrier`) before reading.
+
+Keras' NNX mode calls the class's `train_step`, not the instance's: refused.
 Imported only when the Keras backend is JAX.
 """
 
@@ -43,6 +48,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -56,7 +62,7 @@ from gradprobe.backends._monitor_host import (
 )
 from gradprobe.core import _patch
 from gradprobe.errors import GradprobeError
-from gradprobe.monitor.layout import GRAD_STATS, Skip, Status, StatusLayout
+from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"
 # What a call of the train function raises where the data runs out.
@@ -65,15 +71,10 @@ SummaryWriter = EventWriter
 
 
 def check_options(activations: bool, log_dir: Any) -> None:
-    """Raises a `GradprobeError` at construction for what this backend cannot do."""
-    if activations:
-        raise GradprobeError(
-            "GradientMonitor(activations=True) records activation gradients on TensorFlow and "
-            "PyTorch only for now; on JAX it records the weights' gradients. Received: "
-            "activations=True with KERAS_BACKEND='jax'. Pass activations=False, or use "
-            "gp.gradients(model, x, target, 'layer_name') for one batch's activation gradients.")
+    """Raises a `GradprobeError` at construction for what this backend cannot
+    do: here only TensorBoard without the `tensorboard` package."""
     if log_dir is not None:
-        check_tensorboard()
+        check_tensorboard(log_dir)
 
 
 def loss_scaler(optimizer: Any) -> Any:
@@ -97,15 +98,13 @@ class StepProbe:
     Args:
         model: The compiled model.
         variables: The monitored trainable variables (forward order).
-        layers: Must be empty (activation gradients are not recorded on JAX).
+        layers: The `(path, layer)` pairs whose activation gradients are recorded.
         every: Statistics are computed on steps that are multiples of `every`.
         histograms: Keep a copy of the last recorded step's gradients.
     """
 
     def __init__(self, model: Any, variables: list[Any], layers: list[tuple[str, Any]],
                  every: int, histograms: bool):
-        if layers:
-            check_options(activations=True, log_dir=None)
         if getattr(keras.config, "is_nnx_enabled", lambda: False)():
             raise GradprobeError("GradientMonitor does not run with Keras' NNX mode on JAX (its "
                                  "train step is called on the class, out of the monitor's "
@@ -122,10 +121,11 @@ class StepProbe:
                 f"gradient_accumulation_steps={self.accumulation}). Use the TensorFlow or "
                 "PyTorch backend, or leave out one of the two.")
         self.variables = variables
+        self.layers = layers
         self.every = int(every)
         self.histograms = bool(histograms)
         self.slots = max(int(model.steps_per_execution or 1), 1)
-        self.layout = StatusLayout(len(variables), 0, self.slots)
+        self.layout = StatusLayout(len(variables), len(layers), self.slots)
         self.records = Records(self.layout)
         self.records.step = self.records.iterations = self.iterations()
         # Where each monitored variable sits in the list `stateless_apply` takes.
@@ -138,6 +138,8 @@ class StepProbe:
                              _index_of(optimizer_variables, self.scaler.dynamic_scale))
         self._cell: dict[str, Any] | None = None
         self._copies: list[Any] = []
+        # step -> {layer index: ACT_STATS}, filled by the backward rules' callbacks.
+        self._acts: dict[int, dict[int, np.ndarray]] = {}
 
     # ------------------------------------------------------------ install
     @contextlib.contextmanager
@@ -150,6 +152,9 @@ class StepProbe:
             if self.scaler is None:
                 stack.enter_context(_patch.wrapped_methods(
                     self.applier, _keras_private.optimizer_update_step_wrapper(self._wrap_update)))
+            if self.layers:
+                stack.enter_context(_patch.wrapped_calls(
+                    [layer for _, layer in self.layers], self._activation_hook))
             yield
 
     # ------------------------------------------------------------ in the step
@@ -159,6 +164,10 @@ class StepProbe:
         def make(original: Callable) -> Callable:
             def train_step(state: Any, data: Any) -> Any:
                 cell: dict[str, Any] = {"recording": recording}
+                if recording and self.layers:
+                    # (the recorded step takes its number, for the activation statistics)
+                    data, cell["number"] = data
+                    cell["scale"] = self._state_scale(state)
                 previous, self._cell = self._cell, cell
                 try:
                     logs, new_state = original(state, data)
@@ -179,6 +188,25 @@ class StepProbe:
             return train_step
 
         return make
+
+    def _state_scale(self, state: Any) -> Any:
+        """The loss scale in the train step's state (1.0 without loss scaling)."""
+        if self._scale_index is None:
+            return jnp.float32(1.0)
+        return jnp.asarray(state[2][self._scale_index], jnp.float32)
+
+    def _activation_hook(self, layer: Any, outputs: Any, args: tuple = (),
+                         kwargs: dict | None = None) -> Any:
+        cell = self._cell
+        if (cell is None or "number" not in cell or not isinstance(outputs, jax.Array)
+                or not jnp.issubdtype(outputs.dtype, jnp.floating)):
+            return outputs
+        index = next(i for i, (_, lay) in enumerate(self.layers) if lay is layer)
+        return _observe(self._receive, index)(outputs, cell["number"], cell["scale"])
+
+    def _receive(self, number: Any, index: Any, stats: Any) -> None:
+        """On the host: the activation statistics of layer `index` at step `number`."""
+        self._acts.setdefault(int(number), {})[int(index)] = np.asarray(stats, np.float64)
 
     def _iterations_in(self, state: Any) -> Any:
         """The applying optimizer's iteration count in the train step's new state
@@ -272,7 +300,7 @@ class StepProbe:
         return jnp.concatenate([head, flags.astype(jnp.float32),
                                 stats.reshape(-1).astype(jnp.float32),
                                 ratios.astype(jnp.float32),
-                                jnp.zeros(0, jnp.float32)])
+                                jnp.zeros(len(self.layers) * len(ACT_STATS), jnp.float32)])
 
     # ------------------------------------------------------------ on the host
     def collect(self, recorded: Callable, plain: Callable) -> Callable:
@@ -280,7 +308,12 @@ class StepProbe:
         recording or the plain version, takes the status off the logs."""
         def step(state: Any, data: Any) -> Any:
             number = self.records.step + 1
-            logs, state = (recorded if number % self.every == 0 else plain)(state, data)
+            if number % self.every == 0:
+                if self.layers:
+                    data = (data, jnp.asarray(number, jnp.int32))
+                logs, state = recorded(state, data)
+            else:
+                logs, state = plain(state, data)
             status = None
             if isinstance(logs, dict) and STATUS_KEY in logs:
                 logs = dict(logs)
@@ -308,7 +341,20 @@ class StepProbe:
 
     def read_status(self) -> Status:
         """The status after the steps run since the last read (host copy)."""
-        return self.records.status(np.asarray)
+        if not self.layers:
+            return self.records.status(np.asarray)
+        steps = [step for step, _, _ in self.records.pending]
+        if any(step % self.every == 0 for step in steps):
+            jax.effects_barrier()  # the backward rules' callbacks have all run
+        status = self.records.status(np.asarray)
+        row_of = {step: step % self.slots for step in steps}
+        for step, row in row_of.items():
+            found = self._acts.pop(step, {})
+            for i in range(len(self.layers)):
+                status.acts[i, row, :] = found.get(i, np.zeros(len(ACT_STATS)))
+        self.records.acts[:] = status.acts
+        self._acts = {k: v for k, v in self._acts.items() if k > max(steps, default=0)}
+        return status
 
     def unpack(self, status: Status) -> Status:
         return status
@@ -317,6 +363,27 @@ class StepProbe:
         """The gradients of the step `Status.copies_step` (with `histograms=True`)."""
         return [np.zeros(tuple(v.shape), np.float32) if g is None else np.asarray(g, np.float32)
                 for g, v in zip(self._copies, self.variables)]
+
+
+def _observe(receive: Callable, index: int) -> Callable:
+    """An identity `(x, number, scale) -> x` whose backward rule sends the
+    statistics of the incoming gradient, unscaled by `scale`, to `receive(number,
+    index, stats)` on the host."""
+    @jax.custom_vjp
+    def observe(x: Any, number: Any, scale: Any) -> Any:
+        return x
+
+    def forward(x: Any, number: Any, scale: Any) -> Any:
+        return x, (number, scale)
+
+    def backward(residuals: Any, dy: Any) -> Any:
+        number, scale = residuals
+        stats = _grad_stats(jnp.asarray(dy).astype(jnp.float32) / scale)[:len(ACT_STATS)]
+        jax.debug.callback(receive, number, jnp.int32(index), stats)
+        return dy, np.zeros(np.shape(number), jax.dtypes.float0), jnp.zeros_like(scale)
+
+    observe.defvjp(forward, backward)
+    return observe
 
 
 def _ratio(before: Any, after: Any) -> Any:

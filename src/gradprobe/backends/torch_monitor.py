@@ -54,7 +54,7 @@ def check_options(activations: bool, log_dir: Any) -> None:
     """Raises a `GradprobeError` at construction for what this backend cannot
     do: here only TensorBoard without the `tensorboard` package."""
     if log_dir is not None:
-        check_tensorboard()
+        check_tensorboard(log_dir)
 
 
 def loss_scaler(optimizer: Any) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 
 TEST_SIZE = 360
 # Every file the demo may write; with `overwrite`, those of an earlier run that this
-# run does not write (the monitor's, after a run on another backend) are removed,
+# run does not write (none today; a later version's extra files) are removed,
 # so the folder holds one run. No other file is touched.
 DEMO_FILES = ("report.html", "gradcam.png", "gradient_flow.png", "gradient_history.png",
               "gradients.csv", "model.keras", "test_images.npy", "test_labels.npy")
@@ -120,8 +120,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
         console: A `rich.console.Console` (default: a new one).
         overwrite: Write into a folder that is not empty, replacing the demo's
             files in it and removing those of an earlier run that this run does
-            not write (`DEMO_FILES`; e.g. the monitor's, after a TensorFlow run,
-            on JAX): the folder then holds one run. Other files stay. Without it such a folder is refused
+            not write (`DEMO_FILES`): the folder then holds one run. Other files stay. Without it such a folder is refused
             with a `GradprobeError` before anything is written.
 
     Returns:
@@ -148,18 +147,10 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    # The GradientMonitor runs on TensorFlow only so far: elsewhere the demo trains
-    # without it and says so (no gradients.csv, gradient_history.png).
-    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"], overwrite=overwrite) \
-        if keras.backend.backend() == "tensorflow" else None
-    if monitor is None:
-        for name in ("gradients.csv", "gradient_history.png"):
-            del files[name]
+    monitor = gp.GradientMonitor(every=5, csv=files["gradients.csv"], overwrite=overwrite)
     console.print(f"[bold]gradprobe demo[/bold]: training {model.name} on {len(x_train)} bundled "
-                  f"8x8 digits ({len(x_test)} held out), " + (
-                      "GradientMonitor attached" if monitor is not None else
-                      f"on {keras.backend.backend()}: without the GradientMonitor "
-                      "(TensorFlow only so far)"))
+                  f"8x8 digits ({len(x_test)} held out) on {keras.backend.backend()}, "
+                  "GradientMonitor attached")
     batch = 32
     steps = -(-len(x_train) // batch)
     start = time.perf_counter()
@@ -183,7 +174,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     if not findings:
         console.print("[green]No findings[/green]: no vanishing, exploding, non-finite or "
                       "dead gradients.")
-    for f in monitor.diagnose() if monitor is not None else []:
+    for f in monitor.diagnose():
         console.print(f"[yellow]during training[/yellow] {f.message}", highlight=False)
 
     images, labels = x_test[:8], y_test[:8]
@@ -193,8 +184,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
     titles = [f"predicted {p}, label {t}" for p, t in zip(predicted, labels)]
     gp.plot.save_maps(files["gradcam.png"], images, maps, titles=titles)
     gp.plot.gradient_flow(g.stats(), g.kinds, files["gradient_flow.png"])
-    if monitor is not None:
-        monitor.plot(files["gradient_history.png"])
+    monitor.plot(files["gradient_history.png"])
     model.save(files["model.keras"])
     np.save(files["test_images.npy"], xb)
     np.save(files["test_labels.npy"], yb)
@@ -214,8 +204,7 @@ def run(out_dir: str = "gradprobe-demo", *, epochs: int = 12, seed: int = 0,
         if name not in files and os.path.isfile(stale):
             os.remove(stale)
     console.print(f"\nReport: {os.path.abspath(files['report.html'])}")
-    during = "gradients during training (gradient_history.png, gradients.csv), " \
-        if monitor is not None else ""
+    during = "gradients during training (gradient_history.png, gradients.csv), "
     console.print(f"Also written to {os.path.abspath(out_dir)}: Grad-CAM overlays "
                   f"(gradcam.png), gradient flow (gradient_flow.png), {during}the trained "
                   "model (model.keras; it outputs logits) and a held-out batch "

@@ -120,8 +120,8 @@ class GradientMonitor(keras.callbacks.Callback):
     and dtypes of the training data (what Keras does under a distribution
     strategy), and recorded from that step on.
 
-    Runs on TensorFlow, JAX and PyTorch (`activations=True`: TensorFlow and
-    PyTorch); the hooks of each backend are in `gradprobe.backends.*_monitor`.
+    Runs on TensorFlow, JAX and PyTorch; the hooks of each backend are in
+    `gradprobe.backends.*_monitor`.
 
     Attributes:
         steps: The recorded step numbers (1-based; numbered like the
@@ -557,7 +557,8 @@ class GradientMonitor(keras.callbacks.Callback):
         span = _steps_text(steps)
         message = (f"gradprobe: {span} ran without the monitor's hooks, so their gradients "
                    "were not recorded. The train step must apply its gradients with "
-                   "model.optimizer.apply() or apply_gradients().")
+                   "model.optimizer.apply() or apply_gradients() (on JAX: "
+                   "model.optimizer.stateless_apply()).")
         if self.on_nonfinite == "stop":
             raise GradprobeError(message + " (Pass on_nonfinite='warn' to only warn.)")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
