@@ -17,7 +17,6 @@ from gradprobe.attribution._common import (
     dtype_name,
     fixed_target,
     is_floating,
-    on_tensorflow,
     take_rows,
 )
 from gradprobe.core import _validate
@@ -286,8 +285,7 @@ def _curve(kind: str, model: Any, inputs: Any, attribution: Any, target: Any, *,
                 f"'predicted', gp.loss(...) with a per-example loss, gp.at(...)); this "
                 f"target gives a value of shape {tuple(getattr(value, 'shape', ()))} for "
                 f"{len(r)} inputs. Received: target={_validate.shown(target)}")
-        values.append(to_numpy(ops.cast(value, "float64") if not on_tensorflow()
-                               else ops.cast(value, "float32")).astype(np.float64))
+        values.append(to_numpy(value).astype(np.float64))
     flat = np.concatenate(values)
     curve = flat.reshape(steps + 1, n).T
     auc = trapezoid(curve, fractions)
