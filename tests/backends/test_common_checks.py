@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from backend_helpers import arr, assert_untouched, cnn, snapshot
 from keras import layers
-from tolerance import assert_close
 
 import gradprobe as gp
 from gradprobe.attribution.checks import rankdata, reinitialize, spearman
 from gradprobe.errors import GradprobeError
+from tolerance import assert_close
 
 
 def linear(w):
