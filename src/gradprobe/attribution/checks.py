@@ -448,7 +448,7 @@ def reinitialize(layer: Any, seed: int) -> None:
             init = keras.initializers.get(init)
             config = init.get_config()
             if "seed" in config:
-                config["seed"] = int(seed) * 1000 + k
+                config["seed"] = (int(seed) * 1000 + k) % (2**31 - 1)
                 init = type(init).from_config(config)
             value = init(shape, dtype=dtype)
         else:
