@@ -225,6 +225,36 @@ def test_randomization_cascade_against_a_hand_cascade_and_model_untouched():
     assert_untouched(model, before)
 
 
+def test_reinitialize_uses_the_layer_initializers_with_the_seed():
+    model = small_cnn()
+    model.get_layer("dense").set_weights([np.full((64, 3), 0.5, "float32"),
+                                          np.ones(3, "float32")])
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    dense = clone.get_layer("dense")
+    reinitialize(dense, 3)
+    kernel, bias = (arr(v.value).copy() for v in dense.weights)  # (torch: a view)
+    np.testing.assert_array_equal(bias, np.zeros(3))  # bias_initializer="zeros"
+    limit = np.sqrt(6 / (64 + 3))  # glorot_uniform
+    assert np.abs(kernel).max() <= limit and kernel.std() > limit / 4
+    reinitialize(dense, 3)
+    np.testing.assert_array_equal(arr(dense.weights[0].value), kernel)  # seeded
+    reinitialize(dense, 4)
+    assert not np.array_equal(arr(dense.weights[0].value), kernel)
+    np.testing.assert_array_equal(arr(model.get_layer("dense").weights[0].value), 0.5)
+
+
+def test_predicted_target_is_fixed_on_the_clean_inputs():
+    model = small_cnn()
+    x = np.random.default_rng(5).random((3, 8, 8, 1)).astype("float32")
+    classes = np.argmax(arr(model(x)), axis=-1)
+    maps = gp.saliency(model, x, "predicted")
+    for fn in (gp.deletion_curve, gp.insertion_curve):
+        a = fn(model, x, maps, "predicted", steps=4)
+        b = fn(model, x, maps, classes, steps=4)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
 def test_randomization_layers_method_and_errors():
     model = cnn()
     x = np.random.default_rng(1).random((2, 6, 6, 2)).astype("float32")
