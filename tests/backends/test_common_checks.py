@@ -260,6 +260,16 @@ def test_randomization_layers_method_and_errors():
     x = np.random.default_rng(1).random((2, 6, 6, 2)).astype("float32")
     check = gp.randomization_check(model, x, 1, "gradient_x_input", layers=["out"], seed=0)
     assert check.layers == ("out",) and check.method == "gradient_x_input"
+    # SmoothGrad gets the seed as its noise seed: every map of the check sees the same noise
+    same = gp.randomization_check(model, x, 1, "smoothgrad", layers=["out"], samples=3,
+                                  noise=0.5)
+    smooth = np.abs(np.asarray(gp.smoothgrad(model, x, 1, samples=3, noise=0.5, seed=0)))
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    reinitialize(clone.get_layer("out"), 0)
+    moved = np.abs(np.asarray(gp.smoothgrad(clone, x, 1, samples=3, noise=0.5, seed=0)))
+    for i in range(2):
+        assert same.spearman[0, i] == pytest.approx(spearman(smooth[i], moved[i]))
     # no re-initialisation of the conv layer: a callable method is used as given
     calls = []
 

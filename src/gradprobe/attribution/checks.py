@@ -483,7 +483,8 @@ def randomization_check(model: keras.Model, inputs: Any, target: Any,
         layers: The layer names to re-initialise, in order (default: every
             layer with weights, from the output down).
         seed: The seed of the re-initialisation (the same seed, the same
-            randomised weights on a backend).
+            randomised weights on a backend); also SmoothGrad's noise seed, so
+            that every map of the check sees the same noise.
         **method_kwargs: Passed to the method (`steps=`, `layer=`, ...).
 
     Returns:
@@ -516,8 +517,12 @@ def randomization_check(model: keras.Model, inputs: Any, target: Any,
     classes = fixed_target(model, inputs, target, output, training)
     fn, name = _method(method)
 
+    kwargs = dict(method_kwargs)
+    if name == "smoothgrad":  # the same noise for every map: only the weights differ
+        kwargs.setdefault("seed", seed)
+
     def attribute(m: Any) -> np.ndarray:
-        result = fn(m, inputs, classes, output=output, training=training, **method_kwargs)
+        result = fn(m, inputs, classes, output=output, training=training, **kwargs)
         arr = _map_array(result)
         return np.abs(arr.reshape(arr.shape[0], -1))
 
