@@ -112,7 +112,7 @@ LAYOUT = {
     "core": ["__init__", "engine", "capture", "selectors", "targets", "result", "stats", "tape",
              "_functional", "_functional_form", "_patch", "_validate", "_sequence"],
     "attribution": ["__init__", "_common", "saliency", "smoothgrad", "integrated_gradients",
-                    "grad_cam"],
+                    "grad_cam", "checks"],
     "higher": ["__init__", "hvp", "jacobian", "penalty", "per_example"],
     "monitor": ["__init__", "callback", "layout", "replay", "sinks"],
     "report": ["__init__", "html", "plot"],
@@ -124,10 +124,11 @@ LAYOUT = {
 
 PUBLIC_API = [
     "Attribution", "Finding", "FunctionalForm", "GradientMonitor", "GradprobeError",
-    "Gradients", "PerExampleNorms", "Tape", "at", "clear_cache", "functional", "grad_cam",
-    "grad_cam_layer", "grad_cam_plus_plus", "gradient_penalty", "gradient_x_input",
-    "gradients", "hvp", "integrated_gradients", "jacobian", "loss", "per_example_norms",
-    "plot", "saliency", "smoothgrad", "write_report",
+    "Gradients", "PerExampleNorms", "Tape", "at", "clear_cache", "deletion_curve",
+    "functional", "grad_cam", "grad_cam_layer", "grad_cam_plus_plus", "gradient_penalty",
+    "gradient_x_input", "gradients", "hvp", "insertion_curve", "integrated_gradients",
+    "jacobian", "loss", "per_example_norms", "plot", "randomization_check", "saliency",
+    "smoothgrad", "write_report",
 ]
 
 
@@ -175,6 +176,7 @@ def test_public_api_is_unchanged_and_resolves():
              "functional": "gradprobe.core._functional_form",
              "Attribution": "gradprobe.attribution._common",
              "grad_cam": "gradprobe.attribution.grad_cam", "hvp": "gradprobe.higher.hvp",
+             "deletion_curve": "gradprobe.attribution.checks",
              "per_example_norms": "gradprobe.higher.per_example",
              "write_report": "gradprobe.report.html",
              "GradientMonitor": "gradprobe.monitor.callback"}

@@ -70,6 +70,24 @@ def test_image_report_numbers_images_and_sections(tmp_path):
     assert "Content-Security-Policy" in html
 
 
+def test_attribution_checks_give_the_curves_auc_in_the_caption(tmp_path):
+    model = _cnn()
+    x = np.random.default_rng(3).random((3, 8, 8, 1)).astype("float32")
+    plain = _read(gp.write_report(str(tmp_path / "a.html"), model, x, 1))
+    assert "deletion AUC" not in plain  # off by default
+    html = _read(gp.write_report(str(tmp_path / "b.html"), model, x, 1,
+                                 attribution_checks=True))
+    sal = gp.saliency(model, x, 1)
+    cam = gp.grad_cam(model, x, 1, "conv")
+    for label, maps in (("saliency |g|", sal), ("Grad-CAM (conv)", cam)):
+        d = gp.deletion_curve(model, x, maps, 1, steps=20).mean_auc
+        i = gp.insertion_curve(model, x, maps, 1, steps=20).mean_auc
+        text = f"{label}: deletion AUC {d:.4g}, insertion AUC {i:.4g}"
+        assert text in html, text
+    with pytest.raises(gp.GradprobeError, match="Received: attribution_checks='yes'"):
+        gp.write_report(str(tmp_path / "c.html"), model, x, 1, attribution_checks="yes")
+
+
 def test_tabular_inputs_have_no_maps_and_names_are_escaped(tmp_path):
     inp = keras.Input((4,), name="features")
     out = layers.Dense(2, name="a_b")(layers.Dense(3, activation="tanh", name="hidden")(inp))

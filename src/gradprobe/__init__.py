@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 # import it the first time they are looked up.
 _LAZY = {
     "Attribution": "gradprobe.attribution._common",
+    "deletion_curve": "gradprobe.attribution.checks",
+    "insertion_curve": "gradprobe.attribution.checks",
+    "randomization_check": "gradprobe.attribution.checks",
     "grad_cam": "gradprobe.attribution.grad_cam",
     "grad_cam_layer": "gradprobe.attribution.grad_cam",
     "grad_cam_plus_plus": "gradprobe.attribution.grad_cam",
@@ -62,6 +65,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from gradprobe.attribution._common import Attribution
+    from gradprobe.attribution.checks import deletion_curve, insertion_curve, randomization_check
     from gradprobe.attribution.grad_cam import grad_cam, grad_cam_layer, grad_cam_plus_plus
     from gradprobe.attribution.integrated_gradients import integrated_gradients
     from gradprobe.attribution.saliency import gradient_x_input, saliency
@@ -111,6 +115,7 @@ __all__ = [
     "Tape",
     "at",
     "clear_cache",
+    "deletion_curve",
     "functional",
     "grad_cam",
     "grad_cam_layer",
@@ -119,11 +124,13 @@ __all__ = [
     "gradient_x_input",
     "gradients",
     "hvp",
+    "insertion_curve",
     "integrated_gradients",
     "jacobian",
     "loss",
     "per_example_norms",
     "plot",
+    "randomization_check",
     "saliency",
     "smoothgrad",
     "write_report",
