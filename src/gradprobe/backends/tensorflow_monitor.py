@@ -189,15 +189,19 @@ class StepProbe:
         return [by_id.get(id(_value(v))) for v in self.variables]
 
     def _nonfinite_flags(self, grads: list[Any]) -> Any:
-        out = []
-        for g in grads:
-            if g is None:
-                out.append(tf.constant(0.0))
-                continue
-            values = g.values if isinstance(g, tf.IndexedSlices) else g
-            out.append(tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(values))),
-                               tf.float32))
-        return tf.stack(out) if out else tf.zeros([0])
+        """1 where a gradient has a NaN/Inf entry, per gradient (0 for None),
+        from all gradients as one vector (a few ops, whatever their number)."""
+        present = [(i, g.values if isinstance(g, tf.IndexedSlices) else g)
+                   for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return tf.zeros([len(grads)])
+        flat, segments = _flat([v for _, v in present])
+        bad = tf.math.unsorted_segment_sum(
+            tf.cast(tf.logical_not(tf.math.is_finite(flat)), tf.float32), segments, len(present))
+        flags = tf.cast(bad > 0, tf.float32)
+        if len(present) == len(grads):
+            return flags
+        return tf.scatter_nd([[i] for i, _ in present], flags, [len(grads)])
 
     def _nonfinite_check(self, grads: list[Any]) -> Any:
         """`_nonfinite_flags(grads)`, made cheap for the steps that are not
@@ -222,18 +226,13 @@ class StepProbe:
             return tf.zeros([0, len(GRAD_STATS)])
         # The usual case, every gradient finite, in few elementwise passes; a
         # sum of squares is NaN/Inf when any entry is (or overflows): then the
-        # exact statistics over the finite entries, inside a cond.
+        # exact statistics over the finite entries, inside a cond. The exact
+        # branch works on all gradients as one vector (a few dozen ops, not a
+        # dozen per gradient): the branch not taken still costs the executor
+        # a step per op, at every step.
         fast, sumsq = _finite_stats(dense)
         finite = tf.reduce_all(tf.math.is_finite(sumsq))
-
-        def exact() -> Any:
-            rows = []
-            for g in dense:
-                stats, zero = _stats_and_zero(g)
-                rows.append(tf.concat([stats, [_dead(g, zero)]], 0))
-            return tf.stack(rows)
-
-        return tf.cond(finite, lambda: fast, exact)
+        return tf.cond(finite, lambda: fast, lambda: _exact_stats(dense))
 
     def _wrap_apply(self, original: Callable) -> Callable:
         def apply(grads: Any, trainable_variables: Any = None) -> Any:
@@ -699,14 +698,46 @@ def _finite_stats(grads: list[Any]) -> tuple[Any, Any]:
     return rows, sumsq
 
 
-def _dead(g: Any, zero: Any | None = None) -> Any:
-    """Units (last axis) whose gradient is exactly zero everywhere."""
-    if g.shape.rank == 0 or g.shape[-1] is None or g.shape[-1] < 2:
-        return tf.constant(0.0)
-    zero = tf.equal(g, 0.0) if zero is None else zero
-    if g.shape.rank > 1:
-        zero = tf.reduce_all(zero, axis=list(range(g.shape.rank - 1)))
-    return tf.reduce_sum(tf.cast(zero, tf.float32))
+def _flat(tensors: list[Any]) -> tuple[Any, Any]:
+    """The tensors as one float32 vector, and each entry's tensor index."""
+    flat = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+    sizes = tf.stack([tf.size(t, out_type=tf.int32) for t in tensors])
+    return flat, tf.repeat(tf.range(len(tensors), dtype=tf.int32), sizes)
+
+
+def _exact_stats(grads: list[Any]) -> Any:
+    """The rows of `GRAD_STATS` of float32 gradients with static shapes, over
+    their finite entries (norm, max |g|), and their NaN/Inf counts: all
+    gradients as one vector, reduced by segment (sums of squares in float64)."""
+    n = len(grads)
+    flat, segments = _flat(grads)
+    finite = tf.math.is_finite(flat)
+    clean = tf.where(finite, flat, tf.zeros_like(flat))
+    sumsq = tf.math.unsorted_segment_sum(tf.square(tf.cast(clean, tf.float64)), segments, n)
+    highest = tf.maximum(tf.math.unsorted_segment_max(tf.abs(clean), segments, n), 0.0)
+    zero = tf.cast(tf.equal(flat, 0.0), tf.float32)
+    zeros = tf.math.unsorted_segment_sum(zero, segments, n)
+    bad = tf.math.unsorted_segment_sum(tf.cast(tf.logical_not(finite), tf.float32), segments, n)
+    # Dead units: entry j of gradient i (row-major) belongs to unit
+    # first_unit[i] + (j - start[i]) % units[i] (units: the last axis; one
+    # never-dead unit for a gradient of rank 0 or of one column).
+    sizes = [int(g.shape.num_elements()) for g in grads]
+    units = [int(g.shape[-1]) if g.shape.rank and g.shape[-1] >= 2 else 1 for g in grads]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+    first_unit = np.concatenate([[0], np.cumsum(units)[:-1]]).astype(np.int32)
+    full = np.concatenate([np.full(u, size // u if u > 1 else -1, np.float32)
+                           for size, u in zip(sizes, units)])
+    owner = np.repeat(np.arange(n, dtype=np.int32), units)
+    position = tf.range(tf.shape(flat)[0], dtype=tf.int32)
+    unit = tf.gather(tf.constant(first_unit), segments) + tf.math.floormod(
+        position - tf.gather(tf.constant(starts), segments),
+        tf.gather(tf.constant(np.array(units, np.int32)), segments))
+    per_unit = tf.math.unsorted_segment_sum(zero, unit, int(sum(units)))
+    dead = tf.math.unsorted_segment_sum(
+        tf.cast(tf.equal(per_unit, tf.constant(full)), tf.float32), tf.constant(owner), n)
+    return tf.stack([tf.cast(tf.sqrt(sumsq), tf.float32), highest,
+                     tf.math.divide_no_nan(zeros, tf.constant(sizes, tf.float32)), bad, dead],
+                    axis=1)
 
 
 def build_model(model: Any, iterator: Any) -> None:
