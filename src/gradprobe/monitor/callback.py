@@ -179,9 +179,9 @@ class GradientMonitor(keras.callbacks.Callback):
             "print_every", print_every, none_ok=True)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.replay = _check_bool("replay", replay)
-        if self.replay and keras.backend.backend() != "tensorflow":
+        if self.replay and keras.backend.backend() not in ("tensorflow", "torch"):
             raise GradprobeError(
-                "GradientMonitor(replay=True) runs on TensorFlow only for now. Received: "
+                "GradientMonitor(replay=True) runs on TensorFlow and PyTorch only for now. Received: "
                 f"replay=True on the {keras.backend.backend()!r} backend. Pass replay=False "
                 "(the first non-finite step and variable are still reported).")
         if self.replay and on_nonfinite != "stop":
@@ -466,9 +466,9 @@ class GradientMonitor(keras.callbacks.Callback):
                 with probe.installed():
                     logs = function(*args)
                 status = None
-                if isinstance(logs, dict) and status_key in logs:
+                if isinstance(logs, dict) and (status_key in logs or batch_key in logs):
                     logs = dict(logs)
-                    status = logs.pop(status_key)
+                    status = logs.pop(status_key, None)
                     self._pending_batch = logs.pop(batch_key, None)
                 if status is None:
                     status = read_status()
