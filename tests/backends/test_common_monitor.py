@@ -557,10 +557,7 @@ def test_jax_data_parallel_records_the_global_gradients(tmp_path):
 
 
 # ------------------------------------------------------------ replay: where a NaN starts
-REPLAY_BACKENDS = ("tensorflow", "torch")  # where `replay=True` runs
 REPLAY_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-needs_replay = pytest.mark.skipif(BACKEND not in REPLAY_BACKENDS,
-                                  reason=f"replay=True is refused on {BACKEND} (tested below)")
 
 
 def _replay_model(kind, **compile_kw):
@@ -584,7 +581,6 @@ def _replay_model(kind, **compile_kw):
     return model, x, np.zeros(60, dtype=int)
 
 
-@needs_replay
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind,phase,layer", [("forward", "forward", "log"),
                                               ("backward", "backward", "sqrt")])
@@ -610,7 +606,6 @@ def test_replay_names_the_layer_where_the_nan_starts(kind, phase, layer, mode):
     _no_hooks_left(model)
 
 
-@needs_replay
 @pytest.mark.parametrize("mode", list(MODES))
 def test_replay_leaves_healthy_training_as_without_the_monitor(mode):
     model, x, y = _replay_model("backward", **MODES[mode])
@@ -627,7 +622,6 @@ def test_replay_leaves_healthy_training_as_without_the_monitor(mode):
     _no_hooks_left(model)
 
 
-@needs_replay
 def test_replay_refuses_what_it_cannot_replay_before_the_model_changes():
     with pytest.raises(gp.GradprobeError, match=r"on_nonfinite='stop' with replay=True"):
         gp.GradientMonitor(replay=True, on_nonfinite="warn")
@@ -645,12 +639,3 @@ def test_replay_refuses_what_it_cannot_replay_before_the_model_changes():
                       callbacks=[gp.GradientMonitor(replay=True)])
         assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
         _no_hooks_left(model)
-
-
-@pytest.mark.skipif(BACKEND in REPLAY_BACKENDS, reason="replay=True runs here")
-def test_replay_is_refused_where_it_does_not_run_with_the_fix():
-    """`replay=True` runs on TensorFlow and PyTorch; elsewhere it is refused when
-    the monitor is made, naming the value."""
-    with pytest.raises(gp.GradprobeError, match=rf"TensorFlow and PyTorch only.*replay=True "
-                                                rf"on the '{BACKEND}' backend.*replay=False"):
-        gp.GradientMonitor(replay=True)
