@@ -632,6 +632,16 @@ def test_replay_refuses_what_it_cannot_replay_before_the_model_changes():
         model.fit(x, y, batch_size=10, verbose=0, callbacks=[gp.GradientMonitor(replay=True)])
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
     _no_hooks_left(model)
+    if BACKEND == "jax":  # under a keras.distribution the update runs per device
+        model, x, y = _replay_model("forward")
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            with pytest.raises(gp.GradprobeError, match=r"distribution strategy.*replay=False"):
+                model.fit(x, y, batch_size=10, verbose=0,
+                          callbacks=[gp.GradientMonitor(replay=True)])
+        finally:
+            keras.distribution.set_distribution(None)
+        _no_hooks_left(model)
     if BACKEND != "torch":  # Keras refuses steps_per_execution > 1 on PyTorch itself
         model, x, y = _replay_model("forward", steps_per_execution=2)
         with pytest.raises(gp.GradprobeError, match=r"steps_per_execution=2.*replay=False"):
