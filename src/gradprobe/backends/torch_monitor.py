@@ -212,9 +212,9 @@ class StepProbe:
         if not bool(bad.any()):
             # the flags of the monitored gradients, for `_record` (no second check)
             index = {id(v): i for i, v in enumerate(variables)}
-            cell["flags"] = torch.stack([bad[index[id(v)]] if id(v) in index else
-                                         torch.zeros((), device=bad.device)
-                                         for v in self.variables]) if self.variables else None
+            at = [index.get(id(v)) for v in self.variables]
+            if None not in at:  # (else `_record` checks the monitored gradients itself)
+                cell["flags"] = bad[at]
             return original(grads, trainable_variables)
         cell["skip"] = float(Skip.NONFINITE)
         cell["grads"] = [None if g is None else g.detach() for g in self._mine(grads, variables)]
