@@ -38,6 +38,11 @@ duration of each call of the monitor's function, removed in `finally`):
   `jax.debug.callback`, tagged with the step's number (an input of the recorded
   step); the callback waits for them (`jax.effects_barrier`) before reading.
 
+With `replay=True`, `stateless_apply` returns the old trainable and optimizer
+variables where any gradient is not finite (`jnp.where`, in the jitted step;
+`Skip.NONFINITE`), and the host step keeps a reference to each step's batch
+(`StepProbe.handed_batch`) for the callback's replay.
+
 Keras' NNX mode calls the class's `train_step`, not the instance's: refused.
 Imported only when the Keras backend is JAX.
 """

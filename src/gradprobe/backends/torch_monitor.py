@@ -22,6 +22,11 @@ for the duration of each call of the monitor's train function (through
 Statistics of the steps that are not recorded (`every`): only the NaN/Inf test,
 one fused max-norm over all gradients.
 
+With `replay=True` that test runs in `apply`, over all the step's gradients,
+and is read on the host: a non-finite step's `apply` does not run (no update,
+the iteration count unchanged; `Skip.NONFINITE`) and the train step's logs hand
+back its batch (`BATCH_KEY`, a reference) for the callback's replay.
+
 With `jit_compile=True` (`torch.compile`) the monitor's train function runs
 eagerly (its hooks are Python code that `torch.compile` would trace into
 graph breaks and recompilations); it warns once per fit.
