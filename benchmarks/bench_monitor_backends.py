@@ -14,7 +14,8 @@ function back after each fit), warm (each traced once before timing), in
 interleaved rounds whose order rotates (see bench_monitor.rotation): the plain
 fit (the baseline); the plain fit again (A/A control: the noise of this run); a
 callback reading the loss on the host after every step (the floor of any
-per-step check); the monitor at every=1 and every=10. Each row: the median over
+per-step check); the monitor at every=1 and every=10, and at every=10 with
+replay=True (a non-finite step not applied, each batch kept). Each row: the median over
 rounds of the fit time over the baseline's in the same round, wall and process
 CPU time, with the interquartile range.
 
@@ -66,7 +67,8 @@ def main() -> None:
     variants = {"no monitor": [], "no monitor (A/A control)": [],
                 "callback reading the loss": [ReadLoss()],
                 "monitor every=1": [gp.GradientMonitor(every=1)],
-                "monitor every=10": [gp.GradientMonitor(every=10)]}
+                "monitor every=10": [gp.GradientMonitor(every=10)],
+                "monitor every=10, replay=True": [gp.GradientMonitor(every=10, replay=True)]}
     for callbacks in variants.values():  # warm-up: tracing
         model.fit(x[:args.batch * 10], y[:args.batch * 10], batch_size=args.batch, verbose=0,
                   callbacks=callbacks)

@@ -556,12 +556,96 @@ def test_jax_data_parallel_records_the_global_gradients(tmp_path):
     assert os.path.abspath(src) in result.stdout  # this checkout's gradprobe
 
 
-def test_replay_is_tensorflows_and_refused_elsewhere_with_the_fix():
-    """`replay=True` (where a NaN starts) runs on TensorFlow (tests/test_monitor.py);
-    on JAX and PyTorch it is refused when the monitor is made, naming the value."""
-    if BACKEND == "tensorflow":
-        assert gp.GradientMonitor(replay=True).replay is True
-        return
-    with pytest.raises(gp.GradprobeError, match=rf"TensorFlow only.*replay=True on the "
-                                                rf"'{BACKEND}' backend.*replay=False"):
-        gp.GradientMonitor(replay=True)
+# ------------------------------------------------------------ replay: where a NaN starts
+REPLAY_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _replay_model(kind, **compile_kw):
+    """A model whose step 3 (batches of 10) makes a NaN: in the forward pass (a
+    log of a negative number in layer 'log') or only in the backward pass (layer
+    'sqrt': sqrt(|t|) of an exact zero is finite, its gradient 0 * inf is NaN;
+    step 3's inputs are all zero, so its input `t` is zero whatever the weights)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    h = layers.Dense(5, name="first", kernel_initializer="identity",
+                     use_bias=kind != "backward")(inp)
+    if kind == "forward":
+        h = layers.Lambda(lambda t: keras.ops.log(t[:, :1] + 3.0) + t, name="log")(h)
+    else:
+        h = layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t[:, :1])) + t,
+                          name="sqrt")(h)
+    model = keras.Model(inp, layers.Dense(3, name="last")(layers.Dense(4, name="mid")(h)))
+    model.compile(keras.optimizers.SGD(0.01), REPLAY_LOSS, **compile_kw)
+    x = np.random.default_rng(0).random((60, 5)).astype("float32") + 0.5
+    x[20:30] = -100.0 if kind == "forward" else 0.0
+    return model, x, np.zeros(60, dtype=int)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind,phase,layer", [("forward", "forward", "log"),
+                                              ("backward", "backward", "sqrt")])
+def test_replay_names_the_layer_where_the_nan_starts(kind, phase, layer, mode):
+    model, x, y = _replay_model(kind, **MODES[mode])
+    twin, _, _ = _replay_model(kind, **MODES[mode])
+    twin.fit(x[:20], y[:20], batch_size=10, shuffle=False, verbose=0)  # steps 1 and 2 only
+    monitor = gp.GradientMonitor(replay=True)
+    with pytest.warns(RuntimeWarning, match=rf"step 3, .*Replay: it starts in the {phase} "
+                                            rf"pass.*'{layer}'.*step 3 was not applied"):
+        model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[monitor])
+    origin = monitor.nonfinite_origin
+    assert (origin.step, origin.phase, origin.layer) == (3, phase, layer), origin
+    step, variable = monitor.first_nonfinite
+    assert step == 3 and (kind == "forward" or variable == "first.kernel"), variable
+    assert monitor.skipped.tolist() == [0, 0, 3]
+    assert monitor.history[variable]["nonfinite"][2] > 0
+    assert np.all(monitor.history[variable]["update_ratio"][2] == 0)
+    # the model keeps the weights step 3 started from: those of a model fitted 2 steps
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        assert_close(a, b, "float32", 16)
+    _no_hooks_left(model)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_replay_leaves_healthy_training_as_without_the_monitor(mode):
+    model, x, y = _replay_model("backward", **MODES[mode])
+    twin, _, _ = _replay_model("backward", **MODES[mode])
+    x[20:30] = 0.75  # no NaN anywhere
+    monitor = gp.GradientMonitor(replay=True, every=2)
+    model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[monitor])
+    twin.fit(x, y, batch_size=10, shuffle=False, verbose=0)
+    assert monitor.nonfinite_origin is None and monitor.first_nonfinite is None
+    assert monitor.steps.tolist() == [2, 4, 6] and monitor.skipped.tolist() == [0, 0, 0]
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 6
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        assert_close(a, b, "float32", 16)
+    _no_hooks_left(model)
+
+
+def test_replay_refuses_what_it_cannot_replay_before_the_model_changes():
+    with pytest.raises(gp.GradprobeError, match=r"on_nonfinite='stop' with replay=True"):
+        gp.GradientMonitor(replay=True, on_nonfinite="warn")
+    model, x, y = _replay_model("forward")
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)),
+                  REPLAY_LOSS)
+    with pytest.raises(gp.GradprobeError, match=r"loss scaling.*replay=False"):
+        model.fit(x, y, batch_size=10, verbose=0, callbacks=[gp.GradientMonitor(replay=True)])
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    _no_hooks_left(model)
+    if BACKEND == "jax":  # under a keras.distribution the update runs per device
+        model, x, y = _replay_model("forward")
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            with pytest.raises(gp.GradprobeError, match=r"distribution strategy.*replay=False"):
+                model.fit(x, y, batch_size=10, verbose=0,
+                          callbacks=[gp.GradientMonitor(replay=True)])
+        finally:
+            keras.distribution.set_distribution(None)
+        _no_hooks_left(model)
+    if BACKEND != "torch":  # Keras refuses steps_per_execution > 1 on PyTorch itself
+        model, x, y = _replay_model("forward", steps_per_execution=2)
+        with pytest.raises(gp.GradprobeError, match=r"steps_per_execution=2.*replay=False"):
+            model.fit(x, y, batch_size=10, verbose=0,
+                      callbacks=[gp.GradientMonitor(replay=True)])
+        assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+        _no_hooks_left(model)

@@ -38,6 +38,11 @@ duration of each call of the monitor's function, removed in `finally`):
   `jax.debug.callback`, tagged with the step's number (an input of the recorded
   step); the callback waits for them (`jax.effects_barrier`) before reading.
 
+With `replay=True`, `stateless_apply` returns the old trainable and optimizer
+variables where any gradient is not finite (`jnp.where`, in the jitted step;
+`Skip.NONFINITE`), and the host step keeps a reference to each step's batch
+(`StepProbe.handed_batch`) for the callback's replay.
+
 Keras' NNX mode calls the class's `train_step`, not the instance's: refused.
 Imported only when the Keras backend is JAX.
 """
@@ -65,6 +70,9 @@ from gradprobe.errors import GradprobeError
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"
+# With replay=True the batch is not in the logs (the train function returns
+# `(logs, state)`): the callback takes it from `StepProbe.handed_batch`.
+BATCH_KEY = None
 # What a call of the train function raises where the data runs out.
 END_OF_DATA = (StopIteration,)
 SummaryWriter = EventWriter
@@ -80,6 +88,16 @@ def check_options(activations: bool, log_dir: Any) -> None:
 def loss_scaler(optimizer: Any) -> Any:
     """The model's `LossScaleOptimizer`, or None."""
     return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+
+
+def is_distributed(model: Any) -> bool:
+    """Whether a `keras.distribution` (the step runs over several devices) is set."""
+    return keras.distribution.distribution() is not None
+
+
+def unbatch(batch: Any) -> Any:
+    """The batch kept by `StepProbe.handed_batch`, as the train step received it."""
+    return batch
 
 
 def applying_optimizer(optimizer: Any) -> Any:
@@ -101,10 +119,15 @@ class StepProbe:
         layers: The `(path, layer)` pairs whose activation gradients are recorded.
         every: Statistics are computed on steps that are multiples of `every`.
         histograms: Keep a copy of the last recorded step's gradients.
+        replay: A step with a NaN/Inf gradient is not applied (`Skip.NONFINITE`:
+            the new trainable and optimizer variables are the old ones where any
+            gradient is not finite, in the jitted step) and the step's batch is
+            kept (a reference; `handed_batch`), so that the callback can replay
+            it on the weights it started from.
     """
 
     def __init__(self, model: Any, variables: list[Any], layers: list[tuple[str, Any]],
-                 every: int, histograms: bool):
+                 every: int, histograms: bool, replay: bool = False):
         if getattr(keras.config, "is_nnx_enabled", lambda: False)():
             raise GradprobeError("GradientMonitor does not run with Keras' NNX mode on JAX (its "
                                  "train step is called on the class, out of the monitor's "
@@ -124,6 +147,8 @@ class StepProbe:
         self.layers = layers
         self.every = int(every)
         self.histograms = bool(histograms)
+        self.replay = bool(replay)
+        self._batch: Any = None
         self.slots = max(int(model.steps_per_execution or 1), 1)
         self.layout = StatusLayout(len(variables), len(layers), self.slots)
         self.records = Records(self.layout)
@@ -249,9 +274,22 @@ class StepProbe:
                 iterations = jnp.asarray(opt_values[self._iter_index])
                 update = (iterations + 1) % self.accumulation == 0
                 code = jnp.where(update, code, jnp.float32(Skip.ACCUMULATED))
+            if self.replay:  # (GradientMonitor refuses loss scaling and accumulation here)
+                present = [g for g in grads if g is not None and jnp.size(g)]
+                finite = jnp.isfinite(jnp.max(jnp.stack(
+                    [jnp.max(jnp.abs(g)).astype(jnp.float32) for g in present]))) \
+                    if present else jnp.bool_(True)
+                code = jnp.where(finite, code, jnp.float32(Skip.NONFINITE))
             cell["code"] = code
             new_trainable, new_optimizer = original(optimizer_variables, grads,
                                                     trainable_variables)
+            if self.replay:
+                # A non-finite step is not applied: the weights and the optimizer's
+                # variables (its iteration count too) stay as the step found them.
+                new_trainable = [jnp.where(finite, new, old) for new, old in
+                                 zip(new_trainable, trainable_variables)]
+                new_optimizer = [jnp.where(finite, new, old) for new, old in
+                                 zip(new_optimizer, optimizer_variables)]
             if cell["recording"]:
                 before, after = self._mine(list(trainable_variables)), self._mine(
                     list(new_trainable))
@@ -308,6 +346,8 @@ class StepProbe:
         recording or the plain version, takes the status off the logs."""
         def step(state: Any, data: Any) -> Any:
             number = self.records.step + 1
+            if self.replay:
+                self._batch = data  # a reference, for `handed_batch`
             if number % self.every == 0:
                 if self.layers:
                     data = (data, jnp.asarray(number, jnp.int32))
@@ -328,6 +368,11 @@ class StepProbe:
             return logs, state
 
         return step
+
+    def handed_batch(self) -> Any:
+        """With `replay=True`: the batch of the last step run (then forgotten)."""
+        batch, self._batch = self._batch, None
+        return batch
 
     def iterations(self) -> int:
         """The applying optimizer's raw iteration count (the last one seen
@@ -457,5 +502,6 @@ def build_model(model: Any, iterator: Any) -> None:
                          "once on a batch (model(x[:1])) before fit.")
 
 
-__all__ = ["END_OF_DATA", "STATUS_KEY", "StepProbe", "SummaryWriter", "build_model",
-           "check_options", "loss_scaler", "make_train_function"]
+__all__ = ["BATCH_KEY", "END_OF_DATA", "STATUS_KEY", "StepProbe", "SummaryWriter",
+           "build_model", "check_options", "is_distributed", "loss_scaler",
+           "make_train_function", "unbatch"]

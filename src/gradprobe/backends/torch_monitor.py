@@ -22,6 +22,11 @@ for the duration of each call of the monitor's train function (through
 Statistics of the steps that are not recorded (`every`): only the NaN/Inf test,
 one fused max-norm over all gradients.
 
+With `replay=True` that test runs in `apply`, over all the step's gradients,
+and is read on the host: a non-finite step's `apply` does not run (no update,
+the iteration count unchanged; `Skip.NONFINITE`) and the train step's logs hand
+back its batch (`BATCH_KEY`, a reference) for the callback's replay.
+
 With `jit_compile=True` (`torch.compile`) the monitor's train function runs
 eagerly (its hooks are Python code that `torch.compile` would trace into
 graph breaks and recompilations); it warns once per fit.
@@ -45,6 +50,8 @@ from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
 STATUS_KEY = "_gradprobe_monitor_status"
+# With replay=True: the step's batch (a reference), handed back in the train step's logs.
+BATCH_KEY = "_gradprobe_monitor_batch"
 # What a call of the train function raises where the data runs out.
 END_OF_DATA = (StopIteration,)
 SummaryWriter = EventWriter
@@ -62,6 +69,16 @@ def loss_scaler(optimizer: Any) -> Any:
     return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
 
 
+def is_distributed(model: Any) -> bool:
+    """Whether the update runs per replica: never in Keras' PyTorch trainer."""
+    return False
+
+
+def unbatch(batch: Any) -> Any:
+    """The batch handed back under `BATCH_KEY`, as the train step received it."""
+    return batch
+
+
 def applying_optimizer(optimizer: Any) -> Any:
     """The optimizer whose update step applies the gradients."""
     scaler = loss_scaler(optimizer)
@@ -77,10 +94,14 @@ class StepProbe:
         layers: The `(path, layer)` pairs whose activation gradients are recorded.
         every: Statistics are computed on steps that are multiples of `every`.
         histograms: Keep a copy of the last recorded step's gradients.
+        replay: A step with a NaN/Inf gradient is not applied (`Skip.NONFINITE`:
+            the model keeps its weights, the optimizer its iteration count) and
+            the train step hands back its batch (`BATCH_KEY`, a reference), so
+            that the callback can replay it on the weights it started from.
     """
 
     def __init__(self, model: Any, variables: list[Any], layers: list[tuple[str, Any]],
-                 every: int, histograms: bool):
+                 every: int, histograms: bool, replay: bool = False):
         self.model = model
         self.optimizer = model.optimizer
         self.scaler = loss_scaler(self.optimizer)
@@ -90,6 +111,7 @@ class StepProbe:
         self.layers = layers
         self.every = int(every)
         self.histograms = bool(histograms)
+        self.replay = bool(replay)
         self.slots = 1  # Keras refuses steps_per_execution > 1 on PyTorch
         self.layout = StatusLayout(len(variables), len(layers), self.slots)
         self.records = Records(self.layout)
@@ -129,6 +151,8 @@ class StepProbe:
             finally:
                 self._cell = None
             self.records.add(step, self._record(cell, step))
+            if self.replay and args and isinstance(logs, dict):
+                logs = {**logs, BATCH_KEY: args[0]}
             return logs
 
         return train_step
@@ -153,6 +177,8 @@ class StepProbe:
             if cell is None:  # not a step of the monitor's train function
                 return original(grads, trainable_variables)
             cell["applied"] = True
+            if self.replay:
+                return self._apply_if_finite(original, cell, grads, trainable_variables)
             if self.scaler is None and not self.accumulation:
                 return original(grads, trainable_variables)
             grads = list(grads)
@@ -173,6 +199,31 @@ class StepProbe:
             return result
 
         return apply
+
+    def _apply_if_finite(self, original: Callable, cell: dict[str, Any], grads: Any,
+                         trainable_variables: Any) -> Any:
+        """`replay=True`: the update runs only where every gradient is finite
+        (one fused max-norm over all of them, and one read on the host); a step
+        with a NaN/Inf gradient is recorded here (its flags, its statistics on a
+        recorded step) and not applied: `optimizer.apply` does not run, so the
+        weights, the optimizer's variables and its iteration count stay as the
+        step found them. (`GradientMonitor` refuses loss scaling and gradient
+        accumulation with replay.)"""
+        grads = list(grads)
+        variables = list(trainable_variables if trainable_variables is not None
+                         else _keras_private.optimizer_default_variables(self.optimizer))
+        device = next((g.device for g in grads if g is not None), None)
+        bad = _nonfinite_flags(grads, device)
+        if not bool(bad.any()):
+            # the flags of the monitored gradients, for `_record` (no second check)
+            index = {id(v): i for i, v in enumerate(variables)}
+            at = [index.get(id(v)) for v in self.variables]
+            if None not in at:  # (else `_record` checks the monitored gradients itself)
+                cell["flags"] = bad[at]
+            return original(grads, trainable_variables)
+        cell["skip"] = float(Skip.NONFINITE)
+        cell["grads"] = [None if g is None else g.detach() for g in self._mine(grads, variables)]
+        return None
 
     def _wrap_update(self, original: Callable) -> Callable:
         def update(grads: Any, trainable_variables: Any, learning_rate: Any) -> Any:
@@ -232,7 +283,9 @@ class StepProbe:
                 self.records.copies_step = step
         else:
             stats = torch.zeros((n, len(GRAD_STATS)), device=device)
-            flags = _nonfinite_flags(grads, device)
+            flags = cell.get("flags")
+            if flags is None:
+                flags = _nonfinite_flags(grads, device)
         ratios = cell.get("ratios")
         if ratios is None:
             ratios = torch.zeros(n, device=device)

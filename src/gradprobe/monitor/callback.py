@@ -179,11 +179,6 @@ class GradientMonitor(keras.callbacks.Callback):
             "print_every", print_every, none_ok=True)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.replay = _check_bool("replay", replay)
-        if self.replay and keras.backend.backend() != "tensorflow":
-            raise GradprobeError(
-                "GradientMonitor(replay=True) runs on TensorFlow only for now. Received: "
-                f"replay=True on the {keras.backend.backend()!r} backend. Pass replay=False "
-                "(the first non-finite step and variable are still reported).")
         if self.replay and on_nonfinite != "stop":
             raise GradprobeError(
                 "Expected on_nonfinite='stop' with replay=True (the replayed step is not "
@@ -466,12 +461,14 @@ class GradientMonitor(keras.callbacks.Callback):
                 with probe.installed():
                     logs = function(*args)
                 status = None
-                if isinstance(logs, dict) and status_key in logs:
+                if isinstance(logs, dict) and (status_key in logs or batch_key in logs):
                     logs = dict(logs)
-                    status = logs.pop(status_key)
+                    status = logs.pop(status_key, None)
                     self._pending_batch = logs.pop(batch_key, None)
                 if status is None:
                     status = read_status()
+                if hasattr(probe, "handed_batch"):
+                    self._pending_batch = probe.handed_batch()  # (JAX: not in the logs)
                 self._pending_status = probe.unpack(status)
             except end_of_data:
                 # The end of the data: fit goes on (next epoch) and re-arms the
