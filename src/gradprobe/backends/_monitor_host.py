@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import keras
 import numpy as np
 
 from gradprobe.errors import GradprobeError
@@ -122,6 +123,24 @@ def check_tensorboard(log_dir: Any) -> None:
             f"with the `tensorboard` package, which cannot be imported ({e}). Install it "
             "(pip install tensorboard; TensorFlow is not needed), or pass csv=... instead "
             f"of log_dir. Received: log_dir={log_dir!r}.") from None
+
+
+def check_options(activations: bool, log_dir: Any) -> None:
+    """Raises a `GradprobeError` at construction for what this backend cannot
+    do: here only TensorBoard without the `tensorboard` package."""
+    if log_dir is not None:
+        check_tensorboard(log_dir)
+
+
+def loss_scaler(optimizer: Any) -> Any:
+    """The model's `LossScaleOptimizer`, or None."""
+    return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+
+
+def applying_optimizer(optimizer: Any) -> Any:
+    """The optimizer whose update step applies the gradients."""
+    scaler = loss_scaler(optimizer)
+    return scaler.inner_optimizer if scaler is not None else optimizer
 
 
 def _tensorboard_modules() -> tuple[Any, Any, Any]:

@@ -59,11 +59,13 @@ import keras
 import numpy as np
 
 from gradprobe.backends import _keras_private
-from gradprobe.backends._monitor_host import (
+from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interface
     ITERATION_SPLIT,
     EventWriter,
     Records,
-    check_tensorboard,
+    applying_optimizer,
+    check_options,
+    loss_scaler,
 )
 from gradprobe.core import _patch
 from gradprobe.errors import GradprobeError
@@ -78,16 +80,6 @@ END_OF_DATA = (StopIteration,)
 SummaryWriter = EventWriter
 
 
-def check_options(activations: bool, log_dir: Any) -> None:
-    """Raises a `GradprobeError` at construction for what this backend cannot
-    do: here only TensorBoard without the `tensorboard` package."""
-    if log_dir is not None:
-        check_tensorboard(log_dir)
-
-
-def loss_scaler(optimizer: Any) -> Any:
-    """The model's `LossScaleOptimizer`, or None."""
-    return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
 
 
 def is_distributed(model: Any) -> bool:
@@ -99,11 +91,6 @@ def unbatch(batch: Any) -> Any:
     """The batch kept by `StepProbe.handed_batch`, as the train step received it."""
     return batch
 
-
-def applying_optimizer(optimizer: Any) -> Any:
-    """The optimizer whose update step applies the gradients."""
-    scaler = loss_scaler(optimizer)
-    return scaler.inner_optimizer if scaler is not None else optimizer
 
 
 def _index_of(items: list[Any], item: Any) -> int | None:

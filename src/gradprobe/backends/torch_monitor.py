@@ -40,12 +40,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import keras
 import numpy as np
 import torch
 
 from gradprobe.backends import _keras_private
-from gradprobe.backends._monitor_host import EventWriter, Records, check_tensorboard
+from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interface
+    EventWriter,
+    Records,
+    applying_optimizer,
+    check_options,
+    loss_scaler,
+)
 from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
@@ -57,16 +62,6 @@ END_OF_DATA = (StopIteration,)
 SummaryWriter = EventWriter
 
 
-def check_options(activations: bool, log_dir: Any) -> None:
-    """Raises a `GradprobeError` at construction for what this backend cannot
-    do: here only TensorBoard without the `tensorboard` package."""
-    if log_dir is not None:
-        check_tensorboard(log_dir)
-
-
-def loss_scaler(optimizer: Any) -> Any:
-    """The model's `LossScaleOptimizer`, or None."""
-    return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
 
 
 def is_distributed(model: Any) -> bool:
@@ -78,11 +73,6 @@ def unbatch(batch: Any) -> Any:
     """The batch handed back under `BATCH_KEY`, as the train step received it."""
     return batch
 
-
-def applying_optimizer(optimizer: Any) -> Any:
-    """The optimizer whose update step applies the gradients."""
-    scaler = loss_scaler(optimizer)
-    return scaler.inner_optimizer if scaler is not None else optimizer
 
 
 class StepProbe:
