@@ -143,6 +143,17 @@ def applying_optimizer(optimizer: Any) -> Any:
     return scaler.inner_optimizer if scaler is not None else optimizer
 
 
+def build_model(model: Any, iterator: Any) -> None:
+    """Not used on JAX and PyTorch: Keras' `fit` builds the model there before
+    any callback runs.
+
+    Raises:
+        GradprobeError: Always, with the fix.
+    """
+    raise GradprobeError(f"GradientMonitor: model {model.name!r} is not built. Call the model "
+                         "once on a batch (model(x[:1])) before fit.")
+
+
 def _tensorboard_modules() -> tuple[Any, Any, Any]:
     # The record format and protocol buffers of the `tensorboard` package; neither
     # imports TensorFlow (its stub supplies the CRC).

@@ -64,6 +64,7 @@ from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interf
     EventWriter,
     Records,
     applying_optimizer,
+    build_model,
     check_options,
     loss_scaler,
 )
@@ -478,15 +479,6 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
         model.train_function = own
     return function, probe.read_status
 
-
-def build_model(model: Any, iterator: Any) -> None:
-    """Not used on JAX: Keras' `fit` builds the model before any callback runs.
-
-    Raises:
-        GradprobeError: Always, with the fix.
-    """
-    raise GradprobeError(f"GradientMonitor: model {model.name!r} is not built. Call the model "
-                         "once on a batch (model(x[:1])) before fit.")
 
 
 __all__ = ["BATCH_KEY", "END_OF_DATA", "STATUS_KEY", "StepProbe", "SummaryWriter",

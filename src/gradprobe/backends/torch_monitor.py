@@ -48,6 +48,7 @@ from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interf
     EventWriter,
     Records,
     applying_optimizer,
+    build_model,
     check_options,
     loss_scaler,
 )
@@ -377,15 +378,3 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
         model.train_function = own
         model.jit_compile = jit
     return function, probe.read_status
-
-
-def build_model(model: Any, iterator: Any) -> None:
-    """Not used on PyTorch: Keras' `fit` builds the model before any callback runs.
-
-    Raises:
-        GradprobeError: Always, with the fix.
-    """
-    from gradprobe.errors import GradprobeError
-
-    raise GradprobeError(f"GradientMonitor: model {model.name!r} is not built. Call the model "
-                         "once on a batch (model(x[:1])) before fit.")
