@@ -1,6 +1,8 @@
-"""What the JAX and PyTorch halves of `gp.GradientMonitor` share, in NumPy and
-plain Python (no backend library): the host-side record of the steps of one
-execution of the train function, and the TensorBoard event writer.
+"""What the backends' halves of `gp.GradientMonitor` share, in NumPy and plain
+Python (no backend library): the optimizer lookups and the installation of the
+optimizer hooks (every backend), the host-side record of the steps of one
+execution of the train function, and the TensorBoard event writer (JAX and
+PyTorch).
 
 On these backends the train step hands each step's statistics back as one small
 array (JAX: an output of the jitted step; PyTorch: a tensor computed eagerly);
@@ -18,12 +20,13 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
 import numpy as np
 
+from gradprobe.core import _patch
 from gradprobe.errors import GradprobeError
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Status, StatusLayout
 
@@ -141,6 +144,19 @@ def applying_optimizer(optimizer: Any) -> Any:
     """The optimizer whose update step applies the gradients."""
     scaler = loss_scaler(optimizer)
     return scaler.inner_optimizer if scaler is not None else optimizer
+
+
+def enter_optimizer_hooks(stack: contextlib.ExitStack, optimizer: Any, applier: Any,
+                          apply: Callable, applier_wrappers: dict[str, Callable]) -> None:
+    """Enters on `stack` the wrapper of `optimizer.apply` and the wrappers of the
+    applying optimizer's methods: on the optimizer itself, or on the inner
+    optimizer of a `LossScaleOptimizer`."""
+    if applier is optimizer:
+        stack.enter_context(_patch.wrapped_methods(optimizer,
+                                                   {"apply": apply, **applier_wrappers}))
+    else:
+        stack.enter_context(_patch.wrapped_methods(optimizer, {"apply": apply}))
+        stack.enter_context(_patch.wrapped_methods(applier, applier_wrappers))
 
 
 def build_model(model: Any, iterator: Any) -> None:

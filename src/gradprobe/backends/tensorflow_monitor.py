@@ -42,6 +42,11 @@ import numpy as np
 import tensorflow as tf
 
 from gradprobe.backends import _keras_private
+from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interface
+    applying_optimizer,
+    enter_optimizer_hooks,
+    loss_scaler,
+)
 from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
@@ -51,16 +56,6 @@ BATCH_KEY = "_gradprobe_monitor_batch"
 # What a call of the train function raises where the data runs out.
 END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
 
-
-def loss_scaler(optimizer: Any) -> Any:
-    """The model's `LossScaleOptimizer`, or None."""
-    return optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
-
-
-def applying_optimizer(optimizer: Any) -> Any:
-    """The optimizer whose update step applies the gradients."""
-    scaler = loss_scaler(optimizer)
-    return scaler.inner_optimizer if scaler is not None else optimizer
 
 
 def is_distributed(model: Any) -> bool:
@@ -131,13 +126,8 @@ class StepProbe:
         applier_hooks = _keras_private.optimizer_update_wrappers(
             all_reduce=self._wrap_all_reduce, update=self._wrap_update)
         with contextlib.ExitStack() as stack:
-            if self.applier is self.optimizer:
-                stack.enter_context(_patch.wrapped_methods(
-                    self.optimizer, {"apply": self._wrap_apply, **applier_hooks}))
-            else:
-                stack.enter_context(_patch.wrapped_methods(
-                    self.optimizer, {"apply": self._wrap_apply}))
-                stack.enter_context(_patch.wrapped_methods(self.applier, applier_hooks))
+            enter_optimizer_hooks(stack, self.optimizer, self.applier, self._wrap_apply,
+                                  applier_hooks)
             if self.layers:
                 stack.enter_context(_patch.wrapped_calls(
                     [layer for _, layer in self.layers], self._activation_hook))
@@ -265,22 +255,26 @@ class StepProbe:
             unscaled = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / scale
                         for g in mine]
             skipped = tf.logical_not(applied)
-            recording = self._recording(step)
-            writes = advance + [
-                self._put(self.skipped, slot, code),
-                self._put(self.loss_scale, slot, scale),
-                # A step the optimizer does not apply is recorded here.
-                self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
-                self._put_if(skipped & recording, self.stats, slot,
-                             lambda: self._grad_stats(unscaled)),
-                self._put_if(skipped, self.ratios, slot,
-                             lambda: tf.zeros([len(self.variables)])),
-                self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
-            ]
+            writes = advance + self._step_writes(step, slot, code, scale, skipped, unscaled)
             with tf.control_dependencies(writes):
                 return original(grads, trainable_variables)
 
         return apply
+
+    def _step_writes(self, step: Any, slot: Any, code: Any, scale: Any, skipped: Any,
+                     unscaled: list[Any]) -> list[Any]:
+        """The writes of `apply` for a step's `Skip` code and loss scale; a step
+        the optimizer does not apply (`skipped`) is recorded here: its flags,
+        its statistics on a recorded step, no update, its proof."""
+        return [
+            self._put(self.skipped, slot, code),
+            self._put(self.loss_scale, slot, scale),
+            self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
+            self._put_if(skipped & self._recording(step), self.stats, slot,
+                         lambda: self._grad_stats(unscaled)),
+            self._put_if(skipped, self.ratios, slot, lambda: tf.zeros([len(self.variables)])),
+            self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
+        ]
 
     def _apply_if_finite(self, original: Callable, grads: list[Any], trainable_variables: Any,
                          step: Any, slot: Any, advance: list[Any]) -> Any:
@@ -298,16 +292,9 @@ class StepProbe:
         skipped = tf.logical_not(finite)
         unscaled = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                     for g in mine]
-        writes = advance + [
-            self._put(self.skipped, slot, tf.where(finite, float(Skip.APPLIED),
-                                                   float(Skip.NONFINITE))),
-            self._put(self.loss_scale, slot, tf.constant(1.0)),
-            self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
-            self._put_if(skipped & self._recording(step), self.stats, slot,
-                         lambda: self._grad_stats(unscaled)),
-            self._put_if(skipped, self.ratios, slot, lambda: tf.zeros([len(self.variables)])),
-            self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
-        ]
+        code = tf.where(finite, float(Skip.APPLIED), float(Skip.NONFINITE))
+        writes = advance + self._step_writes(step, slot, code, tf.constant(1.0), skipped,
+                                             unscaled)
 
         def apply() -> Any:
             original(grads, trainable_variables)

@@ -50,6 +50,7 @@ from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interf
     applying_optimizer,
     build_model,
     check_options,
+    enter_optimizer_hooks,
     loss_scaler,
 )
 from gradprobe.core import _patch
@@ -119,13 +120,7 @@ class StepProbe:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patch.wrapped_methods(
                 self.model, {"train_step": self._wrap_train_step}))
-            if self.applier is self.optimizer:
-                stack.enter_context(_patch.wrapped_methods(
-                    self.optimizer, {"apply": self._wrap_apply, **update}))
-            else:
-                stack.enter_context(_patch.wrapped_methods(
-                    self.optimizer, {"apply": self._wrap_apply}))
-                stack.enter_context(_patch.wrapped_methods(self.applier, update))
+            enter_optimizer_hooks(stack, self.optimizer, self.applier, self._wrap_apply, update)
             if self.layers:
                 stack.enter_context(_patch.wrapped_calls(
                     [layer for _, layer in self.layers], self._activation_hook))
