@@ -25,6 +25,7 @@ import gradprobe as gp
 from tolerance import assert_close
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+EPS32 = float(np.finfo(np.float32).eps)
 HOOKED = ("apply", "_all_reduce_sum_gradients", "_backend_update_step")
 
 
@@ -1168,11 +1169,11 @@ class Alternating(keras.Model):
         return {"loss": loss}
 
 
-@pytest.mark.parametrize("on_nonfinite, run_eagerly, steps_per_execution", [
-    ("warn", True, 1), ("ignore", True, 1), ("ignore", False, 1), ("warn", False, 2),
-    ("ignore", False, 3)])
+@pytest.mark.parametrize("on_nonfinite, run_eagerly, steps_per_execution, every", [
+    ("warn", True, 1, 1), ("ignore", True, 1, 1), ("ignore", False, 1, 1), ("warn", False, 2, 1),
+    ("ignore", False, 3, 1), ("warn", False, 1, 2), ("ignore", True, 1, 2)])
 def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
-        on_nonfinite, run_eagerly, steps_per_execution):
+        on_nonfinite, run_eagerly, steps_per_execution, every):
     """With 'warn' and 'ignore', each step the hooks did not see is named in a
     warning (also inside a multi-step execution, where the steps of one call mix
     seen and unseen), every seen step is recorded under its own number with the
@@ -1188,7 +1189,7 @@ def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
     shadow.set_weights(model.get_weights())
     rng = np.random.default_rng(0)
     x, y = rng.random((60, 5)).astype("float32"), rng.integers(0, 3, size=60)
-    monitor = gp.GradientMonitor(on_nonfinite=on_nonfinite)
+    monitor = gp.GradientMonitor(on_nonfinite=on_nonfinite, every=every)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
@@ -1204,6 +1205,91 @@ def test_unseen_steps_warn_by_number_and_seen_steps_are_recorded(
     hand = [h for step, h in enumerate(_hand_gradients(shadow, x, y, 10, 6, 0.1), 1)
             if step % 2 == 0]
     _assert_norms(monitor, [v.path for v in model.trainable_weights], hand, [2, 4, 6])
+    _no_hooks_left(model)
+
+
+class Counted(keras.Sequential):
+    """A Sequential model that counts the traces of its train step."""
+
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1  # Python: runs once per trace (and per eager step)
+        return super().train_step(data)
+
+
+@pytest.mark.parametrize("every, traces", [(1, 1), (3, 2)])
+def test_every_n_traces_a_recording_and_a_checking_step_once_each(every, traces):
+    """With every > 1 (one step per execution), the monitor's train function
+    comes in two versions, one that records every step it runs and one that
+    only checks (no cond per step in either): each is traced once over many
+    steps and epochs, and the recorded steps hold the hand-computed gradients."""
+    keras.utils.set_random_seed(0)
+    model = Counted([keras.Input((8, 8, 1)), *_cnn().layers])
+    lr = 0.1
+    model.compile(keras.optimizers.SGD(lr), LOSS)
+    x, y = _data(48)
+    shadow = _cnn()
+    shadow.set_weights(model.get_weights())
+    Counted.traces = 0
+    monitor = gp.GradientMonitor(every=every)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    assert Counted.traces == traces
+    expected = [s for s in range(1, 13) if s % every == 0]
+    assert monitor.steps.tolist() == expected
+    hand = _hand_gradients(shadow, np.concatenate([x, x]), np.concatenate([y, y]), 8, 12, lr)
+    _assert_norms(monitor, [v.path for v in model.trainable_weights],
+                  [hand[s - 1] for s in expected], expected)
+    _no_hooks_left(model)
+
+
+class TwiceApplied(keras.Model):
+    """Each train step applies half of its gradients twice (two optimizer
+    steps per call of the train function)."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_weights)
+        for _ in range(2):
+            self.optimizer.apply([0.5 * g for g in grads], self.trainable_weights)
+        return {"loss": loss}
+
+
+def test_two_optimizer_steps_per_call_are_reported_not_recorded_stale():
+    """The host foresees each step's number to pick the recording or the
+    checking version; a train step that applies twice defeats that: the step it
+    did not foresee is reported unseen (never numbers of another step), and
+    from then on the recording version runs, so every even step is recorded."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    model = TwiceApplied(inp, layers.Dense(3, name="d")(inp))
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 5)).astype("float32"), rng.integers(0, 3, size=40)
+    monitor = gp.GradientMonitor(on_nonfinite="warn", every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    unseen = [str(w.message).split(" ran")[0] for w in caught
+              if "ran without the monitor's hooks" in str(w.message)]
+    # The first call ran the checking version on a step to record: reported.
+    # (With one status row per call, the first of a call's two optimizer steps
+    # is overwritten and reported unseen, as at every=1.)
+    assert unseen[0] == "gradprobe: steps 1 to 4" and len(unseen) == 4
+    assert monitor.steps.tolist() == [6, 12]
+    # Each recorded row holds the halved gradients of one batch (SGD by hand).
+    shadow = keras.Sequential([keras.Input((5,)), layers.Dense(3)])
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    shadow.set_weights(TwiceApplied(inp, layers.Dense(3)(inp)).get_weights())
+    halves = [[0.5 * g for g in step] for step in _hand_gradients(shadow, x, y, 10, 4, 0.1)]
+    paths = [v.path for v in model.trainable_weights]
+    for t in range(2):
+        recorded = [monitor.history[p]["norm"][t] for p in paths]
+        assert any(all(abs(r - np.linalg.norm(g)) <= 128 * EPS32 * np.linalg.norm(g)
+                       for r, g in zip(recorded, h)) for h in halves), recorded
     _no_hooks_left(model)
 
 

@@ -89,6 +89,13 @@ class StepProbe:
         self.variables = variables
         self.layers = layers
         self.every = int(every)
+        # While a version of the train function is traced: True (it records
+        # every step it runs), False (it records none), None (one function:
+        # a cond per step decides).
+        self.mode: bool | None = None
+        self.host_step = self.iterations()  # the last step number the host read
+        self.expected: int | None = None  # the step number the last call should end at
+        self.foresee = True  # whether each call has run one step, as expected
         self.slots = max(int(model.steps_per_execution or 1), 1)
         self.distributed = is_distributed(model)
         # `jit_compile` is public; "auto" is resolved by `compile` (False on CPU).
@@ -148,7 +155,10 @@ class StepProbe:
         return var.assign(new)
 
     def _put_if(self, cond: Any, var: Any, slot: Any, make: Callable[[], Any]) -> Any:
-        """Writes `make()` into row `slot` of `var` where `cond` holds."""
+        """Writes `make()` into row `slot` of `var` where `cond` holds (no op at
+        all where `cond` is Python False: returns None)."""
+        if cond is False:
+            return None
         current = tf.convert_to_tensor(var)
 
         def write() -> Any:
@@ -168,9 +178,25 @@ class StepProbe:
                        else self.scaler.initial_scale, tf.float32)
 
     def _recording(self, step: Any) -> Any:
-        """Whether `step` is recorded: a boolean tensor, or Python True with
-        `every=1` (then no cond is built: every step takes the recording branch)."""
-        return True if self.every == 1 else tf.equal(step % self.every, 0)
+        """Whether `step` is recorded: Python True with `every=1`, the mode of the
+        function being traced where the train function comes in two versions
+        (`make_train_function`; then no cond is built), otherwise a boolean tensor."""
+        if self.every == 1:
+            return True
+        if self.mode is not None:
+            return self.mode
+        return tf.equal(step % self.every, 0)
+
+    def _proof(self, step: Any) -> Any:
+        """The proof that `step` was seen, as the all-reduce writes it: the step's
+        number; in the version of the train function that does not record, -1
+        for a step that should have been recorded (one whose number the host did
+        not foresee: the callback then reports it unseen, never stale numbers)."""
+        proof = tf.cast(step, tf.float64)
+        if self.mode is False:
+            proof = tf.where(tf.equal(step % self.every, 0), tf.constant(-1.0, tf.float64),
+                             proof)
+        return proof
 
     def _mine(self, grads_and_vars: Any) -> list[Any]:
         """The gradients of the monitored variables, in their order (zeros where
@@ -266,15 +292,17 @@ class StepProbe:
         """The writes of `apply` for a step's `Skip` code and loss scale; a step
         the optimizer does not apply (`skipped`) is recorded here: its flags,
         its statistics on a recorded step, no update, its proof."""
-        return [
+        recording = self._recording(step)
+        writes = [
             self._put(self.skipped, slot, code),
             self._put(self.loss_scale, slot, scale),
             self._put_if(skipped, self.flags, slot, lambda: self._nonfinite_flags(unscaled)),
-            self._put_if(skipped & self._recording(step), self.stats, slot,
-                         lambda: self._grad_stats(unscaled)),
+            self._put_if(False if recording is False else skipped & recording, self.stats,
+                         slot, lambda: self._grad_stats(unscaled)),
             self._put_if(skipped, self.ratios, slot, lambda: tf.zeros([len(self.variables)])),
-            self._put_if(skipped, self.proof, slot, lambda: tf.cast(step, tf.float64)),
+            self._put_if(skipped, self.proof, slot, lambda: self._proof(step)),
         ]
+        return [w for w in writes if w is not None]
 
     def _apply_if_finite(self, original: Callable, grads: list[Any], trainable_variables: Any,
                          step: Any, slot: Any, advance: list[Any]) -> Any:
@@ -309,7 +337,7 @@ class StepProbe:
             grads = self._mine(reduced)
             step = tf.convert_to_tensor(self.step)
             slot, recording = self._slot(step), self._recording(step)
-            current = tf.convert_to_tensor(self.stats)
+            current = None if recording is False else tf.convert_to_tensor(self.stats)
 
             def record() -> Any:  # the statistics include the NaN/Inf counts
                 stats = self._grad_stats(grads)
@@ -323,15 +351,18 @@ class StepProbe:
                 return current, self._nonfinite_check(grads)
 
             stats, flags = _cond(recording, record, check)
-            writes = [self.stats.assign(stats), self._put(self.flags, slot, flags),
-                      self._put(self.proof, slot, tf.cast(step, tf.float64))]
-            for copy, g, v in zip(self.copies, grads, self.variables):
+            writes = [self._put(self.flags, slot, flags),
+                      self._put(self.proof, slot, self._proof(step))]
+            if recording is not False:  # (not a rewrite of the same numbers)
+                writes.append(self.stats.assign(stats))
+            for copy, g, v in zip(self.copies if recording is not False else [], grads,
+                                  self.variables):
                 dense = tf.zeros(v.shape) if g is None else tf.cast(tf.convert_to_tensor(g),
                                                                     tf.float32)
                 current = tf.convert_to_tensor(copy)
                 writes.append(copy.assign(_cond(recording, lambda d=dense: d,
                                                 lambda c=current: c)))
-            if self.copies:
+            if self.copies and recording is not False:
                 writes.append(self.copies_step.assign(tf.where(recording, step,
                                                                self.copies_step)))
             # The update starts once the statistics are made: a gradient that
@@ -349,6 +380,8 @@ class StepProbe:
             tracked = [i for i, v in enumerate(values) if id(v) in self._index]
             step = tf.convert_to_tensor(self.step)
             slot, recording = self._slot(step), self._recording(step)
+            if recording is False:  # no ratios on this version's steps
+                return original(grads, trainable_variables, learning_rate)
             if self.distributed or not _writes_through_assign(self.applier):
                 return self._update_by_snapshots(original, grads, trainable_variables,
                                                  learning_rate, tracked, slot, recording)
@@ -447,8 +480,9 @@ class StepProbe:
 
     def _activation_hook(self, layer: Any, outputs: Any, args: tuple = (),
                          kwargs: dict | None = None) -> Any:
-        if not (isinstance(outputs, tf.Tensor) and outputs.dtype.is_floating):
-            return outputs
+        if self.mode is False or not (isinstance(outputs, tf.Tensor)
+                                      and outputs.dtype.is_floating):
+            return outputs  # (the version of the train function that records nothing)
         index = next(i for i, (_, lay) in enumerate(self.layers) if lay is layer)
         var, probe = self.acts[index], self
 
@@ -461,7 +495,7 @@ class StepProbe:
                 scale = probe.current_scale()
                 write = probe._put_if(probe._recording(step), var, probe._slot(step),
                                       lambda: _grad_stats(tf.cast(dy, tf.float32) / scale))
-                with tf.control_dependencies([write]):
+                with tf.control_dependencies([write] if write is not None else []):
                     return tf.identity(dy)
 
             return tf.identity(x), grad
@@ -482,6 +516,7 @@ class StepProbe:
     def set_step(self, step: int) -> None:
         self.step.assign(int(step))
         self.begun.assign(int(step))
+        self.host_step = int(step)
 
     def begin_step(self) -> None:
         """At the start of each train step (with `end_step`): the number this step
@@ -503,7 +538,11 @@ class StepProbe:
 
     def unpack(self, status: Any) -> Status:
         """A status vector (from the train function's logs or `read_status`), named."""
-        return self.layout.unpack(status.numpy())
+        status = self.layout.unpack(status.numpy())
+        if self.expected is not None and status.step != self.expected:
+            self.foresee = False
+        self.host_step, self.expected = status.step, None
+        return status
 
     def histogram_values(self) -> list[np.ndarray]:
         """The gradients of the step `Status.copies_step` (with `histograms=True`)."""
@@ -524,18 +563,45 @@ def make_train_function(model: Any, probe: StepProbe) -> tuple[Callable, Callabl
     # Relies on: `make_train_function(force=True)` building a new train function
     # from `self.train_step` (looked up then) and storing it in `train_function`.
     try:
-        if probe.distributed:
-            # Under a strategy the per-replica outputs would be averaged: the
-            # status is read from the variables after each step instead.
-            model.make_train_function(force=True)
-        else:
-            with _patch.wrapped_methods(model, {"train_step": lambda original: _status_step(
-                    original, probe)}):
-                model.make_train_function(force=True)
-        function = model.train_function
+        versions = [build_one(model, probe)]
+        if probe.every > 1 and probe.slots == 1:
+            versions.append(build_one(model, probe))
     finally:
         model.train_function = own
+    if len(versions) == 1:
+        return versions[0], tf.function(probe.pack, autograph=False)
+    recorded, plain = versions
+
+    def function(*args: Any) -> Any:
+        # One step per call: the host knows its number (the last status read,
+        # `StepProbe.host_step`), and runs the version that records it or the
+        # one that only checks it. Each version is traced (and runs) with the
+        # probe in its mode: no cond per step in either. A train step that
+        # applies the optimizer more than once per call defeats the forecast
+        # (`StepProbe.unpack`): from then on the recording version runs.
+        number = probe.host_step + 1
+        probe.mode = not probe.foresee or number % probe.every == 0
+        try:
+            logs = (recorded if probe.mode else plain)(*args)
+        finally:
+            probe.mode = None
+        probe.expected = number
+        return logs
+
     return function, tf.function(probe.pack, autograph=False)
+
+
+def build_one(model: Any, probe: StepProbe) -> Callable:
+    """A fresh train function of `model` whose train step returns the status."""
+    if probe.distributed:
+        # Under a strategy the per-replica outputs would be averaged: the
+        # status is read from the variables after each step instead.
+        model.make_train_function(force=True)
+    else:
+        with _patch.wrapped_methods(model, {"train_step": lambda original: _status_step(
+                original, probe)}):
+            model.make_train_function(force=True)
+    return model.train_function
 
 
 def _status_step(original: Callable, probe: StepProbe) -> Callable:
