@@ -137,6 +137,38 @@ def test_recorded_gradients_are_the_applied_weight_differences(kind, every, mode
     _no_hooks_left(model)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_zero_fraction_and_dead_units_count_the_applied_zeros(mode):
+    """Two hidden ReLU units held off by a large negative bias: their kernel
+    columns, their biases and the output kernel's rows for them get exactly zero
+    gradients. The recorded zero fraction and dead units (units of the last axis
+    whose gradient is all zero) equal the counts in the applied weight
+    differences (exact zeros: a zero gradient leaves the weight unchanged)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), layers.Dense(4, activation="relu", name="h"),
+                              layers.Dense(2, name="o")])
+    kernel, bias, *rest = model.get_weights()
+    bias[[0, 2]] = -100.0
+    model.set_weights([kernel, bias, *rest])
+    model.compile(keras.optimizers.SGD(LR), "mse", **MODES[mode])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 5)).astype("float32"), rng.normal(size=(24, 2)).astype("float32")
+    monitor, oracle = gp.GradientMonitor(), Oracle()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[oracle, monitor])
+    keys = ["h.kernel", "h.bias", "o.kernel", "o.bias"]
+    expected = {"h.kernel": (0.5, 2), "h.bias": (0.5, 2), "o.kernel": (0.5, 0),
+                "o.bias": (0.0, 0)}
+    for step in (1, 2, 3):
+        for key, g in zip(keys, oracle.grads(step)):
+            zero = g == 0
+            units = zero.reshape(-1, g.shape[-1]).all(axis=0)
+            h = monitor.history[key]
+            assert h["zero_fraction"][step - 1] == zero.mean() == expected[key][0], key
+            assert h["dead_units"][step - 1] == units.sum() == expected[key][1], key
+    _no_hooks_left(model)
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras: steps_per_execution must be 1 on PyTorch")
 @pytest.mark.parametrize("every", [1, 2])
 @pytest.mark.parametrize("kind", list(MODELS))

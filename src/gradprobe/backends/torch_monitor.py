@@ -221,13 +221,16 @@ class StepProbe:
             cell["grads"] = [None if g is None else g.detach() for g in mine]
             if not cell["recording"]:
                 return original(grads, trainable_variables, learning_rate)
-            before = [None if g is None else v.value.detach().clone()
-                      for g, v in zip(mine, self.variables)]
+            # ||w_after - w_before|| / ||w_before|| for the variables with a
+            # gradient, a few fused (`torch._foreach_*`) calls for all of them.
+            present = [i for i, g in enumerate(mine) if g is not None]
+            values = [self.variables[i].value.detach() for i in present]
+            with torch.no_grad():
+                before = torch._foreach_mul(values, 1.0) if values else []  # copies
             result = original(grads, trainable_variables, learning_rate)
             with torch.no_grad():
-                cell["ratios"] = torch.stack([
-                    _ratio(b, v.value.detach()) if b is not None else _zero(v.value)
-                    for b, v in zip(before, self.variables)]) if self.variables else None
+                cell["ratios"] = _ratios(before, values, present, len(self.variables)) \
+                    if self.variables else None
             return result
 
         return update
@@ -258,9 +261,7 @@ class StepProbe:
             stats = torch.zeros((n, len(GRAD_STATS)), device=device)
             flags = torch.zeros(n, device=device)
         elif cell["recording"]:
-            stats = torch.stack([_grad_stats(g.float()) if g is not None else
-                                 torch.zeros(len(GRAD_STATS), device=device)
-                                 for g in grads]) if n else torch.zeros((0, len(GRAD_STATS)))
+            stats = _all_grad_stats(grads, device) if n else torch.zeros((0, len(GRAD_STATS)))
             flags = (stats[:, 3] > 0).float()
             if self.histograms:
                 self._copies = [np.zeros(tuple(v.shape), np.float32) if g is None else
@@ -308,16 +309,57 @@ class StepProbe:
         return list(self._copies)
 
 
-def _zero(like: Any) -> Any:
-    return torch.zeros((), device=like.device)
+def _ratios(before: list[Any], after: list[Any], where: list[int], n: int) -> Any:
+    """||after - before|| / ||before|| per variable (0 where ||before|| = 0), at
+    the indices `where` of a vector of `n` (0 elsewhere)."""
+    if not where:
+        return torch.zeros(n)
+    old = torch.stack(torch._foreach_norm([b.float() for b in before])).float()
+    delta = torch.stack(torch._foreach_norm(torch._foreach_sub(
+        [a.float() for a in after], [b.float() for b in before]))).float()
+    ratio = torch.where(old > 0, delta / torch.where(old > 0, old, torch.ones_like(old)),
+                        torch.zeros_like(old))
+    if len(where) == n:
+        return ratio
+    out = torch.zeros(n, device=ratio.device)
+    out[where] = ratio
+    return out
 
 
-def _ratio(before: Any, after: Any) -> Any:
-    """||after - before|| / ||before|| (0 where ||before|| = 0)."""
-    old = torch.linalg.vector_norm(before.float())
-    delta = torch.linalg.vector_norm(after.float() - before.float())
-    return torch.where(old > 0, delta / torch.where(old > 0, old, torch.ones_like(old)),
-                       torch.zeros_like(old))
+def _all_grad_stats(grads: list[Any], device: Any) -> Any:
+    """The rows of `GRAD_STATS` of all gradients (zeros for None): where every
+    entry is finite (the usual case), from a few fused calls for all of them
+    (`torch._foreach_norm`) and one zero count per gradient; otherwise
+    `_grad_stats` of each, over its finite entries."""
+    present = [(i, g.float()) for i, g in enumerate(grads) if g is not None and g.numel()]
+    stats = torch.zeros((len(grads), len(GRAD_STATS)), device=device)
+    if not present:
+        return stats
+    tensors = [g for _, g in present]
+    highest = torch.stack(torch._foreach_norm(tensors, float("inf")))
+    if not bool(torch.isfinite(highest).all()):  # (a NaN/Inf entry: the exact path)
+        for i, g in present:
+            stats[i] = _grad_stats(g).to(stats.device)
+        return stats
+    norms = torch.stack(torch._foreach_norm(tensors))
+    # Non-zeros per unit (the last axis; one unit for rank 0 or one column).
+    counts, owner, deadable = [], [], []
+    for k, (_, g) in enumerate(present):
+        units = g.shape[-1] if g.dim() and g.shape[-1] >= 2 else 1
+        counts.append(torch.count_nonzero(g.reshape(-1, units), dim=0))
+        owner += [k] * units
+        deadable += [units >= 2] * units
+    counts = torch.cat(counts)
+    owner_t = torch.tensor(owner, device=counts.device)
+    nonzero = torch.zeros(len(present), device=counts.device).index_add_(
+        0, owner_t, counts.float())
+    dead = torch.zeros(len(present), device=counts.device).index_add_(
+        0, owner_t, ((counts == 0) & torch.tensor(deadable, device=counts.device)).float())
+    sizes = torch.tensor([float(g.numel()) for g in tensors], device=counts.device)
+    rows = torch.stack([norms.float(), highest.float(), (sizes - nonzero) / sizes,
+                        torch.zeros_like(sizes), dead], dim=1)
+    stats[[i for i, _ in present]] = rows.to(stats.device)
+    return stats
 
 
 def _nonfinite_flags(grads: list[Any], device: Any) -> Any:
