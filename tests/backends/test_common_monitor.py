@@ -535,56 +535,86 @@ def test_clipped_gradients_are_recorded_as_applied(scaled):
     _no_hooks_left(model)
 
 
-_DATA_PARALLEL = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+_DISTRIBUTED = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, keras, numpy as np
 import gradprobe as gp
 
-keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+mode = sys.argv[1]
+devices = keras.distribution.list_devices("cpu")
+assert len(devices) == 4
+if mode == "dp":
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+else:  # a 2x2 mesh; d1's kernel split over "model", d2's over "batch"
+    mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), devices)
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts[".*d1/kernel"] = (None, "model")
+    layouts[".*d2/kernel"] = ("model", None)
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch"))
 keras.utils.set_random_seed(0)
-model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"),
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh", name="d1"),
                           keras.layers.Dense(2, name="d2")])
 model.compile(keras.optimizers.SGD(0.1), "mse")
-x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
-y = np.ones((32, 2), "float32")
+if mode == "mp":
+    kernel = [v for v in model.trainable_variables if v.path.endswith("d1/kernel")][0]
+    assert len(kernel.value.sharding.device_set) == 4, kernel.value.sharding
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 4)).astype("float32")
+y = rng.normal(size=(32, 2)).astype("float32")
 
 class Oracle(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
-        self.norms = []
+        self.grads = []
     def on_train_batch_begin(self, batch, logs=None):
-        self.before = np.asarray(self.model.get_weights()[0], np.float64)
+        self.before = [np.asarray(w, np.float64) for w in self.model.get_weights()]
     def on_train_batch_end(self, batch, logs=None):
-        after = np.asarray(self.model.get_weights()[0], np.float64)
-        self.norms.append(np.linalg.norm((self.before - after) / 0.1))
+        after = [np.asarray(w, np.float64) for w in self.model.get_weights()]
+        self.grads.append([(b - a) / 0.1 for b, a in zip(self.before, after)])
 
-monitor, oracle = gp.GradientMonitor(), Oracle()
+monitor, oracle = gp.GradientMonitor(every=2, histograms=True, log_dir="logs"), Oracle()
 model.fit(x, y, batch_size=8, verbose=0, shuffle=False, callbacks=[oracle, monitor])
-assert len(jax.devices()) == 2
-got = monitor.history["d1.kernel"]["norm"]
-assert monitor.steps.tolist() == [1, 2, 3, 4], monitor.steps
-assert np.allclose(got, oracle.norms, rtol=1e-4, atol=1e-6), (got, oracle.norms)
-print("data parallel ok", gp.__file__)
+assert monitor.steps.tolist() == [2, 4], monitor.steps
+eps = float(np.finfo(np.float32).eps)
+for t, step in enumerate((2, 4)):
+    for key, g, w in zip(["d1.kernel", "d1.bias", "d2.kernel", "d2.bias"], oracle.grads[step - 1],
+                         model.get_weights()):
+        got = monitor.history[key]["norm"][t]
+        # (w_after = fl(w - fl(lr g)): each entry off by eps (|w| / lr + |g|))
+        bound = 64 * eps * (np.linalg.norm(w) / 0.1 + np.linalg.norm(g))
+        assert abs(got - np.linalg.norm(g)) <= bound, (mode, key, step, got, np.linalg.norm(g))
+        assert monitor.history[key]["nonfinite"][t] == 0
+# The histogram copies of the last recorded step (step 4), whole, on the host.
+copies = monitor._built[1].histogram_values()
+for g, copy, w in zip(oracle.grads[3], copies, oracle.before):  # (before step 4)
+    assert copy.shape == g.shape
+    assert np.abs(copy - g).max() <= 64 * eps * (np.abs(w).max() / 0.1 + np.abs(g).max()), mode
+print(mode, "distributed ok", gp.__file__)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on two CPU devices: JAX")
-def test_jax_data_parallel_records_the_global_gradients(tmp_path):
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on four CPU devices: JAX")
+@pytest.mark.parametrize("mode", ["dp", "mp"])
+def test_jax_distribution_records_the_global_gradients(tmp_path, mode):
+    """DataParallel, and ModelParallel with a LayoutMap sharding both kernels:
+    the recorded norms are those of the applied weight differences (global,
+    not one shard's) on 4 host devices."""
     import subprocess
     import sys
 
-    script = tmp_path / "data_parallel.py"
-    script.write_text(_DATA_PARALLEL)
+    script = tmp_path / "distributed.py"
+    script.write_text(_DISTRIBUTED)
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.pathsep.join([os.path.abspath(src),
                                            os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=600, env=env, cwd=tmp_path)
+    result = subprocess.run([sys.executable, str(script), mode], capture_output=True,
+                            text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "data parallel ok" in result.stdout
+    assert f"{mode} distributed ok" in result.stdout
     assert os.path.abspath(src) in result.stdout  # this checkout's gradprobe
 
 
