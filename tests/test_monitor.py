@@ -513,6 +513,63 @@ def test_nonfinite_check_of_unrecorded_steps_is_one_test_and_exact():
     assert check(huge).numpy().tolist() == [0.0] * n
 
 
+@pytest.mark.parametrize("recording", [False, True])
+def test_each_gradient_waits_only_for_the_monitor_reads_of_itself(recording):
+    """Where the mode is known when the step is traced, each gradient handed to
+    the optimizer waits for the monitor's ops that read that gradient, and no
+    other (the updates overlap the backward pass as without the monitor); the
+    checking version's flags are exact (a NaN, an Inf, a sum that overflows)."""
+    from gradprobe.backends import tensorflow_monitor as hooks
+
+    model = _cnn()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    variables = list(model.trainable_weights)
+    n = len(variables)
+    probe = hooks.StepProbe(model, variables, [], every=10, histograms=False)
+
+    def run(*grads):
+        grads = list(grads)
+        out = probe._gated(list(zip(grads, variables)), grads, tf.constant(1, tf.int64),
+                           tf.constant(0), recording)
+        return [g for g, _ in out], tf.convert_to_tensor(probe.flags)[0]
+
+    specs = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    fn = tf.function(run, autograph=False)
+    graph = fn.get_concrete_function(*specs).graph
+    placeholders = [op for op in graph.get_operations() if op.type == "Placeholder"][:n]
+
+    def sources(op, seen):
+        """The placeholders `op` reads, through data and control inputs."""
+        if op in seen:
+            return set()
+        seen.add(op)
+        found = {op} if op in placeholders else set()
+        for parent in [t.op for t in op.inputs] + list(op.control_inputs):
+            found |= sources(parent, seen)
+        return found
+
+    identities = [op for op in graph.get_operations()
+                  if op.type == "Identity" and op.control_inputs
+                  and op.inputs[0].op in placeholders]
+    assert len(identities) == n
+    for op in identities:
+        assert all(sources(c, set()) == {op.inputs[0].op} for c in op.control_inputs), op.name
+
+    def grads(**where):
+        out = [np.full(v.shape, 0.5, np.float32) for v in variables]
+        for i, value in where.items():
+            out[int(i[1:])].flat[1] = value
+        return [tf.constant(g) for g in out]
+
+    assert fn(*grads())[1].numpy().tolist() == [0.0] * n
+    assert fn(*grads(v2=np.nan))[1].numpy().tolist() == [float(i == 2) for i in range(n)]
+    assert fn(*grads(**{f"v{n - 1}": -np.inf}))[1].numpy().tolist() == \
+        [float(i == n - 1) for i in range(n)]
+    huge = grads()
+    huge[0] = tf.fill(variables[0].shape, 3e38)  # finite entries, the sum overflows
+    assert fn(*huge)[1].numpy().tolist() == [0.0] * n
+
+
 def test_gradient_statistics_fast_and_exact_paths_against_numpy():
     """The statistics of a recorded step (few passes where every gradient is
     finite, the exact ones over the finite entries otherwise) against NumPy."""

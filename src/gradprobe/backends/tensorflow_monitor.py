@@ -233,7 +233,7 @@ class StepProbe:
         return tf.cond(tf.math.is_finite(total), lambda: tf.zeros([len(grads)]),
                        lambda: self._nonfinite_flags(grads))
 
-    def _grad_stats(self, grads: list[Any]) -> Any:
+    def _grad_stats(self, grads: list[Any], reads: dict[int, list[Any]] | None = None) -> Any:
         # (a densified IndexedSlices may have lost its static shape: the variable's)
         dense = [tf.zeros(v.shape, tf.float32) if g is None else
                  tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), v.shape)
@@ -246,7 +246,7 @@ class StepProbe:
         # branch works on all gradients as one vector (a few dozen ops, not a
         # dozen per gradient): the branch not taken still costs the executor
         # a step per op, at every step.
-        fast, sumsq = _finite_stats(dense)
+        fast, sumsq = _finite_stats(dense, reads)
         finite = tf.reduce_all(tf.math.is_finite(sumsq))
         return tf.cond(finite, lambda: fast, lambda: _exact_stats(dense))
 
@@ -350,6 +350,9 @@ class StepProbe:
                     return current, tf.zeros([len(self.variables)])
                 return current, self._nonfinite_check(grads)
 
+            if isinstance(recording, bool) and not (self.replay or self.copies or
+                                                    self.distributed) and self.slots == 1:
+                return self._gated(reduced, grads, step, slot, recording)
             stats, flags = _cond(recording, record, check)
             writes = [self._put(self.flags, slot, flags),
                       self._put(self.proof, slot, self._proof(step))]
@@ -373,6 +376,41 @@ class StepProbe:
                 return [(_identity(g), v) for g, v in reduced]
 
         return all_reduce
+
+    def _gated(self, reduced: list[Any], grads: list[Any], step: Any, slot: Any,
+               recording: bool) -> list[Any]:
+        """The all-reduce's record where the mode is known when the step is traced
+        (one row, no replay, no copies, no strategy): each gradient reaches the
+        optimizer once the monitor's ops that read it have run, not after all
+        of them, so that the updates overlap the rest of the backward pass as
+        without the monitor (and still update their gradient's buffer in place).
+        The checking version tests each gradient exactly (no sum that could
+        overflow, so no cond holding all gradients)."""
+        reads: dict[int, list[Any]] = {}
+        if recording:
+            stats = self._grad_stats(grads, reads)
+            self.stats.assign(tf.expand_dims(stats, 0))
+            flags = tf.cast(stats[:, 3] > 0, tf.float32)
+        else:
+            for i, g in enumerate(grads):
+                if g is not None:
+                    values = g.values if isinstance(g, tf.IndexedSlices) else g
+                    reads[i] = [tf.reduce_all(tf.math.is_finite(values))]
+            flags = tf.stack([tf.cast(tf.logical_not(reads[i][0]), tf.float32) if i in reads
+                              else tf.constant(0.0) for i in range(len(grads))]) \
+                if grads else tf.zeros([0])
+        self._put(self.flags, slot, flags)
+        self._put(self.proof, slot, self._proof(step))
+        by_id = {id(_value(v)): reads.get(i) for i, v in enumerate(self.variables)}
+        out = []
+        for g, v in reduced:
+            gate = by_id.get(id(_value(v)))
+            if not gate:
+                out.append((g, v))
+                continue
+            with tf.control_dependencies(gate):
+                out.append((_identity(g), v))
+        return out
 
     def _wrap_update(self, original: Callable) -> Callable:
         def update(grads: Any, trainable_variables: Any, learning_rate: Any) -> Any:
@@ -705,7 +743,8 @@ def _sums_of_squares(tensors: list[Any]) -> Any:
     return 2.0 * tf.stack([tf.nn.l2_loss(t) for t in tensors])
 
 
-def _finite_stats(grads: list[Any]) -> tuple[Any, Any]:
+def _finite_stats(grads: list[Any], reads: dict[int, list[Any]] | None = None
+                  ) -> tuple[Any, Any]:
     """The rows of `GRAD_STATS` of float32 gradients with static shapes, valid
     where every entry is finite (then `nonfinite` is 0), and their sums of
     squares (NaN/Inf where some entry is not finite).
@@ -718,9 +757,11 @@ def _finite_stats(grads: list[Any]) -> tuple[Any, Any]:
     n = len(grads)
     sizes = [int(g.shape.num_elements()) for g in grads]
     empty = tf.constant(0.0)
-    sumsq = _sums_of_squares([g if size else tf.zeros([]) for g, size in zip(grads, sizes)])
-    highest = tf.stack([tf.reduce_max(g) if size else empty for g, size in zip(grads, sizes)])
-    lowest = tf.stack([tf.reduce_min(g) if size else empty for g, size in zip(grads, sizes)])
+    squares = [tf.nn.l2_loss(g) if size else empty for g, size in zip(grads, sizes)]
+    tops = [tf.reduce_max(g) if size else empty for g, size in zip(grads, sizes)]
+    bottoms = [tf.reduce_min(g) if size else empty for g, size in zip(grads, sizes)]
+    sumsq = 2.0 * tf.stack(squares)  # (as `_sums_of_squares`)
+    highest, lowest = tf.stack(tops), tf.stack(bottoms)
     # Zeros per unit (last axis), concatenated over the gradients; `full` is
     # the count at which a unit is dead (-1: a gradient without units).
     per_unit, owner, full = [], [], []
@@ -738,6 +779,13 @@ def _finite_stats(grads: list[Any]) -> tuple[Any, Any]:
                             tf.reduce_sum(zero, axis=list(range(rank - 1))))
             owner += [i] * units
             full += [float(size // units)] * units
+        if reads is not None:
+            reads[i] = [per_unit[-1]]
+    if reads is not None:  # the ops that read each gradient
+        for i in range(n):
+            reads.setdefault(i, [])
+            if sizes[i]:
+                reads[i] += [squares[i], tops[i], bottoms[i]]
     if per_unit:
         counts, ids = tf.concat(per_unit, 0), tf.constant(owner, tf.int32)
         zeros = tf.math.unsorted_segment_sum(counts, ids, n)
