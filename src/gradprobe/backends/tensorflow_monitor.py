@@ -50,6 +50,7 @@ from gradprobe.backends._monitor_host import (  # noqa: F401 - the hooks' interf
 from gradprobe.core import _patch
 from gradprobe.monitor.layout import ACT_STATS, GRAD_STATS, Skip, Status, StatusLayout
 
+_CHECK = ["exact"]  # EXPERIMENT
 STATUS_KEY = "_gradprobe_monitor_status"
 # With replay=True: the step's batch, handed back beside the status.
 BATCH_KEY = "_gradprobe_monitor_batch"
@@ -260,8 +261,12 @@ class StepProbe:
                 return self._apply_if_finite(original, grads, trainable_variables, step, slot,
                                              advance)
             if self.scaler is None and not self.accumulation:
-                with tf.control_dependencies(advance):
-                    return original(grads, trainable_variables)
+                # No control dependency of the update on these writes: the
+                # hooks' reads of the counter come after its write anyway (a
+                # tf.function runs the ops of one variable in program order), and
+                # a dependency of every op of the update on them cost more than
+                # all the rest of the checking version.
+                return original(grads, trainable_variables)
             pairs = zip(grads, trainable_variables if trainable_variables is not None
                         else _keras_private.optimizer_default_variables(self.optimizer))
             mine = self._mine(pairs)
@@ -391,14 +396,26 @@ class StepProbe:
             stats = self._grad_stats(grads, reads)
             self.stats.assign(tf.expand_dims(stats, 0))
             flags = tf.cast(stats[:, 3] > 0, tf.float32)
-        else:
+        elif _CHECK[0] == "exact":
             for i, g in enumerate(grads):
                 if g is not None:
                     values = g.values if isinstance(g, tf.IndexedSlices) else g
                     reads[i] = [tf.reduce_all(tf.math.is_finite(values))]
-            flags = tf.stack([tf.cast(tf.logical_not(reads[i][0]), tf.float32) if i in reads
-                              else tf.constant(0.0) for i in range(len(grads))]) \
-                if grads else tf.zeros([0])
+            tested = tf.stack([reads[i][0] if i in reads else tf.constant(True)
+                               for i in range(len(grads))]) if grads else tf.ones([0], tf.bool)
+            flags = tf.cast(tf.logical_not(tested), tf.float32)
+        else:
+            sums = []
+            for i, g in enumerate(grads):
+                if g is not None:
+                    values = g.values if isinstance(g, tf.IndexedSlices) else g
+                    reads[i] = [tf.reduce_sum(values)]
+                    sums.append(reads[i][0])
+            if _CHECK[0] == "sumnogate":
+                reads = {}
+            total = tf.reduce_all(tf.math.is_finite(tf.stack(sums))) if sums else tf.constant(True)
+            flags = tf.cond(total, lambda: tf.zeros([len(grads)]),
+                            lambda: self._nonfinite_flags(grads))
         self._put(self.flags, slot, flags)
         self._put(self.proof, slot, self._proof(step))
         by_id = {id(_value(v)): reads.get(i) for i, v in enumerate(self.variables)}
