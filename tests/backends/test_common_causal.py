@@ -239,7 +239,7 @@ def test_exact_patching_against_the_hand_split_and_attribution_patching_on_a_lin
     exact = gp.activation_patching(model, clean, corrupted, 1, ["h1", "h2"], positions="all",
                                    batch_size=10)
     assert exact.layers == ["h1", "h2"] and exact.positions == list(range(6))
-    assert exact.forward_passes == 2 + 4  # 12 variants x 3 examples, 10 rows per pass -> 3 per pass
+    assert exact.forward_passes == 2 + 6  # 12 variants, 2 (and the base) x 3 rows per pass
     base = rest("h2", h2(h1(corrupted)))
     clean_acts = {"h1": arr(h1(clean)), "h2": arr(h2(h1(clean)))}
     corr_acts = {"h1": arr(h1(corrupted)), "h2": arr(h2(h1(corrupted)))}
@@ -368,3 +368,82 @@ def test_patching_errors():
     q = gp.activation_patching(model, x, x, 0, "h2")
     with pytest.raises(GradprobeError, match="same layers and positions"):
         p.agreement(q)
+
+
+# ---------------------------------------------------------------- examples
+# An indirect-object-style toy task on a GPT-2 from a tiny config: "when Mary and
+# John went to the store, John gave a drink to" -> Mary; corrupted: the second
+# subject changed to the other name, which makes the other name the answer.
+VOCAB = ["<pad>", "Mary", "John", "Tom", "when", "and", "went", "to", "the", "store", "gave",
+         "drink"]
+
+
+def ioi_prompts():
+    """Token ids of the clean and corrupted prompts, and each prompt's answer."""
+    word = {w: i for i, w in enumerate(VOCAB)}
+
+    def ids(text):
+        return [word[w] for w in text.split()]
+
+    clean, corrupted, answers = [], [], []
+    for io, s in (("Mary", "John"), ("John", "Tom"), ("Tom", "Mary")):
+        clean.append(ids(f"when {io} and {s} went to the store {s} gave drink to"))
+        corrupted.append(ids(f"when {io} and {s} went to the store {io} gave drink to"))
+        answers.append(word[io])
+    return np.array(clean, "int32"), np.array(corrupted, "int32"), answers
+
+
+@pytest.mark.slow
+def test_gpt2_indirect_object_patching_side_by_side():
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16, dropout=0.0)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    clean_ids, corrupted_ids, answers = ioi_prompts()
+    mask = np.ones_like(clean_ids, bool)
+    clean = {"token_ids": clean_ids, "padding_mask": mask}
+    corrupted = {"token_ids": corrupted_ids, "padding_mask": mask}
+    before = sacred_state(model)
+    target = gp.at(-1, answers)  # the answer's logit at the last position
+    chosen = ["embeddings_add", "transformer_layer_0", "transformer_layer_1", "layer_norm"]
+    exact = gp.activation_patching(model, clean, corrupted, target, chosen, positions="all")
+    estimate = gp.attribution_patching(model, clean, corrupted, target, chosen,
+                                       positions="all")
+    assert exact.layers == [f"gpt2_backbone/{n}" for n in chosen]
+    assert exact.effects.shape == estimate.effects.shape == (4, clean_ids.shape[1])
+    assert exact.forward_passes == 3  # the whole sweep: 48 variants x 3 prompts in one pass
+    scale = float(np.abs(exact.clean).max())
+    changed = 8  # the corrupted token: nothing before it can move (causal attention)
+    assert_close(exact.effects[:, :changed], np.zeros((4, changed)), "float32", scale=scale)
+    assert_close(estimate.effects[:, :changed], np.zeros((4, changed)), "float32",
+                 scale=scale)
+    # the final layer norm at the last position carries everything the logit reads
+    gap = np.mean(exact.clean) - np.mean(exact.corrupted)
+    assert_close(exact.effects[-1, -1], gap, "float32", scale=scale)
+    agreement = estimate.agreement(exact)
+    assert np.isfinite(agreement.pearson)
+    lines = []
+    estimate.table(print_fn=lines.append, other=exact)
+    print("\n".join(lines))  # reported side by side (see the README), not asserted
+    assert_sacred_state(model, before)
+
+
+def test_cnn_patching_of_an_occluded_image():
+    keras.utils.set_random_seed(14)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), layers.Conv2D(3, 3, activation="relu", name="conv"),
+        layers.MaxPooling2D(name="pool"), layers.Flatten(name="flat"),
+        layers.Dense(4, name="out")])
+    clean = np.random.default_rng(14).random((2, 8, 8, 1)).astype("float32")
+    corrupted = clean.copy()
+    corrupted[:, 3:5, 3:5] = 0.0  # an occluded patch (input rows 3-4)
+    exact = gp.activation_patching(model, clean, corrupted, "predicted", "conv",
+                                   positions="all")  # per row of the feature maps
+    assert exact.positions == list(range(6)) and exact.layers == ["conv"]
+    # rows of "conv" whose receptive field misses the patch do not move
+    scale = float(np.abs(exact.clean).max())
+    assert_close(exact.effects[0, [0, 5]], np.zeros(2), "float32", scale=scale)
+    whole = gp.activation_patching(model, clean, corrupted, "predicted", "*")
+    assert_close(whole.recovered, np.ones((4, 1)), "float32", factor=1024)

@@ -128,18 +128,24 @@ class Patching:
         title = f"gradprobe: {self.method} patching ({self.direction}), effect on the target"
         if other is not None:
             title += f"; each cell: {self.method} / {other.method}"
-        table = Table(title=title)
-        table.add_column("layer", no_wrap=True)
-        for col in self._columns():
-            table.add_column(col, justify="right")
-        for i, key in enumerate(self.layers):
+        rows = []
+        for i in range(len(self.layers)):
             cells = []
             for j in range(len(self.positions)):
-                cell = f"{self.effects[i, j]:.4g}"
+                cell = f"{self.effects[i, j]:.3g}"
                 if other is not None:
-                    cell += f" / {other.effects[i, j]:.4g}"
+                    cell += f" / {other.effects[i, j]:.3g}"
                 cells.append(cell)
+            rows.append(cells)
+        table = Table(title=title)
+        table.add_column("layer", no_wrap=True)
+        for j, col in enumerate(self._columns()):
+            table.add_column(col, justify="right", no_wrap=True,
+                             min_width=max([len(col)] + [len(r[j]) for r in rows]))
+        for key, cells in zip(self.layers, rows):
             table.add_row(key, *cells)
+        width = max(len(k) for k in self.layers) + 4 + sum(
+            3 + max([len(c)] + [len(r[j]) for r in rows]) for j, c in enumerate(self._columns()))
         lines = [f"target: clean {np.mean(self.clean):.4g}, corrupted "
                  f"{np.mean(self.corrupted):.4g} (mean over {len(self.clean)} example(s))"]
         if other is not None:
@@ -149,12 +155,15 @@ class Patching:
                          f"{a.scale:.3g})")
         if print_fn is None:
             console = Console()
+            if not console.is_terminal:
+                console = Console(width=max(console.width, width))
             console.print(table)
             for line in lines:
                 console.print(line, highlight=False)
             return
         buf = io.StringIO()
-        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+        console = Console(file=buf, width=max(120, width), force_terminal=False,
+                          color_system=None)
         console.print(table)
         for line in lines:
             console.print(line, highlight=False)
@@ -279,7 +288,8 @@ def _record(model: Any, x: Any, tgt: Any, sites: list[Site], output: Any,
     found: dict[tuple[int, int], Any] = {}
     for site in sites:
         def keep(layer: Any, index: int, outputs: Any, site: Site = site) -> Any:
-            found[(id(layer), index)] = _sites.single_output(site, outputs, "layers")
+            found[(id(layer), index)] = ops.stop_gradient(
+                _sites.single_output(site, outputs, "layers"))
             return outputs
 
         hooks.add(site.layer, site.call, keep)
@@ -403,14 +413,15 @@ def exact_effects(runs: Runs, output: Any, training: bool, batch_size: int | Non
     """`(per_example effects (units, positions, n), forward passes)`."""
     n, units, positions = runs.n, runs.units, runs.positions
     variants = [(u, j) for u in range(len(units)) for j in range(len(positions))]
-    per = max(1, (batch_size or 256) // n)
+    # each pass also runs the base inputs unpatched (its last n rows): an effect is a
+    # difference within one pass, so an activation that changes nothing gives 0
+    per = max(1, batch_size // n - 1) if batch_size is not None else len(variants)
     out = np.zeros((len(units), len(positions), n))
     passes = 0
     model, tgt = runs.model, runs.request.target
-    base_target = runs.corrupted if runs.direction == "denoise" else runs.clean
     for start in range(0, len(variants), per):
         chunk = variants[start:start + per]
-        reps = len(chunk)
+        reps = len(chunk) + 1
         hooks = Hooks()
         for ui, unit in enumerate(units):
             rows = [k for k, (u, _) in enumerate(chunk) if u == ui]
@@ -433,7 +444,7 @@ def exact_effects(runs: Runs, output: Any, training: bool, batch_size: int | Non
         passes += 1
         values = _per_example(ev.value, n * reps).reshape(reps, n)
         for k, (u, j) in enumerate(chunk):
-            out[u, j] = values[k] - base_target
+            out[u, j] = values[k] - values[-1]
     return out, passes
 
 
@@ -469,7 +480,9 @@ def activation_patching(model: keras.Model, clean: Any, corrupted: Any, target: 
         direction: `"denoise"` or `"noise"`.
         output: As in `gp.gradients`.
         training: Passed to the model (state updates are discarded).
-        batch_size: Most rows per forward pass (variants x examples).
+        batch_size: Most rows per forward pass ((variants + 1) x examples: each
+            pass also runs the base inputs unpatched, and effects are differences
+            within one pass); `None`: the whole sweep in one pass.
 
     Returns:
         A `Patching` table: `effects`, `table()`, `plot()`, `agreement(other)`.
