@@ -198,6 +198,7 @@ def test_wrong_arguments_are_gradprobe_errors_and_leave_the_model_untouched():
         ({"d1": np.ones((2, 7), "float32")}, {}, r"broadcastable to the output of layer 'd1'"),
         ({"d1": lambda a: a[:, :2]}, {}, r"return a tensor of the layer's output shape"),
         ({"d1": None}, {}, r"Received: set\['d1'\]=None"),
+        ({"d1": ["a", "b"]}, {}, r"Expected `set\[.d1.\]`"),
         ({}, {}, "non-empty dict"),
         ({"d1": "zero"}, {"wrt": "d2"}, "Expected `target`"),
         ({"d1": "zero"}, {"unconnected": "ignore"}, "unconnected"),

@@ -66,7 +66,7 @@ class _Action:
         self.kind = _describe(value)
         self.tensor = None
         if self.kind == "value":
-            self.shape = tuple(np.shape(value))
+            self.shape = tuple(value.shape)
 
     @property
     def name(self) -> str:
@@ -123,8 +123,12 @@ def _check_value(selector: str, value: Any) -> Any:
         arr = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
     except Exception:
         raise _validate.fail(name, value, expected) from None
-    dtype = keras.backend.standardize_dtype(arr.dtype)
-    if not (keras.backend.is_float_dtype(dtype) or "int" in dtype):
+    try:
+        dtype = keras.backend.standardize_dtype(arr.dtype)
+        numeric = keras.backend.is_float_dtype(dtype) or "int" in dtype
+    except Exception:
+        numeric = False
+    if not numeric:
         raise _validate.fail(name, value, expected)
     return arr
 

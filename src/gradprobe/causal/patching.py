@@ -185,7 +185,7 @@ class Patching:
         """
         import matplotlib
 
-        if path is not None or ax is None:
+        if path is not None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
@@ -476,7 +476,9 @@ def activation_patching(model: keras.Model, clean: Any, corrupted: Any, target: 
             `"*"`, every leaf layer). A layer called several times gives one
             row per call.
         positions: `None` (each activation whole), `"all"` or a list of
-            positions along axis 1.
+            positions along axis 1 of every selected activation (the sequence
+            axis of `(batch, steps, ...)` outputs; attention scores, `(batch,
+            heads, query, key)`, have the heads there).
         direction: `"denoise"` or `"noise"`.
         output: As in `gp.gradients`.
         training: Passed to the model (state updates are discarded).
