@@ -113,6 +113,7 @@ LAYOUT = {
              "_functional", "_functional_form", "_patch", "_validate", "_sequence"],
     "attribution": ["__init__", "_common", "saliency", "smoothgrad", "integrated_gradients",
                     "grad_cam", "checks"],
+    "causal": ["__init__", "_sites", "intervene", "patching", "attribution_patching"],
     "higher": ["__init__", "hvp", "jacobian", "penalty", "per_example"],
     "monitor": ["__init__", "callback", "layout", "replay", "sinks"],
     "report": ["__init__", "html", "plot"],
@@ -124,11 +125,12 @@ LAYOUT = {
 
 PUBLIC_API = [
     "Attribution", "Finding", "FunctionalForm", "GradientMonitor", "GradprobeError",
-    "Gradients", "PerExampleNorms", "Tape", "at", "clear_cache", "deletion_curve",
+    "Gradients", "Intervention", "Patching", "PerExampleNorms", "Tape", "activation_patching",
+    "at", "attribution_patching", "clear_cache", "deletion_curve",
     "functional", "grad_cam", "grad_cam_layer", "grad_cam_plus_plus", "gradient_penalty",
     "gradient_x_input", "gradients", "hvp", "insertion_curve", "integrated_gradients",
-    "jacobian", "loss", "per_example_norms", "plot", "randomization_check", "saliency",
-    "smoothgrad", "write_report",
+    "intervene", "jacobian", "loss", "per_example_norms", "plot", "randomization_check",
+    "saliency", "smoothgrad", "write_report",
 ]
 
 
@@ -177,6 +179,9 @@ def test_public_api_is_unchanged_and_resolves():
              "Attribution": "gradprobe.attribution._common",
              "grad_cam": "gradprobe.attribution.grad_cam", "hvp": "gradprobe.higher.hvp",
              "deletion_curve": "gradprobe.attribution.checks",
+             "intervene": "gradprobe.causal.intervene",
+             "activation_patching": "gradprobe.causal.patching",
+             "attribution_patching": "gradprobe.causal.attribution_patching",
              "per_example_norms": "gradprobe.higher.per_example",
              "write_report": "gradprobe.report.html",
              "GradientMonitor": "gradprobe.monitor.callback"}

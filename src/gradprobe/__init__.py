@@ -43,6 +43,11 @@ _LAZY = {
     "gradient_x_input": "gradprobe.attribution.saliency",
     "saliency": "gradprobe.attribution.saliency",
     "smoothgrad": "gradprobe.attribution.smoothgrad",
+    "attribution_patching": "gradprobe.causal.attribution_patching",
+    "Intervention": "gradprobe.causal.intervene",
+    "intervene": "gradprobe.causal.intervene",
+    "Patching": "gradprobe.causal.patching",
+    "activation_patching": "gradprobe.causal.patching",
     "FunctionalForm": "gradprobe.core._functional_form",
     "functional": "gradprobe.core._functional_form",
     "clear_cache": "gradprobe.core.engine",
@@ -70,6 +75,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from gradprobe.attribution.integrated_gradients import integrated_gradients
     from gradprobe.attribution.saliency import gradient_x_input, saliency
     from gradprobe.attribution.smoothgrad import smoothgrad
+    from gradprobe.causal.attribution_patching import attribution_patching
+    from gradprobe.causal.intervene import Intervention, intervene
+    from gradprobe.causal.patching import Patching, activation_patching
     from gradprobe.core._functional_form import FunctionalForm, functional
     from gradprobe.core.engine import clear_cache, gradients
     from gradprobe.core.result import Gradients
@@ -111,9 +119,13 @@ __all__ = [
     "GradientMonitor",
     "GradprobeError",
     "Gradients",
+    "Intervention",
+    "Patching",
     "PerExampleNorms",
     "Tape",
+    "activation_patching",
     "at",
+    "attribution_patching",
     "clear_cache",
     "deletion_curve",
     "functional",
@@ -126,6 +138,7 @@ __all__ = [
     "hvp",
     "insertion_curve",
     "integrated_gradients",
+    "intervene",
     "jacobian",
     "loss",
     "per_example_norms",
