@@ -99,15 +99,25 @@ def resnet20() -> keras.Model:
     return model
 
 
+class AddPositions(keras.layers.Layer):
+    """Adds a learned embedding of each position (a layer, so that the model is
+    symbolic on every backend: an Embedding called on a concrete `arange` would
+    be one eager tensor, which PyTorch cannot differentiate twice)."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=tuple(input_shape[1:]), name="positions")
+
+    def call(self, x):
+        return x + self.table[None]
+
+
 def transformer() -> keras.Model:
     """A Transformer encoder: token + position embeddings, 4 blocks of width
     128 (4 heads, feed-forward 512, pre-layer-norm), mean pooling, classifier."""
     keras.utils.set_random_seed(0)
     seq, width, vocab = 64, 128, 1000
     tokens = keras.Input((seq,), dtype="int32")
-    h = keras.layers.Embedding(vocab, width)(tokens)
-    positions = keras.layers.Embedding(seq, width)(keras.ops.arange(seq)[None, :])
-    h = h + positions
+    h = AddPositions()(keras.layers.Embedding(vocab, width)(tokens))
     for _ in range(4):
         a = keras.layers.LayerNormalization()(h)
         a = keras.layers.MultiHeadAttention(4, width // 4)(a, a)
