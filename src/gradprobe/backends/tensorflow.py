@@ -23,10 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe.backends import (
-    Origin,  # noqa: F401 (capture uses backend.Origin)
-    _keras_private,
-)
+from gradprobe.backends import _keras_private
 
 NAME = "tensorflow"
 
@@ -228,7 +225,7 @@ _CONTROL_FLOW = {
 }
 
 
-def control_flow(origin: Origin) -> str | None:
+def control_flow(origin: Any) -> str | None:
     """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the
     current code runs inside, below the capture's `origin`; `None` if none."""
     return origin.control_flow(_CONTROL_FLOW, "tensorflow")

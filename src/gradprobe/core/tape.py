@@ -10,8 +10,11 @@ import numpy as np
 
 from gradprobe import backends
 from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.core import _patch, _validate, capture
-from gradprobe.core.engine import to_specs
+from gradprobe.core import _patch, _validate
+from gradprobe.core.capture.recorder import Recorder, TorchTapeRecorder
+from gradprobe.core.inputs import is_floating_tensor
+from gradprobe.core.keys import input_keys
+from gradprobe.core.plan import to_specs
 from gradprobe.core.selectors import LayerTree, resolve
 from gradprobe.errors import GradprobeError, quoted
 
@@ -78,7 +81,7 @@ class Tape:
         self._watch = watch
         self._tree: LayerTree | None = None
         self._tape: Any = None
-        self._recorder: capture.Recorder | None = None
+        self._recorder: Recorder | None = None
         self._stack: contextlib.ExitStack | None = None
         self._inputs: list[list[tuple[str, Any]]] = []  # per model call: (key, probe)
         self._state = "new"
@@ -96,7 +99,7 @@ class Tape:
         self._tape = backend.new_tape(persistent=True, watch_accessed_variables=True)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._tape)
-        self._recorder = capture.Recorder(self._tape, {id(a.layer) for a in acts})
+        self._recorder = Recorder(self._tape, {id(a.layer) for a in acts})
         return self._record(acts, inputs, vars_)
 
     def _resolve_watch(self) -> tuple[list, list, list]:
@@ -111,7 +114,7 @@ class Tape:
         self._bk = backends.get()
         acts, _, inputs = self._resolve_watch()
         self._acts = acts
-        self._recorder = _TorchRecorder(self._bk, {id(a.layer) for a in acts})
+        self._recorder = TorchTapeRecorder(self._bk, {id(a.layer) for a in acts})
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._bk.enable_grad())
         return self._record(acts, inputs)
@@ -145,14 +148,14 @@ class Tape:
         torch_mode = self._bk is not None
         if not torch_mode and not backend.in_capture_context(self._recorder.context):
             return inputs
-        keys = capture.input_keys(inputs)
+        keys = input_keys(inputs)
         leaves = keras.tree.flatten(inputs)
         call, new = [], []
         for key, leaf in zip(keys, leaves):
             if torch_mode:
                 if isinstance(leaf, np.ndarray) and leaf.dtype.kind == "f":
                     leaf = keras.ops.convert_to_tensor(leaf)  # (as the model would)
-                if _is_floating(leaf):
+                if is_floating_tensor(leaf):
                     value = self._bk.tape_probe(leaf)
                     call.append((key, value))
                     leaf = value
@@ -173,7 +176,7 @@ class Tape:
         if self._state != "recording":
             raise GradprobeError("tape.watch must be called inside the `with` block.")
         if self._bk is not None:
-            if not _is_floating(tensor):
+            if not is_floating_tensor(tensor):
                 raise _validate.fail("tensor", tensor, "a floating-point tensor to watch.")
             self._bk.watch(tensor)
             return
@@ -298,7 +301,7 @@ class Tape:
         for t in keras.tree.flatten(target):
             if self._bk is None:
                 _validate.tensor("target", t, "computed inside the `with` block")
-            elif not _is_floating(t):
+            elif not is_floating_tensor(t):
                 raise _validate.fail("target", t, "a floating-point tensor, computed from the "
                                                   "recorded forward pass.")
         self._used = True
@@ -395,11 +398,6 @@ class Tape:
             "unconnected='zero'.")
 
 
-def _is_floating(x: Any) -> bool:
-    return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(
-        keras.backend.standardize_dtype(x.dtype))
-
-
 def _summed(target: Any, bk: Any) -> Any:
     """The sum of every element of `target` (a tensor or a structure of them), as
     `tf.GradientTape.gradient` differentiates it (recorded even under the
@@ -410,46 +408,3 @@ def _summed(target: Any, bk: Any) -> Any:
         for t in leaves[1:]:
             total = total + keras.ops.sum(t)
     return total
-
-
-class _TorchRecorder:
-    """The watched layer calls of a `gp.Tape` block on PyTorch: each floating
-    output leaf replaced by a view (`backends.torch.tape_probe`) that is both the
-    value the rest of the pass consumes and the tensor differentiated. Calls in
-    Keras' control flow (an RNN's step loop) are left alone, as on the other
-    backends."""
-
-    def __init__(self, bk: Any, probe_ids: set[int]):
-        self.bk = bk
-        self.probe_ids = probe_ids
-        self.origin = backends.Origin()
-        self.calls: list[capture._Call] = []
-        self.counts: dict[int, int] = {}
-        self.clock = 0
-
-    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if id(layer) not in self.probe_ids or self.bk.control_flow(self.origin) is not None:
-            return outputs
-        lid = id(layer)
-        index = self.counts.get(lid, 0)
-        self.counts[lid] = index + 1
-        leaves = keras.tree.flatten(outputs)
-        recorded, new = [], []
-        for leaf in leaves:
-            if _is_floating(leaf):
-                leaf = self.bk.tape_probe(leaf)
-                recorded.append((leaf, leaf))
-            else:
-                recorded.append((leaf, None))
-            new.append(leaf)
-        self.calls.append(capture._Call(lid, index, recorded, self.clock))
-        self.clock += 1
-        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
-            return new[0]
-        return keras.tree.pack_sequence_as(outputs, new)
-
-    def calls_of(self, layer: Any) -> list[capture._Call]:
-        return [c for c in self.calls if c.layer_id == id(layer)]
-
-    def close(self) -> None:
-        self.origin.close()

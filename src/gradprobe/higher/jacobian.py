@@ -10,8 +10,9 @@ import numpy as np
 
 from gradprobe import backends
 from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.core import _functional_form, _validate
-from gradprobe.core.engine import ensure_built, prepare_inputs
+from gradprobe.core import _functional_form, _sequence, _validate
+from gradprobe.core.inputs import prepare_inputs
+from gradprobe.core.keys import input_keys
 from gradprobe.core.selectors import LayerTree
 from gradprobe.core.tape import Tape
 from gradprobe.errors import GradprobeError
@@ -62,7 +63,6 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     if backends.is_functional():
         return _functional_jacobian(model, inputs, of, wrt, training, max_bytes)
     x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
     if wrt == "inputs":
         _integer_inputs(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
@@ -113,9 +113,7 @@ def _no_target(outputs: Any) -> Any:
 def _integer_inputs(model: Any, x: Any) -> None:
     """Refuses a Jacobian with respect to integer inputs (token ids), naming the
     embedding layer they feed, as `gp.gradients(wrt="inputs")` does."""
-    from gradprobe.core import _sequence, capture
-
-    keys = capture.input_keys(x)
+    keys = input_keys(x)
     leaves = keras.tree.flatten(x)
     bad = [k for k, leaf in zip(keys, leaves) if not backend.is_floating(leaf)]
     if bad:
