@@ -10,6 +10,7 @@ stops it from failing the build is caught.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,7 +123,7 @@ LAYOUT = {
     "monitor": ["__init__", "callback", "layout", "replay", "sinks"],
     "report": ["__init__", "html", "plot"],
     "cli": ["__init__", "commands", "_io", "demo"],
-    "backends": ["__init__", "tensorflow", "tensorflow_attribution", "tensorflow_higher",
+    "backends": ["__init__", "interface", "_keras_ops", "tensorflow", "tensorflow_attribution",
                  "tensorflow_monitor", "jax", "jax_monitor", "jax_distribution", "torch",
                  "torch_monitor", "_monitor_host", "_keras_private", "_loss_scale"],
 }
@@ -261,6 +263,7 @@ monitor = gp.GradientMonitor(csv="grads.csv", log_dir="logs")
 model.fit(x, np.zeros((5, 2), "float32"), batch_size=5, epochs=2, verbose=0, callbacks=[monitor])
 assert monitor.steps.tolist() == [1, 2] and gp.monitor.read_csv("grads.csv")[0].tolist() == [1, 2]
 import ast
+import contextlib
 import os
 assert any(name.startswith("events.out.tfevents") for name in os.listdir("logs"))
 assert sys.modules["tensorflow"] is None, "TensorFlow was imported"
@@ -489,3 +492,102 @@ def test_layout_checks_fail_on_the_old_layout():
              "gradprobe.higher.per_example": {"gradprobe.core.engine"}}
     assert import_circles(graph) == [sorted(graph)]
     assert _rank("gradprobe.higher.per_example") > _rank("gradprobe.core.engine")
+
+
+# ---------------------------------------------------------------- the backend interface
+BACKEND_MODULES = {"tensorflow": "backends/tensorflow.py", "jax": "backends/jax.py",
+                   "torch": "backends/torch.py"}
+
+
+def _top_level(path: Path) -> tuple[set[str], dict[str, Any]]:
+    """The names a module defines at top level, and its constant assignments."""
+    names: set[str] = set()
+    constants: dict[str, Any] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+                    if node.value is not None:
+                        with contextlib.suppress(ValueError):
+                            constants[target.id] = ast.literal_eval(node.value)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names, constants
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_MODULES))
+def test_backend_interface_is_complete(backend):
+    from gradprobe.backends import interface
+
+    names, constants = _top_level(PACKAGE / BACKEND_MODULES[backend])
+    assert constants.get("NAME") == backend
+    capture, tape = constants.get("CAPTURE"), constants.get("TAPE", "missing")
+    assert capture in interface.STRATEGIES, f"CAPTURE={capture!r}"
+    assert tape in interface.TAPES, f"TAPE={tape!r}"
+    wanted = (interface.members(interface.Backend)
+              | interface.members(interface.STRATEGIES[capture])
+              | interface.members(interface.TAPES[tape]))
+    assert wanted - names == set(), f"{backend} lacks {sorted(wanted - names)}"
+
+
+def test_interface_protocols_list_the_members_they_document():
+    from gradprobe.backends import interface
+
+    assert {"CAPTURE", "TAPE", "stop_gradient", "per_row"} <= interface.members(interface.Backend)
+    assert {"new_tape", "probe", "vectorized_map", "stop_gradient"} <= \
+        interface.members(interface.TapeBackend)
+    assert {"value_and_grad", "jit", "trace_count"} <= \
+        interface.members(interface.FunctionalBackend)
+
+
+# Branches on the backend's name outside backends/ (a comparison with
+# `keras.backend.backend()`, `backends.name()` or a backend module's `NAME`): each in a
+# module this redesign did not own; the list may only shrink.
+_STILL_BRANCHING_ON_NAME = {"monitor/callback.py"}
+
+
+def _branches_on_name(path: Path) -> int:
+    def names_backend(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute) and node.attr == "NAME":
+            return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = ast.unparse(node.func.value)
+            return (node.func.attr, owner) in {("backend", "keras.backend"), ("name", "backends")}
+        return False
+
+    return sum(1 for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Compare)
+               and any(names_backend(n) for n in [node.left, *node.comparators]))
+
+
+def test_no_backend_name_branches_outside_backends():
+    found = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+             if not p.relative_to(PACKAGE).as_posix().startswith("backends/")
+             and _branches_on_name(p)}
+    assert found - _STILL_BRANCHING_ON_NAME == set(), sorted(found - _STILL_BRANCHING_ON_NAME)
+    assert _STILL_BRANCHING_ON_NAME - found == set(), "fixed, remove from the list"
+
+
+# Modules outside backends/ that still call TensorFlow-only entry points (the
+# `tensorflow_*_backend` deferred modules) rather than `backends.get()`: attribution's
+# compiled TensorFlow loops; the list may only shrink.
+_STILL_CALLING_TENSORFLOW = {"attribution/_common.py", "attribution/grad_cam.py"}
+
+
+def test_no_tensorflow_entry_points_outside_backends():
+    found = set()
+    for p in PACKAGE.rglob("*.py"):
+        rel = p.relative_to(PACKAGE).as_posix()
+        if rel.startswith("backends/"):
+            continue
+        text = p.read_text()
+        assert "tensorflow_backend as backend" not in text, rel
+        if re.search(r"\btensorflow_\w*backend\b", text):
+            found.add(rel)
+    assert found - _STILL_CALLING_TENSORFLOW == set(), sorted(found - _STILL_CALLING_TENSORFLOW)
+    assert _STILL_CALLING_TENSORFLOW - found == set(), \
+        f"fixed, remove: {sorted(_STILL_CALLING_TENSORFLOW - found)}"

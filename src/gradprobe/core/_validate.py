@@ -107,11 +107,10 @@ def model(value: Any, name: str = "model") -> Any:
 def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
     """Refuses a Keras backend that `function` does not run on yet: everything
     runs on TensorFlow; `functional` names the other backends it runs on."""
-    current = keras.backend.backend()
-    if current == "tensorflow" or current in functional:
+    if backends.runs_on(functional):
         return
     raise GradprobeError(
-        f"{function} is not supported on the {current!r} backend of Keras yet; it runs on "
+        f"{function} is not supported on the {backends.name()!r} backend of Keras yet; it runs on "
         f"TensorFlow (set KERAS_BACKEND=tensorflow before importing keras); {backends.SUPPORTED_ELSEWHERE}.")
 
 
@@ -271,7 +270,7 @@ def _concrete(leaf: Any) -> np.ndarray | None:
     if backends.is_functional():
         if not backends.get().is_concrete(leaf):
             return None
-    elif not backends.tensorflow_backend.is_eager_tensor(leaf):
+    elif not backends.get().is_eager_tensor(leaf):
         return None
     try:
         return np.asarray(keras.ops.convert_to_numpy(leaf))

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import _keras_private, tensorflow_backend
+from gradprobe.backends import _keras_private
 from gradprobe.errors import GradprobeError
 
 CACHE_SIZE = 16
@@ -207,7 +207,7 @@ def repeat_key(inputs: Any, target: Any, wrt: Any, options: tuple) -> tuple | No
         return None
     if not all(type(o) in _PLAIN_OPTION_TYPES for o in options):
         return None
-    if not tensorflow_backend.is_eager_tensor(inputs) or not inputs.dtype.is_floating:
+    if not backends.get().is_eager_tensor(inputs) or not inputs.dtype.is_floating:
         return None  # (integer inputs, token ids, are checked against the vocabulary each call)
     return (wrt, target, tuple((type(o), o) for o in options), inputs.dtype,
             tuple(inputs.shape))

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import _keras_private, tensorflow_backend
+from gradprobe.backends import _keras_private
 from gradprobe.core.cache import CacheEntry
 from gradprobe.core.call_errors import compile_error, last_line
 from gradprobe.core.capture import functional, tape
@@ -46,9 +46,9 @@ def run(model: Any, x: Any, tgt: Target, wrt: Any, *, output: Any, training: boo
     else:
         args = tgt.args
         if replace:
-            args = dict(args, replacement=tensorflow_backend.to_tensor(replacement))
+            args = dict(args, replacement=backends.get().to_tensor(replacement))
         tensors, meta = _execute(model, x, args, entry, compile)
-        stop_gradient = tensorflow_backend.stop_gradient
+        stop_gradient = backends.get().stop_gradient
     return result_of(tensors, meta, tgt, entry.plan, differentiable, stop_gradient)
 
 
@@ -56,7 +56,7 @@ def _execute(model: Any, x: Any, args: dict, entry: CacheEntry,
              compile: bool | str) -> tuple[dict, dict]:
     plan = entry.plan
     capture_run = per_example_capture.run if plan.per_example else tape.run
-    if not tensorflow_backend.executing_eagerly() or compile is False:
+    if not backends.get().executing_eagerly() or compile is False:
         # Inside the user's own tf.function (or eager by request): run inline.
         return capture_run(model, x, args, plan, wrap_errors=True)
     if compile == "auto" and entry.eager_only:

@@ -12,7 +12,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend
 from gradprobe.core import _sequence, _validate
 from gradprobe.core.call_errors import call_error
 from gradprobe.core.keys import input_keys
@@ -25,17 +24,17 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
     kept as they are, traced ones included), the inputs checked against the model,
     and the model built (by one call, outside any capture) if it was not."""
     _validate.model(model)
-    if backends.is_functional():
+    bk = backends.get()
+    if bk.CAPTURE == "functional":
         x = _functional_tensors(model, inputs)
     else:
-        x = _tensorflow_tensors(model, inputs)
+        x = _tape_tensors(bk, model, inputs)
     ensure_built(model, x)
     return x
 
 
-def _tensorflow_tensors(model: Any, inputs: Any) -> Any:
-    """Arrays as TensorFlow tensors (tensors are kept as they are)."""
-    backend = tensorflow_backend
+def _tape_tensors(backend: Any, model: Any, inputs: Any) -> Any:
+    """Arrays as tensors of the tape backend (TensorFlow; tensors are kept as they are)."""
     _validate.inputs(inputs)
     specs = getattr(model, "inputs", None) or []
     spec_dtypes = [getattr(s, "dtype", None) for s in specs]
@@ -160,7 +159,7 @@ def check_input_dtypes(model: Any, x: Any, plan: Any) -> None:
     if backends.is_functional():
         is_floating, shown = is_floating_tensor, stand_in
     else:
-        is_floating, shown = tensorflow_backend.is_floating, _itself
+        is_floating, shown = backends.get().is_floating, _itself
     keys = input_keys(x)
     wanted = {k for spec in plan.inputs for k in keys
               if spec.index is None or k == f"inputs:{spec.index}"

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _patch, _validate
 from gradprobe.core.capture.recorder import Recorder, TorchTapeRecorder
 from gradprobe.core.inputs import is_floating_tensor
@@ -66,14 +65,15 @@ class Tape:
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
-        if backends.name() == "jax":
+        _validate.backend_supported("gp.Tape", backends.FUNCTIONAL)
+        if backends.get().TAPE is None:  # (JAX)
             raise GradprobeError(
-                "gp.Tape is not available on the 'jax' backend of Keras: JAX has no tape. "
+                f"gp.Tape is not available on the {backends.name()!r} backend of Keras: it "
+                "has no tape. "
                 "Write chained and second-order gradients with gp.functional(model, x, "
                 "target, wrt=...), the probed forward pass as a pure function of (probes, "
                 "variables, inputs) to compose with jax.grad / jax.jvp (gp.gradients, too, "
                 "is differentiable under jax.grad). gp.Tape runs on TensorFlow and PyTorch.")
-        _validate.backend_supported("gp.Tape", ("torch",))
         _validate.model(model)
         _validate.flag("persistent", persistent, "whether several gradients can be taken")
         self.model = model
@@ -92,11 +92,11 @@ class Tape:
     def __enter__(self) -> Tape:
         if self._state != "new":
             raise GradprobeError("A gp.Tape can be entered once; create a new one.")
-        if backends.name() == "torch":
+        if backends.get().TAPE == "autograd":
             return self._enter_torch()
         acts, vars_, inputs = self._resolve_watch()
         self._acts = acts
-        self._tape = backend.new_tape(persistent=True, watch_accessed_variables=True)
+        self._tape = backends.get().new_tape(persistent=True, watch_accessed_variables=True)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._tape)
         self._recorder = Recorder(self._tape, {id(a.layer) for a in acts})
@@ -126,7 +126,7 @@ class Tape:
         assert self._stack is not None and self._recorder is not None
         try:
             for v in vars_:
-                backend.watch(self._tape, v.var)
+                backends.get().watch(self._tape, v.var)
             self._stack.enter_context(
                 _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
             if inputs:
@@ -146,7 +146,7 @@ class Tape:
 
     def _probe_inputs(self, inputs: Any) -> Any:
         torch_mode = self._bk is not None
-        if not torch_mode and not backend.in_capture_context(self._recorder.context):
+        if not torch_mode and not backends.get().in_capture_context(self._recorder.context):
             return inputs
         keys = input_keys(inputs)
         leaves = keras.tree.flatten(inputs)
@@ -160,8 +160,8 @@ class Tape:
                     call.append((key, value))
                     leaf = value
                 new.append(leaf)
-            elif backend.is_floating(leaf):
-                value, probe = backend.probe(self._tape, leaf)
+            elif backends.get().is_floating(leaf):
+                value, probe = backends.get().probe(self._tape, leaf)
                 call.append((key, probe))
                 new.append(value)
             else:
@@ -180,7 +180,7 @@ class Tape:
                 raise _validate.fail("tensor", tensor, "a floating-point tensor to watch.")
             self._bk.watch(tensor)
             return
-        backend.watch(self._tape, tensor)
+        backends.get().watch(self._tape, tensor)
 
     # ------------------------------------------------------------- captured
     def keys(self) -> list[str]:
@@ -317,8 +317,8 @@ class Tape:
             flat = [t.value if isinstance(t, keras.Variable) else t for t in flat]
             grads = self._bk.tape_gradient(_summed(target, self._bk), flat, differentiable)
         else:
-            grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
-            grads = [backend.densify(g) for g in grads]
+            grads = self._tape.gradient(target, [backends.get().watchable(t) for t in flat])
+            grads = [backends.get().densify(g) for g in grads]
         missing = [(key, t) for (key, t), g in zip([kt for grp in groups for kt in grp], grads)
                    if g is None]
         if missing and unconnected == "raise":
@@ -328,9 +328,9 @@ class Tape:
             if not differentiable:
                 grads = self._bk.stop_gradient(grads)
         else:
-            grads = [backend.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+            grads = [backends.get().zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
             if not differentiable:
-                grads = [backend.stop_gradient(g) for g in grads]
+                grads = [backends.get().stop_gradient(g) for g in grads]
         it = iter(grads)
         results = []
         for group in groups:
@@ -344,7 +344,7 @@ class Tape:
 
     def _expand(self, item: Any) -> list[tuple[str, Any]]:
         """(key, tensor or variable) pairs that one source item stands for."""
-        is_tensor = keras.ops.is_tensor if self._bk is not None else backend.is_tensor
+        is_tensor = keras.ops.is_tensor if self._bk is not None else backends.get().is_tensor
         if is_tensor(item) and not isinstance(item, keras.Variable):
             return [(getattr(item, "name", "tensor"), item)]
         if isinstance(item, keras.Variable):

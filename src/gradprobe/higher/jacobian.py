@@ -9,7 +9,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _functional_form, _sequence, _validate
 from gradprobe.core.inputs import prepare_inputs
 from gradprobe.core.keys import input_keys
@@ -75,10 +74,10 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     t_shape = backends.static_shape(target)
     s_shape = backends.static_shape(source)
     _check_size(of, wrt, t_shape, s_shape, target.dtype.size, max_bytes)
-    if backend.gradient(tape._tape, target, [source])[0] is None:
-        swapped = backend.gradient(tape._tape, source, [target])[0] is not None
+    if backends.get().gradient(tape._tape, target, [source])[0] is None:
+        swapped = backends.get().gradient(tape._tape, source, [target])[0] is not None
         _raise_not_connected(of, wrt, swapped)
-    return backend.batch_jacobian(tape._tape, target, source)
+    return backends.get().batch_jacobian(tape._tape, target, source)
 
 
 def _check_size(of: Any, wrt: Any, t_shape: tuple, s_shape: tuple, itemsize: int,
@@ -115,7 +114,7 @@ def _integer_inputs(model: Any, x: Any) -> None:
     embedding layer they feed, as `gp.gradients(wrt="inputs")` does."""
     keys = input_keys(x)
     leaves = keras.tree.flatten(x)
-    bad = [k for k, leaf in zip(keys, leaves) if not backend.is_floating(leaf)]
+    bad = [k for k, leaf in zip(keys, leaves) if not backends.get().is_floating(leaf)]
     if bad:
         key, hint = _sequence.integer_input_hint(model, keys, bad)
         _validate.differentiable_input(key, leaves[keys.index(key)], hint)

@@ -29,7 +29,6 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend, tensorflow_higher_backend
 from gradprobe.core import _patch, _validate
 from gradprobe.core.cache import CacheEntry, cached_entry
 from gradprobe.core.capture.assembly import per_example_values
@@ -124,7 +123,7 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     req = resolve_request(model, inputs, target, output=output, training=training)
     x, tgt = req.x, req.target
     entry = _plan(model, wrt, tgt, output, req.training, method)
-    if tensorflow_backend.executing_eagerly():
+    if backends.get().executing_eagerly():
         if entry.fn is None:
             entry.fn = compiled(model, entry.plan, _run)
         norms, meta = entry.fn(x, tgt.args)
@@ -184,7 +183,7 @@ def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
     for v in plan.vars:
         if method != "vectorized" and isinstance(v.owner, GHOST_TYPES):
             owners[id(v.owner)] = v.owner
-    tape = tensorflow_backend.new_tape(persistent=True)
+    tape = backends.get().new_tape(persistent=True)
     ids = set(owners)
     recorder = Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
                                              else set()), frozenset(ids))
@@ -201,7 +200,7 @@ def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
     try:  # closed on every exit: see capture.tape.run
         with tape:
             for v in plan.vars:
-                tensorflow_backend.watch(tape, v.var)
+                backends.get().watch(tape, v.var)
             _, _, value, objective, target_meta = evaluate(
                 model, x, plan.target, args, output=plan.output, training=plan.training,
                 call=call, layer_value=None if plan.output_layer is None else layer_value,
@@ -226,7 +225,7 @@ def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
                 continue
             ghost[lid] = calls[0]
     probes = [ghost[lid].leaves[0][1] for lid in ghost]
-    out_grads = dict(zip(ghost, tensorflow_backend.gradient(tape, objective, probes)))
+    out_grads = dict(zip(ghost, backends.get().gradient(tape, objective, probes)))
 
     norms: dict[str, Any] = {"__target__": value}
     methods: dict[str, str] = {}
@@ -252,7 +251,7 @@ def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
         if v.key not in fallbacks:
             fallbacks[v.key] = shared.get(id(v.owner)) or _why_not(v.owner, owners, recorder,
                                                                     method)
-        norms[v.key] = _row_norms(tensorflow_backend.jacobian(tape, value, v.var))
+        norms[v.key] = _row_norms(backends.get().jacobian(tape, value, v.var))
         methods[v.key] = "vectorized"
     order = [v.key for v in plan.vars]
     return norms, {"order": order, "method": methods, "fallbacks": fallbacks,
@@ -285,7 +284,7 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     """{id(variable): (squared per-example norm, method)} and, if some variables
     of the layer are not covered, the reason."""
     if isinstance(layer, keras.layers.Embedding):
-        return {id(layer.embeddings): (tensorflow_higher_backend.embedding_squares(a, dy), "ghost")}, ""
+        return {id(layer.embeddings): (backends.get().embedding_squares(a, dy), "ghost")}, ""
     if isinstance(layer, keras.layers.LayerNormalization):
         return _layer_norm(layer, a, dy)
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
@@ -303,7 +302,7 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     b = ops.shape(dz)[0]
     out_dim = dz.shape[-1]
     if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
-        A = tensorflow_higher_backend.conv_patches(layer, a)
+        A = backends.get().conv_patches(layer, a)
     else:
         A = ops.reshape(a, (b, -1, a.shape[-1]))
     G = ops.reshape(dz, (b, -1, out_dim))
@@ -334,7 +333,7 @@ def _through_activation(layer: Any, a: Any, y: Any, dy: Any) -> Any:
         return dy * (1.0 - keras.ops.square(y))
     if activation is keras.activations.sigmoid:
         return dy * y * (1.0 - y)
-    return tensorflow_higher_backend.pre_activation_gradient(layer, a, dy)
+    return backends.get().pre_activation_gradient(layer, a, dy)
 
 
 def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
@@ -346,8 +345,8 @@ def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
         ops = keras.ops
         return ops.sum(ops.square(A[:, 0]), 1) * ops.sum(ops.square(G[:, 0]), 1), "ghost"
     if method == "ghost" or t is None or t * t * (d + e) <= t * d * e:
-        return tensorflow_higher_backend.gram_squares(A, G), "ghost"
-    return tensorflow_higher_backend.outer_squares(A, G), "outer"
+        return backends.get().gram_squares(A, G), "ghost"
+    return backends.get().outer_squares(A, G), "outer"
 
 
 def _einsum_dense_supported(layer: Any) -> bool:
@@ -366,7 +365,7 @@ def _layer_norm(layer: Any, x: Any, dy: Any) -> tuple[dict, str]:
     if axes != [rank - 1] or getattr(layer, "rms_scaling", False):
         return {}, "LayerNormalization over axes other than the last, or with rms_scaling"
     return {k: (sq, "ghost") for k, sq in
-            tensorflow_higher_backend.layer_norm_squares(layer, x, dy).items()}, ""
+            backends.get().layer_norm_squares(layer, x, dy).items()}, ""
 
 
 __all__ = ["PerExampleNorms", "per_example_norms"]

@@ -28,7 +28,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend, tensorflow_higher_backend
 from gradprobe.core import _validate
 from gradprobe.core.capture import tape
 from gradprobe.core.capture.assembly import per_example_values
@@ -120,7 +119,7 @@ def vectorized_map_crashes(model: Any) -> str:
     `BertBackbone`, a `MultiHeadAttention`, an `EinsumDense` without bias; with
     TF_ENABLE_ONEDNN_OPTS=0 every run passes). No Python error can be caught, so
     the case is recognised before the pass runs."""
-    if not tensorflow_higher_backend.onednn_enabled():
+    if not backends.get().onednn_enabled():
         return ""
     for node in LayerTree(model).nodes:
         if isinstance(node.layer, keras.layers.EinsumDense):
@@ -188,7 +187,7 @@ def _vectorized(model: Any, x: Any, args: dict, plan: Plan,
         weights = {k: g for k, g in out["grads"].items() if m["kinds"][k] == "weight"}
         return {"grads": weights, "outputs": out["outputs"], "target": out["target"]}
 
-    stacked = tensorflow_higher_backend.vectorized_map(one, (x, mapped))
+    stacked = backends.get().vectorized_map(one, (x, mapped))
     m = box["meta"]
     if tensors is None:
         tensors = {"grads": stacked["grads"], "values": {},
@@ -206,16 +205,16 @@ def _jacobian(model: Any, x: Any, args: dict, plan: Plan, wrap_errors: bool,
               why: str) -> tuple[dict, dict]:
     """One batched pass under a persistent tape, then the Jacobian of the
     per-example target values with respect to each weight."""
-    gradient_tape = tensorflow_backend.new_tape(persistent=True)
+    gradient_tape = backends.get().new_tape(persistent=True)
     with gradient_tape:
         for v in plan.vars:
-            tensorflow_backend.watch(gradient_tape, v.var)
+            backends.get().watch(gradient_tape, v.var)
         tensors, meta = tape.run(model, x, args, plan, wrap_errors)
     value = per_example_values(tensors["target"], "per_example=True")
     grads = dict(tensors["grads"])
     for v in plan.vars:
         if v.key in grads:
-            grads[v.key] = tensorflow_backend.jacobian(gradient_tape, value, v.var)
+            grads[v.key] = backends.get().jacobian(gradient_tape, value, v.var)
     tensors = dict(tensors, grads=grads)
     weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
     return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "jacobian"),

@@ -11,7 +11,6 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend
 from gradprobe.core.capture.functional_steps import replaced
 from gradprobe.core.inputs import is_floating_tensor
 from gradprobe.errors import GradprobeError
@@ -43,7 +42,8 @@ class Recorder:
         self.probe_ids = probe_ids
         self.input_ids = input_ids
         self.inputs_of: dict[tuple[int, int], Any] = {}
-        self.context = tensorflow_backend.capture_context()
+        self.bk = bk = backends.get()  # (the tape backend: CAPTURE == "tape")
+        self.context = bk.capture_context()
         self.calls: list[LayerCall] = []
         self.counts: dict[int, int] = {}
         self.first_clock: dict[int, int] = {}
@@ -56,13 +56,13 @@ class Recorder:
         self.replacement: Any = None  # ... by this tensor
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        flow = tensorflow_backend.control_flow(self.origin)
+        flow = self.bk.control_flow(self.origin)
         if flow is not None:
             # A loop or branch body (compiled: another graph; eager: run inline):
             # never captured, in either mode, and reported by `assembly.collect_entries`.
             self.in_control_flow.setdefault(id(layer), flow)
             return outputs
-        if not tensorflow_backend.in_capture_context(self.context):
+        if not self.bk.in_capture_context(self.context):
             return outputs
         lid = id(layer)
         index = self.counts.get(lid, 0)
@@ -76,7 +76,7 @@ class Recorder:
                     f"replaced unambiguously. Choose one call: '{layer.name}@0', "
                     f"'{layer.name}@1', ...")
             if self.replace_call is None or index == self.replace_call:
-                outputs = tensorflow_backend.cast_like(self.replacement, outputs)
+                outputs = self.bk.cast_like(self.replacement, outputs)
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
         if lid not in self.probe_ids:
@@ -85,8 +85,8 @@ class Recorder:
         leaves = keras.tree.flatten(outputs)
         recorded, new = [], []
         for leaf in leaves:
-            if tensorflow_backend.is_floating(leaf):
-                value, probe = tensorflow_backend.probe(self.tape, leaf)
+            if self.bk.is_floating(leaf):
+                value, probe = self.bk.probe(self.tape, leaf)
             else:
                 value, probe = leaf, None
             recorded.append((value, probe))

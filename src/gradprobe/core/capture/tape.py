@@ -17,7 +17,7 @@ from typing import Any
 
 import keras
 
-from gradprobe.backends import tensorflow_backend
+from gradprobe import backends
 from gradprobe.core import _patch
 from gradprobe.core.call_errors import call_error
 from gradprobe.core.capture.assembly import (
@@ -43,8 +43,9 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     and `target`; `meta` holds `order`, `kinds`, `aliases`, `unconnected`,
     `skipped` and `target` (facts for `Target.check`).
     """
+    bk = backends.get()  # (the tape backend: CAPTURE == "tape")
     float16 = uses_float16(model, plan)
-    tape = tensorflow_backend.new_tape(persistent=float16)
+    tape = bk.new_tape(persistent=float16)
     recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
         recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
@@ -56,7 +57,7 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     try:
         with tape:
             for v in plan.vars:
-                tensorflow_backend.watch(tape, v.var)
+                bk.watch(tape, v.var)
             inputs, input_entries, input_aliases = _probe_inputs(tape, inputs, plan)
 
             def call(model: Any, inputs: Any, training: bool) -> Any:
@@ -76,17 +77,17 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     producers = recorder.producers(selected)
     entries = sorted(input_entries + entries, key=lambda e: (e.clock, e.kind != "activation"))
     if float16:
-        grads = tensorflow_backend.scaled_gradient(tape, objective, [e.source for e in entries])
+        grads = bk.scaled_gradient(tape, objective, [e.source for e in entries])
     else:
-        grads = tensorflow_backend.gradient(tape, objective, [e.source for e in entries])
+        grads = bk.gradient(tape, objective, [e.source for e in entries])
     # Gradients (and the activations beside them) of float16 and bfloat16 sources
     # are returned in float32, so that statistics and sums downstream are too.
-    grads = [None if g is None else tensorflow_backend.to_float32(g) for g in grads]
+    grads = [None if g is None else bk.to_float32(g) for g in grads]
 
     unconnected = [e for e, g in zip(entries, grads) if g is None]
     if unconnected and plan.unconnected == "raise":
         raise_unconnected(unconnected, plan)
-    grads = [tensorflow_backend.to_float32(tensorflow_backend.zeros_like(e.source))
+    grads = [bk.to_float32(bk.zeros_like(e.source))
              if g is None else g
              for e, g in zip(entries, grads)]
 
@@ -94,7 +95,8 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
                          + extra_aliases)
     tensors = {
         "grads": {e.key: g for e, g in zip(entries, grads)},
-        "values": {e.key: tensorflow_backend.to_float32(e.value) for e in entries if e.value is not None},
+        "values": {e.key: bk.to_float32(e.value) for e in entries
+                   if e.value is not None},
         "outputs": outputs,
         "target": value,
     }
@@ -119,7 +121,7 @@ def _probe_inputs(tape: Any, inputs: Any, plan: Plan
     new, entries = [], []
     for k, leaf in zip(input_keys(inputs), flat):
         if k in wanted:
-            value, probe = tensorflow_backend.probe(tape, leaf)
+            value, probe = backends.get().probe(tape, leaf)
             entries.append(SourceEntry(k, "input", probe, value, -1, wanted[k],
                                        "the target does not depend on this input"))
             new.append(value)
@@ -132,7 +134,7 @@ def _probe_inputs(tape: Any, inputs: Any, plan: Plan
 
 def call_model(model: Any, inputs: Any, training: bool, wrap_errors: bool) -> Any:
     try:
-        with keras.StatelessScope(), tensorflow_backend.name_scope("gradprobe"):
+        with keras.StatelessScope(), backends.get().name_scope("gradprobe"):
             return model(inputs, training=training)
     except GradprobeError:
         raise
@@ -192,9 +194,9 @@ class Compiled:
             text = json.dumps(meta)
             traces.setdefault(text, (json.loads(text), keras.tree.map_structure(
                 lambda _: 0, tensors)))
-            return [*keras.tree.flatten(tensors), tensorflow_backend.constant_string(text)]
+            return [*keras.tree.flatten(tensors), backends.get().constant_string(text)]
 
-        return self._fns.setdefault(names, (tensorflow_backend.compile_function(traced), traces))
+        return self._fns.setdefault(names, (backends.get().compile_function(traced), traces))
 
     def __call__(self, x: Any, args: dict) -> tuple[Any, dict]:
         fn, traces = self._function(tuple(args))
@@ -202,7 +204,7 @@ class Compiled:
         if len(traces) == 1:  # (traces run in the call, before this line)
             meta, structure = next(iter(traces.values()))
         else:
-            meta, structure = traces[tensorflow_backend.decode_string(flat[-1])]
+            meta, structure = traces[backends.get().decode_string(flat[-1])]
         return keras.tree.pack_sequence_as(structure, flat[:-1]), meta
 
     def experimental_get_tracing_count(self) -> int:
