@@ -120,7 +120,7 @@ def breakdown(size: int, batch: int) -> dict:
 
     model, x, classes = _setup(size, batch)
     hook, forward, backward = _Clock(), _Clock(), _Clock()
-    recorder.Recorder.hook = hook.wrap(recorder.Recorder.hook)
+    recorder.TapeRecorder.hook = hook.wrap(recorder.TapeRecorder.hook)
     tape.call_model = forward.wrap(tape.call_model)
     backend.gradient = backward.wrap(backend.gradient)
     marks: dict[str, float] = {}

@@ -1,11 +1,12 @@
 """TensorFlow's primitives: the only module of gradprobe that imports TensorFlow.
 
-The tape-based capture (`gradprobe.core.capture`, `gradprobe.core.engine`) needs only a
+It implements `gradprobe.backends.interface.Backend` and `TapeBackend`. The tape
+capture (`gradprobe.core.capture.tape`) needs only a
 handful of primitives: a tape that records operations, a way to watch a fresh
 "probe" tensor, the gradient call, compilation, and a test for "are we in the
 same trace as the capture started in". The JAX and PyTorch backends
 (`gradprobe.backends.jax`, `gradprobe.backends.torch`) provide the functional
-capture's primitives (`gradprobe.core._functional`). Besides those, this module holds
+capture's primitives (`gradprobe.core.capture.functional`). Besides those, this module holds
 the few TensorFlow-specific pieces other modules dispatch to: the row gather and
 arg-max that `tf.vectorized_map` converts (`per_row`, `argmax_int32`) and the
 recognition of TensorFlow's sparse and ragged tensors (`composite_kind`).

@@ -10,7 +10,7 @@ import numpy as np
 
 from gradprobe import backends
 from gradprobe.core import _patch, _validate
-from gradprobe.core.capture.recorder import Recorder, TorchTapeRecorder
+from gradprobe.core.capture.recorder import AutogradTapeRecorder, TapeRecorder
 from gradprobe.core.inputs import is_floating_tensor
 from gradprobe.core.keys import input_keys
 from gradprobe.core.plan import to_specs
@@ -81,7 +81,7 @@ class Tape:
         self._watch = watch
         self._tree: LayerTree | None = None
         self._tape: Any = None
-        self._recorder: Recorder | None = None
+        self._recorder: TapeRecorder | None = None
         self._stack: contextlib.ExitStack | None = None
         self._inputs: list[list[tuple[str, Any]]] = []  # per model call: (key, probe)
         self._state = "new"
@@ -99,7 +99,7 @@ class Tape:
         self._tape = backends.get().new_tape(persistent=True, watch_accessed_variables=True)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._tape)
-        self._recorder = Recorder(self._tape, {id(a.layer) for a in acts})
+        self._recorder = TapeRecorder(self._tape, {id(a.layer) for a in acts})
         return self._record(acts, inputs, vars_)
 
     def _resolve_watch(self) -> tuple[list, list, list]:
@@ -114,7 +114,7 @@ class Tape:
         self._bk = backends.get()
         acts, _, inputs = self._resolve_watch()
         self._acts = acts
-        self._recorder = TorchTapeRecorder(self._bk, {id(a.layer) for a in acts})
+        self._recorder = AutogradTapeRecorder(self._bk, {id(a.layer) for a in acts})
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._bk.enable_grad())
         return self._record(acts, inputs)

@@ -32,7 +32,7 @@ from gradprobe import backends
 from gradprobe.core import _patch, _validate
 from gradprobe.core.cache import CacheEntry, cached_entry
 from gradprobe.core.capture.assembly import per_example_values
-from gradprobe.core.capture.recorder import Recorder
+from gradprobe.core.capture.recorder import TapeRecorder
 from gradprobe.core.capture.tape import compiled
 from gradprobe.core.engine import gradients, resolve_request
 from gradprobe.core.plan import Plan, make_plan
@@ -185,7 +185,7 @@ def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
             owners[id(v.owner)] = v.owner
     tape = backends.get().new_tape(persistent=True)
     ids = set(owners)
-    recorder = Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
+    recorder = TapeRecorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
                                              else set()), frozenset(ids))
     layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
 

@@ -87,24 +87,6 @@ def refuse_float16(model: Any, plan: Plan, name: str,
             "results); otherwise use a float32 model.")
 
 
-def replaced(layer: Any, index: int, outputs: Any, call: int | None, values: Any) -> Any:
-    """`values` in place of the output of call `index` of `layer` when it is the
-    replaced call (`call`; `None`: its only call), in the output's dtype."""
-    if call is None and index:
-        raise GradprobeError(
-            f"Layer {layer.name!r} is called more than once; its activation cannot be "
-            f"replaced unambiguously. Choose one call: '{layer.name}@0', "
-            f"'{layer.name}@1', ...")
-    if call is not None and index != call:
-        return outputs
-    leaves = keras.tree.flatten(outputs)
-    if len(leaves) != 1 or tuple(leaves[0].shape) != tuple(values.shape):
-        raise GradprobeError(
-            f"The replacement for layer {layer.name!r}'s output must have its shape "
-            f"{[tuple(t.shape) for t in leaves]}; got {tuple(values.shape)}.")
-    return keras.ops.cast(values, leaves[0].dtype)
-
-
 def input_entries(x: Any, plan: Plan) -> tuple[list, list[tuple[str, str]]]:
     """Entries and (selector, key) aliases for the requested inputs (as the tape
     strategy's `_probe_inputs` makes them)."""

@@ -1,7 +1,15 @@
 """The recorder of layer calls: while one forward pass of the model runs (its own
 call, each requested layer's `call` wrapped by `gradprobe.core._patch`), it sees
 every call of the hooked layers, in order, and adds a probe to the outputs of
-the requested ones (a zero tensor whose gradient is the activation's)."""
+the requested ones (a zero tensor whose gradient is the activation's).
+
+`LayerCallRecorder` is the one recorder: it numbers each layer's calls, keeps
+their order (the clock), leaves calls inside backend control flow alone (noted,
+never probed) and replaces one call's output (`gradients_at`). What a probe is
+differs by capture, in three small subclasses: `TapeRecorder` (the tape capture,
+and `gp.Tape` and `gp.per_example_norms` on TensorFlow), `FunctionalRecorder`
+(the functional capture and `gp.functional`) and `AutogradTapeRecorder` (`gp.Tape`
+on PyTorch)."""
 
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.core.capture.functional_steps import replaced
 from gradprobe.core.inputs import is_floating_tensor
 from gradprobe.errors import GradprobeError
 
@@ -28,57 +35,103 @@ class LayerCall:
     clock: int
 
 
-class Recorder:
-    """The tape strategy's recorder (TensorFlow): collects probed layer outputs
-    while one forward pass runs.
+class LayerCallRecorder:
+    """Sees every call of the hooked layers during one forward pass (or one trace
+    of it). Layers in `probe_ids` are recorded (`calls`); `replace` is
+    `(layer id, call or None, values)`: that call's output replaced by `values`."""
 
-    Layers in `probe_ids` get their outputs probed; layers in `input_ids` also
-    have the first argument of each call kept (`inputs_of`), for methods that
-    need a layer's input as well as its output gradient.
-    """
-
-    def __init__(self, tape: Any, probe_ids: set[int], input_ids: frozenset[int] = frozenset()):
-        self.tape = tape
+    def __init__(self, bk: Any, probe_ids: set[int]):
+        self.bk = bk
         self.probe_ids = probe_ids
-        self.input_ids = input_ids
-        self.inputs_of: dict[tuple[int, int], Any] = {}
-        self.bk = bk = backends.get()  # (the tape backend: CAPTURE == "tape")
-        self.context = bk.capture_context()
+        self.origin = backends.Origin()
         self.calls: list[LayerCall] = []
         self.counts: dict[int, int] = {}
         self.first_clock: dict[int, int] = {}
-        self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
         self.clock = 0
-        self.origin = backends.Origin()
         self.in_control_flow: dict[int, str] = {}  # layer id -> the control-flow function
-        self.replace_id: int | None = None  # this layer's output is replaced ...
-        self.replace_call: int | None = None  # ... in this call (None: its only call) ...
-        self.replacement: Any = None  # ... by this tensor
+        self.replace: tuple | None = None
 
-    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def in_flow(self, layer: Any) -> bool:
+        """Whether this call runs inside backend control flow (a loop or branch body:
+        never captured, and reported by `assembly.collect_entries`); noted if so."""
         flow = self.bk.control_flow(self.origin)
-        if flow is not None:
-            # A loop or branch body (compiled: another graph; eager: run inline):
-            # never captured, in either mode, and reported by `assembly.collect_entries`.
-            self.in_control_flow.setdefault(id(layer), flow)
-            return outputs
-        if not self.bk.in_capture_context(self.context):
-            return outputs
+        if flow is None:
+            return False
+        self.in_control_flow.setdefault(id(layer), flow)
+        return True
+
+    def count(self, layer: Any) -> tuple[int, int]:
+        """`(layer id, index of this call among the layer's calls)`."""
         lid = id(layer)
         index = self.counts.get(lid, 0)
         self.counts[lid] = index + 1
-        if lid in self.input_ids:
-            self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
-        if lid == self.replace_id:
-            if self.replace_call is None and index:
-                raise GradprobeError(
-                    f"Layer {layer.name!r} is called more than once; its activation cannot be "
-                    f"replaced unambiguously. Choose one call: '{layer.name}@0', "
-                    f"'{layer.name}@1', ...")
-            if self.replace_call is None or index == self.replace_call:
-                outputs = self.bk.cast_like(self.replacement, outputs)
+        return lid, index
+
+    def tick(self, lid: int) -> int:
+        """The clock of this call (its place in the forward pass)."""
         self.first_clock.setdefault(lid, self.clock)
         clock, self.clock = self.clock, self.clock + 1
+        return clock
+
+    def replaced(self, layer: Any, lid: int, index: int, outputs: Any) -> Any:
+        """`outputs`, or the replacement when this is the replaced call."""
+        if self.replace is None or lid != self.replace[0]:
+            return outputs
+        _, call, values = self.replace
+        if call is None and index:
+            raise GradprobeError(
+                f"Layer {layer.name!r} is called more than once; its activation cannot be "
+                f"replaced unambiguously. Choose one call: '{layer.name}@0', "
+                f"'{layer.name}@1', ...")
+        if call is not None and index != call:
+            return outputs
+        return self.replacement_for(layer, outputs, values)
+
+    def replacement_for(self, layer: Any, outputs: Any, values: Any) -> Any:
+        """`values` as the output they replace (the capture's cast and checks)."""
+        raise NotImplementedError  # (each subclass that replaces says how)
+
+    def calls_of(self, layer: Any) -> list[LayerCall]:
+        return [c for c in self.calls if c.layer_id == id(layer)]
+
+    def close(self) -> None:
+        """Lets go of the frames the recording started from (no call is hooked
+        after the recording ends)."""
+        self.origin.close()
+
+
+def _packed(outputs: Any, leaves: list[Any], new: list[Any]) -> Any:
+    if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
+        return new[0]
+    return keras.tree.pack_sequence_as(outputs, new)
+
+
+class TapeRecorder(LayerCallRecorder):
+    """The tape capture's recorder (TensorFlow): each floating output leaf of a
+    recorded call gets a probe watched on `tape`. Layers in `input_ids` also have
+    the first argument of each call kept (`inputs_of`), for methods that need a
+    layer's input as well as its output gradient."""
+
+    def __init__(self, tape: Any, probe_ids: set[int], input_ids: frozenset[int] = frozenset()):
+        super().__init__(backends.get(), probe_ids)  # (the tape backend: CAPTURE == "tape")
+        self.tape = tape
+        self.input_ids = input_ids
+        self.inputs_of: dict[tuple[int, int], Any] = {}
+        self.context = self.bk.capture_context()
+        self.returned: list[tuple[int, list[Any]]] = []  # (layer id, output leaves)
+
+    def replacement_for(self, layer: Any, outputs: Any, values: Any) -> Any:
+        return self.bk.cast_like(values, outputs)
+
+    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # (a control-flow body, compiled: another graph; eager: run inline)
+        if self.in_flow(layer) or not self.bk.in_capture_context(self.context):
+            return outputs
+        lid, index = self.count(layer)
+        if lid in self.input_ids:
+            self.inputs_of[(lid, index)] = args[0] if args else next(iter((kwargs or {}).values()))
+        outputs = self.replaced(layer, lid, index, outputs)
+        clock = self.tick(lid)
         if lid not in self.probe_ids:
             self.returned.append((lid, keras.tree.flatten(outputs)))
             return outputs
@@ -93,17 +146,7 @@ class Recorder:
             new.append(value)
         self.calls.append(LayerCall(lid, index, recorded, clock))
         self.returned.append((lid, new))
-        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
-            return new[0]
-        return keras.tree.pack_sequence_as(outputs, new)
-
-    def close(self) -> None:
-        """Lets go of the frames the recording started from (no call is hooked
-        after the recording ends)."""
-        self.origin = backends.Origin.empty()
-
-    def calls_of(self, layer: Any) -> list[LayerCall]:
-        return [c for c in self.calls if c.layer_id == id(layer)]
+        return _packed(outputs, leaves, new)
 
     def producers(self, tensors: Any) -> set[int]:
         """Ids of the layers whose call returned one of `tensors`."""
@@ -111,8 +154,8 @@ class Recorder:
         return {lid for lid, leaves in self.returned if any(id(t) in wanted for t in leaves)}
 
 
-class FunctionalRecorder:
-    """Sees every call of the hooked layers during one trace of the forward pass.
+class FunctionalRecorder(LayerCallRecorder):
+    """The functional capture's recorder, during one trace of the forward pass.
 
     Discovery (`table is None`): records each call (shapes and dtypes of its
     output leaves, its clock) and returns outputs unchanged. Probing: adds
@@ -122,39 +165,31 @@ class FunctionalRecorder:
 
     def __init__(self, bk: Any, probe_ids: set[int], table: dict | None = None,
                  probes: dict | None = None):
-        self.bk = bk
-        self.probe_ids = probe_ids
+        super().__init__(bk, probe_ids)
         self.table = table
         self.probes = probes
-        self.origin = backends.Origin()
-        self.calls: list[LayerCall] = []
-        self.counts: dict[int, int] = {}
-        self.first_clock: dict[int, int] = {}
         self.returned: list[tuple[int, list[int]]] = []
         self.leaves_of: dict[int, list[list[Any]]] = {}
-        self.in_control_flow: dict[int, str] = {}
         self.values: dict[str, Any] = {}
-        self.clock = 0
         self.target_meta: dict = {}
         self.producers: set[int] = set()
-        self.replace: tuple | None = None  # (layer id, call or None, values): see gradients_at
+
+    def replacement_for(self, layer: Any, outputs: Any, values: Any) -> Any:
+        leaves = keras.tree.flatten(outputs)
+        if len(leaves) != 1 or tuple(leaves[0].shape) != tuple(values.shape):
+            raise GradprobeError(
+                f"The replacement for layer {layer.name!r}'s output must have its shape "
+                f"{[tuple(t.shape) for t in leaves]}; got {tuple(values.shape)}.")
+        return keras.ops.cast(values, leaves[0].dtype)
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        flow = self.bk.control_flow(self.origin)
-        if flow is not None:
-            # A loop or branch body traced by the backend (lax.scan for RNN cells):
-            # never probed; `assembly.collect_entries` reports it.
-            self.in_control_flow.setdefault(id(layer), flow)
+        if self.in_flow(layer):  # (lax.scan for RNN cells: never probed)
             return outputs
-        lid = id(layer)
-        index = self.counts.get(lid, 0)
-        self.counts[lid] = index + 1
-        if self.replace is not None and lid == self.replace[0]:
-            outputs = replaced(layer, index, outputs, *self.replace[1:])
+        lid, index = self.count(layer)
+        outputs = self.replaced(layer, lid, index, outputs)
         if self.table is not None:
             return self._probe(lid, index, outputs)
-        self.first_clock.setdefault(lid, self.clock)
-        clock, self.clock = self.clock, self.clock + 1
+        clock = self.tick(lid)
         leaves = keras.tree.flatten(outputs)
         if lid not in self.probe_ids:
             self.returned.append((lid, [id(t) for t in leaves]))
@@ -184,9 +219,6 @@ class FunctionalRecorder:
             return new[0]
         return keras.tree.pack_sequence_as(outputs, new)
 
-    def calls_of(self, layer: Any) -> list[LayerCall]:
-        return [c for c in self.calls if c.layer_id == id(layer)]
-
     def output_layer_value(self, plan: Any) -> Any:
         if plan.output_layer is None:
             return None
@@ -199,9 +231,6 @@ class FunctionalRecorder:
                 "times; the target would be ambiguous. Use a callable target on the model "
                 "output.")
         return calls[0][0] if len(calls[0]) == 1 else calls[0]
-
-    def close(self) -> None:
-        self.origin.close()
 
 
 @dataclass(frozen=True)
@@ -216,27 +245,17 @@ class AbstractLeaf:
         object.__setattr__(self, "dtype", getattr(leaf, "dtype", None))
 
 
-class TorchTapeRecorder:
-    """The watched layer calls of a `gp.Tape` block on PyTorch: each floating
-    output leaf replaced by a view (`backends.torch.tape_probe`) that is both the
-    value the rest of the pass consumes and the tensor differentiated. Calls in
-    Keras' control flow (an RNN's step loop) are left alone, as on the other
-    backends."""
-
-    def __init__(self, bk: Any, probe_ids: set[int]):
-        self.bk = bk
-        self.probe_ids = probe_ids
-        self.origin = backends.Origin()
-        self.calls: list[LayerCall] = []
-        self.counts: dict[int, int] = {}
-        self.clock = 0
+class AutogradTapeRecorder(LayerCallRecorder):
+    """The watched layer calls of a `gp.Tape` block where the tape is autograd's
+    graph (PyTorch): each floating output leaf replaced by a view
+    (`tape_probe`) that is both the value the rest of the pass consumes and the
+    tensor differentiated. Calls in Keras' control flow (an RNN's step loop) are
+    left alone, as on the other backends."""
 
     def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if id(layer) not in self.probe_ids or self.bk.control_flow(self.origin) is not None:
+        if id(layer) not in self.probe_ids or self.in_flow(layer):
             return outputs
-        lid = id(layer)
-        index = self.counts.get(lid, 0)
-        self.counts[lid] = index + 1
+        lid, index = self.count(layer)
         leaves = keras.tree.flatten(outputs)
         recorded, new = [], []
         for leaf in leaves:
@@ -246,14 +265,5 @@ class TorchTapeRecorder:
             else:
                 recorded.append((leaf, None))
             new.append(leaf)
-        self.calls.append(LayerCall(lid, index, recorded, self.clock))
-        self.clock += 1
-        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
-            return new[0]
-        return keras.tree.pack_sequence_as(outputs, new)
-
-    def calls_of(self, layer: Any) -> list[LayerCall]:
-        return [c for c in self.calls if c.layer_id == id(layer)]
-
-    def close(self) -> None:
-        self.origin.close()
+        self.calls.append(LayerCall(lid, index, recorded, self.tick(lid)))
+        return _packed(outputs, leaves, new)

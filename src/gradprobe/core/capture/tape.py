@@ -1,6 +1,6 @@
 """The tape strategy of the capture (TensorFlow): one forward pass of the model
 itself under a `tf.GradientTape`, a zero probe added to every output of the
-requested layers as the layer produces it (`Recorder`), then one backward pass.
+requested layers as the layer produces it (`TapeRecorder`), then one backward pass.
 
 `run` works the same eagerly and while a `tf.function` traces it; everything
 it learns about the model (keys, order, which sources are connected) it returns
@@ -28,7 +28,7 @@ from gradprobe.core.capture.assembly import (
     requested_inputs,
     uses_float16,
 )
-from gradprobe.core.capture.recorder import Recorder
+from gradprobe.core.capture.recorder import TapeRecorder
 from gradprobe.core.keys import input_keys
 from gradprobe.core.plan import Plan
 from gradprobe.core.targets import evaluate
@@ -46,10 +46,9 @@ def run(model: Any, inputs: Any, args: dict[str, Any], plan: Plan,
     bk = backends.get()  # (the tape backend: CAPTURE == "tape")
     float16 = uses_float16(model, plan)
     tape = bk.new_tape(persistent=float16)
-    recorder = Recorder(tape, {id(layer) for layer in plan.probe_layers})
+    recorder = TapeRecorder(tape, {id(layer) for layer in plan.probe_layers})
     if plan.replace is not None:
-        recorder.replace_id, recorder.replacement = id(plan.replace), args["replacement"]
-        recorder.replace_call = plan.replace_call
+        recorder.replace = (id(plan.replace), plan.replace_call, args["replacement"])
     # The recorder holds the caller's frames while the forward pass runs (to tell
     # control-flow bodies apart); closed on every exit, or those frames (and the
     # tensors in their locals: this call's whole result) would form a reference
@@ -144,7 +143,7 @@ def call_model(model: Any, inputs: Any, training: bool, wrap_errors: bool) -> An
         raise call_error(model, inputs, e) from e
 
 
-def output_layer_value(recorder: Recorder, plan: Plan) -> Any:
+def output_layer_value(recorder: TapeRecorder, plan: Plan) -> Any:
     if plan.output_layer is None:
         return None
     calls = recorder.calls_of(plan.output_layer)
