@@ -30,7 +30,7 @@ from rich.table import Table  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 from _common import timed  # noqa: E402
-from gradprobe.core import engine  # noqa: E402
+from gradprobe.core import cache  # noqa: E402
 
 WRT = ["inputs", "conv2.kernel", "fc.kernel"]
 
@@ -73,7 +73,8 @@ def run_hand(fn, batches):
 
 
 def gp_traces(model) -> int:
-    return sum(e.fn.experimental_get_tracing_count() for e in engine._cache.get(model, {}).values()
+    return sum(e.fn.experimental_get_tracing_count()
+               for e in cache.entries_by_model.get(model, {}).values()
                if e.fn is not None)
 
 

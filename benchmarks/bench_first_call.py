@@ -116,15 +116,15 @@ def breakdown(size: int, batch: int) -> dict:
 
     import gradprobe as gp
     from gradprobe.backends import tensorflow as backend
-    from gradprobe.core import capture, engine
+    from gradprobe.core.capture import recorder, tape
 
     model, x, classes = _setup(size, batch)
     hook, forward, backward = _Clock(), _Clock(), _Clock()
-    capture.Recorder.hook = hook.wrap(capture.Recorder.hook)
-    capture._call_model = forward.wrap(capture._call_model)
+    recorder.TapeRecorder.hook = hook.wrap(recorder.TapeRecorder.hook)
+    tape.call_model = forward.wrap(tape.call_model)
     backend.gradient = backward.wrap(backend.gradient)
     marks: dict[str, float] = {}
-    make = engine.compiled
+    make = tape.compiled
 
     def compiled(*a, **k):
         fn = make(*a, **k)
@@ -141,7 +141,7 @@ def breakdown(size: int, batch: int) -> dict:
 
         return call
 
-    engine.compiled = compiled
+    tape.compiled = compiled
     t0 = time.perf_counter()
     g = gp.gradients(model, x, classes, ["inputs", *KERNELS])
     np.asarray(g["inputs"])

@@ -16,7 +16,7 @@ from keras import layers
 
 import gradprobe as gp
 from catalog import Looped
-from gradprobe.core import engine
+from gradprobe.core import cache, engine
 from gradprobe.errors import GradprobeError
 from tolerance import assert_close
 
@@ -95,7 +95,7 @@ def test_cache_hits_for_the_same_function_and_never_for_a_dead_one():
         warnings.simplefilter("error", RuntimeWarning)
         g1 = gp.gradients(model, x, first, "a")
         assert gp.gradients(model, x, first, "a") is not None
-    (entry,) = engine._cache[model].values()
+    (entry,) = cache.entries_by_model[model].values()
     assert entry.fn.experimental_get_tracing_count() == 1  # the second call hit the cache
     del first, entry
     gc.collect()
@@ -201,7 +201,7 @@ def test_distinct_requests_traced_once_each_do_not_log_retracing(caplog):
             gp.gradients(model, x, target, wrt)
             gp.gradients(model, x, target, wrt)  # cached: no new trace
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
-    counts = [e.fn.experimental_get_tracing_count() for e in engine._cache[model].values()]
+    counts = [e.fn.experimental_get_tracing_count() for e in cache.entries_by_model[model].values()]
     assert counts == [1] * 7  # the class is an argument: (0, "d1") and (1, "d1") share one
 
 
@@ -303,12 +303,12 @@ def test_requests_differing_only_in_batch_size_share_a_trace():
             want = gp.gradients(model, x, target, ["d1", "out.kernel"], compile=False)
             for key in g:
                 assert_close(g[key], want[key], "float32")
-    counts = sorted(e.fn.experimental_get_tracing_count() for e in engine._cache[model].values())
+    counts = sorted(e.fn.experimental_get_tracing_count() for e in cache.entries_by_model[model].values())
     assert counts == [2, 2]  # class targets share an entry; the lambda has its own
 
 
 def _traces(model):
-    return sorted(e.fn.experimental_get_tracing_count() for e in engine._cache[model].values())
+    return sorted(e.fn.experimental_get_tracing_count() for e in cache.entries_by_model[model].values())
 
 
 def test_loss_labels_of_every_batch_size_share_a_trace():

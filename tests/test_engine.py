@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.core import engine
+from gradprobe.core import cache, engine
 from oracle import assert_close
 from tolerance import F32
 
@@ -145,7 +145,7 @@ def test_same_shapes_do_not_retrace():
     x = np.ones((4, 5), "float32")
     for i in range(4):
         gp.gradients(model, x + i, i % 4, ["h", "h.kernel"])
-    fns = [e.fn for e in engine._cache[model].values()]
+    fns = [e.fn for e in cache.entries_by_model[model].values()]
     assert len(fns) == 1
     assert fns[0].experimental_get_tracing_count() == 1
     gp.gradients(model, np.ones((7, 5), "float32"), 0, ["h", "h.kernel"])

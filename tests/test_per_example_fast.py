@@ -269,7 +269,7 @@ def test_forced_fallback_forces_the_jacobian_only_for_jacobian_or_coupled_auto()
     plan's `training`."""
     from types import SimpleNamespace
 
-    from gradprobe.higher.per_example import forced_fallback
+    from gradprobe.core.capture.per_example import forced_fallback
 
     keras.utils.set_random_seed(17)
     model = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d"),

@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.core import engine
+from gradprobe.core import cache
 from oracle import assert_close
 from tolerance import F32
 
@@ -180,7 +180,7 @@ def test_clear_cache_and_the_per_model_cache_bound():
                               layers.Dense(2, name="b")], name="cache_probe")
     x = np.ones((2, 3), "float32")
     gp.gradients(model, x, 0, "a")
-    first = engine._cache[model][next(iter(engine._cache[model]))].fn
+    first = cache.entries_by_model[model][next(iter(cache.entries_by_model[model]))].fn
     gp.gradients(model, x, 0, "a")
     assert first.experimental_get_tracing_count() == 1  # reused, not retraced
     # 20 distinct requests: the model keeps only the 16 most recently used
@@ -188,18 +188,18 @@ def test_clear_cache_and_the_per_model_cache_bound():
     requests = [list(c) for c in itertools.combinations(sources, 2)][:20]
     for wrt in requests:
         gp.gradients(model, x, 0, wrt)
-    assert len(engine._cache[model]) == engine._CACHE_SIZE == 16
+    assert len(cache.entries_by_model[model]) == cache.CACHE_SIZE == 16
     # the least recently used (the first request, "a") was evicted
-    assert all(e.fn is not first for e in engine._cache[model].values())
+    assert all(e.fn is not first for e in cache.entries_by_model[model].values())
     # the most recent request is still cached: calling it again traces nothing new
-    last = list(engine._cache[model].values())[-1].fn
+    last = list(cache.entries_by_model[model].values())[-1].fn
     gp.gradients(model, x, 1, requests[-1])
     assert last.experimental_get_tracing_count() == 1
-    assert len(engine._cache[model]) == 16
+    assert len(cache.entries_by_model[model]) == 16
     gp.clear_cache()
-    assert model not in engine._cache
+    assert model not in cache.entries_by_model
     g = gp.gradients(model, x, 0, "a")  # rebuilt on demand: a fresh function, traced once
-    fresh = list(engine._cache[model].values())[0].fn
+    fresh = list(cache.entries_by_model[model].values())[0].fn
     assert fresh is not first and fresh.experimental_get_tracing_count() == 1
     assert_close(g["a"], np.tile(model.get_layer("b").kernel.numpy()[:, 0], (2, 1)), F32)
 

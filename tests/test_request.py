@@ -73,7 +73,7 @@ def _onehot(classes):
 @pytest.fixture
 def make_target_calls(monkeypatch):
     """Every call of `targets.make_target`, wherever gradprobe imported it."""
-    for name in ("gradprobe.core._functional", "gradprobe.core._functional_form",
+    for name in ("gradprobe.core.capture.functional", "gradprobe.core._functional_form",
                  "gradprobe.higher.per_example", "gradprobe.higher.hvp"):
         with contextlib.suppress(ImportError):  # (TensorFlow is optional)
             importlib.import_module(name)

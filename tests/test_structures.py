@@ -38,7 +38,7 @@ def _data(n=3, seed=1, ids=True):
 
 def _needs_engine_fix(model, x):
     """Integer inputs held fixed need gp.gradients to accept wrt='inputs:a' on a
-    model that also has integer inputs (engine._check_input_dtypes checking only
+    model that also has integer inputs (inputs.check_input_dtypes checking only
     the requested inputs); skip, naming the reason, until the engine does."""
     if "ids" not in x:
         return
@@ -47,7 +47,7 @@ def _needs_engine_fix(model, x):
     except gp.GradprobeError as e:
         if "integer inputs" in str(e):
             pytest.skip("gp.gradients refuses wrt='inputs:a' when another input is integer "
-                        "(engine._check_input_dtypes checks every input, not the requested ones)")
+                        "(inputs.check_input_dtypes checks every input, not the requested ones)")
         raise
 
 

@@ -128,7 +128,7 @@ def test_at_on_a_rank2_output_is_refused():
 
 
 def test_at_new_positions_and_classes_do_not_retrace():
-    from gradprobe.core import engine
+    from gradprobe.core import cache
 
     keras.utils.set_random_seed(4)
     inp = keras.Input((6,), dtype="int32")
@@ -138,7 +138,7 @@ def test_at_new_positions_and_classes_do_not_retrace():
         mask = np.arange(6) < rng.integers(1, 7, size=(3, 1))
         gp.gradients(model, IDS, gp.at("last", rng.integers(0, 5, 3), mask=mask, log_prob=True),
                      wrt=model.layers[1])
-    fns = [e.fn for e in engine._cache[model].values()]
+    fns = [e.fn for e in cache.entries_by_model[model].values()]
     assert len(fns) == 1 and fns[0].experimental_get_tracing_count() == 1
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import gradprobe as gp
-from gradprobe.core import engine
+from gradprobe.core import cache
 
 EAGER = keras.backend.backend() == "torch"  # PyTorch: every call runs `call` in Python
 
@@ -105,14 +105,14 @@ def test_the_collector_never_makes_a_living_request_trace_again():
     targets = {"int": 2, "callable": first_unit, "loss": loss, "predicted": "predicted"}
     for target in targets.values():  # warm-up: one trace per request
         gp.gradients(model, x, target, "*")
-    entries = {id(e) for e in engine._cache[model].values()}
+    entries = {id(e) for e in cache.entries_by_model[model].values()}
     runs = model.runs
     for _ in range(4):
         for target in targets.values():
             gp.gradients(model, x, target, "*")
             gc.collect()
     assert model.runs == runs, f"{model.runs - runs} traces after the warm-up"
-    assert {id(e) for e in engine._cache[model].values()} == entries  # nothing rebuilt
+    assert {id(e) for e in cache.entries_by_model[model].values()} == entries  # nothing rebuilt
 
 
 def test_requests_die_with_their_model_and_target():
@@ -123,15 +123,15 @@ def test_requests_die_with_their_model_and_target():
 
     gp.gradients(model, x, target, "*")
     gp.gradients(model, x, 0, "a")
-    assert all(engine._alive(k) for k in engine._cache[model])
+    assert all(cache.alive(k) for k in cache.entries_by_model[model])
     del target
     gc.collect()
-    dead = [k for k in engine._cache[model] if not engine._alive(k)]
+    dead = [k for k in cache.entries_by_model[model] if not cache.alive(k)]
     assert len(dead) == 1  # the callable's request: never found again, pruned when the
     gp.gradients(model, x, 0, "b")  # next new request is cached
-    assert all(engine._alive(k) for k in engine._cache[model])
-    ref, models = weakref.ref(model), len(engine._cache)
+    assert all(cache.alive(k) for k in cache.entries_by_model[model])
+    ref, models = weakref.ref(model), len(cache.entries_by_model)
     del model
     gc.collect()
     assert ref() is None
-    assert len(engine._cache) == models - 1  # the model's requests went with it
+    assert len(cache.entries_by_model) == models - 1  # the model's requests went with it

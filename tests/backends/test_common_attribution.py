@@ -32,7 +32,9 @@ from backend_helpers import (
 from keras import layers
 
 import gradprobe as gp
-from gradprobe.core import _functional, _patch
+from gradprobe.core import _patch
+from gradprobe.core.capture import functional as _functional
+from gradprobe.core.engine import gradients_at
 from gradprobe.errors import GradprobeError
 
 skip_unless_jax_or_torch()
@@ -160,13 +162,13 @@ def test_functional_gradients_at_replaces_the_activation(x64):
                               layers.Dense(3, activation="sigmoid", name="out")])
     x = np.random.default_rng(5).normal(size=(2, 4))
     v = np.random.default_rng(6).normal(size=(2, 5))
-    g = _functional.gradients_at(model, x, 2, "h", v)
+    g = gradients_at(model, x, 2, "h", v)
     expect = B.grad(lambda a: model.get_layer("out")(a)[:, 2].sum())(v)
     close(g["h"], expect, B.tol, what="gradient at the replacing values")
     close(g.activations["h"], v, B.tol, what="the replaced activation")
     close(g.target, arr(model.get_layer("out")(v))[:, 2], B.tol, what="target on the replacement")
     with pytest.raises(GradprobeError, match="replacement"):
-        _functional.gradients_at(model, x, 2, "h", np.zeros((2, 6)))
+        gradients_at(model, x, 2, "h", np.zeros((2, 6)))
     # a shared layer: one call replaced ("d@1"); both calls at once is refused
     keras.utils.set_random_seed(6)
     d, out2 = layers.Dense(4, activation="sigmoid", name="d"), layers.Dense(2, name="out2")
@@ -174,9 +176,9 @@ def test_functional_gradients_at_replaces_the_activation(x64):
     shared = keras.Model(inp, out2(d(d(inp))))
     v2 = np.random.default_rng(7).normal(size=(2, 4))
     expect2 = B.grad(lambda a: out2(a)[:, 1].sum())(v2)
-    close(_functional.gradients_at(shared, x, 1, "d@1", v2)["d@1"], expect2, B.tol, what="d@1")
+    close(gradients_at(shared, x, 1, "d@1", v2)["d@1"], expect2, B.tol, what="d@1")
     with pytest.raises(GradprobeError, match="replaced"):
-        _functional.gradients_at(shared, x, 1, "d", v2)
+        gradients_at(shared, x, 1, "d", v2)
 
 
 # ------------------------------------------------------------------- SmoothGrad

@@ -1,5 +1,5 @@
 """What a warm `gp.gradients` call does on JAX and PyTorch (the functional
-capture, `gradprobe.core._functional`): counted, never timed.
+capture, `gradprobe.core.capture.functional`): counted, never timed.
 
 Run with `KERAS_BACKEND=torch` or `KERAS_BACKEND=jax python -m pytest
 tests/backends`; skipped on TensorFlow. After the first call of a request, a
@@ -23,7 +23,7 @@ from backend_helpers import oracle as backend_oracle  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe.core import _functional  # noqa: E402
+from gradprobe.core.capture.recorder import FunctionalRecorder  # noqa: E402
 
 B = backend_oracle()  # the backend's own gradient code (jax.grad, torch.autograd.grad)
 
@@ -55,13 +55,13 @@ def oracle(model, x):
 def hooks(monkeypatch):
     """The layer ids each `_Recorder.hook` call saw, in order."""
     seen = []
-    original = _functional._Recorder.hook
+    original = FunctionalRecorder.hook
 
     def counted(self, layer, outputs, *rest):
         seen.append(layer.name)
         return original(self, layer, outputs, *rest)
 
-    monkeypatch.setattr(_functional._Recorder, "hook", counted)
+    monkeypatch.setattr(FunctionalRecorder, "hook", counted)
     return seen
 
 

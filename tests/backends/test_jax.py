@@ -24,7 +24,8 @@ from backend_helpers import close, oracle, tanh_mlp  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe.core import _functional, _patch  # noqa: E402
+from gradprobe.core import _patch  # noqa: E402
+from gradprobe.core.capture import functional as _functional  # noqa: E402
 
 B = oracle()  # the hand-written jax.grad helpers shared with test_common_*.py
 

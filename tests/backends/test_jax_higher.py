@@ -24,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from backend_helpers import Critic, close, mlp  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe.core import _functional, _patch  # noqa: E402
+from gradprobe.core import _patch  # noqa: E402
+from gradprobe.core.capture import functional as _functional  # noqa: E402
 
 
 # ------------------------------------------------------------------------ hvp

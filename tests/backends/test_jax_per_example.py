@@ -28,7 +28,7 @@ from backend_helpers import rel_close as close  # noqa: E402
 from keras import layers  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
-from gradprobe.core import _functional  # noqa: E402
+from gradprobe.core.capture import functional as _functional  # noqa: E402
 
 B = oracle()  # hand-written jax.grad (B.example_grads: the per-example loop)
 

@@ -15,8 +15,10 @@ from keras import ops
 
 from gradprobe import backends
 from gradprobe.backends import tensorflow_attribution_backend as tensorflow_attribution
-from gradprobe.core import _validate
-from gradprobe.core.engine import Request, batch_size, resolve_request
+from gradprobe.core import _sequence, _validate
+from gradprobe.core.engine import Request, resolve_request
+from gradprobe.core.inputs import batch_size
+from gradprobe.core.keys import input_keys  # (also imported from here by checks.py)
 from gradprobe.core.targets import PositionSpec, evaluate, output_names, to_numpy
 from gradprobe.errors import GradprobeError, quoted
 
@@ -486,8 +488,6 @@ class ModelInputs:
         hint = (" For token ids, attribute to the embedding layer's output instead "
                 "(layer=<embedding layer>).")
         if self.model is not None:
-            from gradprobe.core import _sequence
-
             _, hint = _sequence.integer_input_hint(self.model, self.keys, list(self.keys),
                                                    arg="layer")
         raise GradprobeError(
@@ -551,7 +551,7 @@ class ModelInputs:
                     _validate.baseline(b, np.empty(tuple(t.shape), dtype_name(t)), name)
                 b = np.asarray(b) if not ops.is_tensor(b) else b
                 if i not in self.floating:  # token ids: integers in the embedding's range
-                    lookups = (_validate.input_lookups(self.model, self.keys)[i]
+                    lookups = (_sequence.input_lookups(self.model, self.keys)[i]
                                if self.model is not None else [])
                     _validate.token_ids(name, b, lookups, spec=dtype_name(t))
                 out.append(ops.broadcast_to(ops.cast(b, t.dtype), tuple(t.shape)))
@@ -565,13 +565,6 @@ def is_floating(t: Any) -> bool:
 
 def dtype_name(t: Any) -> str:
     return keras.backend.standardize_dtype(t.dtype)
-
-
-def input_keys(x: Any) -> list[str]:
-    """Result keys of the input leaves (as `gp.gradients` names them)."""
-    from gradprobe.core.capture import input_keys as keys
-
-    return keys(x)
 
 
 def input_gradients(req: Request, mi: ModelInputs, *, batch_size_: int | None = None,

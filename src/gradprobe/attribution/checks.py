@@ -19,7 +19,7 @@ from gradprobe.attribution._common import (
     is_floating,
     take_rows,
 )
-from gradprobe.core import _validate
+from gradprobe.core import _sequence, _validate
 from gradprobe.core.engine import resolve_request
 from gradprobe.core.targets import evaluate, to_numpy
 from gradprobe.errors import GradprobeError
@@ -309,7 +309,7 @@ def _baseline(model: Any, x: Any, integer: bool, baseline: Any, baseline_id: Any
                                  "an integer token id (the padding or mask token's id)")
         from gradprobe.attribution._common import input_keys
 
-        lookups = _validate.input_lookups(model, input_keys(x))[0]
+        lookups = _sequence.input_lookups(model, input_keys(x))[0]
         _validate.token_ids("baseline_id", np.asarray([int(baseline_id)]), lookups,
                             spec=dtype_name(x))
         return ops.full(shape, int(baseline_id), dtype=dtype_name(x))

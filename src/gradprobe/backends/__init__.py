@@ -1,8 +1,10 @@
 """The Keras backend gradprobe computes on, behind one small interface.
 
-`keras.backend.backend()` chooses the implementation. A backend module
-provides these primitives, which the functional capture (`gradprobe.core._functional`)
-uses and nothing else:
+`keras.backend.backend()` chooses the implementation, `get()` returns it. Every
+primitive the rest of gradprobe calls is listed in `gradprobe.backends.interface`
+(`Backend`, and `TapeBackend` or `FunctionalBackend` as the module's `CAPTURE`
+says); each backend module implements them (`tests/test_layout.py` checks it).
+The functional capture (`gradprobe.core.capture.functional`) uses these:
 
 * `NAME`: the Keras backend name.
 * `value_and_grad(fn)`: for `fn(diff, *rest) -> (objective, aux)`, a function
@@ -38,7 +40,7 @@ uses and nothing else:
   step in a traced body: a probe added there would be summed over steps.
 
 TensorFlow's primitives are in `gradprobe.backends.tensorflow` (the tape-based
-capture of `gradprobe.core.capture`); JAX's are in `gradprobe.backends.jax` and
+capture of `gradprobe.core.capture.tape`); JAX's are in `gradprobe.backends.jax` and
 PyTorch's in `gradprobe.backends.torch`: the only modules that import
 `tensorflow`, `jax` and `torch` (a ruff rule keeps them there). Every private
 Keras API gradprobe uses is in `gradprobe.backends._keras_private`.
@@ -63,7 +65,7 @@ import keras
 
 from gradprobe.errors import GradprobeError
 
-FUNCTIONAL = ("jax", "torch")  # backends whose gp.gradients runs through gradprobe.core._functional
+FUNCTIONAL = ("jax", "torch")  # backends whose CAPTURE is "functional" (core/capture/functional.py)
 SUPPORTED_ELSEWHERE = ("JAX and PyTorch run every function but the "
                        "tf.distribute strategies and gp.Tape on JAX (use gp.functional there)")
 
@@ -73,19 +75,36 @@ def name() -> str:
     return keras.backend.backend()
 
 
+def runs_on(functional: tuple[str, ...] = ()) -> bool:
+    """Whether a function that runs on TensorFlow and on the `functional` backends
+    runs on the current one."""
+    current = name()
+    return current == "tensorflow" or current in functional
+
+
 def is_functional() -> bool:
     """True when `gp.gradients` runs through the functional capture."""
     return name() in FUNCTIONAL
 
 
-def get() -> ModuleType:
-    """The primitives module of the functional capture for the current backend."""
+_MODULES = {"tensorflow": "gradprobe.backends.tensorflow", "jax": "gradprobe.backends.jax",
+            "torch": "gradprobe.backends.torch"}
+_loaded: dict[str, Any] = {}
+
+
+def get() -> Any:
+    """The backend module of the current Keras backend: an implementation of
+    `gradprobe.backends.interface.Backend` and of the capture protocol its
+    `CAPTURE` names (imported on first use)."""
     current = name()
-    if current not in FUNCTIONAL:
-        raise GradprobeError(
-            f"gradprobe has no functional backend for Keras backend {current!r}; "
-            f"{SUPPORTED_ELSEWHERE} (and everything on 'tensorflow').")
-    return importlib.import_module(f"gradprobe.backends.{current}")
+    module = _loaded.get(current)
+    if module is None:
+        if current not in _MODULES:
+            raise GradprobeError(
+                f"gradprobe has no backend for Keras backend {current!r}; it runs on "
+                "'tensorflow', 'jax' and 'torch'.")
+        module = _loaded[current] = importlib.import_module(_MODULES[current])
+    return module
 
 
 class Deferred:
@@ -117,8 +136,6 @@ class Deferred:
 # TensorFlow's primitives, imported when first used (on the TensorFlow backend only).
 tensorflow_backend = Deferred("gradprobe.backends.tensorflow")
 tensorflow_attribution_backend = Deferred("gradprobe.backends.tensorflow_attribution")
-# TensorFlow's pieces of gp.hvp and the per-example gradients and norms.
-tensorflow_higher_backend = Deferred("gradprobe.backends.tensorflow_higher")
 # The monitor's train-step and optimizer hooks on TensorFlow.
 tensorflow_monitor_backend = Deferred("gradprobe.backends.tensorflow_monitor")
 

@@ -14,12 +14,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 from jax.extend import core as jcore
 
-from gradprobe.backends import _loss_scale, jax_distribution
+from gradprobe.backends import _keras_ops, _loss_scale, jax_distribution
 
 NAME = "jax"
+CAPTURE = "functional"  # gp.gradients runs the functional capture
+TAPE = None  # JAX has no tape: gp.Tape is refused (gp.functional instead)
+DIFFERENTIABLE_GRADIENTS = True  # gp.gradients is differentiable under the caller's jax.grad
 
 _traces = itertools.count()
 trace_count = 0  # how many times functions compiled by `jit` were traced
@@ -274,3 +278,25 @@ constrain_gradients = jax_distribution.constrain_gradients  # weight gradients: 
 replicated = jax_distribution.replicated  # (per-example vmap: see jax_distribution)
 reduced_stats = jax_distribution.reduced_stats  # statistics of a sharded array, on its devices
 unit_activity = jax_distribution.unit_activity  # per-unit "any non-zero", on its devices
+
+
+# ------------------------------------------------------------ targets
+argmax_int32 = _keras_ops.argmax_int32
+per_row = _keras_ops.per_row
+
+
+def in_graph() -> bool:
+    """Never: a `jax.jit` tracer is told apart per value (`is_concrete`)."""
+    return False
+
+
+def target_argument(value: Any) -> Any:
+    """A target argument as `jax.jit` takes it: a NumPy array as it is (converting it
+    first costs an extra dispatch per call); a tensor stays as it is."""
+    if isinstance(value, np.ndarray) or keras.ops.is_tensor(value):
+        return value
+    return np.asarray(value)
+
+
+def target_arguments_shareable() -> bool:
+    return True

@@ -1,11 +1,12 @@
 """TensorFlow's primitives: the only module of gradprobe that imports TensorFlow.
 
-The tape-based capture (`gradprobe.core.capture`, `gradprobe.core.engine`) needs only a
+It implements `gradprobe.backends.interface.Backend` and `TapeBackend`. The tape
+capture (`gradprobe.core.capture.tape`) needs only a
 handful of primitives: a tape that records operations, a way to watch a fresh
 "probe" tensor, the gradient call, compilation, and a test for "are we in the
 same trace as the capture started in". The JAX and PyTorch backends
 (`gradprobe.backends.jax`, `gradprobe.backends.torch`) provide the functional
-capture's primitives (`gradprobe.core._functional`). Besides those, this module holds
+capture's primitives (`gradprobe.core.capture.functional`). Besides those, this module holds
 the few TensorFlow-specific pieces other modules dispatch to: the row gather and
 arg-max that `tf.vectorized_map` converts (`per_row`, `argmax_int32`) and the
 recognition of TensorFlow's sparse and ragged tensors (`composite_kind`).
@@ -17,18 +18,20 @@ import itertools
 import threading
 import types
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from gradprobe.backends import (
-    Origin,  # noqa: F401 (capture uses backend.Origin)
-    _keras_private,
-)
+from gradprobe.backends import _keras_private
 
 NAME = "tensorflow"
+CAPTURE = "tape"  # gp.gradients runs the tape capture (gradprobe.core.capture.tape)
+TAPE = "graph"  # gp.Tape is a tf.GradientTape
+PER_EXAMPLE_METHOD = "vectorized_map"
+DIFFERENTIABLE_GRADIENTS = True  # gp.gradients under the caller's tf.GradientTape
 
 # This module holds TensorFlow's primitives and is imported on every Keras
 # backend (TensorFlow must be installed: other modules still use it). On another
@@ -228,7 +231,7 @@ _CONTROL_FLOW = {
 }
 
 
-def control_flow(origin: Origin) -> str | None:
+def control_flow(origin: Any) -> str | None:
     """The TensorFlow control-flow function (`"while_loop"`, `"scan"`, ...) the
     current code runs inside, below the capture's `origin`; `None` if none."""
     return origin.control_flow(_CONTROL_FLOW, "tensorflow")
@@ -355,6 +358,27 @@ def per_row(x: Any, idx: Any) -> tf.Tensor:
     return tf.gather(tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0)), rows + idx)
 
 
+def in_graph() -> bool:
+    """True while a `tf.function` graph is built (its tensors have no values)."""
+    return not tf.executing_eagerly()
+
+
+def target_argument(value: Any) -> Any:
+    """A target argument as the compiled gradient function takes it: a tensor (a
+    `tf.function` would trace again for each new NumPy value); small NumPy arrays
+    cached by value (see `constant`); a tensor stays as it is."""
+    if isinstance(value, np.ndarray):
+        return constant(value)
+    if keras.ops.is_tensor(value):
+        return value
+    return keras.ops.convert_to_tensor(value)
+
+
+def target_arguments_shareable() -> bool:
+    """Eager tensors may be shared between calls; graph tensors belong to their graph."""
+    return tf.executing_eagerly()
+
+
 def argmax_int32(scores: Any) -> tf.Tensor:
     """Each row's arg-max class, int32 (Keras' `argmax` adds ops that
     `tf.vectorized_map` cannot convert, which would force the Jacobian fallback
@@ -370,3 +394,129 @@ def composite_kind(x: Any) -> str | None:
     if isinstance(x, (tf.RaggedTensor, tf.compat.v1.ragged.RaggedTensorValue)):
         return "ragged"
     return None
+
+
+# ------------------------------------------------------------ the higher-order functions
+# TensorFlow's pieces of `gradprobe.higher` and of the per-example capture: the
+# forward-over-backward and double-backward Hessian-vector products of `gp.hvp`,
+# the `tf.vectorized_map` of per-example gradients, and the tensor arithmetic of
+# the ghost-norm identities of `gp.per_example_norms`. The callers decide (which
+# method, which layer is covered, why a fallback is used) and call these small
+# functions for what only TensorFlow computes.
+# ------------------------------------------------------------ vectorized_map
+def onednn_enabled() -> bool:
+    """Whether this process runs TensorFlow's oneDNN kernels (the default on x86-64
+    Linux; off with TF_ENABLE_ONEDNN_OPTS=0 set before TensorFlow is imported)."""
+    # Private TensorFlow API (tensorflow.python.util._pywrap_util_port.IsMklEnabled),
+    # which follows TF_ENABLE_ONEDNN_OPTS. If it is ever gone, assume oneDNN is on
+    # (the default): the caller then takes a slower path, never a wrong one.
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return True
+
+
+# -------------------------------------------------------------------- gp.hvp
+def forward_over_backward(variables: list[Any], vectors: list[Any],
+                          gradients_of: Callable[[], list[Any]]) -> list[Any]:
+    """`H v` with respect to weights: `tf.autodiff.ForwardAccumulator` (tangents
+    `vectors` on `variables`) around `gradients_of()`, one backward pass that
+    returns the gradients of the target, in the order of `variables`."""
+    with tf.autodiff.ForwardAccumulator([watchable(v) for v in variables],
+                                        vectors) as acc:
+        grads = gradients_of()
+    return [acc.jvp(gr, unconnected_gradients=tf.UnconnectedGradients.ZERO) for gr in grads]
+
+
+def vector_dot(grads: list[Any], vectors: list[Any]) -> Any:
+    """`sum_k <grads[k], vectors[k]>`, the scalar whose gradient (taken again by
+    the outer tape of a double backward) is `H v`."""
+    return tf.add_n([tf.reduce_sum(gr * tf.cast(v, gr.dtype)) for gr, v in zip(grads, vectors)])
+
+
+# ----------------------------------------------------- per-example gradients
+def vectorized_map(fn: Callable[[Any], Any], elems: Any) -> Any:
+    """`fn` mapped over the leading axis of `elems` by `tf.vectorized_map`,
+    without its silent fallback to a while loop (a conversion error raises)."""
+    return tf.vectorized_map(fn, elems, fallback_to_while_loop=False)
+
+
+# ------------------------------------------------- ghost-norm identities
+def pre_activation_gradient(layer: Any, a: Any, dy: Any) -> Any:
+    """The gradient at the pre-activation `z` of a Dense, EinsumDense or
+    convolution layer from its output gradient `dy`: `z` recomputed from the
+    input `a` and the layer's weights, its activation differentiated at it."""
+    if isinstance(layer, keras.layers.Dense):
+        z = tf.matmul(a, layer.kernel.value)
+    elif isinstance(layer, keras.layers.EinsumDense):
+        z = tf.einsum(layer.equation, a, layer.kernel.value)
+    else:
+        z = layer.convolution_op(a, layer.kernel.value)
+    if getattr(layer, "bias", None) is not None:
+        z = z + layer.bias.value
+    with tf.GradientTape() as t:
+        t.watch(z)
+        out = layer.activation(z)
+    return t.gradient(out, z, output_gradients=dy)
+
+
+def conv_patches(layer: Any, a: Any) -> Any:
+    """The input patches of a channels-last Conv1D or Conv2D layer, `(batch,
+    positions, patch size)`: the rows the kernel multiplies."""
+    if isinstance(layer, keras.layers.Conv1D):
+        a = a[:, None]
+        k, s, r = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
+    else:
+        k, s, r = layer.kernel_size, layer.strides, layer.dilation_rate
+    p = tf.image.extract_patches(a, sizes=[1, *k, 1], strides=[1, *s, 1], rates=[1, *r, 1],
+                                 padding=layer.padding.upper())
+    return tf.reshape(p, [tf.shape(a)[0], -1, p.shape[-1]])
+
+
+def gram_squares(A: Any, G: Any) -> Any:
+    """Squared Frobenius norm of `sum_t A[:, t]^T G[:, t]` per example, from the
+    two Gram matrices over positions (the "ghost" identity)."""
+    gram_a = tf.matmul(A, A, transpose_b=True)
+    gram_g = tf.matmul(G, G, transpose_b=True)
+    return tf.reduce_sum(gram_a * gram_g, axis=[1, 2])
+
+
+def outer_squares(A: Any, G: Any) -> Any:
+    """Squared Frobenius norm of `sum_t A[:, t]^T G[:, t]` per example, from the
+    per-example outer-product sum itself (the "outer" method)."""
+    per_example = tf.einsum("btd,bte->bde", A, G)
+    return tf.reduce_sum(tf.square(per_example), axis=[1, 2])
+
+
+def embedding_squares(ids: Any, dy: Any) -> Any:
+    """Squared per-example norm of an Embedding layer's weight gradient, from
+    its output gradient `dy` and its input `ids` (positions with the same id add
+    into the same row)."""
+    b = tf.shape(dy)[0]
+    G = tf.reshape(dy, [b, -1, dy.shape[-1]])
+    ids = tf.reshape(ids, [b, -1])
+    same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), G.dtype)
+    gram = tf.matmul(G, G, transpose_b=True)
+    return tf.reduce_sum(same * gram, axis=[1, 2])
+
+
+def layer_norm_squares(layer: Any, x: Any, dy: Any) -> dict[int, Any]:
+    """{id(variable): squared per-example norm} of the gamma and beta gradients
+    of a LayerNormalization layer over the last axis, from its input `x` and
+    output gradient `dy`."""
+    rank = x.shape.rank
+    x = tf.cast(x, dy.dtype)
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+    xhat = (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+    b = tf.shape(dy)[0]
+    reduce = list(range(1, rank - 1))
+    out = {}
+    if layer.gamma is not None:
+        gg = tf.reshape(tf.reduce_sum(xhat * dy, axis=reduce) if reduce else xhat * dy, [b, -1])
+        out[id(layer.gamma)] = tf.reduce_sum(tf.square(gg), axis=1)
+    if layer.beta is not None:
+        gb = tf.reshape(tf.reduce_sum(dy, axis=reduce) if reduce else dy, [b, -1])
+        out[id(layer.beta)] = tf.reduce_sum(tf.square(gb), axis=1)
+    return out

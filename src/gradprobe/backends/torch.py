@@ -21,9 +21,12 @@ import keras
 import numpy as np
 import torch
 
-from gradprobe.backends import _loss_scale
+from gradprobe.backends import _keras_ops, _loss_scale
 
 NAME = "torch"
+CAPTURE = "functional"  # gp.gradients runs the functional capture
+TAPE = "autograd"  # gp.Tape records autograd's graph
+DIFFERENTIABLE_GRADIENTS = False  # one torch.autograd.grad, without create_graph
 
 trace_count = 0  # nothing is compiled on PyTorch: calls run eagerly
 
@@ -407,3 +410,28 @@ def tape_probe(x: Any) -> Any:
     required a gradient. `x`'s Keras mask is carried over."""
     probe = Probe()
     return add_probe(x, probe)
+
+
+# ------------------------------------------------------------ targets
+argmax_int32 = _keras_ops.argmax_int32
+per_row = _keras_ops.per_row
+
+
+def in_graph() -> bool:
+    """Never: Keras runs PyTorch eagerly (torch.compile's fakes are told apart per value)."""
+    return False
+
+
+def is_floating(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def target_argument(value: Any) -> Any:
+    """A target argument as a tensor on the model's device (a tensor stays as it is)."""
+    if keras.ops.is_tensor(value):
+        return value
+    return keras.ops.convert_to_tensor(value)
+
+
+def target_arguments_shareable() -> bool:
+    return False

@@ -27,7 +27,12 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.core import _functional, _validate, engine
+from gradprobe.core import _validate
+from gradprobe.core.capture.functional import request_of
+from gradprobe.core.capture.functional_steps import refuse_float16
+from gradprobe.core.capture.recorder import FunctionalRecorder
+from gradprobe.core.inputs import batch_size, check_input_dtypes, prepare_inputs
+from gradprobe.core.plan import planned
 from gradprobe.core.targets import PositionTarget, make_target
 from gradprobe.errors import GradprobeError, quoted
 
@@ -153,7 +158,7 @@ def objective_fn(request: Any, prep: Any) -> Any:
 
     def objective(diff: dict, trainable: list, non_trainable: list, x: Any,
                   args: dict) -> tuple[Any, dict]:
-        recorder = _functional._Recorder(bk, probe_ids, prep.table, diff["probes"])
+        recorder = FunctionalRecorder(bk, probe_ids, prep.table, diff["probes"])
         return request.forward(prep, diff, trainable, non_trainable, x, args, recorder)
 
     return objective
@@ -174,31 +179,18 @@ def build(model: Any, inputs: Any, target: Any, wrt: Any, *, output: Any = None,
                      "the target does not depend on")
     _validate.flag("training", training)
     bk = backends.get()
-    x = _functional.prepare_inputs(model, inputs)
-    engine.ensure_built(model, x)
-    tgt = make_target(target, engine.batch_size(x))
+    x = prepare_inputs(model, inputs)
+    tgt = make_target(target, batch_size(x))
     if isinstance(tgt, PositionTarget):
         raise GradprobeError(
             f"target=gp.at(...) is not supported by {what} yet; use an int class, a sequence "
             "of ints, 'predicted', gp.loss(...) or a callable that picks the position itself.")
-    entry = engine._entry(model, wrt, tgt, output, bool(training), unconnected, False)
-    engine._check_input_dtypes(model, x, entry.plan, _functional._is_floating,
-                               _functional._stand_in)
+    entry = planned(model, wrt, tgt, output, bool(training), unconnected, False)
+    check_input_dtypes(model, x, entry.plan)
     # (every time: gp.gradients may have made this request already, loss-scaled)
-    _functional._refuse_float16(model, entry.plan, bk.NAME, what)
-    with _functional._lock:
-        request = entry.fn
-        if not isinstance(request, _functional._Request):
-            request = entry.fn = _functional._Request(model, entry.plan)
-    signature = request.key(model, x, tgt.args)
-    with request.lock:
-        prep = request.prepared.get(signature)
-    if prep is None:
-        prep = request._prepare(bk, model, x, tgt.args)
-        with request.lock:
-            request.prepared[signature] = prep
-            while len(request.prepared) > _functional._SIGNATURES:
-                request.prepared.pop(next(iter(request.prepared)))
+    refuse_float16(model, entry.plan, bk.NAME, what)
+    request = request_of(entry, model)
+    prep = request.prepared_for(bk, model, x, tgt.args)
     return FunctionalForm(model, request, prep, x, tgt.args, live, keep=(target, tgt))
 
 

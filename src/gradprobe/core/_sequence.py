@@ -225,3 +225,23 @@ def declared_output(model: Any, output: Any) -> Any:
     names = list(getattr(model, "output_names", None) or [])
     return leaves[names.index(output)] if output in names and len(names) == len(leaves) \
         else None
+
+
+def input_lookups(model: Any, keys: list[str]) -> list[list[tuple[str, int]]]:
+    """For each input leaf (by result key), the embedding calls its ids feed, with
+    their vocabulary sizes."""
+    try:
+        feeds = embedding_lookups(model)
+    except Exception:  # pragma: no cover - an exotic graph: no range to check
+        return [[] for _ in keys]
+    if not feeds:
+        return [[] for _ in keys]
+    out = []
+    for key in keys:
+        found: list[tuple[str, int]] = []
+        for ident in input_ids(model, key, keys):
+            if ident is not None and feeds.get(ident):
+                found = feeds[ident]
+                break
+        out.append(found)
+    return out

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
 import numpy as np
 
 from gradprobe import backends
+from gradprobe.core.keys import input_keys
 from gradprobe.errors import GradprobeError
 
 INT32_MAX = 2**31 - 1
@@ -106,11 +107,10 @@ def model(value: Any, name: str = "model") -> Any:
 def backend_supported(function: str, functional: tuple[str, ...] = ()) -> None:
     """Refuses a Keras backend that `function` does not run on yet: everything
     runs on TensorFlow; `functional` names the other backends it runs on."""
-    current = keras.backend.backend()
-    if current == "tensorflow" or current in functional:
+    if backends.runs_on(functional):
         return
     raise GradprobeError(
-        f"{function} is not supported on the {current!r} backend of Keras yet; it runs on "
+        f"{function} is not supported on the {backends.name()!r} backend of Keras yet; it runs on "
         f"TensorFlow (set KERAS_BACKEND=tensorflow before importing keras); {backends.SUPPORTED_ELSEWHERE}.")
 
 
@@ -270,7 +270,7 @@ def _concrete(leaf: Any) -> np.ndarray | None:
     if backends.is_functional():
         if not backends.get().is_concrete(leaf):
             return None
-    elif not backends.tensorflow_backend.is_eager_tensor(leaf):
+    elif not backends.get().is_eager_tensor(leaf):
         return None
     try:
         return np.asarray(keras.ops.convert_to_numpy(leaf))
@@ -298,28 +298,6 @@ def leaf_name(name: str, key: str) -> str:
         return name
     part = key.split(":", 1)[1]
     return f"{name}[{part}]" if part.isdigit() else f"{name}[{part!r}]"
-
-
-def input_lookups(model: Any, keys: list[str]) -> list[list[tuple[str, int]]]:
-    """For each input leaf (by result key), the embedding calls its ids feed, with
-    their vocabulary sizes."""
-    from gradprobe.core import _sequence  # (it imports the selectors, which import this)
-
-    try:
-        feeds = _sequence.embedding_lookups(model)
-    except Exception:  # pragma: no cover - an exotic graph: no range to check
-        return [[] for _ in keys]
-    if not feeds:
-        return [[] for _ in keys]
-    out = []
-    for key in keys:
-        found: list[tuple[str, int]] = []
-        for ident in _sequence.input_ids(model, key, keys):
-            if ident is not None and feeds.get(ident):
-                found = feeds[ident]
-                break
-        out.append(found)
-    return out
 
 
 def token_ids(name: str, value: Any, lookups: list[tuple[str, int]],
@@ -376,12 +354,15 @@ def token_ids(name: str, value: Any, lookups: list[tuple[str, int]],
 
 
 def model_inputs(model: Any, inputs: Any, leaves: list[Any], spec_dtypes: list[Any],
-                 name: str = "inputs") -> None:
+                 name: str = "inputs", *,
+                 lookups: Callable[[Any, list[str]], list[list[tuple[str, int]]]]) -> None:
     """The one input check of every backend, before anything is traced: a dict's
     keys are exactly the model's input names, integer inputs get integer values,
     and token ids are in the range of the embedding they feed (`token_ids`).
     `leaves` are the flat inputs as NumPy arrays or backend tensors, in
-    `keras.tree.flatten` order; `spec_dtypes` the model's input dtypes (or empty)."""
+    `keras.tree.flatten` order; `spec_dtypes` the model's input dtypes (or empty);
+    `lookups(model, keys)` the embedding calls each input feeds
+    (`_sequence.input_lookups`)."""
     input_names(model, inputs, name)
     aligned = len(spec_dtypes) == len(leaves)
     wanted = []
@@ -392,14 +373,12 @@ def model_inputs(model: Any, inputs: Any, leaves: list[Any], spec_dtypes: list[A
             wanted.append(i)
     if not wanted:
         return
-    from gradprobe.core.capture import input_keys  # (capture imports this module)
-
     keys = input_keys(inputs)
     if len(keys) != len(leaves):  # pragma: no cover - a nested structure: no names to match
         return
-    lookups = input_lookups(model, keys)
+    found = lookups(model, keys)
     for i in wanted:
-        token_ids(leaf_name(name, keys[i]), leaves[i], lookups[i],
+        token_ids(leaf_name(name, keys[i]), leaves[i], found[i],
                   spec_dtypes[i] if aligned else None)
 
 

@@ -10,7 +10,6 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
 from gradprobe.core import _validate
 from gradprobe.core.stats import Finding, diagnose, tensor_stats
 from gradprobe.errors import GradprobeError, closest, quoted
@@ -345,7 +344,7 @@ def _to_numpy(x: Any) -> np.ndarray:
         return x
     if backends.is_functional():
         return keras.ops.convert_to_numpy(x)
-    return backend.to_numpy(x)
+    return backends.get().to_numpy(x)
 
 
 def _reducer(name: str) -> Callable[..., Any] | None:

@@ -9,9 +9,11 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.core import _patch, _validate, capture
-from gradprobe.core.engine import to_specs
+from gradprobe.core import _patch, _validate
+from gradprobe.core.capture.recorder import AutogradTapeRecorder, TapeRecorder
+from gradprobe.core.inputs import is_floating_tensor
+from gradprobe.core.keys import input_keys
+from gradprobe.core.plan import to_specs
 from gradprobe.core.selectors import LayerTree, resolve
 from gradprobe.errors import GradprobeError, quoted
 
@@ -63,14 +65,15 @@ class Tape:
     """
 
     def __init__(self, model: keras.Model, watch: Any = "*", persistent: bool = False):
-        if backends.name() == "jax":
+        _validate.backend_supported("gp.Tape", backends.FUNCTIONAL)
+        if backends.get().TAPE is None:  # (JAX)
             raise GradprobeError(
-                "gp.Tape is not available on the 'jax' backend of Keras: JAX has no tape. "
+                f"gp.Tape is not available on the {backends.name()!r} backend of Keras: it "
+                "has no tape. "
                 "Write chained and second-order gradients with gp.functional(model, x, "
                 "target, wrt=...), the probed forward pass as a pure function of (probes, "
                 "variables, inputs) to compose with jax.grad / jax.jvp (gp.gradients, too, "
                 "is differentiable under jax.grad). gp.Tape runs on TensorFlow and PyTorch.")
-        _validate.backend_supported("gp.Tape", ("torch",))
         _validate.model(model)
         _validate.flag("persistent", persistent, "whether several gradients can be taken")
         self.model = model
@@ -78,7 +81,7 @@ class Tape:
         self._watch = watch
         self._tree: LayerTree | None = None
         self._tape: Any = None
-        self._recorder: capture.Recorder | None = None
+        self._recorder: TapeRecorder | None = None
         self._stack: contextlib.ExitStack | None = None
         self._inputs: list[list[tuple[str, Any]]] = []  # per model call: (key, probe)
         self._state = "new"
@@ -89,14 +92,14 @@ class Tape:
     def __enter__(self) -> Tape:
         if self._state != "new":
             raise GradprobeError("A gp.Tape can be entered once; create a new one.")
-        if backends.name() == "torch":
+        if backends.get().TAPE == "autograd":
             return self._enter_torch()
         acts, vars_, inputs = self._resolve_watch()
         self._acts = acts
-        self._tape = backend.new_tape(persistent=True, watch_accessed_variables=True)
+        self._tape = backends.get().new_tape(persistent=True, watch_accessed_variables=True)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._tape)
-        self._recorder = capture.Recorder(self._tape, {id(a.layer) for a in acts})
+        self._recorder = TapeRecorder(self._tape, {id(a.layer) for a in acts})
         return self._record(acts, inputs, vars_)
 
     def _resolve_watch(self) -> tuple[list, list, list]:
@@ -111,7 +114,7 @@ class Tape:
         self._bk = backends.get()
         acts, _, inputs = self._resolve_watch()
         self._acts = acts
-        self._recorder = _TorchRecorder(self._bk, {id(a.layer) for a in acts})
+        self._recorder = AutogradTapeRecorder(self._bk, {id(a.layer) for a in acts})
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self._bk.enable_grad())
         return self._record(acts, inputs)
@@ -123,7 +126,7 @@ class Tape:
         assert self._stack is not None and self._recorder is not None
         try:
             for v in vars_:
-                backend.watch(self._tape, v.var)
+                backends.get().watch(self._tape, v.var)
             self._stack.enter_context(
                 _patch.wrapped_calls([a.layer for a in acts], self._recorder.hook))
             if inputs:
@@ -143,22 +146,22 @@ class Tape:
 
     def _probe_inputs(self, inputs: Any) -> Any:
         torch_mode = self._bk is not None
-        if not torch_mode and not backend.in_capture_context(self._recorder.context):
+        if not torch_mode and not backends.get().in_capture_context(self._recorder.context):
             return inputs
-        keys = capture.input_keys(inputs)
+        keys = input_keys(inputs)
         leaves = keras.tree.flatten(inputs)
         call, new = [], []
         for key, leaf in zip(keys, leaves):
             if torch_mode:
                 if isinstance(leaf, np.ndarray) and leaf.dtype.kind == "f":
                     leaf = keras.ops.convert_to_tensor(leaf)  # (as the model would)
-                if _is_floating(leaf):
+                if is_floating_tensor(leaf):
                     value = self._bk.tape_probe(leaf)
                     call.append((key, value))
                     leaf = value
                 new.append(leaf)
-            elif backend.is_floating(leaf):
-                value, probe = backend.probe(self._tape, leaf)
+            elif backends.get().is_floating(leaf):
+                value, probe = backends.get().probe(self._tape, leaf)
                 call.append((key, probe))
                 new.append(value)
             else:
@@ -173,11 +176,11 @@ class Tape:
         if self._state != "recording":
             raise GradprobeError("tape.watch must be called inside the `with` block.")
         if self._bk is not None:
-            if not _is_floating(tensor):
+            if not is_floating_tensor(tensor):
                 raise _validate.fail("tensor", tensor, "a floating-point tensor to watch.")
             self._bk.watch(tensor)
             return
-        backend.watch(self._tape, tensor)
+        backends.get().watch(self._tape, tensor)
 
     # ------------------------------------------------------------- captured
     def keys(self) -> list[str]:
@@ -298,7 +301,7 @@ class Tape:
         for t in keras.tree.flatten(target):
             if self._bk is None:
                 _validate.tensor("target", t, "computed inside the `with` block")
-            elif not _is_floating(t):
+            elif not is_floating_tensor(t):
                 raise _validate.fail("target", t, "a floating-point tensor, computed from the "
                                                   "recorded forward pass.")
         self._used = True
@@ -314,8 +317,8 @@ class Tape:
             flat = [t.value if isinstance(t, keras.Variable) else t for t in flat]
             grads = self._bk.tape_gradient(_summed(target, self._bk), flat, differentiable)
         else:
-            grads = self._tape.gradient(target, [backend.watchable(t) for t in flat])
-            grads = [backend.densify(g) for g in grads]
+            grads = self._tape.gradient(target, [backends.get().watchable(t) for t in flat])
+            grads = [backends.get().densify(g) for g in grads]
         missing = [(key, t) for (key, t), g in zip([kt for grp in groups for kt in grp], grads)
                    if g is None]
         if missing and unconnected == "raise":
@@ -325,9 +328,9 @@ class Tape:
             if not differentiable:
                 grads = self._bk.stop_gradient(grads)
         else:
-            grads = [backend.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+            grads = [backends.get().zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
             if not differentiable:
-                grads = [backend.stop_gradient(g) for g in grads]
+                grads = [backends.get().stop_gradient(g) for g in grads]
         it = iter(grads)
         results = []
         for group in groups:
@@ -341,7 +344,7 @@ class Tape:
 
     def _expand(self, item: Any) -> list[tuple[str, Any]]:
         """(key, tensor or variable) pairs that one source item stands for."""
-        is_tensor = keras.ops.is_tensor if self._bk is not None else backend.is_tensor
+        is_tensor = keras.ops.is_tensor if self._bk is not None else backends.get().is_tensor
         if is_tensor(item) and not isinstance(item, keras.Variable):
             return [(getattr(item, "name", "tensor"), item)]
         if isinstance(item, keras.Variable):
@@ -395,11 +398,6 @@ class Tape:
             "unconnected='zero'.")
 
 
-def _is_floating(x: Any) -> bool:
-    return keras.ops.is_tensor(x) and keras.backend.is_float_dtype(
-        keras.backend.standardize_dtype(x.dtype))
-
-
 def _summed(target: Any, bk: Any) -> Any:
     """The sum of every element of `target` (a tensor or a structure of them), as
     `tf.GradientTape.gradient` differentiates it (recorded even under the
@@ -410,46 +408,3 @@ def _summed(target: Any, bk: Any) -> Any:
         for t in leaves[1:]:
             total = total + keras.ops.sum(t)
     return total
-
-
-class _TorchRecorder:
-    """The watched layer calls of a `gp.Tape` block on PyTorch: each floating
-    output leaf replaced by a view (`backends.torch.tape_probe`) that is both the
-    value the rest of the pass consumes and the tensor differentiated. Calls in
-    Keras' control flow (an RNN's step loop) are left alone, as on the other
-    backends."""
-
-    def __init__(self, bk: Any, probe_ids: set[int]):
-        self.bk = bk
-        self.probe_ids = probe_ids
-        self.origin = backends.Origin()
-        self.calls: list[capture._Call] = []
-        self.counts: dict[int, int] = {}
-        self.clock = 0
-
-    def hook(self, layer: Any, outputs: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if id(layer) not in self.probe_ids or self.bk.control_flow(self.origin) is not None:
-            return outputs
-        lid = id(layer)
-        index = self.counts.get(lid, 0)
-        self.counts[lid] = index + 1
-        leaves = keras.tree.flatten(outputs)
-        recorded, new = [], []
-        for leaf in leaves:
-            if _is_floating(leaf):
-                leaf = self.bk.tape_probe(leaf)
-                recorded.append((leaf, leaf))
-            else:
-                recorded.append((leaf, None))
-            new.append(leaf)
-        self.calls.append(capture._Call(lid, index, recorded, self.clock))
-        self.clock += 1
-        if len(leaves) == 1 and not isinstance(outputs, (list, tuple, dict)):
-            return new[0]
-        return keras.tree.pack_sequence_as(outputs, new)
-
-    def calls_of(self, layer: Any) -> list[capture._Call]:
-        return [c for c in self.calls if c.layer_id == id(layer)]
-
-    def close(self) -> None:
-        self.origin.close()

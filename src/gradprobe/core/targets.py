@@ -29,14 +29,13 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
-from gradprobe.backends import tensorflow_backend
+from gradprobe import backends
 from gradprobe.core import _sequence, _validate
 from gradprobe.errors import GradprobeError, quoted
 
-# Every target computes with `keras.ops` and runs on every Keras backend; on
-# TensorFlow, the row gather and arg-max go to `gradprobe.backends.tensorflow`
-# (`_pick`, `_argmax`; imported on first use), written so that `tf.vectorized_map`
-# converts them.
+# Every target computes with `keras.ops` and runs on every Keras backend; the row
+# gather and arg-max are the backend's (`_pick`, `_argmax`: `Backend.per_row` and
+# `argmax_int32`; TensorFlow's are written so that `tf.vectorized_map` converts them).
 
 
 def _rank(x: Any) -> int | None:
@@ -55,21 +54,10 @@ def _is_floating(x: Any) -> bool:
 
 def _argument(value: Any) -> Any:
     """A target argument (classes, labels, weights) as the compiled gradient function
-    takes it: a tensor on TensorFlow (a `tf.function` would trace again for each new
-    NumPy value), a NumPy array on JAX (`jax.jit` takes it as it is; converting it
-    first costs an extra dispatch per call). A tensor stays as it is."""
-    backend = keras.backend.backend()
-    if isinstance(value, np.ndarray):
-        if backend == "jax":
-            return value
-        if backend == "tensorflow":  # small ones cached by value (see `constant`)
-            return tensorflow_backend.constant(value)
-        return keras.ops.convert_to_tensor(value)
-    if keras.ops.is_tensor(value):
-        return value
-    if backend == "jax":
-        return np.asarray(value)
-    return keras.ops.convert_to_tensor(value)
+    takes it (`Backend.target_argument`: a tensor on TensorFlow, whose `tf.function`
+    would trace again for each new NumPy value; a NumPy array on JAX, which `jax.jit`
+    takes as it is). A tensor stays as it is."""
+    return backends.get().target_argument(value)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -78,28 +66,16 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def _argmax(scores: Any) -> Any:
-    """Each row's arg-max class, int32 (on TensorFlow, `argmax_int32`: Keras'
-    `argmax` adds ops that `tf.vectorized_map` cannot convert, which would force
-    the Jacobian fallback of `per_example=True`)."""
-    if keras.backend.backend() == "tensorflow":
-        return tensorflow_backend.argmax_int32(scores)
-    return keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
+    """Each row's arg-max class, int32 (`Backend.argmax_int32`; TensorFlow's is
+    written so that `tf.vectorized_map` converts it, which Keras' `argmax` is not)."""
+    return backends.get().argmax_int32(scores)
 
 
 def _pick(x: Any, idx: Any) -> Any:
     """`x[i, idx[i]]` for each example `i` of a `(batch, n, ...)` tensor: a class
     score of `(batch, classes)` scores, or a position of a `(batch, steps, classes)`
-    sequence (on TensorFlow, `per_row`: faster to trace, and `tf.vectorized_map`
-    converts it)."""
-    if keras.backend.backend() == "tensorflow":
-        return tensorflow_backend.per_row(x, idx)
-    idx = keras.ops.expand_dims(idx, 1)
-    rank = _rank(x)
-    if rank > 2:  # one index per row, broadcast over the trailing axes
-        idx = keras.ops.reshape(idx, (-1,) + (1,) * (rank - 1))
-        idx = keras.ops.broadcast_to(idx, (keras.ops.shape(x)[0], 1, *keras.ops.shape(x)[2:]))
-    picked = keras.ops.take_along_axis(x, idx, axis=1)
-    return keras.ops.squeeze(picked, axis=1)
+    sequence (`Backend.per_row`)."""
+    return backends.get().per_row(x, idx)
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,8 +261,7 @@ def _concrete(x: Any) -> np.ndarray | None:
     forced inside traced code."""
     if isinstance(x, np.ndarray):
         return x
-    backend = keras.backend.backend()
-    if backend == "tensorflow" and not tensorflow_backend.executing_eagerly():
+    if backends.get().in_graph():
         return None
     try:
         return np.asarray(keras.ops.convert_to_numpy(x))
@@ -852,10 +827,9 @@ _SAME_CLASS_KEPT = 64
 
 
 def _same_class(k: int, batch_size: int, raw: Any) -> ClassTarget:
-    backend = keras.backend.backend()
-    cacheable = backend == "jax" or (backend == "tensorflow"
-                                     and tensorflow_backend.executing_eagerly())
-    key = (backend, k, batch_size)
+    bk = backends.get()
+    cacheable = bk.target_arguments_shareable()
+    key = (bk.NAME, k, batch_size)
     if cacheable:
         with _SAME_CLASS_LOCK:
             target = _SAME_CLASS.get(key)

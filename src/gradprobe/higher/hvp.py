@@ -7,7 +7,6 @@ from typing import Any
 import keras
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_higher_backend as tensorflow_higher
 from gradprobe.core import _functional_form, _validate
 from gradprobe.core.engine import gradients, resolve_request
 from gradprobe.core.tape import Tape
@@ -66,7 +65,7 @@ def hvp(model: keras.Model, inputs: Any, target: Any, wrt: Any, vector: Any, *,
                               training=training, unconnected="zero", compile=False)
             return [found[k] for k in keys]
 
-        return dict(zip(keys, tensorflow_higher.forward_over_backward(variables, vectors,
+        return dict(zip(keys, backends.get().forward_over_backward(variables, vectors,
                                                                       inner)))
     if "weight" in kinds:
         raise GradprobeError(
@@ -138,6 +137,6 @@ def _double_backward(model, inputs, target, wrt, keys, vectors, output, training
             objective = evaluate(model, req.x, req.target, output=output,
                                  training=req.training).objective
         grads = inner.gradient(objective, keys, unconnected="zero")
-        dot = tensorflow_higher.vector_dot(grads, vectors)
+        dot = backends.get().vector_dot(grads, vectors)
     result = outer.gradient(dot, keys, unconnected="zero")
     return dict(zip(keys, result))

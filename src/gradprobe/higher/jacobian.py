@@ -9,9 +9,9 @@ import keras
 import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.core import _functional_form, _validate
-from gradprobe.core.engine import ensure_built, prepare_inputs
+from gradprobe.core import _functional_form, _sequence, _validate
+from gradprobe.core.inputs import prepare_inputs
+from gradprobe.core.keys import input_keys
 from gradprobe.core.selectors import LayerTree
 from gradprobe.core.tape import Tape
 from gradprobe.errors import GradprobeError
@@ -62,7 +62,6 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     if backends.is_functional():
         return _functional_jacobian(model, inputs, of, wrt, training, max_bytes)
     x = prepare_inputs(model, inputs)
-    ensure_built(model, x)
     if wrt == "inputs":
         _integer_inputs(model, x)
     watch = [of] if wrt == "inputs" else [of, wrt]
@@ -75,10 +74,10 @@ def jacobian(model: keras.Model, inputs: Any, of: Any, wrt: Any = "inputs", *,
     t_shape = backends.static_shape(target)
     s_shape = backends.static_shape(source)
     _check_size(of, wrt, t_shape, s_shape, target.dtype.size, max_bytes)
-    if backend.gradient(tape._tape, target, [source])[0] is None:
-        swapped = backend.gradient(tape._tape, source, [target])[0] is not None
+    if backends.get().gradient(tape._tape, target, [source])[0] is None:
+        swapped = backends.get().gradient(tape._tape, source, [target])[0] is not None
         _raise_not_connected(of, wrt, swapped)
-    return backend.batch_jacobian(tape._tape, target, source)
+    return backends.get().batch_jacobian(tape._tape, target, source)
 
 
 def _check_size(of: Any, wrt: Any, t_shape: tuple, s_shape: tuple, itemsize: int,
@@ -113,11 +112,9 @@ def _no_target(outputs: Any) -> Any:
 def _integer_inputs(model: Any, x: Any) -> None:
     """Refuses a Jacobian with respect to integer inputs (token ids), naming the
     embedding layer they feed, as `gp.gradients(wrt="inputs")` does."""
-    from gradprobe.core import _sequence, capture
-
-    keys = capture.input_keys(x)
+    keys = input_keys(x)
     leaves = keras.tree.flatten(x)
-    bad = [k for k, leaf in zip(keys, leaves) if not backend.is_floating(leaf)]
+    bad = [k for k, leaf in zip(keys, leaves) if not backends.get().is_floating(leaf)]
     if bad:
         key, hint = _sequence.integer_input_hint(model, keys, bad)
         _validate.differentiable_input(key, leaves[keys.index(key)], hint)

@@ -61,7 +61,7 @@ def gradient_penalty(model: keras.Model, inputs: Any, target: Any, wrt: Any = "i
     if isinstance(norm, (bool, np.bool_)) or norm not in (1, 2, "inf", float("inf")):
         raise _validate.fail("norm", norm, "1, 2 (default) or 'inf', the norm taken over each "
                                            "example's gradient.")
-    if backends.name() == "torch":
+    if not backends.get().DIFFERENTIABLE_GRADIENTS:  # (PyTorch)
         form = _functional_form.build(model, inputs, target, wrt, output=output,
                                       training=training, live=True,
                                       what="gp.gradient_penalty")

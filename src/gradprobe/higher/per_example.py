@@ -1,24 +1,7 @@
-"""Per-example weight gradients: `gp.gradients(..., per_example=True)` and
-`gp.per_example_norms`.
+"""`gp.per_example_norms`: the L2 norm of each example's gradient, per weight.
 
-**Per-example gradients** (`run`, reached from `capture.run` when a plan has
-`per_example` set) use, per request, the fastest method that is correct:
-
-* `"vectorized_map"` (the default): `tf.vectorized_map` over the examples of
-  one ordinary single-example capture pass (`capture.run` on a batch of one: the
-  model's own forward pass with the same probes, then a tape gradient), so the
-  cost is close to one batched forward and backward pass;
-* `"jacobian"`: the vectorised Jacobian of the per-example target values over
-  one batched pass. The fallback: used when `tf.vectorized_map` cannot vectorise
-  an op of the model (the reason is reported), and the only correct method when
-  examples interact in the forward pass (BatchNormalization with
-  `training=True`); also used for random layers (Dropout, GaussianNoise, ...)
-  with `training=True`, which mapped over examples would draw one mask for all.
-
-Both assume nothing else couples examples: example `i`'s target depends on
-example `i` only (true of every built-in Keras layer except BatchNormalization
-in training mode). Activation and input gradients are per example by nature;
-they come from the batched pass as with `per_example=False`.
+(The per-example gradients themselves, `gp.gradients(..., per_example=True)`,
+are a capture feature: `gradprobe.core.capture.per_example`.)
 
 **Norms**, `gp.per_example_norms`:
 
@@ -38,28 +21,21 @@ vectorised Jacobian of the per-example targets (`"vectorized"`), and say so.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import keras
-import numpy as np
 
 from gradprobe import backends
-from gradprobe.backends import tensorflow_backend as backend
-from gradprobe.backends import tensorflow_higher_backend as tensorflow_higher
-from gradprobe.core import _patch, _validate, capture
-from gradprobe.core._functional import unstack_one
-from gradprobe.core.engine import (
-    _Entry,
-    cached_entry,
-    compiled,
-    gradients,
-    make_plan,
-    resolve_request,
-)
+from gradprobe.core import _patch, _validate
+from gradprobe.core.cache import CacheEntry, cached_entry
+from gradprobe.core.capture.assembly import per_example_values
+from gradprobe.core.capture.recorder import TapeRecorder
+from gradprobe.core.capture.tape import compiled
+from gradprobe.core.engine import gradients, resolve_request
+from gradprobe.core.plan import Plan, make_plan
 from gradprobe.core.selectors import LayerTree, resolve
 from gradprobe.core.targets import evaluate
 from gradprobe.errors import GradprobeError
@@ -147,7 +123,7 @@ def per_example_norms(model: keras.Model, inputs: Any, target: Any, wrt: Any = "
     req = resolve_request(model, inputs, target, output=output, training=training)
     x, tgt = req.x, req.target
     entry = _plan(model, wrt, tgt, output, req.training, method)
-    if backend.executing_eagerly():
+    if backends.get().executing_eagerly():
         if entry.fn is None:
             entry.fn = compiled(model, entry.plan, _run)
         norms, meta = entry.fn(x, tgt.args)
@@ -184,8 +160,8 @@ def _functional_norms(model: Any, inputs: Any, target: Any, wrt: Any, output: An
                            g.target)
 
 
-def _plan(model, wrt, tgt, output, training, method) -> _Entry:
-    def build() -> capture.Plan:
+def _plan(model, wrt, tgt, output, training, method) -> CacheEntry:
+    def build() -> Plan:
         tree = LayerTree(model)
         plan = make_plan(model, tree, resolve(tree, wrt), tgt, output, training, "zero")
         if plan.acts or plan.inputs or not plan.vars:
@@ -201,15 +177,15 @@ def _plan(model, wrt, tgt, output, training, method) -> _Entry:
                                      method), build)
 
 
-def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict]:
+def _run(model: Any, x: Any, args: dict, plan: Plan) -> tuple[dict, dict]:
     method = plan.norm_method
     owners = {}
     for v in plan.vars:
         if method != "vectorized" and isinstance(v.owner, GHOST_TYPES):
             owners[id(v.owner)] = v.owner
-    tape = backend.new_tape(persistent=True)
+    tape = backends.get().new_tape(persistent=True)
     ids = set(owners)
-    recorder = capture.Recorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
+    recorder = TapeRecorder(tape, ids | ({id(plan.output_layer)} if plan.output_layer
                                              else set()), frozenset(ids))
     layers = list(owners.values()) + ([plan.output_layer] if plan.output_layer else [])
 
@@ -221,17 +197,17 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         calls = recorder.calls_of(plan.output_layer)
         return calls[0].leaves[0][0] if calls else None
 
-    try:  # closed on every exit: see capture.run
+    try:  # closed on every exit: see capture.tape.run
         with tape:
             for v in plan.vars:
-                backend.watch(tape, v.var)
+                backends.get().watch(tape, v.var)
             _, _, value, objective, target_meta = evaluate(
                 model, x, plan.target, args, output=plan.output, training=plan.training,
                 call=call, layer_value=None if plan.output_layer is None else layer_value,
                 names=plan.output_names)
     finally:
         recorder.close()
-    value = capture.per_example_values(value, "gp.per_example_norms")
+    value = per_example_values(value, "gp.per_example_norms")
 
     ghost: dict[int, Any] = {}
     shared: dict[int, str] = {}
@@ -249,7 +225,7 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
                 continue
             ghost[lid] = calls[0]
     probes = [ghost[lid].leaves[0][1] for lid in ghost]
-    out_grads = dict(zip(ghost, backend.gradient(tape, objective, probes)))
+    out_grads = dict(zip(ghost, backends.get().gradient(tape, objective, probes)))
 
     norms: dict[str, Any] = {"__target__": value}
     methods: dict[str, str] = {}
@@ -275,7 +251,7 @@ def _run(model: Any, x: Any, args: dict, plan: capture.Plan) -> tuple[dict, dict
         if v.key not in fallbacks:
             fallbacks[v.key] = shared.get(id(v.owner)) or _why_not(v.owner, owners, recorder,
                                                                     method)
-        norms[v.key] = _row_norms(backend.jacobian(tape, value, v.var))
+        norms[v.key] = _row_norms(backends.get().jacobian(tape, value, v.var))
         methods[v.key] = "vectorized"
     order = [v.key for v in plan.vars]
     return norms, {"order": order, "method": methods, "fallbacks": fallbacks,
@@ -308,7 +284,7 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     """{id(variable): (squared per-example norm, method)} and, if some variables
     of the layer are not covered, the reason."""
     if isinstance(layer, keras.layers.Embedding):
-        return {id(layer.embeddings): (tensorflow_higher.embedding_squares(a, dy), "ghost")}, ""
+        return {id(layer.embeddings): (backends.get().embedding_squares(a, dy), "ghost")}, ""
     if isinstance(layer, keras.layers.LayerNormalization):
         return _layer_norm(layer, a, dy)
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
@@ -326,7 +302,7 @@ def _ghost_squares(layer: Any, a: Any, y: Any, dy: Any, method: str) -> tuple[di
     b = ops.shape(dz)[0]
     out_dim = dz.shape[-1]
     if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
-        A = tensorflow_higher.conv_patches(layer, a)
+        A = backends.get().conv_patches(layer, a)
     else:
         A = ops.reshape(a, (b, -1, a.shape[-1]))
     G = ops.reshape(dz, (b, -1, out_dim))
@@ -357,7 +333,7 @@ def _through_activation(layer: Any, a: Any, y: Any, dy: Any) -> Any:
         return dy * (1.0 - keras.ops.square(y))
     if activation is keras.activations.sigmoid:
         return dy * y * (1.0 - y)
-    return tensorflow_higher.pre_activation_gradient(layer, a, dy)
+    return backends.get().pre_activation_gradient(layer, a, dy)
 
 
 def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
@@ -369,8 +345,8 @@ def _outer_squares(A: Any, G: Any, method: str) -> tuple[Any, str]:
         ops = keras.ops
         return ops.sum(ops.square(A[:, 0]), 1) * ops.sum(ops.square(G[:, 0]), 1), "ghost"
     if method == "ghost" or t is None or t * t * (d + e) <= t * d * e:
-        return tensorflow_higher.gram_squares(A, G), "ghost"
-    return tensorflow_higher.outer_squares(A, G), "outer"
+        return backends.get().gram_squares(A, G), "ghost"
+    return backends.get().outer_squares(A, G), "outer"
 
 
 def _einsum_dense_supported(layer: Any) -> bool:
@@ -389,194 +365,7 @@ def _layer_norm(layer: Any, x: Any, dy: Any) -> tuple[dict, str]:
     if axes != [rank - 1] or getattr(layer, "rms_scaling", False):
         return {}, "LayerNormalization over axes other than the last, or with rms_scaling"
     return {k: (sq, "ghost") for k, sq in
-            tensorflow_higher.layer_norm_squares(layer, x, dy).items()}, ""
-
-
-# --------------------------------------------------- per-example gradients
-METHODS = ("vectorized_map", "jacobian")
-
-
-def check_method(per_example: Any) -> bool | str:
-    """The validated `per_example` argument of `gp.gradients`: `False`, `True`
-    (the fastest correct method) or one of `METHODS` (that method, as a reference)."""
-    if isinstance(per_example, (bool, np.bool_)):
-        return bool(per_example)
-    return _validate.choice("per_example", per_example, METHODS,
-                            "or True (the fastest correct method) or False")
-
-
-def annotate(result: Any, meta: dict) -> Any:
-    """Sets `per_example_method` (key -> method, for the weight keys of a
-    `per_example` request; empty otherwise) and `per_example_fallbacks` (key ->
-    why the Jacobian was used) on a `Gradients` result."""
-    result.per_example_method = MappingProxyType(dict(meta.get("per_example_method", {})))
-    result.per_example_fallbacks = MappingProxyType(dict(meta.get("per_example_fallbacks", {})))
-    return result
-
-
-def run(model: Any, inputs: Any, args: dict, plan: capture.Plan,
-        wrap_errors: bool = True) -> tuple[dict, dict]:
-    """`capture.run` for a plan with `per_example` set: the same `(tensors, meta)`,
-    with weight gradients shaped `(batch, *variable_shape)` and
-    `meta["per_example_method"]` / `meta["per_example_fallbacks"]` per weight key.
-    """
-    requested = plan.per_example if isinstance(plan.per_example, str) else "auto"
-    single = dataclasses.replace(plan, per_example=False)
-    if not plan.vars:  # activations and inputs only: per example by nature
-        tensors, meta = capture.run(model, inputs, args, single, wrap_errors)
-        capture.per_example_values(tensors["target"], "per_example=True")
-        return tensors, dict(meta, per_example_method={}, per_example_fallbacks={})
-
-    why = forced_fallback(model, plan, requested)
-    if requested == "vectorized_map":
-        crash = vectorized_map_crashes(model)
-        if crash:
-            raise GradprobeError(
-                f"per_example='vectorized_map': {crash}. Received: "
-                "per_example='vectorized_map'. Use per_example=True (the Jacobian of the "
-                "batched pass, exact) or set TF_ENABLE_ONEDNN_OPTS=0.")
-    if not why:
-        try:
-            return _vectorized(model, inputs, args, single, wrap_errors)
-        except GradprobeError:
-            raise
-        except Exception as e:  # an op tf.vectorized_map cannot convert, or a model
-            if requested == "vectorized_map":  # that cannot run on one example
-                raise GradprobeError(
-                    "per_example='vectorized_map': tf.vectorized_map could not vectorise "
-                    f"the single-example pass ({type(e).__name__}: {_reason(e)}). Use "
-                    "per_example=True to fall back to the Jacobian.") from e
-            why = (f"tf.vectorized_map could not vectorise the single-example pass "
-                   f"({type(e).__name__}: {_reason(e)})")
-    return _jacobian(model, inputs, args, single, wrap_errors, why)
-
-
-def forced_fallback(model: Any, plan: capture.Plan, requested: str) -> str:
-    """Why the per-example weight gradients must come from the Jacobian of the
-    batched pass without trying the single-example method, or '' when that
-    method is to be tried, on every backend: `per_example='jacobian'` was
-    requested, or `requested` is `"auto"` (`per_example=True`) and examples
-    interact in the forward pass (`_coupling`). A single-example method named
-    explicitly (`'vectorized_map'`, `'vmap'`, `'loop'`) is tried even then."""
-    if requested == "jacobian":
-        return "per_example='jacobian' was requested"
-    if requested != "auto":
-        return ""
-    if backends.is_functional():
-        return _coupling(model, plan, "the single-example passes would draw once for all "
-                                      "examples (one seed state)")
-    return _coupling(model, plan) or vectorized_map_crashes(model)
-
-
-def vectorized_map_crashes(model: Any) -> str:
-    """Why `tf.vectorized_map` over `model` would crash the process ('' if no known
-    reason). With oneDNN on (TensorFlow's default on x86-64 Linux), the vectorised
-    Einsum of an `EinsumDense` layer (also inside `MultiHeadAttention` and
-    keras-hub's transformer layers) corrupts the heap: the process aborts or
-    segfaults, at random, a little later (TensorFlow 2.21: a tiny keras-hub
-    `BertBackbone`, a `MultiHeadAttention`, an `EinsumDense` without bias; with
-    TF_ENABLE_ONEDNN_OPTS=0 every run passes). No Python error can be caught, so
-    the case is recognised before the pass runs."""
-    if not tensorflow_higher.onednn_enabled():
-        return ""
-    for node in LayerTree(model).nodes:
-        if isinstance(node.layer, keras.layers.EinsumDense):
-            return (f"tf.vectorized_map over EinsumDense layer {node.path!r} crashes the "
-                    "process when TensorFlow's oneDNN kernels are on (with "
-                    "TF_ENABLE_ONEDNN_OPTS=0 set before TensorFlow is imported, "
-                    "per_example=True uses it)")
-    return ""
-
-
-def _coupling(model: Any, plan: capture.Plan,
-              mapped: str = "tf.vectorized_map would draw once for all examples") -> str:
-    """Why examples interact in this forward pass ('' when they do not);
-    `mapped` says what the single-example method would do with random noise."""
-    if not plan.training:
-        return ""
-    for node in LayerTree(model).nodes:
-        if isinstance(node.layer, keras.layers.BatchNormalization):
-            return (f"training=True: BatchNormalization layer {node.path!r} normalises with "
-                    "batch statistics, so examples interact and only the Jacobian of the "
-                    "batched pass is exact")
-        if isinstance(node.layer, RANDOM_TYPES):
-            return (f"training=True: {type(node.layer).__name__} layer {node.path!r} draws "
-                    f"random noise, which {mapped}; "
-                    "the Jacobian of the batched pass keeps one draw per example")
-    return ""
-
-
-RANDOM_TYPES = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
-                keras.layers.SpatialDropout3D, keras.layers.GaussianDropout,
-                keras.layers.GaussianNoise, keras.layers.AlphaDropout)
-
-
-def _reason(e: BaseException) -> str:
-    """The informative line of a (possibly long) TensorFlow error."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        if "pfor" in line or "vectoriz" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else ""
-
-
-def _vectorized(model: Any, x: Any, args: dict, plan: capture.Plan,
-                wrap_errors: bool) -> tuple[dict, dict]:
-    """`tf.vectorized_map` over examples of one capture pass on a batch of one."""
-    tensors = meta = None
-    if plan.acts or plan.inputs:
-        # Activation and input gradients (and their keys, order, values) come from
-        # one batched pass, as with per_example=False; only weights are mapped.
-        tensors, meta = capture.run(model, x, args, plan, wrap_errors)
-        capture.per_example_values(tensors["target"], "per_example=True")
-        plan = dataclasses.replace(plan, acts=[], inputs=[])
-    mapped = {k: v for k, v in args.items() if getattr(v, "shape", None) is not None
-              and len(v.shape)}
-    fixed = {k: v for k, v in args.items() if k not in mapped}
-    box: dict[str, Any] = {}
-
-    def one(elems: tuple) -> dict:
-        xi, ai = elems
-        xi = keras.tree.map_structure(lambda t: t[None], xi)
-        ai = dict({k: v[None] for k, v in ai.items()}, **fixed)
-        out, m = capture.run(model, xi, ai, plan, wrap_errors=False)
-        capture.per_example_values(out["target"], "per_example=True")
-        box["meta"] = m
-        weights = {k: g for k, g in out["grads"].items() if m["kinds"][k] == "weight"}
-        return {"grads": weights, "outputs": out["outputs"], "target": out["target"]}
-
-    stacked = tensorflow_higher.vectorized_map(one, (x, mapped))
-    m = box["meta"]
-    if tensors is None:
-        tensors = {"grads": stacked["grads"], "values": {},
-                   "outputs": keras.tree.map_structure(unstack_one, stacked["outputs"]),
-                   "target": keras.ops.reshape(stacked["target"], (-1,))}
-        meta = m
-    else:
-        tensors["grads"] = dict(tensors["grads"], **stacked["grads"])
-    weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
-    return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "vectorized_map"),
-                         per_example_fallbacks={})
-
-
-def _jacobian(model: Any, x: Any, args: dict, plan: capture.Plan, wrap_errors: bool,
-              why: str) -> tuple[dict, dict]:
-    """One batched pass under a persistent tape, then the Jacobian of the
-    per-example target values with respect to each weight."""
-    tape = backend.new_tape(persistent=True)
-    with tape:
-        for v in plan.vars:
-            backend.watch(tape, v.var)
-        tensors, meta = capture.run(model, x, args, plan, wrap_errors)
-    value = capture.per_example_values(tensors["target"], "per_example=True")
-    grads = dict(tensors["grads"])
-    for v in plan.vars:
-        if v.key in grads:
-            grads[v.key] = backend.jacobian(tape, value, v.var)
-    tensors = dict(tensors, grads=grads)
-    weights = [k for k in meta["order"] if meta["kinds"][k] == "weight"]
-    return tensors, dict(meta, per_example_method=dict.fromkeys(weights, "jacobian"),
-                         per_example_fallbacks=dict.fromkeys(weights, why))
+            backends.get().layer_norm_squares(layer, x, dy).items()}, ""
 
 
 __all__ = ["PerExampleNorms", "per_example_norms"]
