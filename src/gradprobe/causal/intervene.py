@@ -21,7 +21,8 @@ from keras import ops
 
 from gradprobe.causal import _sites
 from gradprobe.causal._sites import Hooks, Site
-from gradprobe.core import _validate, engine
+from gradprobe.core import _validate, dispatch
+from gradprobe.core.inputs import batch_size, prepare_inputs
 from gradprobe.core.result import Gradients
 from gradprobe.core.targets import evaluate, make_target
 from gradprobe.errors import GradprobeError
@@ -234,19 +235,19 @@ def intervene(model: keras.Model, inputs: Any, set: Mapping[Any, Any], *,
     if wrt is not None and target is None:
         raise _validate.fail("target", target, "a target (e.g. a class index) when `wrt` is "
                              "given: the gradients are those of the target.")
-    x = engine.prepare(model, inputs)  # (builds the model before any hook is installed)
+    x = prepare_inputs(model, inputs)  # (builds the model before any hook is installed)
     hooks, planned = plan(model, set)
     sites = [site for site, _ in planned]
     names = {id(site): action.selector for site, action in planned}
     label = {id(s): f"set[{names[id(s)]!r}]" for s in sites}
     g = value = None
     if target is not None:
-        tgt = make_target(target, engine.batch_size(x))
+        tgt = make_target(target, batch_size(x))
     with _sites.installed(model, hooks):
         if wrt is not None:
             # compile=False: the replacement values live in Python (the hooks),
             # so they must not be baked into a cached compiled function.
-            g = engine.run(model, x, _intervened_target(tgt, planned), wrt, output=output,
+            g = dispatch.run(model, x, _intervened_target(tgt, planned), wrt, output=output,
                            training=bool(training), unconnected=unconnected, compile=False,
                            differentiable=differentiable)
             outputs, value = g.outputs, g.target

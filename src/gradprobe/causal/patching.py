@@ -32,6 +32,7 @@ from keras import ops
 from gradprobe.causal import _sites
 from gradprobe.causal._sites import Hooks, Site
 from gradprobe.core import _validate, engine
+from gradprobe.core.inputs import batch_size, prepare_inputs
 from gradprobe.core.targets import evaluate, to_numpy
 from gradprobe.errors import GradprobeError
 
@@ -334,8 +335,8 @@ def prepare_runs(model: Any, clean: Any, corrupted: Any, target: Any, layers: An
     positions = _positions(positions)
     request = engine.resolve_request(model, clean, target, output=output,
                                      training=training).fixed()
-    x_corr = engine.prepare(model, corrupted)
-    n = engine.batch_size(request.x)
+    x_corr = prepare_inputs(model, corrupted)
+    n = batch_size(request.x)
     _same_structure(request.x, x_corr, n)
     sites = _sites.resolve_sites(model, layers, "layers")
     acts_clean, hooks, t_clean = _record(model, request.x, request.target, sites, output,
